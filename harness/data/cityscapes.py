@@ -1,0 +1,171 @@
+"""Cityscapes in its official layout, with the official labelId -> trainId mapping.
+
+    <root>/leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png
+    <root>/gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+from harness.errors import BenchError
+
+IGNORE_INDEX = 255
+NUM_CLASSES = 19
+
+CLASS_NAMES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle",
+)
+# labelId of each trainId (cityscapesscripts' labels.py).
+TRAIN_ID_TO_LABEL_ID = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+PALETTE = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
+)
+
+LABEL_TO_TRAIN = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+for _train_id, _label_id in enumerate(TRAIN_ID_TO_LABEL_ID):
+    LABEL_TO_TRAIN[_label_id] = _train_id
+
+# ImageNet statistics: every backbone here is an ImageNet-style network.
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+IMAGE_SUFFIX = "_leftImg8bit.png"
+LABEL_SUFFIX = "_gtFine_labelIds.png"
+
+
+def label_ids_to_train_ids(label_ids: np.ndarray) -> np.ndarray:
+    return LABEL_TO_TRAIN[label_ids]
+
+
+def train_ids_to_label_ids(train_ids: np.ndarray) -> np.ndarray:
+    lut = np.zeros(256, dtype=np.uint8)
+    lut[: len(TRAIN_ID_TO_LABEL_ID)] = TRAIN_ID_TO_LABEL_ID
+    return lut[train_ids]
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: Path
+    label: Optional[Path]  # None for the test split, whose labels are withheld
+
+    @property
+    def stem(self) -> str:
+        return self.image.name[: -len(IMAGE_SUFFIX)]
+
+    @property
+    def city(self) -> str:
+        return self.image.parent.name
+
+
+def find_samples(root: Path, split: str, require_labels: bool = True) -> list[Sample]:
+    """Every image of a split with its ground truth; one clear error for anything missing."""
+    root = Path(root)
+    expected = f"{root}/leftImg8bit/{split}/<city>/*{IMAGE_SUFFIX}"
+    if not root.is_dir():
+        raise BenchError(
+            f"Cityscapes root {root} does not exist; pass --data-root (or set CITYSCAPES_DATASET) "
+            "to the folder holding leftImg8bit/ and gtFine/"
+        )
+    images = sorted((root / "leftImg8bit" / split).glob(f"*/*{IMAGE_SUFFIX}"))
+    if not images:
+        raise BenchError(f"no Cityscapes images found: expected {expected}")
+    samples = []
+    for image in images:
+        stem = image.name[: -len(IMAGE_SUFFIX)]
+        label = root / "gtFine" / split / image.parent.name / f"{stem}{LABEL_SUFFIX}"
+        if not label.is_file():
+            if require_labels:
+                raise BenchError(f"missing ground truth {label} for image {image}; expected gtFine beside leftImg8bit")
+            label = None
+        samples.append(Sample(image, label))
+    return samples
+
+
+def _read_png(path: Path, mode: str) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert(mode) if img.mode != mode else img)
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"cannot read image {path}: {exc}") from None
+
+
+def load_image(path: Path) -> torch.Tensor:
+    """uint8 HxWx3 file -> normalised float 3xHxW tensor."""
+    array = _read_png(path, "RGB")
+    image = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
+    return (image - MEAN) / STD
+
+
+def load_train_ids(path: Path) -> torch.Tensor:
+    label_ids = _read_png(path, "L")
+    return torch.from_numpy(label_ids_to_train_ids(label_ids).astype(np.int64))
+
+
+def _resize(image: torch.Tensor, label: Optional[torch.Tensor], size_hw: tuple[int, int]):
+    image = F.interpolate(image[None], size=size_hw, mode="bilinear", align_corners=False)[0]
+    if label is not None:
+        label = F.interpolate(label[None, None].float(), size=size_hw, mode="nearest")[0, 0].long()
+    return image, label
+
+
+class CityscapesTrain(Dataset):
+    """Training samples: random scale of the full image, random crop (padded with ignore), random flip."""
+
+    def __init__(self, samples: list[Sample], crop_size: list[int], scale_range: list[float]):
+        self.samples = samples
+        self.crop_w, self.crop_h = crop_size
+        self.scale_range = scale_range
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        sample = self.samples[index]
+        image, label = load_image(sample.image), load_train_ids(sample.label)
+        scale = random.uniform(*self.scale_range)
+        height, width = label.shape
+        image, label = _resize(image, label, (max(1, round(height * scale)), max(1, round(width * scale))))
+        pad_h, pad_w = max(self.crop_h - label.shape[0], 0), max(self.crop_w - label.shape[1], 0)
+        if pad_h or pad_w:
+            image = F.pad(image, (0, pad_w, 0, pad_h), value=0.0)
+            label = F.pad(label, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
+        top = random.randint(0, label.shape[0] - self.crop_h)
+        left = random.randint(0, label.shape[1] - self.crop_w)
+        image = image[:, top : top + self.crop_h, left : left + self.crop_w]
+        label = label[top : top + self.crop_h, left : left + self.crop_w]
+        if random.random() < 0.5:
+            image, label = image.flip(-1), label.flip(-1)
+        return image.contiguous(), label.contiguous()
+
+
+class CityscapesEval(Dataset):
+    """Whole images resized to the test size; labels stay at full resolution, as the official evaluator scores."""
+
+    def __init__(self, samples: list[Sample], test_size: list[int]):
+        self.samples = samples
+        self.test_w, self.test_h = test_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        sample = self.samples[index]
+        image = load_image(sample.image)
+        if tuple(image.shape[1:]) != (self.test_h, self.test_w):
+            image, _ = _resize(image, None, (self.test_h, self.test_w))
+        label = load_train_ids(sample.label) if sample.label is not None else torch.empty(0, dtype=torch.long)
+        return image, label

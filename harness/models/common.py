@@ -1,0 +1,55 @@
+"""Building blocks several families share: conv-BN-ReLU, the FCN auxiliary head, pyramid pooling."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ConvBNReLU(nn.Sequential):
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1, dilation: int = 1, relu: bool = True):
+        padding = dilation * (kernel_size - 1) // 2
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding, dilation=dilation, bias=False),
+            nn.BatchNorm2d(out_ch),
+        ]
+        if relu:
+            layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)
+
+
+class FCNHead(nn.Sequential):
+    """The auxiliary head of mmsegmentation / torchvision: 3x3 conv to `mid`, BN, ReLU, dropout 0.1, 1x1."""
+
+    def __init__(self, in_ch: int, num_classes: int, mid: int = 256, dropout: float = 0.1):
+        super().__init__(ConvBNReLU(in_ch, mid, 3), nn.Dropout2d(dropout), nn.Conv2d(mid, num_classes, 1))
+
+
+class PyramidPooling(nn.Module):
+    """PSPNet's pyramid pooling: pool to each bin, 1x1 conv-BN-ReLU, upsample, concat with the input, fuse."""
+
+    def __init__(self, in_ch: int, branch_ch: int, out_ch: int, bins: Sequence[int] = (1, 2, 3, 6), fuse_kernel: int = 3):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(b), ConvBNReLU(in_ch, branch_ch, 1)) for b in bins
+        )
+        self.fuse = ConvBNReLU(in_ch + len(bins) * branch_ch, out_ch, fuse_kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        pooled = [F.interpolate(b(x), size=size, mode="bilinear", align_corners=False) for b in self.branches]
+        return self.fuse(torch.cat([x, *pooled], dim=1))
+
+
+def resize_to(logits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Bilinear resize of `logits` to the spatial size of `like` (the input image)."""
+    if logits.shape[-2:] == like.shape[-2:]:
+        return logits
+    return F.interpolate(logits, size=like.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

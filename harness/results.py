@@ -1,0 +1,85 @@
+"""One JSON record per finished run under results/<dataset>/<row>/, written atomically, never overwritten."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional
+
+from harness.errors import BenchError
+from harness.paths import PROJECT_ROOT, results_dir
+
+PACKAGES = ("torch", "torchvision", "timm", "segmentation-models-pytorch", "mlflow", "numpy", "segbench")
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_record(record: dict[str, Any], root: Optional[Path] = None) -> Path:
+    """Publish `record` under a new name; an existing record is never replaced."""
+    root = root or results_dir()
+    folder = root / record["dataset"] / record["row"]
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = record["time"].replace(":", "").replace("-", "")
+    base = f"{stamp}-{str(record.get('mlflow_run_id') or 'norun')[:8]}"
+    handle, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(handle, "w") as f:
+            json.dump(record, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        for attempt in range(100):
+            target = folder / (f"{base}.json" if attempt == 0 else f"{base}-{attempt}.json")
+            try:
+                os.link(tmp, target)  # fails if the name exists: no record is ever overwritten
+                return target
+            except FileExistsError:
+                continue
+        raise BenchError(f"cannot find a free record name under {folder}")
+    finally:
+        os.unlink(tmp)
+
+
+def load_records(root: Optional[Path] = None, dataset: Optional[str] = None) -> list[dict[str, Any]]:
+    root = root or results_dir()
+    pattern = f"{dataset}/*/*.json" if dataset else "*/*/*.json"
+    records = []
+    for path in sorted(root.glob(pattern)):
+        if path.name.startswith("."):
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BenchError(f"result record {path} is unreadable ({exc}); fix or remove it") from None
+        record["_path"] = str(path)
+        records.append(record)
+    return records

@@ -1,0 +1,280 @@
+"""Experiment specs: one YAML file per benchmark row, sharing defaults through `inherit:`.
+
+A row file names the file it inherits from (another row, or a family default under `_base/`) and
+says only what differs. Loading merges the chain, then checks every key and type against the
+dataclasses below, so a typo fails with one line naming the file and the key.
+
+Sizes are written [width, height], the way the benchmark table writes its test size.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from harness.errors import BenchError
+from harness.paths import experiments_dir
+
+TABLE_FILE = "_table.yaml"
+
+
+@dataclass
+class Columns:
+    """The benchmark table's columns for this row, as the table writes them."""
+
+    model: str
+    backbone: str
+    ema: bool
+    crop_test: Optional[list[int]]  # null is the table's "-": whole-image inference
+    batch_size: int
+    epochs: int
+    test_size: list[int]
+
+
+@dataclass
+class Reference:
+    """The row's reference mIoU: one value per run listed in the table cell."""
+
+    miou: list[float]
+    lightseg: Optional[float] = None  # a "(light-seg 72.11)" note in the cell
+    source: str = "segbench"  # "light-seg" when the figure comes from the light-seg codebase
+
+
+@dataclass
+class ModelSpec:
+    family: str
+    backbone: str
+    output_stride: int = 8
+    backbone_checkpoint: Optional[str] = None  # ImageNet weights a user brings, a state dict on disk
+    init_checkpoint: Optional[str] = None  # a whole-model checkpoint to start from
+    eval_half_resolution: bool = False  # lxtGH DF-Seg speed trick: infer at half size
+
+
+@dataclass
+class LossSpec:
+    name: str = "ce"  # "ce" or "ohem"
+    ohem_thresh: float = 0.7
+    ohem_min_kept: int = 100000
+    aux_weights: list[float] = field(default_factory=list)
+
+
+@dataclass
+class TrainSpec:
+    crop_size: list[int]
+    scale_range: list[float]
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    min_lr: float = 0.0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False  # timm's EMA warmup: a lower decay over the first steps
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end
+    checkpoint_every: int = 1000
+    workers: int = 4
+
+
+@dataclass
+class EvalSpec:
+    crop_stride: Optional[list[int]] = None  # sliding-window stride when columns.crop_test is set
+    flip: bool = False
+    scales: list[float] = field(default_factory=lambda: [1.0])
+
+
+@dataclass
+class SyntheticBudget:
+    """What `--synthetic` changes so that a row trains in minutes on a laptop CPU."""
+
+    iters: int = 200
+    batch_size: int = 4
+    crop_size: list[int] = field(default_factory=lambda: [128, 128])
+    test_size: list[int] = field(default_factory=lambda: [256, 128])
+    scale_range: list[float] = field(default_factory=lambda: [0.75, 1.5])
+    lr: float = 0.01
+    ema_decay: float = 0.99
+    ema_warmup: bool = True  # short runs: let the EMA leave the random initialisation quickly
+    eval_every: int = 0
+    log_every: int = 10
+    ohem_min_kept: int = 2000
+    workers: int = 0
+
+
+@dataclass
+class Spec:
+    row: str
+    columns: Columns
+    reference: Reference
+    model: ModelSpec
+    loss: LossSpec
+    train: TrainSpec
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    synthetic: SyntheticBudget = field(default_factory=SyntheticBudget)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys, the form MLflow params take."""
+        return flatten(self.to_dict())
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise BenchError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise BenchError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def _resolve_chain(path: Path, root: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if path in seen:
+        chain = " -> ".join(p.name for p in (*seen, path))
+        raise BenchError(f"{path}: inheritance cycle ({chain}); remove one 'inherit:'")
+    data = _read_yaml(path)
+    parent_name = data.pop("inherit", None)
+    if parent_name is None:
+        return data
+    if not isinstance(parent_name, str):
+        raise BenchError(f"{path}: key 'inherit' must be a file name such as '_base/deeplabv3'")
+    parent = root / f"{parent_name}.yaml"
+    if not parent.is_file():
+        raise BenchError(f"{path}: key 'inherit' names '{parent_name}', but {parent} does not exist")
+    return _deep_merge(_resolve_chain(parent, root, (*seen, path)), data)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_value(value: Any, tp: Any, where: str) -> Any:
+    """Return `value` converted to `tp`, or raise naming `where`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_value(value, inner[0], where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise BenchError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise BenchError(f"{where}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_check_value(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, bool) and isinstance(value, tp):
+        return value
+    raise BenchError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(fields)}"
+            raise BenchError(f"{where}.{key}: unknown key{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _check_value(data[name], hints[name], f"{where}.{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise BenchError(f"{where}.{name}: missing required key; add it to the row or its family default")
+    return cls(**kwargs)
+
+
+def load_spec(row: str, root: Optional[Path] = None) -> Spec:
+    """Load and validate one row's resolved spec."""
+    root = root or experiments_dir()
+    path = root / f"{row}.yaml"
+    if not path.is_file():
+        raise BenchError(unknown_row_message(row, root))
+    data = _resolve_chain(path, root)
+    # A reference figure belongs to its own table row; it is never inherited from a base row.
+    data["reference"] = _read_yaml(path).get("reference")
+    if data["reference"] is None:
+        raise BenchError(f"{path}: missing required key 'reference'; give the row's reference mIoU")
+    data.pop("row", None)
+    try:
+        return _build(Spec, {"row": row, **data}, str(path.relative_to(root.parent)))
+    except BenchError as exc:
+        # Name the file as a path (experiments/x.yaml: key ...), not a dotted prefix.
+        message = str(exc).replace(f"{path.relative_to(root.parent)}.", f"{path.relative_to(root.parent)}: ", 1)
+        raise BenchError(message) from None
+
+
+def row_ids(root: Optional[Path] = None) -> list[str]:
+    """All row ids in table order, as `_table.yaml` lists them; every listed row must have a file."""
+    root = root or experiments_dir()
+    table = _read_yaml(root / TABLE_FILE) if (root / TABLE_FILE).is_file() else None
+    if table is None or not isinstance(table.get("rows"), list):
+        raise BenchError(f"{root / TABLE_FILE}: missing, or has no 'rows:' list of row ids in table order")
+    rows = [str(r) for r in table["rows"]]
+    files = {p.stem for p in root.glob("*.yaml") if not p.name.startswith("_")}
+    missing = [r for r in rows if r not in files]
+    if missing:
+        raise BenchError(f"{root / TABLE_FILE}: lists {', '.join(missing)} but no such experiments/<row>.yaml exists")
+    unlisted = sorted(files - set(rows))
+    if unlisted:
+        raise BenchError(f"{root / TABLE_FILE}: rows {', '.join(unlisted)} have spec files but are not listed; add them")
+    return rows
+
+
+def table_title(root: Optional[Path] = None) -> str:
+    root = root or experiments_dir()
+    return str(_read_yaml(root / TABLE_FILE).get("title", "Benchmark"))
+
+
+def load_all(root: Optional[Path] = None) -> list[Spec]:
+    return [load_spec(row, root) for row in row_ids(root)]
+
+
+def unknown_row_message(row: str, root: Path) -> str:
+    known = sorted(p.stem for p in root.glob("*.yaml") if not p.name.startswith("_"))
+    close = difflib.get_close_matches(row, known, n=3, cutoff=0.4)
+    suggestion = f"; closest: {', '.join(close)}" if close else ""
+    return f"unknown row '{row}'{suggestion} (see `bench list` for all rows)"

@@ -1,0 +1,31 @@
+"""Shared fixtures: every test writes results, MLflow stores and caches under tmp, never into the repo."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from harness.data.synthetic import ensure_synthetic
+from harness.paths import PROJECT_ROOT
+
+SEED_TABLE = Path(os.environ.get("SEGBENCH_SEED_TABLE", PROJECT_ROOT.parent / "shared" / "reference" / "seed-table.md"))
+
+
+@pytest.fixture(autouse=True)
+def isolated_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("SEGBENCH_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("SEGBENCH_BENCHMARK", str(tmp_path / "benchmark.md"))
+    monkeypatch.setenv("SEGBENCH_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("CITYSCAPES_DATASET", raising=False)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One synthetic dataset for the whole session, also used as the --synthetic cache."""
+    cache = tmp_path_factory.mktemp("cache")
+    os.environ["SEGBENCH_CACHE"] = str(cache)
+    return ensure_synthetic(cache, seed=0, progress=False)

@@ -1,0 +1,62 @@
+"""Bad input: one line on stderr naming the problem, a non-zero exit, no traceback."""
+
+import shutil
+
+from click.testing import CliRunner
+
+from harness.cli import main
+from harness.paths import PROJECT_ROOT
+
+
+def invoke(*args: str, env: dict | None = None):
+    return CliRunner().invoke(main, list(args), env=env)
+
+
+def assert_one_line_error(result, *fragments: str):
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_list_shows_all_rows_in_table_order():
+    result = invoke("list")
+    assert result.exit_code == 0
+    lines = result.output.splitlines()[2:]
+    assert len(lines) == 34
+    assert lines[0].startswith("deeplabv3-r50-lightseg") and lines[-1].startswith("unet-1024-ema")
+    assert "80.5 | 80.2" in result.output
+
+
+def test_show_prints_resolved_spec():
+    result = invoke("show", "sf_seg_v2-ema")
+    assert result.exit_code == 0 and "ohem" in result.output and "ema: true" in result.output
+
+
+def test_unknown_row():
+    assert_one_line_error(invoke("run", "--row", "deeplabv3-r5", "--synthetic"), "unknown row", "deeplabv3-r50")
+
+
+def test_bad_spec_key(tmp_path):
+    root = tmp_path / "experiments"
+    shutil.copytree(PROJECT_ROOT / "experiments", root)
+    (root / "deeplabv3-r50.yaml").write_text((root / "deeplabv3-r50.yaml").read_text() + "optimiser: adam\n")
+    result = invoke("show", "deeplabv3-r50", env={"SEGBENCH_EXPERIMENTS": str(root)})
+    assert_one_line_error(result, "deeplabv3-r50.yaml", "optimiser", "unknown key")
+
+
+def test_missing_dataset(tmp_path):
+    assert_one_line_error(invoke("run", "--row", "deeplabv3-r50"), "--data-root", "CITYSCAPES_DATASET")
+    result = invoke("run", "--row", "deeplabv3-r50", "--data-root", str(tmp_path / "nope"))
+    assert_one_line_error(result, str(tmp_path / "nope"), "does not exist")
+
+
+def test_unimplemented_family_fails_before_reading_data(tmp_path, monkeypatch):
+    from harness.models import registry
+
+    monkeypatch.setattr(registry, "_BUILDERS", {k: v for k, v in registry._BUILDERS.items() if k != "pspnet"})
+    # The dataset root does not exist: the family check must come first.
+    result = invoke("run", "--row", "pspnet-r50", "--data-root", str(tmp_path / "nope"))
+    assert_one_line_error(result, "pspnet", "not implemented yet")

@@ -1,0 +1,89 @@
+"""End to end on synthetic Cityscapes: training learns, MLflow holds the run, results/ and the table show it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+from torch.utils.data import DataLoader
+
+from harness.cli import main
+from harness.data.cityscapes import CityscapesEval, find_samples
+from harness.evaluate import evaluate
+from harness.models import build_model
+from harness.paths import benchmark_path, default_tracking_uri
+from harness.results import load_records
+from harness.runner import RunOptions, run, seed_everything
+from harness.spec import load_spec
+from harness.tracking import experiment_name
+
+pytestmark = pytest.mark.slow
+
+
+def initial_miou(row: str, root: Path) -> float:
+    spec = load_spec(row)
+    seed_everything(0)
+    loader = DataLoader(CityscapesEval(find_samples(root, "val"), spec.synthetic.test_size), batch_size=1)
+    return evaluate(build_model(spec), loader, torch.device("cpu"), progress=False).miou
+
+
+def test_short_training_learns_and_is_tracked(synthetic_root: Path):
+    before = initial_miou("deeplabv3-r50", synthetic_root)
+    record = run(RunOptions(row="deeplabv3-r50", synthetic=True, iters=40, progress=False))
+    assert record["miou"] > before + 10, (before, record["miou"])
+    assert record["miou_ema"] is None
+
+    client = MlflowClient(default_tracking_uri())
+    experiment = client.get_experiment_by_name(experiment_name("synthetic"))
+    (mlflow_run,) = client.search_runs([experiment.experiment_id])
+    assert mlflow_run.info.run_id == record["mlflow_run_id"] and mlflow_run.info.status == "FINISHED"
+    assert mlflow_run.info.run_name == "deeplabv3-r50"
+    assert mlflow_run.data.params["train.lr"] == "0.01" and mlflow_run.data.params["plan.iters"] == "40"
+    assert mlflow_run.data.tags["row"] == "deeplabv3-r50" and mlflow_run.data.tags["reference_miou"] == "79.5"
+    assert mlflow_run.data.tags["dataset"] == "synthetic" and mlflow_run.data.tags["git_commit"]
+    assert abs(mlflow_run.data.metrics["val_miou"] - record["miou"]) < 1e-6
+    assert len(client.get_metric_history(mlflow_run.info.run_id, "train_loss")) >= 2
+    artifacts = {a.path for a in client.list_artifacts(mlflow_run.info.run_id)}
+    assert {"spec.json", "per_class_iou.csv"} <= artifacts
+
+    (stored,) = load_records(dataset="synthetic")
+    assert stored["row"] == "deeplabv3-r50" and stored["iterations"] == 40 and len(stored["per_class_iou"]) == 19
+    assert set(stored) >= {"seed", "batch_size", "devices", "wall_time_s", "git_commit", "versions", "time"}
+
+    synthetic_table = CliRunner().invoke(main, ["table", "--dataset", "synthetic"]).output
+    line = next(l for l in synthetic_table.splitlines() if l.startswith("| deeplabv3-r50 "))
+    assert f"{record['miou']:.2f}" in line
+
+    # benchmark.md counts Cityscapes only, and regenerating it without new results changes no byte.
+    text = benchmark_path().read_text()
+    cityscapes_line = next(l for l in text.splitlines() if l.startswith("| deeplabv3-r50 "))
+    assert "not run" in cityscapes_line and f"{record['miou']:.2f}" not in text
+    assert CliRunner().invoke(main, ["table"]).exit_code == 0
+    assert benchmark_path().read_text() == text
+
+
+def test_ema_row_evaluates_both_weight_sets(synthetic_root: Path):
+    record = run(RunOptions(row="deeplabv3-r50-ema", synthetic=True, iters=4, progress=False))
+    assert record["miou_ema"] is not None and record["per_class_iou_ema"] is not None
+    client = MlflowClient(default_tracking_uri())
+    metrics = client.get_run(record["mlflow_run_id"]).data.metrics
+    assert "val_miou" in metrics and "val_miou_ema" in metrics
+
+
+def test_failed_run_is_marked_failed_and_writes_no_record(synthetic_root: Path, monkeypatch):
+    import harness.runner
+
+    def broken_fit(*args, **kwargs):
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(harness.runner, "fit", broken_fit)
+    with pytest.raises(RuntimeError):
+        run(RunOptions(row="deeplabv3-r50", synthetic=True, iters=2, progress=False))
+    client = MlflowClient(default_tracking_uri())
+    experiment = client.get_experiment_by_name(experiment_name("synthetic"))
+    (failed,) = client.search_runs([experiment.experiment_id])
+    assert failed.info.status == "FAILED"
+    assert load_records() == []
