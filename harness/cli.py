@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -62,17 +63,73 @@ def show(row: str) -> None:
 @click.option("--iters", type=int, default=None, help="Override the number of training iterations.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db).")
-@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available).")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--gpus", type=int, default=1, show_default=True,
+              help="Processes per node, one per GPU, launched with torchrun; the global batch stays the spec's.")
+@click.option("--nnodes", type=int, default=1, show_default=True, help="Nodes in a multi-node run (torchrun).")
+@click.option("--node-rank", type=int, default=0, show_default=True, help="This node's rank (torchrun).")
+@click.option("--master-addr", default=None, help="Rendezvous host of a multi-node run (torchrun).")
+@click.option("--master-port", type=int, default=None, help="Rendezvous port of a multi-node run (torchrun).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="Autocast precision (default: bf16 on GPU, fp32 on CPU).")
+@click.option("--resume", is_flag=False, flag_value="latest", default=None,
+              help="Continue the last unfinished run of this row, or the run folder / checkpoint given.")
+@click.option("--deterministic", is_flag=True, help="PyTorch deterministic algorithms (slower).")
+@click.option("--init-checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="Start from this whole-model checkpoint (overrides model.init_checkpoint).")
 def run(row: str, synthetic: bool, data_root: Optional[str], iters: Optional[int], seed: int,
-        tracking_uri: Optional[str], device: Optional[str]) -> None:
+        tracking_uri: Optional[str], device: Optional[str], gpus: int, nnodes: int, node_rank: int,
+        master_addr: Optional[str], master_port: Optional[int], precision: Optional[str], resume: Optional[str],
+        deterministic: bool, init_checkpoint: Optional[str]) -> None:
     """Train and evaluate one row; log to MLflow, write a result record, regenerate benchmark.md."""
-    from harness.runner import RunOptions, run as run_row
+    from harness import distributed
+    from harness.runner import RunOptions, exit_code_for, run as run_row, validate_launch
+    from harness.train import Interrupted
 
-    record = run_row(RunOptions(row=row, synthetic=synthetic, data_root=data_root, iters=iters, seed=seed,
-                                tracking_uri=tracking_uri, device=device))
+    options = RunOptions(row=row, synthetic=synthetic, data_root=data_root, iters=iters, seed=seed,
+                         tracking_uri=tracking_uri, device=device, precision=precision, resume=resume,
+                         deterministic=deterministic, init_checkpoint=init_checkpoint)
+    if gpus < 1 or nnodes < 1:
+        raise BenchError(f"--gpus and --nnodes must be at least 1 (got {gpus}, {nnodes})")
+    launching = (gpus > 1 or nnodes > 1) and "WORLD_SIZE" not in os.environ
+    if launching:
+        validate_launch(options, gpus * nnodes)
+        if device != "cpu":
+            import torch
+
+            if torch.cuda.device_count() < gpus:
+                raise BenchError(f"--gpus {gpus}: this machine has {torch.cuda.device_count()} CUDA devices; "
+                                 "use fewer, or --device cpu to run the processes on the CPU (gloo)")
+        sys.exit(distributed.launch(worker_argv(sys.argv[1:]), gpus, nnodes, node_rank, master_addr, master_port))
+    try:
+        record = run_row(options)
+    except Interrupted as stop:
+        where = f"; checkpoint {stop.path}" if stop.path else ""
+        click.echo(f"{stop}{where}; continue with: bench run --row {row} --resume", err=True)
+        sys.exit(exit_code_for(stop))
+    if not record:
+        return  # a non-zero rank of a distributed run
     ema = f", EMA mIoU {record['miou_ema']:.2f}" if record["miou_ema"] is not None else ""
     click.echo(f"{row} on {record['dataset']}: mIoU {record['miou']:.2f}{ema} "
                f"({record['iterations']} iterations, {record['wall_time_s']:.0f} s); record {record['_path']}")
+
+
+LAUNCHER_OPTIONS = {"--gpus", "--nnodes", "--node-rank", "--master-addr", "--master-port"}
+
+
+def worker_argv(argv: list[str]) -> list[str]:
+    """The command line each torchrun worker runs: this one without the launcher's options."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in LAUNCHER_OPTIONS:
+            skip = "=" not in arg
+            continue
+        kept.append(arg)
+    return kept
 
 
 @main.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -33,6 +34,20 @@ def ohem_keep_mask(logits: torch.Tensor, target: torch.Tensor, thresh: float, mi
         return valid & (prob <= threshold)
 
 
+def global_pixel_mean(loss_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Mean over the valid pixels of the global batch, however many processes share it.
+
+    DDP averages gradients over ranks, so each rank divides by (global count / world size): the
+    gradient is then that of one process holding the whole batch, and the recipe does not change
+    with the GPU count.
+    """
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        total = count.detach().float().clone()
+        dist.all_reduce(total)
+        return loss_sum * dist.get_world_size() / total.clamp(min=1)
+    return loss_sum / count.clamp(min=1)
+
+
 class SegmentationLoss(nn.Module):
     """Main output weight 1, auxiliary outputs weighted as the spec says; logits upsampled to the label size."""
 
@@ -50,9 +65,8 @@ class SegmentationLoss(nn.Module):
         if self.spec.name == "ohem":
             keep = ohem_keep_mask(logits, target, self.spec.ohem_thresh, self.min_kept, self.ignore_index)
             target = torch.where(keep, target, torch.full_like(target, self.ignore_index))
-        if not (target != self.ignore_index).any():
-            return logits.sum() * 0.0  # an all-ignored crop contributes nothing, but keeps the graph
-        return F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index)
+        total = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index, reduction="sum")
+        return global_pixel_mean(total, (target != self.ignore_index).sum())
 
     def forward(self, outputs: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         if isinstance(outputs, torch.Tensor):

@@ -77,6 +77,7 @@ class TrainSpec:
     min_lr: float = 0.0
     ema_decay: float = 0.9999
     ema_warmup: bool = False  # timm's EMA warmup: a lower decay over the first steps
+    freeze_bn: bool = False  # batch norm layers stay in eval mode (running statistics) while training
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
     checkpoint_every: int = 1000
@@ -106,6 +107,7 @@ class SyntheticBudget:
     log_every: int = 10
     ohem_min_kept: int = 2000
     workers: int = 0
+    checkpoint_every: int = 100
 
 
 @dataclass

@@ -51,6 +51,11 @@ class Tracker:
         self.client.log_batch(self.run_id, tags=[RunTag("mlflow.runName", run_name)])
         return self.run_id
 
+    def reopen(self, run_id: str) -> None:
+        """Continue a resumed training in its own MLflow run."""
+        self.run_id = run_id
+        self.client.update_run(run_id, status="RUNNING")
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
         import time

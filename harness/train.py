@@ -1,23 +1,34 @@
-"""The training loop: SGD with a per-iteration poly schedule, weighted auxiliary losses, timm EMA."""
+"""The training loop: SGD with a per-iteration poly schedule, weighted auxiliary losses, timm EMA,
+DDP over any number of processes, mixed precision, atomic checkpoints, exact resume."""
 
 from __future__ import annotations
 
 import math
+import random
+import signal
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from harness import checkpoint
+from harness.data.cityscapes import NUM_CLASSES
+from harness.distributed import ShardedTrainSampler, World, all_reduce_sum
 from harness.errors import BenchError
-from harness.evaluate import evaluate
 from harness.losses import SegmentationLoss
-from harness.metrics import SegMetrics
+from harness.metrics import ConfusionMatrix, SegMetrics
 from harness.spec import Spec
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -25,7 +36,7 @@ class TrainPlan:
     """What this run actually does: the spec's recipe, or the synthetic budget, plus CLI overrides."""
 
     iters: int
-    batch_size: int
+    batch_size: int  # global, over all processes
     crop_size: list[int]
     test_size: list[int]
     scale_range: list[float]
@@ -34,17 +45,32 @@ class TrainPlan:
     ema_warmup: bool
     log_every: int
     eval_every: int
+    checkpoint_every: int
     ohem_min_kept: int
     workers: int
     seed: int = 0
+    precision: str = "fp32"
+    world_size: int = 1
 
 
 @dataclass
 class TrainResult:
     metrics: SegMetrics
     ema_metrics: Optional[SegMetrics]
+    checkpoint: Optional[Path]
     history: list[dict] = field(default_factory=list)
-    wall_time_s: float = 0.0
+
+
+class Diverged(BenchError):
+    pass
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT arrived; a checkpoint was written at `iteration`."""
+
+    def __init__(self, signum: int, iteration: int, path: Optional[Path]):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at iteration {iteration}")
+        self.signum, self.iteration, self.path = signum, iteration, path
 
 
 def poly_factor(iteration: int, max_iters: int, power: float, base_lr: float, min_lr: float) -> float:
@@ -53,76 +79,218 @@ def poly_factor(iteration: int, max_iters: int, power: float, base_lr: float, mi
     return ((1 - progress) ** power * (base_lr - min_lr) + min_lr) / base_lr
 
 
-def infinite(loader: DataLoader) -> Iterator:
-    epoch = 0
-    while True:
-        sampler = getattr(loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+def iterations_for(epochs: int, train_images: int, batch_size: int) -> int:
+    return math.ceil(epochs * train_images / batch_size)
+
+
+def rng_state() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+
+
+def convert_norm(model: nn.Module, world: World, device_type: str) -> nn.Module:
+    """SyncBatchNorm across GPUs: the table's recipes normalise over the global batch, not per GPU."""
+    if world.distributed and device_type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
 
 
 MetricsLogger = Callable[[dict[str, float], int], None]
 
 
-def fit(spec: Spec, plan: TrainPlan, model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
-        device: torch.device, log_metrics: MetricsLogger, progress: bool = True) -> TrainResult:
-    model.to(device).train()
-    criterion = SegmentationLoss(spec.loss, min_kept=plan.ohem_min_kept)
-    optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=spec.train.momentum,
-                                weight_decay=spec.train.weight_decay)
-    min_lr = min(spec.train.min_lr, plan.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: poly_factor(it, plan.iters, spec.train.poly_power, plan.lr, min_lr))
-    ema = ModelEmaV3(model, decay=plan.ema_decay, use_warmup=plan.ema_warmup) if spec.columns.ema else None
+class Trainer:
+    def __init__(self, spec: Spec, plan: TrainPlan, model: nn.Module, device: torch.device, world: World,
+                 log_metrics: MetricsLogger, checkpoint_dir: Path, progress: bool = True,
+                 extra_state: Optional[dict[str, Any]] = None):
+        self.spec, self.plan, self.device, self.world = spec, plan, device, world
+        self.log_metrics, self.checkpoint_dir, self.progress = log_metrics, checkpoint_dir, progress
+        self.extra_state = extra_state or {}
+        model = convert_norm(model, world, device.type).to(device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model  # the unwrapped module: checkpoints, EMA and evaluation use this one
+        self.forward_model = (
+            DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            if world.distributed else model
+        )
+        self.autocast_dtype = PRECISIONS[plan.precision]
+        self.criterion = SegmentationLoss(spec.loss, min_kept=plan.ohem_min_kept)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=spec.train.momentum,
+                                         weight_decay=spec.train.weight_decay)
+        min_lr = min(spec.train.min_lr, plan.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda it: poly_factor(it, plan.iters, spec.train.poly_power, plan.lr, min_lr))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=plan.precision == "fp16")
+        self.ema = (ModelEmaV3(model, decay=plan.ema_decay, use_warmup=plan.ema_warmup)
+                    if spec.columns.ema else None)
+        self.iteration = 0
+        self.history: list[dict] = []
+        self._stop_signal: Optional[int] = None
 
-    def run_eval(step: int) -> tuple[SegMetrics, Optional[SegMetrics]]:
-        metrics = evaluate(model, val_loader, device, desc="eval raw", progress=progress)
+    # --- state ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "iteration": self.iteration,
+            "model": self.model.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "spec": self.spec.to_dict(),
+            "plan": asdict(self.plan),
+            **self.extra_state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.iteration = int(state["iteration"])
+        set_rng_state(state["rng"])
+
+    def save_checkpoint(self) -> Optional[Path]:
+        """Rank 0 writes; every rank waits so no one races ahead of a half-written file."""
+        path = None
+        if self.world.is_main:
+            path = checkpoint.save(self.state_dict(), self.checkpoint_dir, self.iteration)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return path
+
+    # --- evaluation ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: DataLoader, desc: str) -> SegMetrics:
+        """Each rank scores its shard; confusion matrices are summed before mIoU is computed."""
+        model.eval()
+        matrix = ConfusionMatrix(NUM_CLASSES, device=self.device)
+        for image, label in tqdm(loader, desc=desc, leave=False, disable=not (self.progress and self.world.is_main)):
+            label = label.to(self.device)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                enabled=self.autocast_dtype is not None):
+                logits = model(image.to(self.device))
+            logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
+            matrix.update(logits.argmax(1), label)
+        all_reduce_sum(matrix.matrix)
+        self.set_train_mode()
+        return matrix.compute()
+
+    def set_train_mode(self) -> None:
+        self.forward_model.train()
+        if self.spec.train.freeze_bn:
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+
+    def run_evaluation(self, loader: DataLoader) -> tuple[SegMetrics, Optional[SegMetrics]]:
+        metrics = self.evaluate(self.model, loader, "eval raw")
         logged = {"val_miou": metrics.miou, "val_pixel_accuracy": metrics.pixel_accuracy}
         ema_metrics = None
-        if ema is not None:
-            ema_metrics = evaluate(ema.module, val_loader, device, desc="eval ema", progress=progress)
+        if self.ema is not None:
+            ema_metrics = self.evaluate(self.ema.module, loader, "eval ema")
             logged.update(val_miou_ema=ema_metrics.miou, val_pixel_accuracy_ema=ema_metrics.pixel_accuracy)
-        log_metrics(logged, step)
+        if self.world.is_main:
+            self.log_metrics(logged, self.iteration)
         return metrics, ema_metrics
 
-    start = time.perf_counter()
-    history: list[dict] = []
-    batches = infinite(train_loader)
-    bar = tqdm(range(plan.iters), desc=spec.row, disable=not progress, dynamic_ncols=True)
-    window_images, window_start = 0, time.perf_counter()
-    for iteration in bar:
-        images, labels = next(batches)
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        loss = criterion(model(images), labels)
-        if not torch.isfinite(loss):
-            raise BenchError(
-                f"loss is {loss.item()} at iteration {iteration + 1}; training diverged "
-                f"(lower train.lr, now {plan.lr})"
+    # --- training ------------------------------------------------------------------------------
+
+    def _batches(self, loader: DataLoader, sampler: ShardedTrainSampler) -> Iterator:
+        """Endless batches that pick up exactly where `self.iteration` says, also after a resume."""
+        while True:
+            epoch, offset = divmod(self.iteration, sampler.batches_per_epoch)
+            sampler.set_epoch(epoch, offset)
+            yield from loader
+
+    def _handle_signal(self, signum: int, frame) -> None:
+        self._stop_signal = signum
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            loss = self.criterion(self.forward_model(images), labels)
+        # One collective per step: the mean loss, whether any rank diverged, whether any was signalled.
+        status = torch.tensor([loss.detach().float().item(), float(not torch.isfinite(loss)),
+                               float(self._stop_signal is not None)], device=self.device)
+        all_reduce_sum(status)
+        if status[1] > 0:
+            raise Diverged(
+                f"loss is not finite at iteration {self.iteration + 1}; training diverged "
+                f"(lower train.lr, now {self.plan.lr}); the last good checkpoint is kept in {self.checkpoint_dir}"
             )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if ema is not None:
-            ema.update(model, step=iteration)
-        step = iteration + 1
-        window_images += images.shape[0]
-        if step % plan.log_every == 0 or step == plan.iters:
-            elapsed = time.perf_counter() - window_start
-            record = {"train_loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
-                      "images_per_s": window_images / max(elapsed, 1e-9)}
-            history.append({"step": step, **record})
-            log_metrics(record, step)
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{record['lr']:.2e}",
-                            img_s=f"{record['images_per_s']:.1f}")
-            window_images, window_start = 0, time.perf_counter()
-        if plan.eval_every and step % plan.eval_every == 0 and step != plan.iters:
-            run_eval(step)
-    metrics, ema_metrics = run_eval(plan.iters)
-    return TrainResult(metrics, ema_metrics, history, time.perf_counter() - start)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.iteration += 1
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.iteration - 1)
+        if status[2] > 0 and self._stop_signal is None:
+            self._stop_signal = signal.SIGTERM  # another rank was signalled: stop together
+        return float(status[0]) / self.world.size
 
+    def fit(self, loader: DataLoader, sampler: ShardedTrainSampler, val_loader: DataLoader) -> TrainResult:
+        self.set_train_mode()
+        previous = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return self._fit(loader, sampler, val_loader)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
-def iterations_for(epochs: int, train_images: int, batch_size: int) -> int:
-    return math.ceil(epochs * train_images / batch_size)
+    def _fit(self, loader: DataLoader, sampler: ShardedTrainSampler, val_loader: DataLoader) -> TrainResult:
+        plan = self.plan
+        batches = self._batches(loader, sampler)
+        bar = tqdm(total=plan.iters, initial=self.iteration, desc=self.spec.row, dynamic_ncols=True,
+                   disable=not (self.progress and self.world.is_main))
+        window_images, window_start = 0, time.perf_counter()
+        while self.iteration < plan.iters:
+            images, labels = next(batches)
+            loss = self._step(images, labels)
+            bar.update(1)
+            window_images += images.shape[0] * self.world.size
+            step = self.iteration
+            if step % plan.log_every == 0 or step == plan.iters:
+                elapsed = time.perf_counter() - window_start
+                record = {"train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                          "images_per_s": window_images / max(elapsed, 1e-9)}
+                self.history.append({"step": step, **record})
+                if self.world.is_main:
+                    self.log_metrics(record, step)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.1f}")
+                window_images, window_start = 0, time.perf_counter()
+            if self._stop_signal is not None:
+                bar.close()
+                raise Interrupted(self._stop_signal, step, self.save_checkpoint())
+            if plan.checkpoint_every and step % plan.checkpoint_every == 0 and step != plan.iters:
+                self.save_checkpoint()
+            if plan.eval_every and step % plan.eval_every == 0 and step != plan.iters:
+                self.run_evaluation(val_loader)
+        bar.close()
+        metrics, ema_metrics = self.run_evaluation(val_loader)
+        final = self.save_checkpoint()
+        return TrainResult(metrics, ema_metrics, final, self.history)

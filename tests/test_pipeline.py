@@ -74,12 +74,12 @@ def test_ema_row_evaluates_both_weight_sets(synthetic_root: Path):
 
 
 def test_failed_run_is_marked_failed_and_writes_no_record(synthetic_root: Path, monkeypatch):
-    import harness.runner
+    from harness.train import Trainer
 
     def broken_fit(*args, **kwargs):
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(harness.runner, "fit", broken_fit)
+    monkeypatch.setattr(Trainer, "fit", broken_fit)
     with pytest.raises(RuntimeError):
         run(RunOptions(row="deeplabv3-r50", synthetic=True, iters=2, progress=False))
     client = MlflowClient(default_tracking_uri())

@@ -133,21 +133,25 @@ class CityscapesTrain(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        # A (index, seed) key makes the augmentation a function of the key alone: the same on any
+        # number of processes or workers, and after a resume (see distributed.ShardedTrainSampler).
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        rng = random.Random(seed) if seed is not None else random
         sample = self.samples[index]
         image, label = load_image(sample.image), load_train_ids(sample.label)
-        scale = random.uniform(*self.scale_range)
+        scale = rng.uniform(*self.scale_range)
         height, width = label.shape
         image, label = _resize(image, label, (max(1, round(height * scale)), max(1, round(width * scale))))
         pad_h, pad_w = max(self.crop_h - label.shape[0], 0), max(self.crop_w - label.shape[1], 0)
         if pad_h or pad_w:
             image = F.pad(image, (0, pad_w, 0, pad_h), value=0.0)
             label = F.pad(label, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
-        top = random.randint(0, label.shape[0] - self.crop_h)
-        left = random.randint(0, label.shape[1] - self.crop_w)
+        top = rng.randint(0, label.shape[0] - self.crop_h)
+        left = rng.randint(0, label.shape[1] - self.crop_w)
         image = image[:, top : top + self.crop_h, left : left + self.crop_w]
         label = label[top : top + self.crop_h, left : left + self.crop_w]
-        if random.random() < 0.5:
+        if rng.random() < 0.5:
             image, label = image.flip(-1), label.flip(-1)
         return image.contiguous(), label.contiguous()
 

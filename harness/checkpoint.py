@@ -1,0 +1,68 @@
+"""Training checkpoints: written atomically, the last good ones kept, a damaged one detected on load."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from harness.errors import BenchError
+
+FORMAT = "segbench-checkpoint/1"
+PREFIX = "ckpt-"
+
+
+def save(state: dict[str, Any], folder: Path, iteration: int, keep: int = 2) -> Path:
+    """Write `state` as ckpt-<iteration>.pt through a temporary file and a rename, then prune old ones.
+
+    A crash mid-write leaves only a stray temporary file: the previous checkpoints are untouched.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{PREFIX}{iteration:08d}.pt"
+    tmp = folder / f".{path.name}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save({"format": FORMAT, **state}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for old in checkpoints(folder)[keep:]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """Checkpoints in `folder`, newest first."""
+    return sorted(folder.glob(f"{PREFIX}*.pt"), reverse=True)
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Load one checkpoint on the CPU; any damage is a one-line error naming the file."""
+    if not path.is_file():
+        raise BenchError(f"checkpoint {path} does not exist; give the path of a ckpt-*.pt file or a run folder")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, bad pickle, not a torch file: all mean "unusable"
+        raise BenchError(f"checkpoint {path} is unreadable ({type(exc).__name__}); it may be truncated or not a checkpoint") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise BenchError(f"checkpoint {path} is not a segbench training checkpoint (format {FORMAT})")
+    return state
+
+
+def load_latest(folder: Path) -> tuple[dict[str, Any], Path]:
+    """The newest readable checkpoint in `folder`; a damaged newer one is skipped with a warning."""
+    candidates = checkpoints(folder)
+    if not candidates:
+        raise BenchError(f"no checkpoint in {folder}; nothing to resume (start the run again without --resume)")
+    for path in candidates:
+        try:
+            return load(path), path
+        except BenchError as exc:
+            print(f"warning: {exc}; trying the previous checkpoint", file=sys.stderr)
+    raise BenchError(f"every checkpoint in {folder} is unreadable; start the run again without --resume")
+
+
+def find_latest(paths: list[Path]) -> Optional[Path]:
+    return max(paths, key=lambda p: p.stat().st_mtime) if paths else None

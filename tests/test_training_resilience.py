@@ -1,0 +1,173 @@
+"""Issue 5 on CPU: resume is exact, signals checkpoint, damaged checkpoints are skipped, divergence fails
+cleanly, the global batch is checked before launch, and 1 or 2 processes train the same model."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from harness import checkpoint
+from harness.cli import main
+from harness.distributed import World
+from harness.errors import BenchError
+from harness.paths import default_tracking_uri, runs_dir
+from harness.results import load_records
+from harness.runner import RunOptions, run
+from harness.tracking import experiment_name
+from harness.train import convert_norm
+from tests.helpers import bench, experiments_with
+
+pytestmark = pytest.mark.slow
+
+# A small, fast row: DeepLabV3 on ResNet-18 with EMA, tiny crops, checkpoints every 4 iterations.
+TINY = {
+    "inherit": "deeplabv3-r50",
+    "columns": {"ema": True},
+    "model": {"backbone": "resnet18"},
+    "reference": {"miou": [1.0]},
+    "synthetic": {"iters": 16, "batch_size": 2, "crop_size": [64, 64], "test_size": [128, 64],
+                  "checkpoint_every": 4, "log_every": 1},
+}
+
+
+@pytest.fixture
+def tiny_row(tmp_path, monkeypatch, synthetic_root):
+    monkeypatch.setenv("SEGBENCH_EXPERIMENTS", str(experiments_with(tmp_path, {"tiny": TINY})))
+    return "tiny"
+
+
+def final_state(record: dict) -> dict:
+    return torch.load(record["checkpoint"], map_location="cpu", weights_only=True)
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def run_dirs(row: str) -> list[Path]:
+    return sorted((runs_dir() / "synthetic" / row).glob("*"))
+
+
+def wait_for(path_glob, process, timeout=300.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(path_glob()):
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting for a checkpoint")
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(tiny_row):
+    reference = run(RunOptions(row=tiny_row, synthetic=True, deterministic=True, progress=False))
+
+    process = bench("run", "--row", tiny_row, "--synthetic", "--deterministic")
+    wait_for(lambda: [p for d in run_dirs(tiny_row)[1:] for p in d.glob("checkpoints/ckpt-00000008.pt")], process)
+    process.kill()  # SIGKILL: no handler runs, nothing is flushed
+    process.wait()
+    killed_run = run_dirs(tiny_row)[-1]
+    assert not (killed_run / "checkpoints" / "ckpt-00000016.pt").exists(), "the run finished before it was killed"
+
+    resumed = run(RunOptions(row=tiny_row, synthetic=True, deterministic=True, resume="latest", progress=False))
+    assert Path(resumed["checkpoint"]).parent.parent == killed_run
+    a, b = final_state(reference), final_state(resumed)
+    assert a["iteration"] == b["iteration"] == 16
+    assert_same_tensors(a["model"], b["model"])
+    assert_same_tensors(a["ema"], b["ema"])
+    assert resumed["miou"] == reference["miou"] and resumed["miou_ema"] == reference["miou_ema"]
+    # The resumed training went on in the killed run's MLflow run, which now finished.
+    client = MlflowClient(default_tracking_uri())
+    assert client.get_run(resumed["mlflow_run_id"]).info.status == "FINISHED"
+    assert len(client.search_runs([client.get_experiment_by_name(experiment_name("synthetic")).experiment_id])) == 2
+
+
+def test_sigterm_checkpoints_and_the_next_resume_goes_on(tiny_row):
+    process = bench("run", "--row", tiny_row, "--synthetic")
+    wait_for(lambda: [p for d in run_dirs(tiny_row) for p in d.glob("checkpoints/ckpt-00000004.pt")], process)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "--resume" in err and "Traceback" not in err
+    state, path = checkpoint.load_latest(run_dirs(tiny_row)[-1] / "checkpoints")
+    stopped_at = state["iteration"]
+    assert 4 <= stopped_at < 16
+    client = MlflowClient(default_tracking_uri())
+    run_id = next(iter(client.search_runs([client.get_experiment_by_name(experiment_name("synthetic")).experiment_id])))
+    assert run_id.info.status == "KILLED"
+
+    resumed = run(RunOptions(row=tiny_row, synthetic=True, resume="latest", progress=False))
+    assert resumed["iterations"] == 16 and final_state(resumed)["iteration"] == 16
+    history = client.get_metric_history(resumed["mlflow_run_id"], "lr")
+    assert max(m.step for m in history) == 16 and min(m.step for m in history) == 1
+
+
+def test_truncated_checkpoint_falls_back_to_previous_with_warning(tmp_path, capsys):
+    folder = tmp_path / "checkpoints"
+    checkpoint.save({"iteration": 4, "w": torch.ones(3)}, folder, 4)
+    newest = checkpoint.save({"iteration": 8, "w": torch.zeros(1000)}, folder, 8)
+    newest.write_bytes(newest.read_bytes()[: len(newest.read_bytes()) // 2])
+    state, path = checkpoint.load_latest(folder)
+    assert state["iteration"] == 4 and path.name == "ckpt-00000004.pt"
+    err = capsys.readouterr().err
+    assert "warning" in err and newest.name in err
+
+
+def test_checkpoints_are_written_through_a_rename_and_pruned(tmp_path):
+    folder = tmp_path / "checkpoints"
+    for it in (2, 4, 6):
+        checkpoint.save({"iteration": it}, folder, it)
+    assert [p.name for p in checkpoint.checkpoints(folder)] == ["ckpt-00000006.pt", "ckpt-00000004.pt"]
+    assert not list(folder.glob(".*.tmp"))
+
+
+def test_resume_with_changed_spec_names_the_keys(tiny_row, tmp_path, monkeypatch):
+    run(RunOptions(row=tiny_row, synthetic=True, iters=4, progress=False))
+    experiments_with(tmp_path, {"tiny": {**TINY, "train": {"weight_decay": 0.01}}})
+    with pytest.raises(BenchError, match=r"recipe changed: plan.iters.*spec.train.weight_decay"):
+        # finished runs cannot be resumed "latest"; name the run folder explicitly
+        run(RunOptions(row=tiny_row, synthetic=True, resume=str(run_dirs(tiny_row)[-1]), progress=False))
+
+
+def test_divergence_stops_with_failed_run_and_no_record(tmp_path, monkeypatch, synthetic_root):
+    exploding = {**TINY, "synthetic": {**TINY["synthetic"], "lr": 1.0e12}}
+    monkeypatch.setenv("SEGBENCH_EXPERIMENTS", str(experiments_with(tmp_path, {"exploding": exploding})))
+    with pytest.raises(BenchError, match=r"loss is not finite at iteration \d+"):
+        run(RunOptions(row="exploding", synthetic=True, progress=False))
+    client = MlflowClient(default_tracking_uri())
+    (failed,) = client.search_runs([client.get_experiment_by_name(experiment_name("synthetic")).experiment_id])
+    assert failed.info.status == "FAILED"
+    assert load_records() == []
+
+
+def test_batch_that_does_not_divide_is_refused_before_anything_starts(tmp_path, monkeypatch):
+    odd = {**TINY, "synthetic": {**TINY["synthetic"], "batch_size": 3}}
+    root = experiments_with(tmp_path, {"odd": odd})
+    result = CliRunner().invoke(main, ["run", "--row", "odd", "--synthetic", "--gpus", "2"],
+                                env={"SEGBENCH_EXPERIMENTS": str(root)})
+    assert result.exit_code != 0
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "batch size 3 does not divide over 2 processes" in result.stderr
+    assert not runs_dir().exists() and load_records() == []
+
+
+def test_syncbn_conversion_only_for_distributed_gpu_runs():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    assert convert_norm(model, World(0, 1, 0), "cuda") is model
+    assert convert_norm(model, World(0, 2, 0), "cpu") is model
+    converted = convert_norm(model, World(0, 2, 0), "cuda")
+    assert isinstance(converted[1], torch.nn.SyncBatchNorm) and not any(
+        type(m) is torch.nn.BatchNorm2d for m in converted.modules())
+
+
+def test_precision_on_cpu_is_fp32(tmp_path):
+    result = CliRunner().invoke(main, ["run", "--row", "deeplabv3-r50", "--synthetic", "--device", "cpu",
+                                       "--precision", "bf16"])
+    assert result.exit_code != 0 and "needs a GPU" in result.stderr
