@@ -155,10 +155,13 @@ def find_resume_target(resume: str, row: str, dataset: str) -> tuple[Path, dict[
         state, path = checkpoint.load_latest(run_dir / "checkpoints")
         return run_dir, state, path
     target = Path(resume).expanduser()
+    run_dir = target if target.is_dir() else target.parent.parent
+    if _read_run_file(run_dir).get("status") == "finished":
+        raise BenchError(f"run {run_dir} already finished; start a new run without --resume")
     if target.is_dir():
         state, path = checkpoint.load_latest(target / "checkpoints")
         return target, state, path
-    return target.parent.parent, checkpoint.load(target), target
+    return run_dir, checkpoint.load(target), target
 
 
 def refuse_changed_recipe(state: dict[str, Any], spec: Spec, plan: TrainPlan, source: Path) -> None:

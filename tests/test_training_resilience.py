@@ -129,11 +129,29 @@ def test_checkpoints_are_written_through_a_rename_and_pruned(tmp_path):
 
 
 def test_resume_with_changed_spec_names_the_keys(tiny_row, tmp_path, monkeypatch):
-    run(RunOptions(row=tiny_row, synthetic=True, iters=4, progress=False))
+    from harness.train import Trainer
+
+    def crash(self, loader):
+        raise RuntimeError("simulated crash after the iteration-4 checkpoint")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "run_evaluation", crash)
+        with pytest.raises(RuntimeError):
+            run(RunOptions(row=tiny_row, synthetic=True, iters=8, progress=False))
     experiments_with(tmp_path, {"tiny": {**TINY, "train": {"weight_decay": 0.01}}})
-    with pytest.raises(BenchError, match=r"recipe changed: plan.iters.*spec.train.weight_decay"):
-        # finished runs cannot be resumed "latest"; name the run folder explicitly
-        run(RunOptions(row=tiny_row, synthetic=True, resume=str(run_dirs(tiny_row)[-1]), progress=False))
+    with pytest.raises(BenchError, match=r"recipe changed: spec.train.weight_decay \(0.0005 -> 0.01\)"):
+        run(RunOptions(row=tiny_row, synthetic=True, iters=8, resume="latest", progress=False))
+    with pytest.raises(BenchError, match=r"recipe changed: plan.iters \(8 -> 16\)"):
+        experiments_with(tmp_path, {"tiny": TINY})
+        run(RunOptions(row=tiny_row, synthetic=True, resume="latest", progress=False))
+
+
+def test_finished_run_is_not_resumed(tiny_row):
+    record = run(RunOptions(row=tiny_row, synthetic=True, iters=2, progress=False))
+    with pytest.raises(BenchError, match="finished; start a new run without --resume"):
+        run(RunOptions(row=tiny_row, synthetic=True, iters=2, resume="latest", progress=False))
+    with pytest.raises(BenchError, match="already finished"):
+        run(RunOptions(row=tiny_row, synthetic=True, iters=2, resume=record["checkpoint"], progress=False))
 
 
 def test_divergence_stops_with_failed_run_and_no_record(tmp_path, monkeypatch, synthetic_root):
@@ -171,3 +189,32 @@ def test_precision_on_cpu_is_fp32(tmp_path):
     result = CliRunner().invoke(main, ["run", "--row", "deeplabv3-r50", "--synthetic", "--device", "cpu",
                                        "--precision", "bf16"])
     assert result.exit_code != 0 and "needs a GPU" in result.stderr
+
+
+def test_two_gloo_processes_equal_one_process(tmp_path, monkeypatch, synthetic_root):
+    """Same global batch and seed on 1 and 2 CPU processes: same losses, same weights.
+
+    Batch norm is frozen (per-process batch statistics legitimately differ without SyncBN, which needs
+    GPUs) and UNet has no dropout, so the two runs must agree up to float summation order.
+    """
+    row = {"inherit": "unet-769", "reference": {"miou": [1.0]}, "train": {"freeze_bn": True},
+           "synthetic": {"iters": 3, "batch_size": 4, "crop_size": [64, 64], "test_size": [128, 64], "log_every": 1}}
+    root = experiments_with(tmp_path, {"pair": row})
+    env = {"SEGBENCH_EXPERIMENTS": str(root)}
+    single = bench("run", "--row", "pair", "--synthetic", "--device", "cpu", env=env)
+    out, err = single.communicate(timeout=600)
+    assert single.returncode == 0, err
+    double = bench("run", "--row", "pair", "--synthetic", "--device", "cpu", "--gpus", "2", env=env)
+    out, err = double.communicate(timeout=600)
+    assert double.returncode == 0, err
+
+    one, two = sorted(load_records(dataset="synthetic"), key=lambda r: r["devices"])
+    assert (one["devices"], two["devices"]) == (1, 2) and one["batch_size"] == two["batch_size"] == 4
+    client = MlflowClient(default_tracking_uri())
+    losses = [[m.value for m in sorted(client.get_metric_history(r["mlflow_run_id"], "train_loss"), key=lambda m: m.step)]
+              for r in (one, two)]
+    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-4)
+    a, b = final_state(one)["model"], final_state(two)["model"]
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), rtol=1e-4, atol=1e-5), key
+    assert two["miou"] == pytest.approx(one["miou"], abs=0.5)
