@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,6 +43,16 @@ class PyramidPooling(nn.Module):
         size = x.shape[-2:]
         pooled = [F.interpolate(b(x), size=size, mode="bilinear", align_corners=False) for b in self.branches]
         return self.fuse(torch.cat([x, *pooled], dim=1))
+
+
+def timm_features(backbone: str, output_stride: int, out_indices: Sequence[int]) -> nn.Module:
+    """A timm backbone returning the stages in `out_indices` (1..4 are ResNet stages 1..4).
+
+    output_stride 8 dilates stages 3 and 4 (stride 1, dilation 2 and 4), as in mmsegmentation's
+    ResNet-D8 backbones. Nothing is downloaded: the weights start random.
+    """
+    return timm.create_model(backbone, pretrained=False, features_only=True, output_stride=output_stride,
+                             out_indices=tuple(out_indices))
 
 
 def resize_to(logits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
