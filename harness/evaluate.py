@@ -1,34 +1,353 @@
-"""Evaluation: whole-image inference, one image at a time, into a confusion matrix on the device."""
+"""Evaluation the way Cityscapes scores it, one image at a time into a confusion matrix on the device.
+
+Test modes (`TestMode`, built from a spec by `TestMode.from_spec`):
+- whole image (the default, as the table): the image at the test size, logits resized to the ground truth;
+- sliding window ("crop test"): crops of `crop_size` every `stride` pixels, overlapping logits averaged,
+  the image padded on the right/bottom when it is smaller than a crop;
+- horizontal flip and several scales: logits of every view are resized to the ground truth and averaged.
+
+Only one image's logits exist at a time, so 500 images at 2048x1024 need the memory of one.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from harness import export, visualize
+from harness.data.cityscapes import NUM_CLASSES, CityscapesEval, Sample, load_train_ids
+from harness.errors import BenchError
 from harness.metrics import ConfusionMatrix, SegMetrics
+from harness.spec import Spec
+
+AUTOCAST_DTYPES: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_STRIDE_FRACTION = 2 / 3  # of the crop, when the spec gives no stride (mmsegmentation's 769/513)
+
+Reduce = Callable[[torch.Tensor], None]  # e.g. an all-reduce sum of the confusion matrix across ranks
 
 
-@torch.no_grad()
-def predict_logits(model: nn.Module, image: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
-    """Logits for a batch of images, resized to `out_size` (the ground truth's height and width)."""
-    logits = model(image)
-    if logits.shape[-2:] != out_size:
-        logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+# --- test modes ----------------------------------------------------------------------------------
+
+
+def _positive_pair(value: Optional[Sequence[int]], name: str) -> Optional[tuple[int, int]]:
+    if value is None:
+        return None
+    pair = tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
+        raise BenchError(f"{name} {list(pair)}: expected [width, height], two positive integers")
+    return pair  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class TestMode:
+    """How an image becomes logits. Sizes are (width, height) in pixels of the image fed to the model."""
+
+    crop_size: Optional[tuple[int, int]] = None  # None: whole-image inference
+    crop_stride: Optional[tuple[int, int]] = None  # None: 2/3 of the crop
+    flip: bool = False
+    scales: tuple[float, ...] = (1.0,)
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    def __post_init__(self) -> None:
+        crop = _positive_pair(self.crop_size, "columns.crop_test")
+        stride = _positive_pair(self.crop_stride, "eval.crop_stride")
+        if stride is not None and crop is None:
+            raise BenchError(f"eval.crop_stride {list(stride)} is set but columns.crop_test is null (whole-image "
+                             "inference); set columns.crop_test or remove eval.crop_stride")
+        if crop is not None and stride is not None and (stride[0] > crop[0] or stride[1] > crop[1]):
+            # A stride larger than the crop leaves pixels no window covers.
+            raise BenchError(f"eval.crop_stride {list(stride)} is larger than columns.crop_test {list(crop)}; "
+                             "use a stride no larger than the crop")
+        scales = tuple(float(s) for s in self.scales)
+        if not scales or not all(math.isfinite(s) and s > 0 for s in scales):
+            raise BenchError(f"eval.scales {list(self.scales)}: expected one or more positive numbers, e.g. [1.0]")
+        object.__setattr__(self, "crop_size", crop)
+        object.__setattr__(self, "crop_stride", stride)
+        object.__setattr__(self, "scales", scales)
+
+    @property
+    def stride(self) -> Optional[tuple[int, int]]:
+        """The sliding-window stride in use: the given one, or 2/3 of the crop."""
+        if self.crop_size is None:
+            return None
+        if self.crop_stride is not None:
+            return self.crop_stride
+        return tuple(max(1, math.ceil(c * DEFAULT_STRIDE_FRACTION)) for c in self.crop_size)  # type: ignore[return-value]
+
+    @property
+    def views(self) -> int:
+        """Forward passes of the whole image averaged per image (windows not counted)."""
+        return len(self.scales) * (2 if self.flip else 1)
+
+    def describe(self) -> str:
+        """A short label for logs and MLflow params, e.g. 'slide 1024x1024/683x683 +flip scales 0.75,1,1.25'."""
+        parts = ["whole" if self.crop_size is None else
+                 f"slide {self.crop_size[0]}x{self.crop_size[1]}/{self.stride[0]}x{self.stride[1]}"]
+        if self.flip:
+            parts.append("+flip")
+        if self.scales != (1.0,):
+            parts.append("scales " + ",".join(f"{s:g}" for s in self.scales))
+        return " ".join(parts)
+
+    @classmethod
+    def from_spec(cls, spec: Spec, test_size: Optional[Sequence[int]] = None) -> "TestMode":
+        """The row's test mode. With a `test_size` other than the table's (a synthetic run), the crop and
+        stride shrink by the same ratio, so the run exercises the same window layout on smaller images."""
+        crop, stride = spec.columns.crop_test, spec.eval.crop_stride
+        if test_size is not None and crop is not None and list(test_size) != list(spec.columns.test_size):
+            ratio = [t / c for t, c in zip(test_size, spec.columns.test_size)]
+            crop = [max(1, round(v * r)) for v, r in zip(crop, ratio)]
+            stride = [max(1, round(v * r)) for v, r in zip(stride, ratio)] if stride is not None else None
+        try:
+            return cls(crop_size=crop, crop_stride=stride, flip=spec.eval.flip, scales=tuple(spec.eval.scales))
+        except BenchError as exc:
+            raise BenchError(f"row '{spec.row}': {exc}") from None
+
+
+WHOLE_IMAGE = TestMode()
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for a run's precision; None (fp32) on CPU, where bf16/fp16 inference is no faster."""
+    if precision not in AUTOCAST_DTYPES:
+        raise BenchError(f"precision '{precision}': use one of {', '.join(AUTOCAST_DTYPES)}")
+    return AUTOCAST_DTYPES[precision] if torch.device(device).type == "cuda" else None
+
+
+# --- inference -----------------------------------------------------------------------------------
+
+
+def _forward(model: nn.Module, images: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        logits = model(images)
+    logits = logits.float()  # averaging and resizing in fp32, whatever the forward ran in
+    if logits.shape[-2:] != images.shape[-2:]:
+        logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
     return logits
 
 
+def window_starts(length: int, crop: int, stride: int) -> list[int]:
+    """Window offsets along one axis: every `stride`, and a last window flush with the far edge."""
+    if length <= crop:
+        return [0]
+    return list(range(0, length - crop, stride)) + [length - crop]
+
+
+def _slide(model: nn.Module, images: torch.Tensor, crop: tuple[int, int], stride: tuple[int, int],
+           dtype: Optional[torch.dtype]) -> torch.Tensor:
+    height, width = images.shape[-2:]
+    crop_w, crop_h = crop
+    pad_h, pad_w = max(crop_h - height, 0), max(crop_w - width, 0)
+    if pad_h or pad_w:
+        # Zero is the mean colour after normalisation; the padded logits are cut away below.
+        images = F.pad(images, (0, pad_w, 0, pad_h), value=0.0)
+    padded_h, padded_w = images.shape[-2:]
+    total: Optional[torch.Tensor] = None
+    count = torch.zeros((1, 1, padded_h, padded_w), device=images.device)
+    for top in window_starts(padded_h, crop_h, stride[1]):
+        for left in window_starts(padded_w, crop_w, stride[0]):
+            logits = _forward(model, images[..., top : top + crop_h, left : left + crop_w], dtype)
+            if total is None:
+                total = logits.new_zeros((images.shape[0], logits.shape[1], padded_h, padded_w))
+            total[..., top : top + crop_h, left : left + crop_w] += logits
+            count[..., top : top + crop_h, left : left + crop_w] += 1
+    return (total / count)[..., :height, :width]
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int = 19,
-             desc: str = "eval", progress: bool = True) -> SegMetrics:
-    was_training = model.training
-    model.eval()
+def infer_logits(model: nn.Module, images: torch.Tensor, out_size: tuple[int, int],
+                 mode: TestMode = WHOLE_IMAGE, precision: str = "fp32") -> torch.Tensor:
+    """Float32 logits (N, C, *out_size) for normalised images (N, 3, H, W), averaged over the mode's views.
+
+    The model must already be in eval mode. `out_size` is the ground truth's (height, width).
+    """
+    dtype = autocast_dtype(precision, images.device)
+    out_size = (int(out_size[0]), int(out_size[1]))
+    height, width = images.shape[-2:]
+    total: Optional[torch.Tensor] = None
+    for scale in mode.scales:
+        scaled = images
+        if scale != 1.0:
+            size = (max(1, round(height * scale)), max(1, round(width * scale)))
+            scaled = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        for flipped in (False, True) if mode.flip else (False,):
+            view = scaled.flip(-1) if flipped else scaled
+            if mode.crop_size is None:
+                logits = _forward(model, view, dtype)
+            else:
+                logits = _slide(model, view, mode.crop_size, mode.stride, dtype)
+            if flipped:
+                logits = logits.flip(-1)
+            if tuple(logits.shape[-2:]) != out_size:
+                logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+            total = logits if total is None else total.add_(logits)
+    return total / mode.views if mode.views > 1 else total
+
+
+def predict_logits(model: nn.Module, image: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+    """Whole-image logits resized to `out_size`; kept for callers of the first version."""
+    return infer_logits(model, image, out_size)
+
+
+# --- evaluation loops ----------------------------------------------------------------------------
+
+
+class _EvalMode:
+    """Eval mode inside the block, the model's previous mode after it (the training loop relies on this)."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self) -> nn.Module:
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        self.model.train(self.was_training)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int = NUM_CLASSES,
+             desc: str = "eval", progress: bool = True, *, mode: TestMode = WHOLE_IMAGE,
+             precision: str = "fp32", reduce: Optional[Reduce] = None) -> SegMetrics:
+    """Score a loader of (image at test size, trainId label at full size); `reduce` sums ranks' matrices."""
     matrix = ConfusionMatrix(num_classes, device=device)
-    for image, label in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
-        label = label.to(device, non_blocking=True)
-        logits = predict_logits(model, image.to(device, non_blocking=True), tuple(label.shape[-2:]))
-        matrix.update(logits.argmax(1), label)
-    model.train(was_training)
+    with _EvalMode(model):
+        for image, label in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+            label = label.to(device, non_blocking=True)
+            logits = infer_logits(model, image.to(device, non_blocking=True), tuple(label.shape[-2:]), mode, precision)
+            matrix.update(logits.argmax(1), label)
+    if reduce is not None:
+        reduce(matrix.matrix)
     return matrix.compute()
+
+
+def _full_size(sample: Sample, label: torch.Tensor) -> tuple[int, int]:
+    """(height, width) predictions are written at: the ground truth's, else the original image's."""
+    if label.numel():
+        return tuple(label.shape[-2:])  # type: ignore[return-value]
+    try:
+        with Image.open(sample.image) as img:
+            width, height = img.size
+    except OSError as exc:
+        raise BenchError(f"cannot read image {sample.image}: {exc}") from None
+    return height, width
+
+
+def _stream(model: nn.Module, samples: Sequence[Sample], test_size: Sequence[int], device: torch.device,
+            mode: TestMode, precision: str, workers: int, progress: bool,
+            desc: str) -> Iterator[tuple[int, Sample, torch.Tensor, torch.Tensor]]:
+    """(index, sample, 1xCxHxW logits at full size, HxW label or an empty one), on the device, one image at a time."""
+    device = torch.device(device)
+    loader = DataLoader(CityscapesEval(list(samples), list(test_size)), batch_size=1, shuffle=False,
+                        num_workers=workers, pin_memory=device.type == "cuda")
+    with _EvalMode(model):
+        batches = tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True, total=len(samples))
+        for index, (sample, (image, label)) in enumerate(zip(samples, batches)):
+            label = label[0].to(device, non_blocking=True)  # the loader's batch of one
+            out_size = _full_size(sample, label)
+            yield index, sample, infer_logits(model, image.to(device, non_blocking=True), out_size, mode, precision), label
+
+
+def panel_indices(total: int, count: int) -> list[int]:
+    """`count` indices spread evenly over `total` images (first and last included), so panels span cities."""
+    if total <= 0 or count <= 0:
+        return []
+    if count >= total:
+        return list(range(total))
+    if count == 1:
+        return [0]
+    return sorted({round(i * (total - 1) / (count - 1)) for i in range(count)})
+
+
+@torch.no_grad()
+def evaluate_split(model: nn.Module, samples: Sequence[Sample], spec: Spec, device: torch.device, *,
+                   test_size: Optional[Sequence[int]] = None, mode: Optional[TestMode] = None,
+                   precision: str = "fp32", save_predictions_dir: Optional[Path] = None,
+                   panels_dir: Optional[Path] = None, num_panels: int = 4, num_classes: int = NUM_CLASSES,
+                   workers: int = 2, progress: bool = True, desc: str = "eval",
+                   reduce: Optional[Reduce] = None) -> SegMetrics:
+    """Evaluate `model` on labelled samples as the row's spec says, scored at ground-truth size.
+
+    `test_size` ([width, height]) overrides the table's (a synthetic run passes `spec.synthetic.test_size`);
+    `mode` overrides the spec's test mode. With `save_predictions_dir`, each prediction is also written
+    as the official evaluator reads it (see harness.export); with `panels_dir`, `num_panels` images spread
+    over the split are saved as image / ground truth / prediction panels (see harness.visualize).
+    """
+    unlabelled = next((s for s in samples if s.label is None), None)
+    if unlabelled is not None:
+        raise BenchError(f"no ground truth for {unlabelled.image}; evaluate a labelled split (val), "
+                         "or write predictions with `bench predict`")
+    test_size = list(test_size if test_size is not None else spec.columns.test_size)
+    mode = mode if mode is not None else TestMode.from_spec(spec, test_size)
+    panel_set = set(panel_indices(len(samples), num_panels)) if panels_dir is not None else set()
+    matrix = ConfusionMatrix(num_classes, device=device)
+    for index, sample, logits, label in _stream(model, samples, test_size, device, mode, precision, workers,
+                                                progress, desc):
+        prediction = logits.argmax(1)[0]
+        matrix.update(prediction, label)
+        if save_predictions_dir is not None or index in panel_set:
+            prediction_cpu = prediction.cpu().numpy().astype(np.uint8)
+            if save_predictions_dir is not None:
+                export.save_prediction(prediction_cpu, export.prediction_path(save_predictions_dir, sample))
+            if index in panel_set:
+                visualize.save_panel(sample.image, prediction_cpu, label.cpu().numpy(),
+                                     visualize.panel_path(panels_dir, sample))
+    if reduce is not None:
+        reduce(matrix.matrix)
+    return matrix.compute()
+
+
+@torch.no_grad()
+def predict_split(model: nn.Module, samples: Sequence[Sample], spec: Spec, device: torch.device,
+                  out_dir: Path, *, test_size: Optional[Sequence[int]] = None,
+                  mode: Optional[TestMode] = None, precision: str = "fp32", workers: int = 2,
+                  progress: bool = True, desc: str = "predict") -> list[Path]:
+    """Write one labelId PNG per sample under `out_dir` (labels not needed: the test split); returns the paths."""
+    test_size = list(test_size if test_size is not None else spec.columns.test_size)
+    mode = mode if mode is not None else TestMode.from_spec(spec, test_size)
+    paths = []
+    for _, sample, logits, _ in _stream(model, samples, test_size, device, mode, precision, workers, progress, desc):
+        prediction = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
+        paths.append(export.save_prediction(prediction, export.prediction_path(out_dir, sample)))
+    return paths
+
+
+def score_predictions(samples: Sequence[Sample], predictions_dir: Path, num_classes: int = NUM_CLASSES,
+                      device: torch.device | str = "cpu") -> SegMetrics:
+    """Score saved prediction PNGs against the samples' ground truth, as the official evaluator does.
+
+    A predicted labelId outside the evaluated classes is wrong for its pixel (a false negative of the
+    true class) without being a false positive of any class, exactly as in cityscapesscripts.
+    """
+    void = num_classes  # one extra prediction column for such labelIds; no ground truth ever lands in it
+    matrix = ConfusionMatrix(num_classes + 1, device=device)
+    for sample in samples:
+        if sample.label is None:
+            raise BenchError(f"no ground truth for {sample.image}; score predictions on a labelled split (val)")
+        label = load_train_ids(sample.label)
+        height, width = label.shape
+        prediction = export.read_prediction_train_ids(export.prediction_path(predictions_dir, sample), (width, height))
+        prediction = torch.from_numpy(prediction.astype(np.int64))
+        prediction[prediction >= num_classes] = void
+        matrix.update(prediction.to(device), label.to(device))
+    return _drop_void_column(matrix.matrix, num_classes)
+
+
+def _drop_void_column(matrix: torch.Tensor, num_classes: int) -> SegMetrics:
+    full = SegMetrics.from_matrix(matrix)
+    iou = full.iou[:num_classes]  # the void column's own "IoU" is not a class
+    present = [v for v in iou if not math.isnan(v)]
+    miou = sum(present) / len(present) if present else math.nan
+    return SegMetrics(miou=miou, iou=iou, pixel_accuracy=full.pixel_accuracy)
