@@ -13,7 +13,6 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -21,11 +20,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from harness import checkpoint
-from harness.data.cityscapes import NUM_CLASSES
 from harness.distributed import ShardedTrainSampler, World, all_reduce_sum
 from harness.errors import BenchError
 from harness.losses import SegmentationLoss
-from harness.metrics import ConfusionMatrix, SegMetrics
+from harness.evaluate import TestMode, evaluate
+from harness.metrics import SegMetrics
 from harness.spec import Spec
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -178,21 +177,13 @@ class Trainer:
 
     # --- evaluation ----------------------------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader, desc: str) -> SegMetrics:
-        """Each rank scores its shard; confusion matrices are summed before mIoU is computed."""
-        model.eval()
-        matrix = ConfusionMatrix(NUM_CLASSES, device=self.device)
-        for image, label in tqdm(loader, desc=desc, leave=False, disable=not (self.progress and self.world.is_main)):
-            label = label.to(self.device)
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                enabled=self.autocast_dtype is not None):
-                logits = model(image.to(self.device))
-            logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
-            matrix.update(logits.argmax(1), label)
-        all_reduce_sum(matrix.matrix)
+        """Each rank scores its shard in the spec's test mode; confusion matrices are summed across ranks."""
+        metrics = evaluate(model, loader, self.device, desc=desc, progress=self.progress and self.world.is_main,
+                           mode=TestMode.from_spec(self.spec, self.plan.test_size), precision=self.plan.precision,
+                           reduce=all_reduce_sum)
         self.set_train_mode()
-        return matrix.compute()
+        return metrics
 
     def set_train_mode(self) -> None:
         self.forward_model.train()
