@@ -31,20 +31,34 @@ def main() -> None:
 
 
 @main.command("list")
-def list_rows() -> None:
+@click.option("--sizes", is_flag=True,
+              help="Add each row's parameter count and GFLOPs at its test size, measured with "
+                   "torch.utils.flop_counter (a multiply-add counts as 2 FLOPs).")
+def list_rows(sizes: bool) -> None:
     """All rows in table order."""
     from tabulate import tabulate
 
     from harness.spec import load_all
     from harness.table import reference_cell
 
+    specs = load_all()
     rows = [
-        (s.row, s.model.family, s.model.backbone, "yes" if s.columns.ema else "no", s.columns.batch_size,
-         s.columns.epochs, reference_cell(s).replace("\\|", "|"))
-        for s in load_all()
+        [s.row, s.model.family, s.model.backbone, "yes" if s.columns.ema else "no", s.columns.batch_size,
+         s.columns.epochs, reference_cell(s).replace("\\|", "|")]
+        for s in specs
     ]
-    click.echo(tabulate(rows, headers=["row", "model", "backbone", "ema", "bs", "epochs", "reference"],
-                        disable_numparse=True))
+    headers = ["row", "model", "backbone", "ema", "bs", "epochs", "reference"]
+    if sizes:
+        from harness.models.sizes import measure_rows
+
+        measured = measure_rows(specs)
+        headers += ["test size", "params (M)", "inference params (M)", "GFLOPs"]
+        for spec, row in zip(specs, rows):
+            size = measured.get(spec.row)
+            row.append("x".join(map(str, spec.columns.test_size)))
+            row += ([f"{size.params / 1e6:.2f}", f"{size.inference_params / 1e6:.2f}", f"{size.gflops:.1f}"]
+                    if size else ["-", "-", "not built"])
+    click.echo(tabulate(rows, headers=headers, disable_numparse=True))
 
 
 @main.command()
@@ -149,6 +163,55 @@ def table(dataset: str, out: Optional[Path]) -> None:
     else:
         out.write_text(text)
         click.echo(f"wrote {out}")
+
+
+def checkpoint_options(command):
+    """Options `bench eval` and `bench predict` share."""
+    for option in reversed([
+        click.option("--row", required=True, help="Row id whose model and test settings to use."),
+        click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
+                     help="A segbench checkpoint (runs/<dataset>/<row>/<stamp>/checkpoints/ckpt-*.pt)."),
+        click.option("--weights", type=click.Choice(["ema", "raw"]), default=None,
+                     help="Which weights of the checkpoint (default: ema for EMA rows, raw otherwise)."),
+        click.option("--synthetic", is_flag=True, help="Use the synthetic dataset at its test size."),
+        click.option("--data-root", default=None, help="Cityscapes root (default: $CITYSCAPES_DATASET)."),
+        click.option("--device", default=None, help="cpu or cuda (default: cuda when available)."),
+        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+                     help="Inference precision (default: bf16 on GPU, fp32 on CPU)."),
+    ]):
+        command = option(command)
+    return command
+
+
+@main.command("eval")
+@checkpoint_options
+@click.option("--split", default="val", show_default=True, help="A labelled split.")
+@click.option("--save-predictions", type=click.Path(file_okay=False), default=None,
+              help="Also write labelId PNGs here, as the official evaluator reads them.")
+@click.option("--panels", type=int, default=4, show_default=True, help="Image/truth/prediction panels to log.")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db).")
+def eval_command(panels: int, **options) -> None:
+    """Evaluate a checkpoint; log to MLflow and write a result record."""
+    from harness.checkpoint_eval import EvalOptions, evaluate_checkpoint
+
+    record = evaluate_checkpoint(EvalOptions(num_panels=panels, **options))
+    click.echo(f"{record['row']} {record['weights']} weights on {record['dataset']} {record['split']}: "
+               f"mIoU {record['miou']:.2f} ({record['test_mode']}); record {record['_path']}")
+
+
+@main.command("predict")
+@checkpoint_options
+@click.option("--split", default="test", show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the labelId PNGs (<city>/<image name>).")
+@click.option("--zip", "zip_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The test-server zip (default: <out>.zip).")
+def predict_command(out: Path, zip_path: Optional[Path], **options) -> None:
+    """Write labelId predictions for a split and pack them into the Cityscapes test-server zip."""
+    from harness.checkpoint_eval import EvalOptions, predict_to_zip
+
+    written, packed = predict_to_zip(EvalOptions(**options), out, zip_path or out.with_suffix(".zip"))
+    click.echo(f"wrote {len(written)} predictions to {out}; packed {packed}")
 
 
 @main.group()

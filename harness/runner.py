@@ -288,7 +288,7 @@ def _finish(spec, plan, dataset, world, device, tracker, run_id, commit, result,
     tracker.log_metrics({f"iou_{name.replace(' ', '_')}": v for name, v in per_class.items()}, plan.iters)
     tracker.log_text(per_class_csv(per_class, ema_per_class), "per_class_iou.csv")
     record = {
-        "row": spec.row, "dataset": dataset, "seed": plan.seed,
+        "kind": "train", "row": spec.row, "dataset": dataset, "seed": plan.seed,
         "miou": result.metrics.miou, "pixel_accuracy": result.metrics.pixel_accuracy,
         "miou_ema": result.ema_metrics.miou if result.ema_metrics else None,
         "per_class_iou": per_class, "per_class_iou_ema": ema_per_class,

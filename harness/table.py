@@ -31,6 +31,8 @@ def measured_miou(spec: Spec, record: dict[str, Any]) -> float:
 
 def table_frame(specs: list[Spec], records: list[dict[str, Any]]) -> pd.DataFrame:
     by_row: dict[str, list[dict[str, Any]]] = {}
+    # Training runs only: `bench eval` of a run's own checkpoint would count that run twice.
+    records = [r for r in records if r.get("kind", "train") == "train"]
     for record in sorted(records, key=lambda r: (r["time"], r.get("mlflow_run_id") or "")):
         by_row.setdefault(record["row"], []).append(record)
     rows = []

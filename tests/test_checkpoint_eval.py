@@ -1,0 +1,104 @@
+"""`bench eval` and `bench predict` on checkpoints of a real (synthetic) training run."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from harness.checkpoint_eval import load_weights
+from harness.cli import main
+from harness.data.cityscapes import TRAIN_ID_TO_LABEL_ID, find_samples
+from harness.evaluate import score_predictions
+from harness.paths import default_tracking_uri
+from harness.results import load_records
+from harness.runner import RunOptions, run
+from harness.spec import load_spec
+from harness.table import table_frame
+from tests.helpers import experiments_with
+from tests.test_training_resilience import TINY
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def trained(tmp_path, monkeypatch, synthetic_root):
+    monkeypatch.setenv("SEGBENCH_EXPERIMENTS", str(experiments_with(tmp_path, {"tiny": TINY})))
+    return run(RunOptions(row="tiny", synthetic=True, iters=6, progress=False))
+
+
+def bench(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_eval_reproduces_the_training_runs_miou_for_both_weight_sets(trained, tmp_path, synthetic_root):
+    predictions = tmp_path / "predictions"
+    raw = bench("eval", "--row", "tiny", "--checkpoint", trained["checkpoint"], "--synthetic", "--weights", "raw",
+                "--save-predictions", str(predictions))
+    assert raw.exit_code == 0, raw.output
+    ema = bench("eval", "--row", "tiny", "--checkpoint", trained["checkpoint"], "--synthetic", "--weights", "ema")
+    assert ema.exit_code == 0, ema.output
+    evals = {r["weights"]: r for r in load_records(dataset="synthetic") if r.get("kind") == "eval"}
+    assert evals["raw"]["miou"] == pytest.approx(trained["miou"], abs=1e-9)
+    assert evals["ema"]["miou"] == pytest.approx(trained["miou_ema"], abs=1e-9)
+    # After a few steps both weight sets may still predict alike; the tensors they load must differ.
+    raw_model = load_weights(load_spec("tiny"), Path(trained["checkpoint"]), "raw")
+    ema_model = load_weights(load_spec("tiny"), Path(trained["checkpoint"]), "ema")
+    assert any(not torch.equal(a, b) for a, b in zip(raw_model.state_dict().values(), ema_model.state_dict().values()))
+
+    # The saved labelId PNGs score the same through the official-style reader.
+    val = find_samples(synthetic_root, "val")
+    assert len(list(predictions.rglob("*.png"))) == len(val)
+    assert score_predictions(val, predictions).miou == pytest.approx(evals["raw"]["miou"], abs=1e-9)
+
+    client = MlflowClient(default_tracking_uri())
+    eval_run = client.get_run(evals["raw"]["mlflow_run_id"])
+    assert eval_run.data.tags["kind"] == "eval" and eval_run.info.status == "FINISHED"
+    assert eval_run.data.metrics["val_miou"] == pytest.approx(evals["raw"]["miou"])
+    panels = client.list_artifacts(eval_run.info.run_id, "panels")
+    assert len(panels) == 4 and all(a.path.endswith(".png") for a in panels)
+    assert "per_class_iou.csv" in {a.path for a in client.list_artifacts(eval_run.info.run_id)}
+
+    # Evaluations of a run's own checkpoint do not count again in the table.
+    frame = table_frame([load_spec("tiny")], load_records(dataset="synthetic"))
+    assert frame["measured mIoU (runs)"].tolist() == [f"{trained['miou_ema']:.2f}"]
+
+
+def test_predict_writes_label_ids_and_the_server_zip(trained, tmp_path, synthetic_root):
+    out = tmp_path / "submission"
+    result = bench("predict", "--row", "tiny", "--checkpoint", trained["checkpoint"], "--synthetic",
+                   "--split", "val", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    val = find_samples(synthetic_root, "val")
+    with zipfile.ZipFile(out.with_suffix(".zip")) as archive:
+        names = sorted(archive.namelist())
+    assert names == sorted(f"{s.city}/{s.image.name}" for s in val)
+    prediction = np.asarray(Image.open(out / val[0].city / val[0].image.name))
+    assert prediction.shape == np.asarray(Image.open(val[0].label)).shape
+    assert set(np.unique(prediction)) <= set(TRAIN_ID_TO_LABEL_ID)
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_bad_checkpoint_is_one_line_naming_the_path(trained, tmp_path, damage):
+    path = tmp_path / "broken.pt"
+    if damage == "truncated":
+        data = Path(trained["checkpoint"]).read_bytes()
+        path.write_bytes(data[: len(data) // 3])
+    result = bench("eval", "--row", "tiny", "--checkpoint", str(path), "--synthetic")
+    assert result.exit_code != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0]
+
+
+def test_raw_row_checkpoint_has_no_ema_weights(tmp_path, monkeypatch, synthetic_root):
+    monkeypatch.setenv("SEGBENCH_EXPERIMENTS", str(experiments_with(
+        tmp_path, {"tiny-raw": {**TINY, "columns": {"ema": False}}})))
+    record = run(RunOptions(row="tiny-raw", synthetic=True, iters=1, progress=False))
+    result = bench("eval", "--row", "tiny-raw", "--checkpoint", record["checkpoint"], "--synthetic", "--weights", "ema")
+    assert result.exit_code != 0 and "has no EMA weights" in result.stderr
