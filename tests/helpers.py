@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 from harness.paths import PROJECT_ROOT
@@ -32,3 +33,35 @@ def bench(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
     full_env = {**os.environ, **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "harness.cli", *args], env=full_env, cwd=PROJECT_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def fixed_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two 48x64 images of 16-pixel blocks, each block one of five classes painted in that class's colour."""
+    g = torch.Generator().manual_seed(0)
+    label = torch.randint(0, 5, (2, 3, 4), generator=g).repeat_interleave(16, 1).repeat_interleave(16, 2)
+    colours = torch.randn(19, 3, generator=g)
+    image = colours[label].permute(0, 3, 1, 2) + 0.1 * torch.randn(2, 3, 48, 64, generator=g)
+    label[:, :8, :8] = 255  # an ignored corner, as Cityscapes has
+    return image, label
+
+
+def overfit_losses(row: str, steps: int = 20) -> list[float]:
+    """The row's model trained on `fixed_batch` with its own loss (OHEM and auxiliary weights included)."""
+    from harness.losses import SegmentationLoss
+    from harness.models import build_model
+    from harness.spec import load_spec
+
+    torch.manual_seed(0)
+    spec = load_spec(row)
+    model = build_model(spec).train()
+    criterion = SegmentationLoss(spec.loss, min_kept=1000)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    image, label = fixed_batch()
+    losses = []
+    for _ in range(steps):
+        loss = criterion(model(image), label)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

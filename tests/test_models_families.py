@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.losses import SegmentationLoss
 from harness.models import build_model
 from harness.models.common import count_parameters
 from harness.models.sizes import measure
 from harness.spec import load_spec
+from tests.helpers import overfit_losses
 
 # One row of each family, and its target parameter count with where the figure comes from
 # (../shared/reference/architectures.md, "The families"). All counts are for 19 classes.
@@ -85,31 +85,9 @@ def test_auxiliary_heads_run_only_in_training(row, models):
     assert size.inference_params == size.params - aux_params
 
 
-def fixed_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    """Two 48x64 images of 16-pixel blocks, each block one of five classes painted in that class's colour."""
-    g = torch.Generator().manual_seed(0)
-    label = torch.randint(0, 5, (2, 3, 4), generator=g).repeat_interleave(16, 1).repeat_interleave(16, 2)
-    colours = torch.randn(19, 3, generator=g)
-    image = colours[label].permute(0, 3, 1, 2) + 0.1 * torch.randn(2, 3, 48, 64, generator=g)
-    label[:, :8, :8] = 255  # an ignored corner, as Cityscapes has
-    return image, label
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("row", FAMILIES)
 def test_overfits_one_batch(row):
     """The recipe's optimizer and the row's loss (OHEM and auxiliary weights included) halve the loss."""
-    torch.manual_seed(0)
-    spec = load_spec(row)
-    model = build_model(spec).train()
-    criterion = SegmentationLoss(spec.loss, min_kept=1000)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    image, label = fixed_batch()
-    losses = []
-    for _ in range(20):
-        loss = criterion(model(image), label)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = overfit_losses(row)
     assert losses[-1] < 0.5 * losses[0], losses
