@@ -225,7 +225,7 @@ def _run(options: RunOptions, spec: Spec, world: World, device: torch.device, pr
         generator=torch.Generator().manual_seed(plan.seed))  # keeps the global RNG untouched by the loader
     val_loader = DataLoader(CityscapesEval(distributed.shard(val_samples, world), plan.test_size),
                             batch_size=1, num_workers=min(plan.workers, 2))
-    model = build_model(spec)
+    model = build_model(spec, starting_weights=resume_state is None)  # a resumed run takes every tensor from its checkpoint
 
     tracker = Tracker(options.tracking_uri or (run_dir and _read_run_file(run_dir).get("tracking_uri"))
                       or paths.default_tracking_uri(), dataset) if world.is_main else None

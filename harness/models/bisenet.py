@@ -4,6 +4,8 @@ feature fusion module, and two auxiliary heads on the refined context features (
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,9 +49,10 @@ def seg_head(in_ch: int, mid: int, num_classes: int) -> nn.Sequential:
 
 
 class BiSeNetV1(nn.Module):
-    def __init__(self, backbone: str, num_classes: int, output_stride: int = 32, width: int = 128):
+    def __init__(self, backbone: str, num_classes: int, output_stride: int = 32, width: int = 128,
+                 backbone_checkpoint: Optional[str] = None):
         super().__init__()
-        self.context = timm_features(backbone, output_stride, out_indices=(2, 3, 4))
+        self.context = timm_features(backbone, output_stride, (2, 3, 4), backbone_checkpoint)
         stage2, stage3, stage4 = self.context.feature_info.channels()
         self.spatial = nn.Sequential(
             ConvBNReLU(3, 64, 7, stride=2), ConvBNReLU(64, 64, 3, stride=2), ConvBNReLU(64, 64, 3, stride=2),
@@ -79,4 +82,5 @@ class BiSeNetV1(nn.Module):
 
 @register("bisenet")
 def build_bisenet(spec: Spec, num_classes: int) -> nn.Module:
-    return BiSeNetV1(spec.model.backbone, num_classes, spec.model.output_stride)
+    return BiSeNetV1(spec.model.backbone, num_classes, spec.model.output_stride,
+                     backbone_checkpoint=spec.model.backbone_checkpoint)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
 import timm
 import torch
@@ -45,14 +45,26 @@ class PyramidPooling(nn.Module):
         return self.fuse(torch.cat([x, *pooled], dim=1))
 
 
-def timm_features(backbone: str, output_stride: int, out_indices: Sequence[int]) -> nn.Module:
+def timm_backbone(name: str, checkpoint: Optional[str] = None, **kwargs: Any) -> nn.Module:
+    """`timm.create_model(name, **kwargs)`: random weights, or those of `checkpoint` (a file the user brings,
+    the spec's `model.backbone_checkpoint`) loaded by timm's own pretrained-config mechanism.
+    Nothing is ever downloaded."""
+    if checkpoint:
+        from harness.models.weights import timm_pretrained
+
+        return timm_pretrained(name, checkpoint, **kwargs)
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def timm_features(backbone: str, output_stride: int, out_indices: Sequence[int],
+                  checkpoint: Optional[str] = None) -> nn.Module:
     """A timm backbone returning the stages in `out_indices` (1..4 are ResNet stages 1..4).
 
     output_stride 8 dilates stages 3 and 4 (stride 1, dilation 2 and 4), as in mmsegmentation's
-    ResNet-D8 backbones. Nothing is downloaded: the weights start random.
+    ResNet-D8 backbones.
     """
-    return timm.create_model(backbone, pretrained=False, features_only=True, output_stride=output_stride,
-                             out_indices=tuple(out_indices))
+    return timm_backbone(backbone, checkpoint, features_only=True, output_stride=output_stride,
+                         out_indices=tuple(out_indices))
 
 
 def resize_to(logits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

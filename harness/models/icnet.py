@@ -14,12 +14,13 @@ which this design meets; Fast_Seg's ICNet reuses PSPNet's 3x3 bottleneck (4096->
 
 from __future__ import annotations
 
-import timm
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.models.common import ConvBNReLU, PyramidPooling, resize_to
+from harness.models.common import ConvBNReLU, PyramidPooling, resize_to, timm_backbone
 from harness.models.registry import register
 from harness.spec import Spec
 
@@ -43,14 +44,15 @@ def half(x: torch.Tensor) -> torch.Tensor:
 
 
 class ICNet(nn.Module):
-    def __init__(self, backbone: str, num_classes: int, output_stride: int = 8, width: int = 128):
+    def __init__(self, backbone: str, num_classes: int, output_stride: int = 8, width: int = 128,
+                 backbone_checkpoint: Optional[str] = None):
         super().__init__()
         self.sub1 = nn.Sequential(
             ConvBNReLU(3, 32, 3, stride=2), ConvBNReLU(32, 32, 3, stride=2), ConvBNReLU(32, 64, 3, stride=2)
         )
         # The whole classification network, less its classifier: its stages run on different inputs.
-        self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0, global_pool="",
-                                          output_stride=output_stride)
+        self.backbone = timm_backbone(backbone, backbone_checkpoint, num_classes=0, global_pool="",
+                                      output_stride=output_stride)
         channels = {info["module"]: info["num_chs"] for info in self.backbone.feature_info}
         stage2, stage4 = channels["layer2"], channels["layer4"]
         self.ppm = PyramidPooling(stage4, 512, 512, bins=(1, 2, 3, 6), fuse_kernel=1)
@@ -78,4 +80,5 @@ class ICNet(nn.Module):
 
 @register("icnet")
 def build_icnet(spec: Spec, num_classes: int) -> nn.Module:
-    return ICNet(spec.model.backbone, num_classes, spec.model.output_stride)
+    return ICNet(spec.model.backbone, num_classes, spec.model.output_stride,
+                 backbone_checkpoint=spec.model.backbone_checkpoint)

@@ -6,6 +6,8 @@ Not segmentation-models-pytorch's `PSPNet`, which pools the undilated stride-8 s
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -15,9 +17,10 @@ from harness.spec import Spec
 
 
 class PSPNet(nn.Module):
-    def __init__(self, backbone: str, num_classes: int, output_stride: int = 8, branch_channels: int = 512):
+    def __init__(self, backbone: str, num_classes: int, output_stride: int = 8, branch_channels: int = 512,
+                 backbone_checkpoint: Optional[str] = None):
         super().__init__()
-        self.backbone = timm_features(backbone, output_stride, out_indices=(3, 4))
+        self.backbone = timm_features(backbone, output_stride, (3, 4), backbone_checkpoint)
         stage3, stage4 = self.backbone.feature_info.channels()
         self.ppm = PyramidPooling(stage4, branch_channels, branch_channels, bins=(1, 2, 3, 6), fuse_kernel=3)
         self.classifier = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(branch_channels, num_classes, 1))
@@ -33,4 +36,5 @@ class PSPNet(nn.Module):
 
 @register("pspnet")
 def build_pspnet(spec: Spec, num_classes: int) -> nn.Module:
-    return PSPNet(spec.model.backbone, num_classes, spec.model.output_stride)
+    return PSPNet(spec.model.backbone, num_classes, spec.model.output_stride,
+                  backbone_checkpoint=spec.model.backbone_checkpoint)

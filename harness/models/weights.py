@@ -2,8 +2,9 @@
 
 Loading is loud: one line on stderr says how many of the model's tensors were filled, and anything that
 would quietly leave the network at its random initialisation is refused with a BenchError instead:
-a missing or unreadable file, a checkpoint none of whose names match, or any matching name whose shape
-differs. Files are read with `torch.load(..., weights_only=True)`; nothing in them is executed.
+a missing or unreadable file, a checkpoint none of whose names match, any matching name whose shape
+differs, or matching names that hold less than half of the model's weights. Files are read with
+`torch.load(..., weights_only=True)`; nothing in them is executed.
 
 A checkpoint may be a raw state dict, `{"model": state_dict, ...}` (segbench's own training
 checkpoints, which also carry "ema", "optimizer", ...), or `{"state_dict": state_dict, ...}`.
@@ -12,6 +13,8 @@ Relative paths are read from the project root, so specs can name `weights/...`.
 
 from __future__ import annotations
 
+import pickle
+import re
 import sys
 from pathlib import Path
 from typing import Any, Mapping
@@ -26,6 +29,7 @@ from harness.spec import Spec
 
 WRAPPER_KEYS = ("model", "state_dict")  # where a state dict sits inside a larger checkpoint, in order of preference
 DDP_PREFIX = "module."
+MIN_COVERAGE = 0.5  # the share of a model's weights (by element count) a checkpoint must fill
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:
@@ -44,6 +48,13 @@ def read_state_dict(path: Path, label: str, fix: str) -> dict[str, torch.Tensor]
     _require_file(path, label, fix)
     try:
         loaded: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # A readable checkpoint that also pickles Python objects (a class instance, argparse.Namespace, ...).
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if not found:
+            raise BenchError(f"{label} {path} is unreadable (UnpicklingError); it may be truncated or not a PyTorch checkpoint") from None
+        raise BenchError(f"{label} {path} holds pickled Python objects besides tensors (e.g. {found.group(1)}), which "
+                         f"weights_only loading refuses to run; if you trust the file, re-save only its state dict with torch.save") from None
     except Exception as exc:  # truncated zip, foreign pickle, not a torch file: all mean "unusable"
         raise BenchError(f"{label} {path} is unreadable ({type(exc).__name__}); it may be truncated or not a PyTorch checkpoint") from None
     if isinstance(loaded, Mapping):
@@ -64,9 +75,10 @@ def read_state_dict(path: Path, label: str, fix: str) -> dict[str, torch.Tensor]
 def load_matching(module: nn.Module, state: Mapping[str, torch.Tensor], label: str, path: Path) -> int:
     """Copy every tensor of `state` whose name is in `module`; returns how many were copied.
 
-    Refuses when no name matches (the wrong kind of checkpoint) or when any matching name has another
-    shape (another network, or another number of classes): both would otherwise train from scratch
-    while looking as if they had started from the checkpoint.
+    Refuses when no name matches (the wrong kind of checkpoint), when any matching name has another
+    shape (another network, or another number of classes), or when the matching names hold less than
+    half of the model's weights (another network sharing a few names): all would otherwise train
+    mostly from scratch while looking as if they had started from the checkpoint.
     """
     own = module.state_dict()
     matched = [name for name in own if name in state]
@@ -78,6 +90,15 @@ def load_matching(module: nn.Module, state: Mapping[str, torch.Tensor], label: s
         if own[name].shape != state[name].shape:
             raise BenchError(f"{label} {path}: shape mismatch at '{name}': checkpoint {tuple(state[name].shape)}, "
                              f"model {tuple(own[name].shape)}; it was trained for another network or number of classes")
+    # A few shared names (a stem, a classifier) do not make a checkpoint of this network: a DFNet2 state dict
+    # matches only DFNet1's stem. Refuse when most of the model's weights would stay at their initial values.
+    filled = sum(own[name].numel() for name in matched)
+    total = sum(t.numel() for t in own.values())
+    if filled < MIN_COVERAGE * total:
+        missing = next(name for name in own if name not in state)
+        raise BenchError(f"{label} {path}: only {100 * filled / total:.0f}% of the model's weights are in it "
+                         f"({len(matched)}/{len(own)} tensors match; e.g. '{missing}' is missing); "
+                         f"it is a checkpoint of another network")
     module.load_state_dict({name: state[name] for name in matched}, strict=False)
     notes = []
     if len(matched) < len(own):
@@ -97,38 +118,40 @@ def load_init_checkpoint(model: nn.Module, path: str | Path) -> int:
     return load_matching(model, read_state_dict(resolved, "init_checkpoint", fix), "init_checkpoint", resolved)
 
 
-def loaded_through_timm(backbone: nn.Module, path: Path) -> bool:
-    """Whether a builder already created `backbone` from `path` with `timm_pretrained_features`."""
-    cfg = getattr(backbone, "pretrained_cfg", None) or {}
-    return bool(cfg.get("file")) and Path(cfg["file"]) == path
+def loaded_through_timm(model: nn.Module, path: Path) -> bool:
+    """Whether a builder already created one of `model`'s modules from `path` with `timm_pretrained`."""
+    for module in model.modules():
+        cfg = getattr(module, "pretrained_cfg", None) or {}
+        if cfg.get("file") and Path(cfg["file"]) == path:
+            return True
+    return False
 
 
 def load_backbone_checkpoint(model: nn.Module, path: str | Path, row: str) -> int:
     """Load a plain state dict of the backbone (e.g. DFNet ImageNet weights) into `model.backbone`."""
     resolved = resolve_checkpoint_path(path)
+    if loaded_through_timm(model, resolved):
+        return -1  # timm loaded it strictly, and reported it
     backbone = getattr(model, "backbone", None)
     if not isinstance(backbone, nn.Module):
         raise BenchError(f"row '{row}': model.backbone_checkpoint is set, but this family's model has no "
                          f"`backbone` module to load it into; remove model.backbone_checkpoint from the spec")
-    if loaded_through_timm(backbone, resolved):
-        return len(backbone.state_dict())
     fix = "put the backbone's state dict there, or correct model.backbone_checkpoint in the spec"
     return load_matching(backbone, read_state_dict(resolved, "backbone_checkpoint", fix), "backbone_checkpoint", resolved)
 
 
-def timm_pretrained_features(name: str, checkpoint: str | Path, **kwargs: Any) -> nn.Module:
-    """A timm `features_only` backbone whose weights come from a file, through timm's pretrained config.
+def timm_pretrained(name: str, checkpoint: str | Path, **kwargs: Any) -> nn.Module:
+    """`timm.create_model(name, **kwargs)` with its weights from a file, through timm's pretrained config.
 
     timm reads the file itself (weights_only, its own key filtering and classifier removal) and loads
-    strictly, so a mismatch fails here with timm's first complaint on one line. Builders of timm-based
-    families can call this when `spec.model.backbone_checkpoint` is set; `build_model` then sees the
-    file in the backbone's `pretrained_cfg` and does not load it a second time.
+    strictly, so a mismatch fails here with timm's first complaint on one line. The timm-based families
+    build their backbone with this (harness.models.common.timm_backbone) when `model.backbone_checkpoint`
+    is set; `build_model` then sees the file in the module's `pretrained_cfg` and does not load it again.
     """
     path = resolve_checkpoint_path(checkpoint)
     _require_file(path, "backbone_checkpoint", "put the backbone's weights there, or correct model.backbone_checkpoint in the spec")
     try:
-        backbone = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
-                                     features_only=True, **kwargs)
+        backbone = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
     except RuntimeError as exc:
         details = [line.strip() for line in str(exc).splitlines() if line.strip()]
         reason = next((line for line in details if line.startswith(("size mismatch", "Missing key", "Unexpected key"))),
