@@ -7,12 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from harness.checkpoint_eval import load_weights
 from harness.cli import main
 from harness.data.cityscapes import TRAIN_ID_TO_LABEL_ID, find_samples
 from harness.evaluate import score_predictions
@@ -30,7 +28,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def trained(tmp_path, monkeypatch, synthetic_root):
     monkeypatch.setenv("SEGBENCH_EXPERIMENTS", str(experiments_with(tmp_path, {"tiny": TINY})))
-    return run(RunOptions(row="tiny", synthetic=True, iters=6, progress=False))
+    return run(RunOptions(row="tiny", synthetic=True, iters=16, progress=False))
 
 
 def bench(*args: str):
@@ -47,10 +45,7 @@ def test_eval_reproduces_the_training_runs_miou_for_both_weight_sets(trained, tm
     evals = {r["weights"]: r for r in load_records(dataset="synthetic") if r.get("kind") == "eval"}
     assert evals["raw"]["miou"] == pytest.approx(trained["miou"], abs=1e-9)
     assert evals["ema"]["miou"] == pytest.approx(trained["miou_ema"], abs=1e-9)
-    # After a few steps both weight sets may still predict alike; the tensors they load must differ.
-    raw_model = load_weights(load_spec("tiny"), Path(trained["checkpoint"]), "raw")
-    ema_model = load_weights(load_spec("tiny"), Path(trained["checkpoint"]), "ema")
-    assert any(not torch.equal(a, b) for a, b in zip(raw_model.state_dict().values(), ema_model.state_dict().values()))
+    assert evals["raw"]["miou"] != evals["ema"]["miou"]  # 16 steps: the EMA lags the raw weights visibly
 
     # The saved labelId PNGs score the same through the official-style reader.
     val = find_samples(synthetic_root, "val")
