@@ -68,7 +68,8 @@ def render(dataset: str = "cityscapes", specs: Optional[list[Spec]] = None,
     frame = table_frame(specs, [r for r in records if r.get("dataset") == dataset and r["row"] in known])
     body = tabulate(frame, headers="keys", tablefmt="github", showindex=False, disable_numparse=True)
     note = (
-        "Measured mIoU on the Cityscapes val split (500 images, whole-image inference at the test size); "
+        "Measured mIoU on the Cityscapes val split (500 images, in each row's test mode: the whole image at the "
+        "general test size, sliding-window crops where the row sets crop test); "
         "EMA rows are measured with their EMA weights. Δ = mean measured − mean reference."
         if dataset == "cityscapes"
         else "SYNTHETIC DATA: these runs prove the pipeline works; they are not reproductions of the table."
