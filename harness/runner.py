@@ -29,7 +29,7 @@ from harness.results import git_commit, package_versions, utc_now, write_record
 from harness.spec import Spec, flatten, load_spec
 from harness.table import write_benchmark
 from harness.tracking import Tracker
-from harness.train import Diverged, Interrupted, PRECISIONS, Trainer, TrainPlan, iterations_for
+from harness.train import Interrupted, PRECISIONS, Trainer, TrainPlan, iterations_for
 
 RUN_FILE = "run.json"
 

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from harness.data.synthetic import ensure_synthetic
 from harness.paths import PROJECT_ROOT
@@ -29,3 +30,13 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.mktemp("cache")
     os.environ["SEGBENCH_CACHE"] = str(cache)
     return ensure_synthetic(cache, seed=0, progress=False)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, two OpenMP threads competing with another process
+    make small forwards tens of times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -65,3 +65,19 @@ def overfit_losses(row: str, steps: int = 20) -> list[float]:
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+def assert_segmentation_outputs(model: torch.nn.Module, num_aux: int) -> None:
+    """Eval: main logits only, at the input size (97x193 divides by neither 16 nor 32). Train: main + `num_aux`."""
+    x = torch.randn(2, 3, 97, 193)
+    model.eval()
+    with torch.no_grad():
+        out = model(x[:1])
+    assert isinstance(out, torch.Tensor) and out.shape == (1, 19, 97, 193)
+    # Train mode needs two images: batch norm after global pooling sees one value per channel otherwise.
+    model.train()
+    outputs = model(x)
+    assert isinstance(outputs, tuple) and len(outputs) == 1 + num_aux
+    assert outputs[0].shape == (2, 19, 97, 193)
+    assert all(aux.dim() == 4 and aux.shape[:2] == (2, 19) for aux in outputs[1:])
+    model.eval()

@@ -13,7 +13,7 @@ from harness.models.common import count_parameters
 from harness.models.dfnet import dfnet
 from harness.models.sf_seg import FlowAlignment, flow_warp
 from harness.spec import load_all, load_spec
-from tests.helpers import experiments_with, overfit_losses
+from tests.helpers import assert_segmentation_outputs, experiments_with, overfit_losses
 
 # Parameter targets, 19 classes, training-only heads included
 # (../shared/reference/architectures.md, "The families"; a build within 2 % is the same network).
@@ -37,14 +37,7 @@ TAPS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two OpenMP threads competing with another process
-    make these small forwards tens of times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def close(count: int, target: int) -> bool:
@@ -112,18 +105,7 @@ def test_eval_main_logits_at_input_size_train_main_and_aux(row, models):
     model = models[row]
     aux_weights = load_spec(row).loss.aux_weights
     assert len(aux_weights) == (0 if row.startswith("df_seg") else 2)
-    x = torch.randn(2, 3, 97, 193)  # divisible by neither 16 nor 32
-    model.eval()
-    with torch.no_grad():
-        out = model(x[:1])
-    assert isinstance(out, torch.Tensor) and out.shape == (1, 19, 97, 193)
-    # Train mode needs two images: batch norm after the 1x1 pyramid pool sees one value per channel otherwise.
-    model.train()
-    outputs = model(x)
-    assert isinstance(outputs, tuple) and len(outputs) == 1 + len(aux_weights)
-    assert outputs[0].shape == (2, 19, 97, 193)
-    assert all(aux.dim() == 4 and aux.shape[:2] == (2, 19) for aux in outputs[1:])
-    model.eval()
+    assert_segmentation_outputs(model, len(aux_weights))
 
 
 def test_sfnet_deep_supervision_heads_run_only_in_training(models):

@@ -10,7 +10,7 @@ from harness.models import build_model
 from harness.models.common import count_parameters
 from harness.models.sizes import measure
 from harness.spec import load_spec
-from tests.helpers import overfit_losses
+from tests.helpers import assert_segmentation_outputs, overfit_losses
 
 # One row of each family, and its target parameter count with where the figure comes from
 # (../shared/reference/architectures.md, "The families"). All counts are for 19 classes.
@@ -62,17 +62,7 @@ def test_pspnet_is_not_smp_pspnet(models):
 def test_any_input_size_eval_main_only_train_main_and_aux(row, models):
     model = models[row]
     aux_weights = load_spec(row).loss.aux_weights
-    x = torch.randn(2, 3, 97, 193)  # not divisible by 32, nor by 16
-    model.eval()
-    with torch.no_grad():
-        out = model(x[:1])
-    assert isinstance(out, torch.Tensor) and out.shape == (1, 19, 97, 193)
-    # Train mode needs two images: batch norm after global pooling sees one value per channel otherwise.
-    model.train()
-    outputs = model(x)
-    assert isinstance(outputs, tuple) and len(outputs) == 1 + len(aux_weights)
-    assert outputs[0].shape == (2, 19, 97, 193)
-    assert all(aux.shape[:2] == (2, 19) for aux in outputs[1:])
+    assert_segmentation_outputs(model, len(aux_weights))
 
 
 @pytest.mark.parametrize("row", FAMILIES)

@@ -21,14 +21,7 @@ from harness.spec import load_spec
 from tests.helpers import bench, experiments_with
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two OpenMP threads competing with another process
-    make small CPU forwards tens of times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def perturbed_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
