@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -38,14 +40,27 @@ def checkpoints(folder: Path) -> list[Path]:
     return sorted(folder.glob(f"{PREFIX}*.pt"), reverse=True)
 
 
-def load(path: Path) -> dict[str, Any]:
-    """Load one checkpoint on the CPU; any damage is a one-line error naming the file."""
+def read_torch_file(path: Path, label: str, fix: str) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU; a missing or unusable file is a one-line BenchError
+    starting with `label` and the path (`fix` says what to do about a missing one)."""
     if not path.is_file():
-        raise BenchError(f"checkpoint {path} does not exist; give the path of a ckpt-*.pt file or a run folder")
+        raise BenchError(f"{label} {path} does not exist; {fix}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, bad pickle, not a torch file: all mean "unusable"
-        raise BenchError(f"checkpoint {path} is unreadable ({type(exc).__name__}); it may be truncated or not a checkpoint") from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # A readable file that also pickles Python objects (a class instance, argparse.Namespace, ...).
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if not found:
+            raise BenchError(f"{label} {path} is unreadable (UnpicklingError); it may be truncated or not a PyTorch checkpoint") from None
+        raise BenchError(f"{label} {path} holds pickled Python objects besides tensors (e.g. {found.group(1)}), which "
+                         f"weights_only loading refuses to run; if you trust the file, re-save only its state dict with torch.save") from None
+    except Exception as exc:  # truncated zip, foreign pickle, not a torch file: all mean "unusable"
+        raise BenchError(f"{label} {path} is unreadable ({type(exc).__name__}); it may be truncated or not a PyTorch checkpoint") from None
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Load one training checkpoint on the CPU; any damage is a one-line error naming the file."""
+    state = read_torch_file(path, "checkpoint", "give the path of a ckpt-*.pt file or a run folder")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise BenchError(f"checkpoint {path} is not a segbench training checkpoint (format {FORMAT})")
     return state

@@ -56,7 +56,22 @@ def load_weights(spec: Spec, path: Path, weights: str) -> nn.Module:
     return model
 
 
-def _prepare(options: EvalOptions) -> tuple[Spec, torch.device, str, Path, str, list, Path, str]:
+@dataclass
+class Prepared:
+    """What `bench eval` and `bench predict` both need: the row, the loaded model, the split's images."""
+    spec: Spec
+    model: nn.Module
+    device: torch.device
+    precision: str
+    checkpoint_path: Path
+    weights: str
+    samples: list
+    data_root: Path
+    dataset: str
+    test_size: list[int]
+
+
+def _prepare(options: EvalOptions) -> Prepared:
     spec = load_spec(options.row)
     check_implemented(spec)
     world = World()
@@ -66,27 +81,28 @@ def _prepare(options: EvalOptions) -> tuple[Spec, torch.device, str, Path, str, 
     if weights not in ("ema", "raw"):
         raise BenchError(f"--weights {weights}: use ema or raw")
     checkpoint_path = Path(options.checkpoint).expanduser()
-    checkpoint.load(checkpoint_path)  # fail on a bad file before the dataset is touched
+    model = load_weights(spec, checkpoint_path, weights).to(device)  # a bad file fails before the dataset is touched
     data_root, dataset = resolve_data_root(
         RunOptions(row=options.row, synthetic=options.synthetic, data_root=options.data_root,
                    progress=options.progress), world)
     samples = find_samples(data_root, options.split, require_labels=False)
-    return spec, device, precision, checkpoint_path, weights, samples, data_root, dataset
+    test_size = spec.synthetic.test_size if dataset == "synthetic" else spec.columns.test_size
+    return Prepared(spec, model, device, precision, checkpoint_path, weights, samples, data_root, dataset, test_size)
 
 
 def evaluate_checkpoint(options: EvalOptions) -> dict[str, Any]:
     """Score a checkpoint on a labelled split, log it to MLflow and write a result record (kind "eval")."""
-    spec, device, precision, checkpoint_path, weights, samples, data_root, dataset = _prepare(options)
-    test_size = spec.synthetic.test_size if dataset == "synthetic" else spec.columns.test_size
+    prepared = _prepare(options)
+    spec, model, device, precision = prepared.spec, prepared.model, prepared.device, prepared.precision
+    checkpoint_path, weights, dataset, test_size = prepared.checkpoint_path, prepared.weights, prepared.dataset, prepared.test_size
     mode = TestMode.from_spec(spec, test_size)
-    model = load_weights(spec, checkpoint_path, weights).to(device)
 
     tracker = Tracker(options.tracking_uri or paths.default_tracking_uri(), dataset)
     commit = git_commit()
     run_id = tracker.start(spec.row, {
         **spec.flat(), "eval.checkpoint": str(checkpoint_path), "eval.weights": weights, "eval.split": options.split,
         "eval.test_size": test_size, "eval.mode": mode.describe(), "eval.precision": precision,
-        "data.root": str(data_root)}, {
+        "data.root": str(prepared.data_root)}, {
         "row": spec.row, "dataset": dataset, "git_commit": commit, "kind": "eval",
         "reference_miou": " | ".join(repr(v) for v in spec.reference.miou)})
     started = time.perf_counter()
@@ -94,7 +110,7 @@ def evaluate_checkpoint(options: EvalOptions) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as scratch:
             panels = Path(scratch) / "panels"
             metrics = evaluate_split(
-                model, samples, spec, device, test_size=test_size, mode=mode, precision=precision,
+                model, prepared.samples, spec, device, test_size=test_size, mode=mode, precision=precision,
                 save_predictions_dir=Path(options.save_predictions) if options.save_predictions else None,
                 panels_dir=panels if options.num_panels else None, num_panels=options.num_panels,
                 progress=options.progress, desc=f"eval {weights}")
@@ -124,10 +140,8 @@ def evaluate_checkpoint(options: EvalOptions) -> dict[str, Any]:
 
 def predict_to_zip(options: EvalOptions, out_dir: Path, zip_path: Optional[Path]) -> tuple[list[Path], Optional[Path]]:
     """Write labelId PNGs for every image of a split (labels not needed) and pack the server's zip."""
-    spec, device, precision, checkpoint_path, weights, samples, _, dataset = _prepare(options)
-    test_size = spec.synthetic.test_size if dataset == "synthetic" else spec.columns.test_size
-    model = load_weights(spec, checkpoint_path, weights).to(device)
-    written = predict_split(model, samples, spec, device, out_dir, test_size=test_size, precision=precision,
+    p = _prepare(options)
+    written = predict_split(p.model, p.samples, p.spec, p.device, out_dir, test_size=p.test_size, precision=p.precision,
                             progress=options.progress)
-    packed = make_submission_zip(out_dir, zip_path, samples) if zip_path is not None else None
+    packed = make_submission_zip(out_dir, zip_path, p.samples) if zip_path is not None else None
     return written, packed

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -96,25 +95,15 @@ def run(row: str, synthetic: bool, data_root: Optional[str], iters: Optional[int
         master_addr: Optional[str], master_port: Optional[int], precision: Optional[str], resume: Optional[str],
         deterministic: bool, init_checkpoint: Optional[str]) -> None:
     """Train and evaluate one row; log to MLflow, write a result record, regenerate benchmark.md."""
-    from harness import distributed
-    from harness.runner import RunOptions, exit_code_for, run as run_row, validate_launch
+    from harness.runner import RunOptions, exit_code_for, launch, run as run_row
     from harness.train import Interrupted
 
     options = RunOptions(row=row, synthetic=synthetic, data_root=data_root, iters=iters, seed=seed,
                          tracking_uri=tracking_uri, device=device, precision=precision, resume=resume,
                          deterministic=deterministic, init_checkpoint=init_checkpoint)
-    if gpus < 1 or nnodes < 1:
-        raise BenchError(f"--gpus and --nnodes must be at least 1 (got {gpus}, {nnodes})")
-    launching = (gpus > 1 or nnodes > 1) and "WORLD_SIZE" not in os.environ
-    if launching:
-        validate_launch(options, gpus * nnodes)
-        if device != "cpu":
-            import torch
-
-            if torch.cuda.device_count() < gpus:
-                raise BenchError(f"--gpus {gpus}: this machine has {torch.cuda.device_count()} CUDA devices; "
-                                 "use fewer, or --device cpu to run the processes on the CPU (gloo)")
-        sys.exit(distributed.launch(worker_argv(sys.argv[1:]), gpus, nnodes, node_rank, master_addr, master_port))
+    exit_code = launch(options, worker_argv(sys.argv[1:]), gpus, nnodes, node_rank, master_addr, master_port)
+    if exit_code is not None:
+        sys.exit(exit_code)
     try:
         record = run_row(options)
     except Interrupted as stop:

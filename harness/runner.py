@@ -184,6 +184,21 @@ def validate_launch(options: RunOptions, processes: int) -> Spec:
     return spec
 
 
+def launch(options: RunOptions, worker_argv: list[str], gpus: int, nnodes: int, node_rank: int,
+           master_addr: Optional[str], master_port: Optional[int]) -> Optional[int]:
+    """Start `gpus` torchrun workers on this node running `worker_argv` and return their exit code;
+    None when this process should train itself (one process, or already a torchrun worker)."""
+    if gpus < 1 or nnodes < 1:
+        raise BenchError(f"--gpus and --nnodes must be at least 1 (got {gpus}, {nnodes})")
+    if (gpus == 1 and nnodes == 1) or "WORLD_SIZE" in os.environ:
+        return None
+    validate_launch(options, gpus * nnodes)
+    if options.device != "cpu" and torch.cuda.device_count() < gpus:
+        raise BenchError(f"--gpus {gpus}: this machine has {torch.cuda.device_count()} CUDA devices; "
+                         "use fewer, or --device cpu to run the processes on the CPU (gloo)")
+    return distributed.launch(worker_argv, gpus, nnodes, node_rank, master_addr, master_port)
+
+
 def run(options: RunOptions) -> dict[str, Any]:
     """Train and evaluate one row; returns the result record (on rank 0; other ranks get {})."""
     world = distributed.world_from_env()

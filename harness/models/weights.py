@@ -13,8 +13,6 @@ Relative paths are read from the project root, so specs can name `weights/...`.
 
 from __future__ import annotations
 
-import pickle
-import re
 import sys
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,6 +21,7 @@ import timm
 import torch
 from torch import nn
 
+from harness.checkpoint import read_torch_file
 from harness.errors import BenchError
 from harness.paths import PROJECT_ROOT
 from harness.spec import Spec
@@ -38,25 +37,9 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     return resolved if resolved.is_absolute() else PROJECT_ROOT / resolved
 
 
-def _require_file(path: Path, label: str, fix: str) -> None:
-    if not path.is_file():
-        raise BenchError(f"{label} {path} does not exist; {fix}")
-
-
 def read_state_dict(path: Path, label: str, fix: str) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file, unwrapped from `{"model": ...}` / `{"state_dict": ...}`."""
-    _require_file(path, label, fix)
-    try:
-        loaded: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # A readable checkpoint that also pickles Python objects (a class instance, argparse.Namespace, ...).
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        if not found:
-            raise BenchError(f"{label} {path} is unreadable (UnpicklingError); it may be truncated or not a PyTorch checkpoint") from None
-        raise BenchError(f"{label} {path} holds pickled Python objects besides tensors (e.g. {found.group(1)}), which "
-                         f"weights_only loading refuses to run; if you trust the file, re-save only its state dict with torch.save") from None
-    except Exception as exc:  # truncated zip, foreign pickle, not a torch file: all mean "unusable"
-        raise BenchError(f"{label} {path} is unreadable ({type(exc).__name__}); it may be truncated or not a PyTorch checkpoint") from None
+    loaded: Any = read_torch_file(path, label, fix)
     if isinstance(loaded, Mapping):
         for key in WRAPPER_KEYS:
             if isinstance(loaded.get(key), Mapping):
@@ -149,7 +132,8 @@ def timm_pretrained(name: str, checkpoint: str | Path, **kwargs: Any) -> nn.Modu
     is set; `build_model` then sees the file in the module's `pretrained_cfg` and does not load it again.
     """
     path = resolve_checkpoint_path(checkpoint)
-    _require_file(path, "backbone_checkpoint", "put the backbone's weights there, or correct model.backbone_checkpoint in the spec")
+    if not path.is_file():
+        raise BenchError(f"backbone_checkpoint {path} does not exist; put the backbone's weights there, or correct model.backbone_checkpoint in the spec")
     try:
         backbone = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
     except RuntimeError as exc:
