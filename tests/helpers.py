@@ -45,7 +45,7 @@ def fixed_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return image, label
 
 
-def overfit_losses(row: str, steps: int = 20) -> list[float]:
+def overfit_losses(row: str, steps: int = 20, lr: float = 0.01) -> list[float]:
     """The row's model trained on `fixed_batch` with its own loss (OHEM and auxiliary weights included)."""
     from harness.losses import SegmentationLoss
     from harness.models import build_model
@@ -55,7 +55,7 @@ def overfit_losses(row: str, steps: int = 20) -> list[float]:
     spec = load_spec(row)
     model = build_model(spec).train()
     criterion = SegmentationLoss(spec.loss, min_kept=1000)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     image, label = fixed_batch()
     losses = []
     for _ in range(steps):

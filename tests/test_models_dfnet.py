@@ -1,5 +1,6 @@
-"""DFNet1/DFNet2, DF-Seg v1/v2 and SFNet v1/v2 are the published networks: their sizes, taps, output shapes,
-training outputs, the flow alignment module, DF-Seg's half-resolution option, and that each one learns."""
+"""DFNet1/DFNet2 and DF-Seg v1/v2 as United-Perception builds them (up/tasks/seg/models/encoder/dfnet_encoder.py,
+decoder/dfnet_decoder.py, components.py at commit c477a744): sizes, taps, UP's pyramid pooling, feature shapes,
+outputs, the df1/df2 ImageNet file, DF-Seg's half-resolution option, learning. SFNet: tests/test_models_up_sfnet.py."""
 
 from __future__ import annotations
 
@@ -10,27 +11,22 @@ import torch.nn.functional as F
 from harness.errors import BenchError
 from harness.models import build_model
 from harness.models.common import count_parameters
-from harness.models.dfnet import dfnet
-from harness.models.sf_seg import FlowAlignment, flow_warp
+from harness.models.common import PyramidPooling
+from harness.models.df_seg import DFSeg
+from harness.models.dfnet import convert_imagenet_state, dfnet
+from harness.models.sizes import measure
 from harness.spec import load_all, load_spec
-from tests.helpers import assert_segmentation_outputs, experiments_with, overfit_losses
+from tests.helpers import assert_segmentation_outputs, experiments_with
+from tests.test_models_up_sfnet import assert_pretrain_file_loads, sgd_losses, up_pretrain_shapes
 
-# Parameter targets, 19 classes, training-only heads included
-# (../shared/reference/architectures.md, "The families"; a build within 2 % is the same network).
-BACKBONE_TARGETS = {
-    "dfnet1": 8_020_000,  # "DFNet backbones | dfnet1, dfnet2 | ... | 8.02M / 17.47M (no classifier)"
-    "dfnet2": 17_470_000,
-}
-ROW_TARGETS = {
-    "df_seg_v1": 9_370_000,  # "DF-Seg | df_seg_v1, df_seg_v2 | ... | 9.37M / 18.83M"
-    "df_seg_v2": 18_830_000,
-    "sf_seg_v1": 8_500_000,  # "SFNet | sf_seg_v1, sf_seg_v2 | ... | 8.50M / 17.95M" (deep-supervision heads included)
-    "sf_seg_v2": 17_950_000,
-}
-ROWS = sorted(ROW_TARGETS)
+# UP's dfnetv1 / dfnetv2 encoders (no classifier) and DFSegDecoder(num_classes=19) on them, counted from UP's code
+# with its framework stubbed (sum(p.numel())); the DF-Seg figures are UP README's
+# (../shared/reference/united-perception/README.md: "DF-Seg v1 / v2 ... | 9,370,931 / 18,825,011").
+BACKBONE_PARAMS = {"dfnet1": 8_020_128, "dfnet2": 17_474_208}
+DF_SEG_PARAMS = {"dfnet1": 9_370_931, "dfnet2": 18_825_011}
 
-# Segmentation taps, (channels, reduction) shallowest first (architectures.md, "DFNet layer tables":
-# "DFNet1 128 @1/16, 256 @1/32, 512 @1/32 ...; DFNet2 128 @1/8, 256 @1/16, 512 @1/32").
+# Segmentation taps, (channels, reduction) shallowest first (UP dfnet_encoder.py `res['features'] = [x3, x4, x5]`:
+# DFNet1 stage3/stage4/stage5, DFNet2 stage2_2/stage3_2/stage4_2).
 TAPS = {
     "dfnet1": [(128, 16), (256, 32), (512, 32)],
     "dfnet2": [(128, 8), (256, 16), (512, 32)],
@@ -40,35 +36,30 @@ TAPS = {
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def close(count: int, target: int) -> bool:
-    return abs(count - target) / target < 0.02
-
-
 @pytest.fixture(scope="module")
-def models() -> dict[str, torch.nn.Module]:
+def models() -> dict[str, DFSeg]:
     torch.manual_seed(0)
-    return {row: build_model(load_spec(row)) for row in ROWS}
+    return {name: DFSeg(name, 19) for name in DF_SEG_PARAMS}
 
 
 # --- sizes and taps --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(BACKBONE_TARGETS))
-def test_dfnet_parameter_count_matches_the_paper(name):
-    count = count_parameters(dfnet(name))
-    assert close(count, BACKBONE_TARGETS[name]), count
+@pytest.mark.parametrize("name", sorted(BACKBONE_PARAMS))
+def test_dfnet_parameter_count_is_ups(name):
+    assert count_parameters(dfnet(name)) == BACKBONE_PARAMS[name]
 
 
-@pytest.mark.parametrize("row", ROWS)
-def test_parameter_count_matches_the_published_network(row, models):
-    count = count_parameters(models[row])
-    assert close(count, ROW_TARGETS[row]), count
+@pytest.mark.parametrize("name", sorted(DF_SEG_PARAMS))
+def test_df_seg_parameter_count_is_ups(name, models):
+    """UP README: 9,370,931 / 18,825,011."""
+    assert count_parameters(models[name]) == DF_SEG_PARAMS[name]
 
 
-def test_dfnet2_is_not_dfnet1():
-    """The two targets are far apart: the 2 % check could not pass with the wrong layer table."""
-    assert not close(count_parameters(dfnet("dfnet1")), BACKBONE_TARGETS["dfnet2"])
-    assert not close(count_parameters(dfnet("dfnet2")), BACKBONE_TARGETS["dfnet1"])
+def test_every_df_seg_parameter_runs_in_eval(models):
+    """UP's DF-Seg decoder has no auxiliary head."""
+    size = measure(models["dfnet1"], 64, 64)
+    assert size.inference_params == size.params
 
 
 @pytest.mark.parametrize("name", sorted(TAPS))
@@ -83,11 +74,11 @@ def test_taps_have_the_documented_strides_and_channels(name):
     assert [tuple(t.shape) for t in taps] == [(1, c, 64 // r, 128 // r) for c, r in TAPS[name]]
 
 
-@pytest.mark.parametrize("row", ROWS)
-def test_rows_use_their_dfnet(row, models):
-    expected = "dfnet1" if row.endswith("v1") else "dfnet2"
-    assert load_spec(row).model.backbone == expected
-    assert models[row].backbone.feature_info.reduction() == [r for _, r in TAPS[expected]]
+@pytest.mark.parametrize("name", sorted(BACKBONE_PARAMS))
+def test_dfnet_names_and_shapes_are_those_of_ups_encoder(name):
+    """The names UP's encoder gives its tensors (and df1/df2_imagenet.pth carries), classifier aside."""
+    own = {k: tuple(v.shape) for k, v in dfnet(name).state_dict().items()}
+    assert own == up_pretrain_shapes(name, classifier=False)
 
 
 def test_dfnet_refuses_other_backbones_and_strides():
@@ -97,109 +88,107 @@ def test_dfnet_refuses_other_backbones_and_strides():
         dfnet("dfnet1", output_stride=8)
 
 
-# --- outputs ---------------------------------------------------------------------------------------
+# --- UP's pyramid pooling --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("row", ROWS)
-def test_eval_main_logits_at_input_size_train_main_and_aux(row, models):
-    model = models[row]
-    aux_weights = load_spec(row).loss.aux_weights
-    assert len(aux_weights) == (0 if row.startswith("df_seg") else 2)
-    assert_segmentation_outputs(model, len(aux_weights))
-
-
-def test_sfnet_deep_supervision_heads_run_only_in_training(models):
-    """The deep-supervision heads are counted in the parameters but an eval forward does not run them."""
-    from harness.models.sizes import measure
-
-    model = models["sf_seg_v1"]
-    heads = sum(p.numel() for name, p in model.named_parameters() if name.startswith("deep_supervision"))
-    assert heads > 0
-    size = measure(model, 64, 64)
-    assert size.inference_params == size.params - heads
-
-
-# --- the flow alignment module ---------------------------------------------------------------------
-
-
-def test_zero_flow_is_bilinear_upsampling_with_aligned_corners():
-    coarse = torch.randn(2, 3, 5, 7)
-    size = (13, 17)
-    out = flow_warp(coarse, torch.zeros(2, 2, *size), size)
-    expected = F.interpolate(coarse, size, mode="bilinear", align_corners=True)
-    assert out.shape == expected.shape
-    assert torch.allclose(out, expected, atol=1e-5)
-
-
-def test_fam_with_zero_flow_weights_is_upsampling_and_with_learned_ones_is_not():
+def test_pyramid_pooling_is_ups_psp_module():
+    """UP components.py PSPModule: branches pool, 1x1 conv, BN and NO ReLU; the 1x1 bottleneck has padding=1,
+    so the output is 2 pixels larger, its border the BN-ReLU of zeros."""
     torch.manual_seed(0)
-    fam = FlowAlignment(8, 4)
-    fine, coarse = torch.randn(1, 8, 13, 17), torch.randn(1, 8, 5, 7)
-    expected = F.interpolate(coarse, (13, 17), mode="bilinear", align_corners=True)
-    assert not torch.allclose(fam(fine, coarse), expected, atol=1e-3)  # a random flow conv does move things
+    ppm = PyramidPooling(16, 8)
     with torch.no_grad():
-        fam.predict_flow.weight.zero_()
-    assert torch.allclose(fam(fine, coarse), expected, atol=1e-5)
+        for m in ppm.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.bias.normal_()
+    ppm.eval()
+    branch_outputs = []
+    hooks = [pool.register_forward_hook(lambda mod, args, out: branch_outputs.append(out)) for pool in ppm.pools]
+    with torch.no_grad():
+        out = ppm(torch.randn(2, 16, 5, 7))
+    for h in hooks:
+        h.remove()
+    assert out.shape == (2, 8, 7, 9)
+    assert min(o.min().item() for o in branch_outputs) < 0  # no ReLU after the branch BN
+    bn = ppm.merge[1]
+    border = F.relu(bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps))
+    assert torch.allclose(out[:, :, 0, :], border[None, :, None].expand(2, 8, 9), atol=1e-6)
+    assert ppm.merge[0].in_channels == 16 + 4 * 8 and ppm.merge[0].padding == (1, 1)
+    assert [p[0].output_size for p in ppm.pools] == [1, 2, 3, 6]
 
 
-def constant_flow(dx: float, dy: float, height: int, width: int) -> torch.Tensor:
-    flow = torch.zeros(1, 2, height, width)
-    flow[:, 0], flow[:, 1] = dx, dy
-    return flow
+# --- structure and outputs ---------------------------------------------------------------------------
+
+# UP dfnet_decoder.py for a 2x3x64x128 input, (C, H, W) per module output: PPM(x5) 2 pixels larger (padding 1),
+# cc5 / cc4 / cc3 1x1 to 128, fn4 on x4's grid, fn3 on x3's grid, the 3x3-BN-ReLU-dropout-1x1 head there.
+STRUCTURE = {
+    "dfnet1": {
+        "backbone": [(128, 4, 8), (256, 2, 4), (512, 2, 4)],
+        "context": (128, 4, 6), "project_deep": (128, 4, 6),
+        "project_middle": (128, 2, 4), "fuse_middle": (128, 2, 4),
+        "project_shallow": (128, 4, 8), "fuse_shallow": (128, 4, 8), "head": (19, 4, 8),
+    },
+    "dfnet2": {
+        "backbone": [(128, 8, 16), (256, 4, 8), (512, 2, 4)],
+        "context": (128, 4, 6), "project_deep": (128, 4, 6),
+        "project_middle": (128, 4, 8), "fuse_middle": (128, 4, 8),
+        "project_shallow": (128, 8, 16), "fuse_shallow": (128, 8, 16), "head": (19, 8, 16),
+    },
+}
 
 
-def test_one_pixel_flow_in_x_reads_the_next_column():
-    feature = torch.randn(1, 3, 6, 9)
-    out = flow_warp(feature, constant_flow(1.0, 0.0, 6, 9), (6, 9))
-    assert torch.allclose(out[..., :, :-1], feature[..., :, 1:], atol=1e-5)
-    assert torch.allclose(out[..., :, -1], torch.zeros(1, 3, 6), atol=1e-5)  # outside: padding_mode zeros
-    back = flow_warp(feature, constant_flow(-1.0, 0.0, 6, 9), (6, 9))
-    assert torch.allclose(back[..., :, 1:], feature[..., :, :-1], atol=1e-5)
-    assert torch.allclose(back[..., :, 0], torch.zeros(1, 3, 6), atol=1e-5)
+@pytest.mark.parametrize("name", sorted(STRUCTURE))
+def test_feature_shapes_at_every_step_and_one_training_output(name, models):
+    model = models[name]
+    seen: dict[str, object] = {}
+    hooks = [model.get_submodule(m).register_forward_hook(
+        lambda mod, args, out, m=m: seen.__setitem__(m, [tuple(t.shape[1:]) for t in out] if isinstance(out, list) else tuple(out.shape[1:])))
+        for m in STRUCTURE[name]]
+    try:
+        model.train()
+        outputs = model(torch.randn(2, 3, 64, 128))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen == STRUCTURE[name]
+    # UP's decoder returns the main prediction only, upsampled to the input; seg_ohem aux_weight 0.
+    assert isinstance(outputs, tuple) and len(outputs) == 1 and outputs[0].shape == (2, 19, 64, 128)
 
 
-def test_one_pixel_flow_in_y_reads_the_next_row():
-    """Channel 1 of the flow is the y (height) displacement."""
-    feature = torch.randn(1, 3, 6, 9)
-    out = flow_warp(feature, constant_flow(0.0, 1.0, 6, 9), (6, 9))
-    assert torch.allclose(out[..., :-1, :], feature[..., 1:, :], atol=1e-5)
-    assert torch.allclose(out[..., -1, :], torch.zeros(1, 3, 9), atol=1e-5)
+@pytest.mark.parametrize("name", sorted(DF_SEG_PARAMS))
+def test_eval_main_logits_at_input_size_train_main_only(name, models):
+    assert_segmentation_outputs(models[name], 0)
 
 
-def test_half_pixel_flow_averages_neighbours():
-    feature = torch.randn(1, 3, 6, 9)
-    out = flow_warp(feature, constant_flow(0.5, 0.0, 6, 9), (6, 9))
-    assert torch.allclose(out[..., :, :-1], 0.5 * (feature[..., :, :-1] + feature[..., :, 1:]), atol=1e-5)
-    assert torch.allclose(out[..., :, -1], 0.5 * feature[..., :, -1], atol=1e-5)  # half of it falls outside
-    out = flow_warp(feature, constant_flow(0.0, 0.5, 6, 9), (6, 9))
-    assert torch.allclose(out[..., :-1, :], 0.5 * (feature[..., :-1, :] + feature[..., 1:, :]), atol=1e-5)
+# --- the pretrain file ---------------------------------------------------------------------------------
 
 
-def test_flow_is_in_pixels_of_the_output_grid():
-    """Warping a coarse map with flow 2 equals upsampling it, then reading two output pixels to the right."""
-    coarse = torch.randn(1, 2, 4, 5)
-    size = (7, 13)
-    up = F.interpolate(coarse, size, mode="bilinear", align_corners=True)
-    out = flow_warp(coarse, constant_flow(2.0, 0.0, *size), size)
-    assert torch.allclose(out[..., :, :-2], up[..., :, 2:], atol=1e-5)
+@pytest.mark.parametrize("name", sorted(DF_SEG_PARAMS))
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_up_pretrain_file_fills_the_whole_backbone(name, prefix, models):
+    """UP DF_seg_v1/v2.yaml saver.pretrain_model df1/df2_imagenet.pth, names as UP's encoder reads them."""
+    assert_pretrain_file_loads(models[name], name, prefix)
 
 
-# --- DF-Seg's half-resolution inference --------------------------------------------------------------
+def test_converter_keeps_unknown_names_for_the_loader_to_report():
+    state = {"stage1.0.weight": torch.zeros(1), "fc.weight": torch.zeros(1), "module.extra": torch.zeros(1)}
+    assert set(convert_imagenet_state(state)) == {"stage1.0.weight", "extra"}
 
 
-def test_eval_half_resolution_is_off_for_every_df_seg_row():
+# --- DF-Seg's half-resolution inference (lxtGH's trick, not UP's; off by default) ---------------------
+
+
+def test_eval_half_resolution_is_off_by_default_and_for_every_df_seg_row():
+    assert DFSeg("dfnet1", 19).eval_half_resolution is False
     rows = [spec for spec in load_all() if spec.model.family == "df_seg"]
-    assert {"df_seg_v1", "df_seg_v2", "df_seg_v1-mseg"} <= {spec.row for spec in rows}
+    assert {"df_seg_v1", "df_seg_v2"} <= {spec.row for spec in rows}
     assert not any(spec.model.eval_half_resolution for spec in rows)
 
 
-def test_eval_half_resolution_infers_at_half_size_and_returns_full_size(tmp_path, monkeypatch):
-    monkeypatch.setenv("SEGBENCH_EXPERIMENTS", str(experiments_with(tmp_path, {
-        "df-half": {"inherit": "df_seg_v1", "model": {"eval_half_resolution": True}, "reference": {"miou": [1.0]}},
-    })))
+def test_eval_half_resolution_infers_at_half_size_and_returns_full_size():
     torch.manual_seed(0)
-    half = build_model(load_spec("df-half")).eval()
-    full = build_model(load_spec("df_seg_v1")).eval()
+    half = DFSeg("dfnet1", 19, eval_half_resolution=True).eval()
+    full = DFSeg("dfnet1", 19).eval()
     full.load_state_dict(half.state_dict())
     x = torch.randn(1, 3, 128, 256)
     with torch.no_grad():
@@ -226,9 +215,9 @@ def test_sf_seg_rejects_eval_half_resolution(tmp_path, monkeypatch):
 # --- learning ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("row", ROWS)
-def test_overfits_one_batch(row):
-    """The row's loss (OHEM; SFNet's two deep-supervision terms at weight 1.0) halves in 20 SGD steps."""
-    losses = overfit_losses(row)
-    assert losses[-1] < 0.5 * losses[0], losses
+@pytest.mark.parametrize("name", sorted(DF_SEG_PARAMS))
+def test_df_seg_learns(name):
+    """UP's loss for DF-Seg (seg_ohem on the main output, aux_weight 0) falls in 8 SGD steps on a fixed batch."""
+    torch.manual_seed(0)
+    losses = sgd_losses(DFSeg(name, 19))
+    assert losses[-1] < 0.7 * losses[0], losses

@@ -1,86 +1,104 @@
-"""BiSeNet V1 (Yu et al. 2018) as lxtGH Fast_Seg trains it: a deep-stem ResNet-18 context path with
-two attention refinement modules and a global-pool branch, a three-conv spatial path at 1/8, the
-feature fusion module, and two auxiliary heads on the refined context features (training only)."""
+"""BiSeNet V1 as United-Perception builds it (up/tasks/seg/models/decoder/biseg.py `bisegnet`) on UP's
+seg_resnet18 with the deep 64-64-128 stem (harness.models.seg_resnet): output stride 32, no multi-grid,
+zero-init residuals, per configs/seg/BiSeNet/BiSeNet.yaml.
+
+Context path on stages 3 (256 ch, 1/16) and 4 (512 ch, 1/32): global mean of stage 4 -> 1x1 conv-BN-ReLU 128;
+ARM32(stage 4) (3x3 conv-BN-ReLU 128, then x * sigmoid(BN(1x1 conv(mean)))) + that global feature; bilinear
+(align_corners=True) to stage 3's size, 3x3 conv-BN-ReLU 128 = context16; ARM16(stage 3) + context16, nearest x2,
+3x3 conv-BN-ReLU 128, bilinear to the spatial path's size = context8. Spatial path on the image: 7x7 s2 64,
+3x3 s2 64, 3x3 s2 64, 1x1 128 (conv-BN-ReLU each). Fusion: concat [spatial, context8] (256), 1x1 conv-BN-ReLU 256,
+attention mean -> 1x1 64 -> ReLU -> 1x1 256 -> sigmoid, out = f + f * att. Head: 3x3 conv-BN-ReLU 256, 1x1 to
+classes x 8 x 8 (bias), PixelShuffle(8), bilinear (align_corners=True) to the input size.
+Training adds two heads (3x3 conv-BN-ReLU 64, 1x1 to classes x f x f, PixelShuffle(f)): on context8 (f = 8) and on
+context16 (f = 16), each upsampled to the input; UP's loss `seg_bisegnet` is OHEM on each of main, aux8, aux16 with
+weight 1 (loss1 + loss2 + loss3). Every decoder conv gets UP's kaiming_normal_(a=1) and zero bias.
+Parameters (19 classes): UP 13,698,368 + 542,912 auxiliary = 14,241,280.
+
+The backbone file (resnet18-deep.pth) fills `backbone` (layer1..4) only; see harness.models.seg_resnet.
+"""
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.models.common import ConvBNReLU, resize_to, timm_features
 from harness.models.registry import register
+from harness.models.seg_resnet import SegResNetModel, upsample
 from harness.spec import Spec
 
 
-class AttentionRefinement(nn.Module):
-    """3x3 conv-BN-ReLU, then a channel attention: global pool, 1x1 conv + BN, sigmoid, multiply."""
+class CBR(nn.Sequential):
+    def __init__(self, in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1):
+        super().__init__(nn.Conv2d(in_ch, out_ch, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(out_ch),
+                         nn.ReLU(inplace=True))
 
+
+class AttentionRefinement(nn.Module):
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__()
-        self.conv = ConvBNReLU(in_ch, out_ch, 3)
-        self.attention = nn.Sequential(nn.AdaptiveAvgPool2d(1), ConvBNReLU(out_ch, out_ch, 1, relu=False), nn.Sigmoid())
+        self.conv = CBR(in_ch, out_ch, 3)
+        self.gate = nn.Sequential(nn.Conv2d(out_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch), nn.Sigmoid())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(x)
-        return x * self.attention(x)
+        return x * self.gate(x.mean(dim=(2, 3), keepdim=True))
 
 
 class FeatureFusion(nn.Module):
-    """Concatenate, 1x1 conv-BN-ReLU, channel attention (pool, 1x1, ReLU, 1x1, sigmoid); out = f + f * att."""
-
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__()
-        self.conv = ConvBNReLU(in_ch, out_ch, 1)
-        self.attention = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), nn.Conv2d(out_ch, out_ch, 1, bias=False), nn.ReLU(inplace=True),
-            nn.Conv2d(out_ch, out_ch, 1, bias=False), nn.Sigmoid(),
-        )
+        self.conv = CBR(in_ch, out_ch, 1)
+        self.gate = nn.Sequential(nn.Conv2d(out_ch, out_ch // 4, 1, bias=False), nn.ReLU(inplace=True),
+                                  nn.Conv2d(out_ch // 4, out_ch, 1, bias=False), nn.Sigmoid())
 
     def forward(self, spatial: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        fused = self.conv(torch.cat([spatial, context], dim=1))
-        return fused + fused * self.attention(fused)
+        f = self.conv(torch.cat([spatial, context], dim=1))
+        return f + f * self.gate(f.mean(dim=(2, 3), keepdim=True))
 
 
-def seg_head(in_ch: int, mid: int, num_classes: int) -> nn.Sequential:
-    return nn.Sequential(ConvBNReLU(in_ch, mid, 3), nn.Conv2d(mid, num_classes, 1))
+class ShuffleHead(nn.Sequential):
+    """3x3 conv-BN-ReLU to `mid`, 1x1 conv to classes * factor^2, PixelShuffle(factor)."""
+
+    def __init__(self, in_ch: int, mid: int, num_classes: int, factor: int):
+        super().__init__(CBR(in_ch, mid, 3), nn.Conv2d(mid, num_classes * factor * factor, 1),
+                         nn.PixelShuffle(factor))
 
 
-class BiSeNetV1(nn.Module):
-    def __init__(self, backbone: str, num_classes: int, output_stride: int = 32, width: int = 128,
-                 backbone_checkpoint: Optional[str] = None):
+class BiSeNetV1(SegResNetModel):
+    def __init__(self, backbone: str = "resnet18", num_classes: int = 19, output_stride: int = 32, width: int = 128):
         super().__init__()
-        self.context = timm_features(backbone, output_stride, (2, 3, 4), backbone_checkpoint)
-        stage2, stage3, stage4 = self.context.feature_info.channels()
-        self.spatial = nn.Sequential(
-            ConvBNReLU(3, 64, 7, stride=2), ConvBNReLU(64, 64, 3, stride=2), ConvBNReLU(64, 64, 3, stride=2),
-            ConvBNReLU(64, width, 1),
-        )
-        self.global_context = nn.Sequential(nn.AdaptiveAvgPool2d(1), ConvBNReLU(stage4, width, 1))
+        self.build_encoder(backbone, output_stride, multi_grid=False)
+        stage3, stage4 = self.backbone.channels()[2:]
+        self.spatial = nn.Sequential(CBR(3, 64, 7, 2), CBR(64, 64, 3, 2), CBR(64, 64, 3, 2), CBR(64, width, 1))
+        self.global_context = CBR(stage4, width, 1)
         self.arm32, self.arm16 = AttentionRefinement(stage4, width), AttentionRefinement(stage3, width)
-        self.refine32, self.refine16 = ConvBNReLU(width, width, 3), ConvBNReLU(width, width, 3)
+        self.refine32, self.refine16 = CBR(width, width, 3), CBR(width, width, 3)
         self.ffm = FeatureFusion(2 * width, 2 * width)
-        self.head = seg_head(2 * width, 64, num_classes)
-        # Training only: one head on each refined context feature (at 1/16 and 1/8).
-        self.aux_heads = nn.ModuleList(seg_head(width, width, num_classes) for _ in range(2))
+        self.head = ShuffleHead(2 * width, 256, num_classes, 8)
+        # Training only (UP's conv_out16 / conv_out32).
+        self.aux_head8 = ShuffleHead(width, 64, num_classes, 8)
+        self.aux_head16 = ShuffleHead(width, 64, num_classes, 16)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Conv2d) and not name.startswith(("stem", "backbone")):
+                nn.init.kaiming_normal_(module.weight, a=1)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor):
+        _, _, stage3, stage4 = self.encode(x)
+        context32 = self.arm32(stage4) + self.global_context(stage4.mean(dim=(2, 3), keepdim=True))
+        context16 = self.refine32(upsample(context32, stage3.shape[-2:]))
+        context8 = self.refine16(F.interpolate(self.arm16(stage3) + context16, scale_factor=2, mode="nearest"))
         spatial = self.spatial(x)
-        stage2, stage3, stage4 = self.context(x)
-        context32 = self.arm32(stage4) + self.global_context(stage4)  # the 1x1 global feature broadcasts
-        context16 = self.refine32(F.interpolate(context32, size=stage3.shape[-2:], mode="bilinear", align_corners=False))
-        context = self.arm16(stage3) + context16
-        context8 = self.refine16(F.interpolate(context, size=stage2.shape[-2:], mode="bilinear", align_corners=False))
-        fused = self.ffm(spatial, resize_to(context8, spatial))
-        main = resize_to(self.head(fused), x)
+        context8 = upsample(context8, spatial.shape[-2:])
+        main = upsample(self.head(self.ffm(spatial, context8)), x.shape[-2:])
         if not self.training:
             return main
-        return main, self.aux_heads[0](context16), self.aux_heads[1](context8)
+        return (main, upsample(self.aux_head8(context8), x.shape[-2:]),
+                upsample(self.aux_head16(context16), x.shape[-2:]))
 
 
 @register("bisenet")
 def build_bisenet(spec: Spec, num_classes: int) -> nn.Module:
-    return BiSeNetV1(spec.model.backbone, num_classes, spec.model.output_stride,
-                     backbone_checkpoint=spec.model.backbone_checkpoint)
+    return BiSeNetV1(spec.model.backbone, num_classes, spec.model.output_stride)

@@ -7,9 +7,28 @@ in a timm `FeatureInfo`, so any head can ask `backbone.feature_info.channels()` 
     DFNet1: 128 @ 1/16, 256 @ 1/32, 512 @ 1/32
     DFNet2: 128 @ 1/8,  256 @ 1/16, 512 @ 1/32
 
-Module names follow the published ImageNet checkpoints (`stage1`, `stage2`, ... for DFNet1; `stage2_1`,
-`stage2_2`, ... for DFNet2; blocks with `conv1`/`bn1`/`conv2`/`bn2`/`downsample`), so a user's
-df1/df2 ImageNet state dict loads without renaming. There is no classifier: only the taps are built.
+The layers are those of United-Perception's `dfnetv1` / `dfnetv2` encoders
+(up/tasks/seg/models/encoder/dfnet_encoder.py): stem 3x3/2 conv 3->32, BN, ReLU, 3x3/2 conv 32->64, BN,
+ReLU; basic blocks (3x3 conv-BN-ReLU, 3x3 conv-BN, + shortcut, ReLU; bias-free convs; a 1x1/s conv-BN
+shortcut where the stride or width changes). UP builds them with PyTorch's default initialisation and no
+classifier (its `avgpool` has no parameters): DFNet1 8,020,128 and DFNet2 17,474,208 parameters.
+
+Pretrained weights (UP's `saver.pretrain_model`: df1_imagenet.pth / df2_imagenet.pth). UP's loader
+(saver_helper `process_checkpoint`) unwraps `model` / `state_dict`, strips a `module.` prefix; its
+`_resnet_convert` does not fire (no top-level `conv1.*` / `bn1.*` names). `ModelHelper.load` then finds no
+name of the whole model (`encoder.*`, `decoder.*`) and loads each child separately, non-strictly: so the
+file carries the encoder's own names, the ImageNet network's:
+
+    stage1.{0,3}.weight                                    stem convs
+    stage1.{1,4}.{weight,bias,running_mean,running_var[,num_batches_tracked]}
+    <stage>.<block>.{conv1,conv2}.weight, <stage>.<block>.{bn1,bn2}.<bn tensors>
+    <stage>.0.downsample.0.weight, <stage>.0.downsample.1.<bn tensors>   (first block of a stage)
+    fc.weight (1000x512), fc.bias                           the ImageNet DFNet's classifier (lxtGH's `fc`), if
+                                                           present; UP's encoder has none and ignores it
+
+with <stage> in stage2..stage5 (DFNet1) or stage2_1, stage2_2, stage3_1, stage3_2, stage4_1, stage4_2
+(DFNet2). Our module names are the same, so `convert_imagenet_state` only strips `module.` and drops
+the classifier.
 """
 
 from __future__ import annotations
@@ -119,6 +138,21 @@ class DFNet(nn.Module):
             if name in self.tap_names:
                 taps.append(x)
         return taps
+
+
+IMAGENET_CLASSIFIER_PREFIX = "fc."
+
+
+def convert_imagenet_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A df1/df2_imagenet.pth state dict in our DFNet's names: `module.` stripped, the classifier dropped."""
+    converted = {}
+    for name, tensor in state.items():
+        if name.startswith("module."):
+            name = name[len("module."):]
+        if name.startswith(IMAGENET_CLASSIFIER_PREFIX):
+            continue
+        converted[name] = tensor
+    return converted
 
 
 def dfnet(name: str, output_stride: int = OUTPUT_STRIDE) -> DFNet:

@@ -1,40 +1,50 @@
-"""PSPNet (Zhao et al. 2017) as mmsegmentation's PSPNet R50-D8: dilated ResNet at output stride 8,
-pyramid pooling on stage 4, FCN auxiliary head on stage 3.
+"""PSPNet as United-Perception builds it (up/tasks/seg/models/decoder/pspnet.py `pspnet`, components.PSPModule,
+Aux_Module) on UP's seg_resnet50 (harness.models.seg_resnet): output stride 8, multi-grid 4/8/16 on stage 4,
+zero-init residuals, per configs/seg/pspnet/pspnet.yaml.
 
-Not segmentation-models-pytorch's `PSPNet`, which pools the undilated stride-8 stage 2.
+Pyramid pooling on stage 4 (2048 ch): for bins 1, 2, 3, 6 adaptive average pool, 1x1 conv to 512, BN (no ReLU),
+bilinear back (align_corners=True); concatenated as [bins..., stage 4] (4096 ch); UP's "bottleneck": a 1x1 conv
+to 512 with padding=1 (so the map grows by one pixel on every side, kept as UP has it), BN, ReLU, Dropout2d 0.1;
+head: 3x3 conv 512 + BN + ReLU, Dropout2d 0.1, 1x1 to classes; bilinear (align_corners=True) to the input size.
+Training adds UP's Aux_Module on stage 3; UP's loss (`seg_ohem`, aux_weight 0.4) is OHEM on main + 0.4 x OHEM
+on aux. Decoder weights keep PyTorch's default init, as in UP. Parameters (19 classes, aux included): UP 34,663,398.
+
+The backbone file (resnet50-ebb6acbb.pth) fills `backbone` (layer1..4) only; see harness.models.seg_resnet.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from harness.models.common import FCNHead, PyramidPooling, resize_to, timm_features
 from harness.models.registry import register
+from harness.models.common import PyramidPooling, upsample
+from harness.models.seg_resnet import SegResNetModel, UPAuxHead
 from harness.spec import Spec
 
 
-class PSPNet(nn.Module):
-    def __init__(self, backbone: str, num_classes: int, output_stride: int = 8, branch_channels: int = 512,
-                 backbone_checkpoint: Optional[str] = None):
+class PSPNet(SegResNetModel):
+    def __init__(self, backbone: str = "resnet50", num_classes: int = 19, output_stride: int = 8, planes: int = 512):
         super().__init__()
-        self.backbone = timm_features(backbone, output_stride, (3, 4), backbone_checkpoint)
-        stage3, stage4 = self.backbone.feature_info.channels()
-        self.ppm = PyramidPooling(stage4, branch_channels, branch_channels, bins=(1, 2, 3, 6), fuse_kernel=3)
-        self.classifier = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(branch_channels, num_classes, 1))
-        self.aux_head = FCNHead(stage3, num_classes)
+        self.build_encoder(backbone, output_stride, multi_grid=True)
+        stage3, stage4 = self.backbone.channels()[2:]
+        self.ppm = PyramidPooling(stage4, planes)
+        self.head = nn.Sequential(
+            nn.Conv2d(planes, 512, 3, padding=1, bias=False), nn.BatchNorm2d(512), nn.ReLU(inplace=True),
+            nn.Dropout2d(0.1), nn.Conv2d(512, num_classes, 1),
+        )
+        self.aux_head = UPAuxHead(stage3, num_classes)  # UP: Aux_Module(inplanes // 2) on stage 3
 
     def forward(self, x: torch.Tensor):
-        stage3, stage4 = self.backbone(x)
-        main = resize_to(self.classifier(self.ppm(stage4)), x)
+        _, _, stage3, stage4 = self.encode(x)
+        main = upsample(self.head(self.ppm(stage4)), x.shape[-2:])
         if not self.training:
             return main
-        return main, self.aux_head(stage3)
+        return main, upsample(self.aux_head(stage3), x.shape[-2:])
 
 
 @register("pspnet")
 def build_pspnet(spec: Spec, num_classes: int) -> nn.Module:
-    return PSPNet(spec.model.backbone, num_classes, spec.model.output_stride,
-                  backbone_checkpoint=spec.model.backbone_checkpoint)
+    return PSPNet(spec.model.backbone, num_classes, spec.model.output_stride)

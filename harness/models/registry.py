@@ -12,7 +12,6 @@ from typing import Callable
 from torch import nn
 
 from harness.errors import BenchError
-from harness.models.weights import apply_starting_weights
 from harness.spec import Spec
 
 Builder = Callable[[Spec, int], nn.Module]
@@ -40,16 +39,11 @@ def check_implemented(spec: Spec) -> None:
     raise BenchError(f"row '{spec.row}': model.family '{family}' is unknown; use one of {', '.join(TABLE_FAMILIES)}")
 
 
-def build_model(spec: Spec, num_classes: int = 19, starting_weights: bool = True) -> nn.Module:
-    """The row's network, started from `model.backbone_checkpoint` / `model.init_checkpoint` when set.
-
-    `starting_weights=False` skips those files, for callers that load trained weights over the model anyway.
-    """
+def build_model(spec: Spec, num_classes: int = 19) -> nn.Module:
+    """The row's network with its initial (random) weights; `harness.models.weights.apply_starting_weights`
+    then fills it from the files the row names."""
     check_implemented(spec)
-    model = _BUILDERS[spec.model.family](spec, num_classes)
-    if starting_weights:
-        apply_starting_weights(model, spec)
-    return model
+    return _BUILDERS[spec.model.family](spec, num_classes)
 
 
 def implemented_families() -> list[str]:

@@ -13,11 +13,11 @@ Relative paths are read from the project root, so specs can name `weights/...`.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
-import timm
 import torch
 from torch import nn
 
@@ -28,13 +28,18 @@ from harness.spec import Spec
 
 WRAPPER_KEYS = ("model", "state_dict")  # where a state dict sits inside a larger checkpoint, in order of preference
 DDP_PREFIX = "module."
+WEIGHTS_ENV = "SEGBENCH_WEIGHTS"  # where specs' weights/... files live, when not in the project root
 MIN_COVERAGE = 0.5  # the share of a model's weights (by element count) a checkpoint must fill
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:
     """An absolute path; a relative one is taken from the project root, where specs' `weights/...` live."""
     resolved = Path(path).expanduser()
-    return resolved if resolved.is_absolute() else PROJECT_ROOT / resolved
+    if resolved.is_absolute():
+        return resolved
+    if resolved.parts[:1] == ("weights",) and os.environ.get(WEIGHTS_ENV):
+        return Path(os.environ[WEIGHTS_ENV]).expanduser().joinpath(*resolved.parts[1:])
+    return PROJECT_ROOT / resolved
 
 
 def read_state_dict(path: Path, label: str, fix: str) -> dict[str, torch.Tensor]:
@@ -55,13 +60,18 @@ def read_state_dict(path: Path, label: str, fix: str) -> dict[str, torch.Tensor]
     return state
 
 
-def load_matching(module: nn.Module, state: Mapping[str, torch.Tensor], label: str, path: Path) -> int:
+def load_matching(module: nn.Module, state: Mapping[str, torch.Tensor], label: str, path: Path,
+                  num_classes: Optional[int] = None) -> int:
     """Copy every tensor of `state` whose name is in `module`; returns how many were copied.
 
     Refuses when no name matches (the wrong kind of checkpoint), when any matching name has another
     shape (another network, or another number of classes), or when the matching names hold less than
     half of the model's weights (another network sharing a few names): all would otherwise train
     mostly from scratch while looking as if they had started from the checkpoint.
+
+    With `num_classes`, a tensor whose only difference is its first dimension, `num_classes` in the model,
+    is a classifier trained for another label set (MSeg's universal classes): it keeps its initial values
+    and the one-line report names it, as UP's loader dropped shape-mismatched tensors.
     """
     own = module.state_dict()
     matched = [name for name in own if name in state]
@@ -69,10 +79,17 @@ def load_matching(module: nn.Module, state: Mapping[str, torch.Tensor], label: s
         example_model, example_ckpt = next(iter(own), "-"), next(iter(state), "-")
         raise BenchError(f"{label} {path}: none of its {len(state)} tensor names match the model "
                          f"(model has e.g. '{example_model}', checkpoint '{example_ckpt}'); it is a checkpoint of another network")
+    reinitialised = []
     for name in matched:
-        if own[name].shape != state[name].shape:
-            raise BenchError(f"{label} {path}: shape mismatch at '{name}': checkpoint {tuple(state[name].shape)}, "
-                             f"model {tuple(own[name].shape)}; it was trained for another network or number of classes")
+        theirs, mine = state[name].shape, own[name].shape
+        if theirs == mine:
+            continue
+        if num_classes is not None and mine[:1] == (num_classes,) and theirs[1:] == mine[1:]:
+            reinitialised.append(name)
+            continue
+        raise BenchError(f"{label} {path}: shape mismatch at '{name}': checkpoint {tuple(theirs)}, "
+                         f"model {tuple(mine)}; it was trained for another network or number of classes")
+    matched = [name for name in matched if name not in reinitialised]
     # A few shared names (a stem, a classifier) do not make a checkpoint of this network: a DFNet2 state dict
     # matches only DFNet1's stem. Refuse when most of the model's weights would stay at their initial values.
     filled = sum(own[name].numel() for name in matched)
@@ -84,75 +101,85 @@ def load_matching(module: nn.Module, state: Mapping[str, torch.Tensor], label: s
                          f"it is a checkpoint of another network")
     module.load_state_dict({name: state[name] for name in matched}, strict=False)
     notes = []
-    if len(matched) < len(own):
-        missing = next(name for name in own if name not in state)
-        notes.append(f"{len(own) - len(matched)} keep their initial values, e.g. '{missing}'")
-    if len(state) > len(matched):
-        notes.append(f"{len(state) - len(matched)} checkpoint tensors unused")
+    if reinitialised:
+        classes = state[reinitialised[0]].shape[0]
+        notes.append(f"re-initialised for {num_classes} classes (the checkpoint has {classes}): {', '.join(reinitialised)}")
+    kept = [name for name in own if name not in state]
+    if kept:
+        notes.append(f"{len(kept)} keep their initial values, e.g. '{kept[0]}'")
+    if len(state) > len(matched) + len(reinitialised):
+        notes.append(f"{len(state) - len(matched) - len(reinitialised)} checkpoint tensors unused")
     print(f"{label} {path}: loaded {len(matched)}/{len(own)} tensors" + (f" ({'; '.join(notes)})" if notes else ""),
           file=sys.stderr)
     return len(matched)
 
 
-def load_init_checkpoint(model: nn.Module, path: str | Path) -> int:
-    """Start the whole model from a checkpoint (e.g. the MSeg-pretrained DF-Seg, or an earlier segbench run)."""
+def load_init_checkpoint(model: nn.Module, path: str | Path, num_classes: int = 19) -> int:
+    """Start the whole model from a checkpoint (e.g. the MSeg-pretrained DF-Seg, or an earlier segbench run);
+    a classifier for another number of classes is re-initialised."""
     resolved = resolve_checkpoint_path(path)
     fix = "put the checkpoint there, or pass --init-checkpoint PATH / set model.init_checkpoint in the spec"
-    return load_matching(model, read_state_dict(resolved, "init_checkpoint", fix), "init_checkpoint", resolved)
-
-
-def loaded_through_timm(model: nn.Module, path: Path) -> bool:
-    """Whether a builder already created one of `model`'s modules from `path` with `timm_pretrained`."""
-    for module in model.modules():
-        cfg = getattr(module, "pretrained_cfg", None) or {}
-        if cfg.get("file") and Path(cfg["file"]) == path:
-            return True
-    return False
+    return load_matching(model, read_state_dict(resolved, "init_checkpoint", fix), "init_checkpoint", resolved,
+                         num_classes=num_classes)
 
 
 def load_backbone_checkpoint(model: nn.Module, path: str | Path, row: str) -> int:
-    """Load a plain state dict of the backbone (e.g. DFNet ImageNet weights) into `model.backbone`."""
+    """Load ImageNet weights of the backbone, in the key layout of the file UP's config names, into
+    `model.backbone`: the family's `convert_backbone_state` maps the file's names to ours."""
     resolved = resolve_checkpoint_path(path)
-    if loaded_through_timm(model, resolved):
-        return -1  # timm loaded it strictly, and reported it
     backbone = getattr(model, "backbone", None)
     if not isinstance(backbone, nn.Module):
         raise BenchError(f"row '{row}': model.backbone_checkpoint is set, but this family's model has no "
                          f"`backbone` module to load it into; remove model.backbone_checkpoint from the spec")
     fix = "put the backbone's state dict there, or correct model.backbone_checkpoint in the spec"
-    return load_matching(backbone, read_state_dict(resolved, "backbone_checkpoint", fix), "backbone_checkpoint", resolved)
+    state = read_state_dict(resolved, "backbone_checkpoint", fix)
+    convert = getattr(model, "convert_backbone_state", None)
+    if convert is not None:
+        state = convert(state)
+    return load_matching(backbone, state, "backbone_checkpoint", resolved)
 
 
-def timm_pretrained(name: str, checkpoint: str | Path, **kwargs: Any) -> nn.Module:
-    """`timm.create_model(name, **kwargs)` with its weights from a file, through timm's pretrained config.
-
-    timm reads the file itself (weights_only, its own key filtering and classifier removal) and loads
-    strictly, so a mismatch fails here with timm's first complaint on one line. The timm-based families
-    build their backbone with this (harness.models.common.timm_backbone) when `model.backbone_checkpoint`
-    is set; `build_model` then sees the file in the module's `pretrained_cfg` and does not load it again.
-    """
-    path = resolve_checkpoint_path(checkpoint)
-    if not path.is_file():
-        raise BenchError(f"backbone_checkpoint {path} does not exist; put the backbone's weights there, or correct model.backbone_checkpoint in the spec")
-    try:
-        backbone = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
-    except RuntimeError as exc:
-        details = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        reason = next((line for line in details if line.startswith(("size mismatch", "Missing key", "Unexpected key"))),
-                      details[0] if details else type(exc).__name__)
-        raise BenchError(f"backbone_checkpoint {path} does not fit timm's {name}: {reason[:300]}") from None
-    except Exception as exc:  # unreadable file: timm's torch.load failed
-        raise BenchError(f"backbone_checkpoint {path} is unreadable by timm ({type(exc).__name__}); it may be truncated or not a {name} checkpoint") from None
-    total = len(backbone.state_dict())
-    print(f"backbone_checkpoint {path}: loaded {total}/{total} tensors through timm ({name})", file=sys.stderr)
-    return backbone
-
-
-def apply_starting_weights(model: nn.Module, spec: Spec) -> None:
-    """The spec's backbone checkpoint, then its whole-model checkpoint (which, when both are set, wins)."""
-    if any(p.is_meta for p in model.parameters()):
-        return  # a meta-device model only measures shapes (harness.models.sizes); it has no storage to fill
-    if spec.model.backbone_checkpoint:
-        load_backbone_checkpoint(model, spec.model.backbone_checkpoint, spec.row)
+def expected_files(spec: Spec) -> list[tuple[str, Path]]:
+    """The starting-weight file a row starts from, as (spec key, resolved path): its whole-model checkpoint when
+    it names one (every tensor it holds replaces the backbone's), else its backbone's ImageNet file."""
     if spec.model.init_checkpoint:
-        load_init_checkpoint(model, spec.model.init_checkpoint)
+        return [("model.init_checkpoint", resolve_checkpoint_path(spec.model.init_checkpoint))]
+    if spec.model.backbone_checkpoint:
+        return [("model.backbone_checkpoint", resolve_checkpoint_path(spec.model.backbone_checkpoint))]
+    return []
+
+
+MISSING = "missing"
+
+
+def apply_starting_weights(model: nn.Module, spec: Spec, loud: bool = False) -> str:
+    """Fill `model` from the file the spec names (`expected_files`).
+
+    Returns the run's starting-weights status for its record and MLflow tags: "random (none expected)",
+    "loaded <files>", or "missing <files>". A named file that is absent does not stop the run (users
+    bring the files, and pipeline checks run without them), but with `loud` (a Cityscapes run) it prints
+    a prominent warning: such a run is no reproduction of the row, and the table marks it.
+    """
+    if any(p.is_meta for p in model.parameters()):
+        return "meta"  # a meta-device model only measures shapes (harness.models.sizes); it has no storage to fill
+    files = expected_files(spec)
+    if not files:
+        return "random (none expected)"
+    absent = [path for _, path in files if not path.is_file()]
+    if absent:
+        names = ", ".join(str(p) for p in absent)
+        if loud:
+            bar = "!" * 100
+            print(f"{bar}\nWARNING: row '{spec.row}' starts from {names}, which is not there: this run trains from "
+                  f"random weights, unlike the table's, and is marked as such in the results and the table.\n"
+                  f"Put the file there (`bench weights` lists every row's files) and start again.\n{bar}", file=sys.stderr)
+        else:
+            print(f"note: {names} not found; {spec.row} starts from random weights (`bench weights` lists the files)",
+                  file=sys.stderr)
+        return f"{MISSING} {names}"
+    (key, path), = files
+    if key == "model.init_checkpoint":
+        load_init_checkpoint(model, path)
+    else:
+        load_backbone_checkpoint(model, path, spec.row)
+    return f"loaded {path}"
