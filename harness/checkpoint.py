@@ -15,6 +15,7 @@ from harness.errors import BenchError
 
 FORMAT = "segbench-checkpoint/1"
 PREFIX = "ckpt-"
+BEST = "best.pt"  # the best evaluation so far (UP's auto_save_best); never pruned
 
 
 def save(state: dict[str, Any], folder: Path, iteration: int, keep: int = 2) -> Path:
@@ -22,16 +23,25 @@ def save(state: dict[str, Any], folder: Path, iteration: int, keep: int = 2) -> 
 
     A crash mid-write leaves only a stray temporary file: the previous checkpoints are untouched.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{PREFIX}{iteration:08d}.pt"
-    tmp = folder / f".{path.name}.tmp"
+    path = _write(state, folder / f"{PREFIX}{iteration:08d}.pt")
+    for old in checkpoints(folder)[keep:]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def save_best(state: dict[str, Any], folder: Path) -> Path:
+    """Write `state` as best.pt, atomically, replacing the previous best."""
+    return _write(state, folder / BEST)
+
+
+def _write(state: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         torch.save({"format": FORMAT, **state}, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    for old in checkpoints(folder)[keep:]:
-        old.unlink(missing_ok=True)
     return path
 
 

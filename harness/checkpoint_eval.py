@@ -47,7 +47,7 @@ def load_weights(spec: Spec, path: Path, weights: str) -> nn.Module:
     state_dict = state.get("model") if weights == "raw" else state.get("ema")
     if state_dict is None:
         raise BenchError(f"checkpoint {path} has no EMA weights (its row trained without EMA); use --weights raw")
-    model = build_model(spec, starting_weights=False)  # every tensor comes from the checkpoint
+    model = build_model(spec)  # every tensor comes from the checkpoint
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as exc:

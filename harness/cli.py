@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import sys
 from pathlib import Path
 from typing import Optional
@@ -90,17 +91,19 @@ def show(row: str) -> None:
 @click.option("--deterministic", is_flag=True, help="PyTorch deterministic algorithms (slower).")
 @click.option("--init-checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Start from this whole-model checkpoint (overrides model.init_checkpoint).")
+@click.option("--eval-every", type=int, default=None,
+              help="Evaluate every N iterations and keep the best (default: the recipe's, every 5 epochs).")
 def run(row: str, synthetic: bool, data_root: Optional[str], iters: Optional[int], seed: int,
         tracking_uri: Optional[str], device: Optional[str], gpus: int, nnodes: int, node_rank: int,
         master_addr: Optional[str], master_port: Optional[int], precision: Optional[str], resume: Optional[str],
-        deterministic: bool, init_checkpoint: Optional[str]) -> None:
+        deterministic: bool, init_checkpoint: Optional[str], eval_every: Optional[int]) -> None:
     """Train and evaluate one row; log to MLflow, write a result record, regenerate benchmark.md."""
     from harness.runner import RunOptions, exit_code_for, launch, run as run_row
     from harness.train import Interrupted
 
     options = RunOptions(row=row, synthetic=synthetic, data_root=data_root, iters=iters, seed=seed,
                          tracking_uri=tracking_uri, device=device, precision=precision, resume=resume,
-                         deterministic=deterministic, init_checkpoint=init_checkpoint)
+                         deterministic=deterministic, init_checkpoint=init_checkpoint, eval_every=eval_every)
     exit_code = launch(options, worker_argv(sys.argv[1:]), gpus, nnodes, node_rank, master_addr, master_port)
     if exit_code is not None:
         sys.exit(exit_code)
@@ -112,9 +115,38 @@ def run(row: str, synthetic: bool, data_root: Optional[str], iters: Optional[int
         sys.exit(exit_code_for(stop))
     if not record:
         return  # a non-zero rank of a distributed run
-    ema = f", EMA mIoU {record['miou_ema']:.2f}" if record["miou_ema"] is not None else ""
-    click.echo(f"{row} on {record['dataset']}: mIoU {record['miou']:.2f}{ema} "
-               f"({record['iterations']} iterations, {record['wall_time_s']:.0f} s); record {record['_path']}")
+    ema = (f", EMA {record['miou_ema']:.2f} (best {record['miou_ema_best']:.2f} at {record['best_iteration_ema']})"
+           if record["miou_ema"] is not None else "")
+    click.echo(f"{row} on {record['dataset']}: mIoU {record['miou']:.2f} (best {record['miou_best']:.2f} at "
+               f"{record['best_iteration']}){ema}; {record['iterations']} iterations, {record['wall_time_s']:.0f} s; "
+               f"record {record['_path']}")
+    if record["dataset"] != "synthetic" and record["starting_weights"].startswith("missing"):
+        click.echo(f"warning: started from random weights ({record['starting_weights']}); see `bench weights`", err=True)
+
+
+@main.command()
+@click.option("--rows", "pattern", default="*", show_default=True, help="Rows to list (a glob).")
+def weights(pattern: str) -> None:
+    """The starting-weight files each row expects, where, and whether they are present."""
+    from tabulate import tabulate
+
+    from harness.models.weights import expected_files
+    from harness.spec import load_all
+
+    lines = []
+    for spec in load_all():
+        if not fnmatch.fnmatch(spec.row, pattern):
+            continue
+        files = expected_files(spec)
+        if not files:
+            lines.append([spec.row, "-", "(none: random initialisation, as the table's run)", "-"])
+        for key, path in files:
+            lines.append([spec.row, key, str(path), "present" if path.is_file() else "MISSING"])
+    click.echo(tabulate(lines, headers=["row", "spec key", "file", "status"], disable_numparse=True))
+    missing = sum(1 for line in lines if line[3] == "MISSING")
+    if missing:
+        click.echo(f"{missing} file(s) missing: bring them (nothing is downloaded); relative paths are read from "
+                   f"the project root, or from $SEGBENCH_WEIGHTS for weights/...", err=True)
 
 
 LAUNCHER_OPTIONS = {"--gpus", "--nnodes", "--node-rank", "--master-addr", "--master-port"}

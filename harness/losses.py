@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -31,43 +30,45 @@ def ohem_keep_mask(logits: torch.Tensor, target: torch.Tensor, thresh: float, mi
         if min_kept > 0:
             kth = valid_prob.kthvalue(min_kept).values.item()
             threshold = max(thresh, kth)
-        return valid & (prob <= threshold)
-
-
-def global_pixel_mean(loss_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """Mean over the valid pixels of the global batch, however many processes share it.
-
-    DDP averages gradients over ranks, so each rank divides by (global count / world size): the
-    gradient is then that of one process holding the whole batch, and the recipe does not change
-    with the GPU count.
-    """
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        total = count.detach().float().clone()
-        dist.all_reduce(total)
-        return loss_sum * dist.get_world_size() / total.clamp(min=1)
-    return loss_sum / count.clamp(min=1)
+        # `not above` rather than `at most`: a NaN probability (a diverged network) stays in the loss, so the
+        # divergence check sees it instead of OHEM silently dropping every pixel.
+        return valid & ~(prob > threshold)
 
 
 class SegmentationLoss(nn.Module):
-    """Main output weight 1, auxiliary outputs weighted as the spec says; logits upsampled to the label size."""
+    """Main output weight 1, auxiliary outputs weighted as the spec says; logits upsampled to the label size.
 
-    def __init__(self, spec: LossSpec, ignore_index: int = 255, min_kept: int | None = None):
+    UP computed its loss on each GPU's images (OHEM's min_kept counts the pixels of one GPU's batch) and
+    DDP averaged the GPUs' means. `group_images` reproduces that whatever the process count: the batch is
+    cut into groups of that many images (UP's per-GPU batch), each group's loss is the mean over its kept
+    pixels, and the loss is the mean over groups; DDP's average over processes then equals the mean over
+    all groups of the global batch. 0 makes the whole batch one group.
+    """
+
+    def __init__(self, spec: LossSpec, ignore_index: int = 255, min_kept: int | None = None, group_images: int = 0):
         super().__init__()
         if spec.name not in ("ce", "ohem"):
             raise BenchError(f"loss.name: unknown loss '{spec.name}'; use 'ce' or 'ohem'")
         self.spec = spec
         self.ignore_index = ignore_index
         self.min_kept = spec.ohem_min_kept if min_kept is None else min_kept
+        self.group_images = group_images
 
     def single(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if logits.shape[-2:] != target.shape[-2:]:
             logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
-        if self.spec.name == "ohem":
-            keep = ohem_keep_mask(logits, target, self.spec.ohem_thresh, self.min_kept, self.ignore_index)
-            target = torch.where(keep, target, torch.full_like(target, self.ignore_index))
-        total = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index, reduction="sum")
-        return global_pixel_mean(total, (target != self.ignore_index).sum())
-
+        groups = max(1, logits.shape[0] // self.group_images) if self.group_images else 1
+        means = []
+        # Strided groups (images k, k + groups, ...): the sampler deals a global batch round-robin to the
+        # processes, so these are the same groups of the same images on any number of processes.
+        for k in range(groups):
+            group_logits, group_target = logits[k::groups], target[k::groups]
+            if self.spec.name == "ohem":
+                keep = ohem_keep_mask(group_logits, group_target, self.spec.ohem_thresh, self.min_kept, self.ignore_index)
+                group_target = torch.where(keep, group_target, torch.full_like(group_target, self.ignore_index))
+            total = F.cross_entropy(group_logits.float(), group_target, ignore_index=self.ignore_index, reduction="sum")
+            means.append(total / (group_target != self.ignore_index).sum().clamp(min=1))
+        return torch.stack(means).mean()
     def forward(self, outputs: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         if isinstance(outputs, torch.Tensor):
             outputs = (outputs,)

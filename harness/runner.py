@@ -25,13 +25,15 @@ from harness.data.synthetic import ensure_synthetic
 from harness.distributed import ShardedTrainSampler, World
 from harness.errors import BenchError
 from harness.models import build_model, check_implemented
+from harness.models.weights import apply_starting_weights
 from harness.results import git_commit, package_versions, utc_now, write_record
 from harness.spec import Spec, flatten, load_spec
 from harness.table import write_benchmark
 from harness.tracking import Tracker
-from harness.train import Interrupted, PRECISIONS, Trainer, TrainPlan, iterations_for
+from harness.train import Interrupted, PRECISIONS, Trainer, TrainPlan, iterations_per_epoch
 
 RUN_FILE = "run.json"
+UP_GPUS = 8  # every United-Perception row trained on 8 GPUs (pt_sync_bn group_size 8)
 
 
 @dataclass
@@ -47,6 +49,7 @@ class RunOptions:
     resume: Optional[str] = None  # "latest", a run folder, or a checkpoint file
     deterministic: bool = False
     init_checkpoint: Optional[str] = None
+    eval_every: Optional[int] = None  # iterations; overrides the recipe's cadence
     progress: bool = True
 
 
@@ -83,23 +86,45 @@ def resolve_data_root(options: RunOptions, world: World) -> tuple[Path, str]:
 
 def make_plan(spec: Spec, dataset: str, train_images: int, options: RunOptions, precision: str,
               world: World) -> TrainPlan:
-    if dataset == "synthetic":
-        s = spec.synthetic
-        plan = TrainPlan(iters=s.iters, batch_size=s.batch_size, crop_size=s.crop_size, test_size=s.test_size,
-                         scale_range=s.scale_range, lr=s.lr, ema_decay=s.ema_decay, ema_warmup=s.ema_warmup,
-                         log_every=s.log_every, eval_every=s.eval_every, checkpoint_every=s.checkpoint_every,
-                         ohem_min_kept=s.ohem_min_kept, workers=s.workers)
-    else:
-        t = spec.train
-        plan = TrainPlan(iters=iterations_for(spec.columns.epochs, train_images, spec.columns.batch_size),
-                         batch_size=spec.columns.batch_size, crop_size=t.crop_size, test_size=spec.columns.test_size,
-                         scale_range=t.scale_range, lr=t.lr, ema_decay=t.ema_decay, ema_warmup=t.ema_warmup,
-                         log_every=t.log_every, eval_every=t.eval_every, checkpoint_every=t.checkpoint_every,
-                         ohem_min_kept=spec.loss.ohem_min_kept, workers=t.workers)
+    """The one recipe object the run trains with: the spec's UP recipe on Cityscapes, or its synthetic budget
+    (same recipe, CPU-sized iterations, batch, crops, lr and EMA ramp), plus the command line's overrides."""
+    t, s = spec.train, spec.synthetic
+    synthetic = dataset == "synthetic"
+    batch_size = s.batch_size if synthetic else spec.columns.batch_size
+    per_epoch = iterations_per_epoch(train_images, batch_size)
+    plan = TrainPlan(
+        iters=s.iters if synthetic else spec.columns.epochs * per_epoch,
+        iters_per_epoch=per_epoch, batch_size=batch_size,
+        crop_size=s.crop_size if synthetic else t.crop_size,
+        test_size=s.test_size if synthetic else spec.columns.test_size,
+        scale_range=s.scale_range if synthetic else t.scale_range,
+        flip=t.flip, pad_value=t.pad_value, mean=spec.data.mean, std=spec.data.std,
+        lr=s.lr if synthetic else t.lr_per_image * batch_size,
+        momentum=t.momentum, weight_decay=t.weight_decay,
+        warmup_iters=s.warmup_iters if synthetic else t.warmup_iters, warmup_ratio=t.warmup_ratio,
+        poly_power=t.poly_power, min_lr=t.min_lr,
+        ema=spec.columns.ema, ema_decay=s.ema_decay if synthetic else t.ema_decay,
+        ema_ramp=s.ema_ramp if synthetic else t.ema_ramp,
+        loss=spec.loss.name, ohem_thresh=spec.loss.ohem_thresh,
+        ohem_min_kept=s.ohem_min_kept if synthetic else spec.loss.ohem_min_kept,
+        aux_weights=spec.loss.aux_weights,
+        # UP trained every row on 8 GPUs; the synthetic batch keeps two groups so 1 and 2 processes agree.
+        loss_group_images=max(1, batch_size // (2 if synthetic else UP_GPUS)),
+        freeze_bn=t.freeze_bn,
+        eval_every=s.eval_every if synthetic else t.eval_every_epochs * per_epoch,
+        log_every=s.log_every if synthetic else t.log_every,
+        checkpoint_every=s.checkpoint_every if synthetic else t.checkpoint_every,
+        workers=s.workers if synthetic else t.workers,
+    )
     if options.iters is not None:
         if options.iters < 1:
             raise BenchError(f"--iters must be at least 1, got {options.iters}")
         plan.iters = options.iters
+        plan.warmup_iters = min(plan.warmup_iters, plan.iters)
+    if options.eval_every is not None:
+        if options.eval_every < 0:
+            raise BenchError(f"--eval-every must be 0 (only at the end) or a positive number of iterations, got {options.eval_every}")
+        plan.eval_every = options.eval_every
     plan.seed, plan.precision, plan.world_size = options.seed, precision, world.size
     plan.log_every = max(1, min(plan.log_every, plan.iters))
     return plan
@@ -205,7 +230,10 @@ def run(options: RunOptions) -> dict[str, Any]:
     spec = load_spec(options.row)
     check_implemented(spec)  # before any data is read
     if options.init_checkpoint:
-        spec.model.init_checkpoint = str(Path(options.init_checkpoint).expanduser().resolve())
+        chosen = Path(options.init_checkpoint).expanduser().resolve()
+        if not chosen.is_file():
+            raise BenchError(f"--init-checkpoint {chosen} does not exist; give the path of a model checkpoint file")
+        spec.model.init_checkpoint = str(chosen)
     device = pick_device(options.device, world)
     precision = resolve_precision(options.precision, device)
     per_rank = distributed.per_rank_batch(planned_batch_size(spec, options.synthetic), world.size)
@@ -235,12 +263,17 @@ def _run(options: RunOptions, spec: Spec, world: World, device: torch.device, pr
 
     sampler = ShardedTrainSampler(len(train_samples), per_rank, world, plan.seed)
     train_loader = DataLoader(
-        CityscapesTrain(train_samples, plan.crop_size, plan.scale_range), batch_size=per_rank, sampler=sampler,
+        CityscapesTrain(train_samples, plan.crop_size, plan.scale_range, plan.flip, plan.pad_value, plan.mean, plan.std),
+        batch_size=per_rank, sampler=sampler,
         drop_last=True, num_workers=plan.workers, pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(plan.seed))  # keeps the global RNG untouched by the loader
-    val_loader = DataLoader(CityscapesEval(distributed.shard(val_samples, world), plan.test_size),
+    val_loader = DataLoader(CityscapesEval(distributed.shard(val_samples, world), plan.test_size, plan.mean, plan.std),
                             batch_size=1, num_workers=min(plan.workers, 2))
-    model = build_model(spec, starting_weights=resume_state is None)  # a resumed run takes every tensor from its checkpoint
+    model = build_model(spec)
+    if resume_state is None:
+        starting = apply_starting_weights(model, spec, loud=dataset == "cityscapes")
+    else:  # a resumed run takes every tensor from its checkpoint, and keeps the status it started with
+        starting = resume_state.get("starting_weights", "unknown")
 
     tracker = Tracker(options.tracking_uri or (run_dir and _read_run_file(run_dir).get("tracking_uri"))
                       or paths.default_tracking_uri(), dataset) if world.is_main else None
@@ -257,7 +290,7 @@ def _run(options: RunOptions, spec: Spec, world: World, device: torch.device, pr
             run_dir.mkdir(parents=True)
             tags = {"row": spec.row, "dataset": dataset, "git_commit": commit,
                     "reference_miou": " | ".join(repr(v) for v in spec.reference.miou),
-                    "reference_source": spec.reference.source}
+                    "reference_source": spec.reference.source, "starting_weights": starting}
             params = {**spec.flat(), **{f"plan.{k}": v for k, v in asdict(plan).items()},
                       "data.root": str(data_root), "data.train_images": len(train_samples), "device": device.type}
             run_id = tracker.start(spec.row, params, tags)
@@ -269,7 +302,8 @@ def _run(options: RunOptions, spec: Spec, world: World, device: torch.device, pr
     def log_metrics(metrics: dict[str, float], step: int) -> None:
         tracker.log_metrics(metrics, step)
 
-    trainer = Trainer(spec, plan, model, device, world, log_metrics, run_dir / "checkpoints", options.progress)
+    trainer = Trainer(spec, plan, model, device, world, log_metrics, run_dir / "checkpoints", options.progress,
+                      extra_state={"starting_weights": starting})
     if resume_state is not None:
         trainer.load_state_dict(resume_state)
 
@@ -288,7 +322,7 @@ def _run(options: RunOptions, spec: Spec, world: World, device: torch.device, pr
     if not world.is_main:
         return {}
     try:
-        record = _finish(spec, plan, dataset, world, device, tracker, run_id, commit, result, started)
+        record = _finish(spec, plan, dataset, world, device, tracker, run_id, commit, result, started, starting)
     except BaseException:
         tracker.finish("FAILED")
         raise
@@ -297,7 +331,7 @@ def _run(options: RunOptions, spec: Spec, world: World, device: torch.device, pr
     return record
 
 
-def _finish(spec, plan, dataset, world, device, tracker, run_id, commit, result, started) -> dict[str, Any]:
+def _finish(spec, plan, dataset, world, device, tracker, run_id, commit, result, started, starting) -> dict[str, Any]:
     per_class = dict(zip(CLASS_NAMES, result.metrics.iou))
     ema_per_class = dict(zip(CLASS_NAMES, result.ema_metrics.iou)) if result.ema_metrics else None
     tracker.log_metrics({f"iou_{name.replace(' ', '_')}": v for name, v in per_class.items()}, plan.iters)
@@ -306,6 +340,13 @@ def _finish(spec, plan, dataset, world, device, tracker, run_id, commit, result,
         "kind": "train", "row": spec.row, "dataset": dataset, "seed": plan.seed,
         "miou": result.metrics.miou, "pixel_accuracy": result.metrics.pixel_accuracy,
         "miou_ema": result.ema_metrics.miou if result.ema_metrics else None,
+        # UP evaluated every 5 epochs and kept the best (auto_save_best): the table reports the best, the
+        # record keeps both so nothing is hidden.
+        "miou_best": result.best.miou, "best_iteration": result.best.iteration,
+        "miou_ema_best": result.best_ema.miou if result.best_ema else None,
+        "best_iteration_ema": result.best_ema.iteration if result.best_ema else None,
+        "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
+        "starting_weights": starting,
         "per_class_iou": per_class, "per_class_iou_ema": ema_per_class,
         "iterations": plan.iters, "batch_size": plan.batch_size, "devices": world.size,
         "device": device.type, "precision": plan.precision, "checkpoint": str(result.checkpoint),

@@ -53,34 +53,55 @@ class ModelSpec:
     family: str
     backbone: str
     output_stride: int = 8
-    backbone_checkpoint: Optional[str] = None  # ImageNet weights a user brings, a state dict on disk
+    # The ImageNet backbone file United-Perception's config names (`saver.pretrain_model`), in UP's key layout;
+    # the user brings it (nothing downloads). A Cityscapes run without it warns loudly and is marked.
+    backbone_checkpoint: Optional[str] = None
     init_checkpoint: Optional[str] = None  # a whole-model checkpoint to start from
     eval_half_resolution: bool = False  # lxtGH DF-Seg speed trick: infer at half size
 
 
 @dataclass
+class DataSpec:
+    """Input normalisation, on 0-255 RGB as UP's `normalize` transform."""
+
+    mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
+    std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+
+
+@dataclass
 class LossSpec:
-    name: str = "ce"  # "ce" or "ohem"
+    name: str = "ohem"  # "ohem" (UP's seg_ohem on every supervised output) or "ce"
     ohem_thresh: float = 0.7
     ohem_min_kept: int = 100000
     aux_weights: list[float] = field(default_factory=list)
 
 
+WARMUP_TYPES = ("linear",)
+LOSSES = ("ohem", "ce")
+
+
 @dataclass
 class TrainSpec:
     crop_size: list[int]
-    scale_range: list[float]
-    lr: float
+    lr_per_image: float  # UP's config lr: multiplied by the global batch
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # drawn as UP's seg_rand_resize
+    flip: bool = True
+    pad_value: int = 0  # image padding before normalisation (labels pad with 255, ignored)
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    warmup_iters: int = 500
+    warmup_type: str = "linear"
+    warmup_ratio: float = 0.25  # warm-up starts at this fraction of the lr
     poly_power: float = 0.9
     min_lr: float = 0.0
-    ema_decay: float = 0.9999
-    ema_warmup: bool = False  # timm's EMA warmup: a lower decay over the first steps
-    freeze_bn: bool = False  # batch norm layers stay in eval mode (running statistics) while training
-    log_every: int = 10
-    eval_every: int = 0  # 0: evaluate only at the end
-    checkpoint_every: int = 1000
+    ema_decay: float = 0.9998
+    ema_ramp: float = 2000.0  # UP's ExpEMA: decay x (1 - exp(-step / ema_ramp)); 0 = constant decay
+    eval_every_epochs: int = 5  # UP's test_freq; 0: evaluate only at the end
+    # Batch norm layers stay in eval mode (running statistics). No table row uses it; it is for fine-tuning,
+    # and for exact comparisons of process counts on CPU, where there is no SyncBatchNorm.
+    freeze_bn: bool = False
+    log_every: int = 20
+    checkpoint_every: int = 2000
     workers: int = 4
 
 
@@ -100,10 +121,11 @@ class SyntheticBudget:
     crop_size: list[int] = field(default_factory=lambda: [128, 128])
     test_size: list[int] = field(default_factory=lambda: [256, 128])
     scale_range: list[float] = field(default_factory=lambda: [0.75, 1.5])
-    lr: float = 0.01
+    lr: float = 0.01  # global
+    warmup_iters: int = 10
     ema_decay: float = 0.99
-    ema_warmup: bool = True  # short runs: let the EMA leave the random initialisation quickly
-    eval_every: int = 0
+    ema_ramp: float = 20.0
+    eval_every: int = 0  # iterations; 0: evaluate only at the end
     log_every: int = 10
     ohem_min_kept: int = 2000
     workers: int = 0
@@ -118,6 +140,7 @@ class Spec:
     model: ModelSpec
     loss: LossSpec
     train: TrainSpec
+    data: DataSpec = field(default_factory=DataSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     synthetic: SyntheticBudget = field(default_factory=SyntheticBudget)
 
@@ -240,13 +263,53 @@ def load_spec(row: str, root: Optional[Path] = None) -> Spec:
     data["reference"] = _read_yaml(path).get("reference")
     if data["reference"] is None:
         raise BenchError(f"{path}: missing required key 'reference'; give the row's reference mIoU")
-    data.pop("row", None)
+    named = data.pop("row", row)
+    if named != row:
+        raise BenchError(f"{path}: key 'row' says '{named}' but the file is {row}.yaml; rename the file or fix the key")
+    where = str(path.relative_to(root.parent))
     try:
-        return _build(Spec, {"row": row, **data}, str(path.relative_to(root.parent)))
+        spec = _build(Spec, {"row": row, **data}, where)
     except BenchError as exc:
         # Name the file as a path (experiments/x.yaml: key ...), not a dotted prefix.
-        message = str(exc).replace(f"{path.relative_to(root.parent)}.", f"{path.relative_to(root.parent)}: ", 1)
-        raise BenchError(message) from None
+        raise BenchError(str(exc).replace(f"{where}.", f"{where}: ", 1)) from None
+    _check_ranges(spec, where)
+    return spec
+
+
+def _check_ranges(spec: Spec, where: str) -> None:
+    """Values that pass the type check but cannot train: one line naming the key, the value and the range."""
+    t, s, c = spec.train, spec.synthetic, spec.columns
+
+    def require(ok: bool, key: str, value: Any, accepted: str) -> None:
+        if not ok:
+            raise BenchError(f"{where}: {key} is {value!r}; accepted: {accepted}")
+
+    def size(key: str, value: list[int]) -> None:
+        require(len(value) == 2 and all(v > 0 for v in value), key, value, "[width, height], two positive integers")
+
+    for key, value in (("train.crop_size", t.crop_size), ("synthetic.crop_size", s.crop_size),
+                       ("columns.test_size", c.test_size), ("synthetic.test_size", s.test_size)):
+        size(key, value)
+    for key, value in (("columns.batch_size", c.batch_size), ("columns.epochs", c.epochs),
+                       ("synthetic.batch_size", s.batch_size), ("synthetic.iters", s.iters),
+                       ("train.log_every", t.log_every), ("synthetic.log_every", s.log_every)):
+        require(value > 0, key, value, "a positive integer")
+    for key, value in (("train.lr_per_image", t.lr_per_image), ("synthetic.lr", s.lr)):
+        require(value > 0, key, value, "a positive number")
+    for key, value in (("train.scale_range", t.scale_range), ("synthetic.scale_range", s.scale_range)):
+        require(len(value) == 2 and 0 < value[0] <= 1 <= value[1], key, value, "[low, high] with 0 < low <= 1 <= high")
+    require(t.warmup_type in WARMUP_TYPES, "train.warmup_type", t.warmup_type, ", ".join(WARMUP_TYPES))
+    require(0 < t.warmup_ratio <= 1, "train.warmup_ratio", t.warmup_ratio, "0 < ratio <= 1")
+    for key, value in (("train.ema_decay", t.ema_decay), ("synthetic.ema_decay", s.ema_decay),
+                       ("train.momentum", t.momentum)):
+        require(0 <= value < 1, key, value, "0 <= value < 1")
+    for key, value in (("train.weight_decay", t.weight_decay), ("train.min_lr", t.min_lr),
+                       ("train.warmup_iters", t.warmup_iters), ("synthetic.warmup_iters", s.warmup_iters),
+                       ("train.ema_ramp", t.ema_ramp), ("synthetic.ema_ramp", s.ema_ramp),
+                       ("train.eval_every_epochs", t.eval_every_epochs), ("synthetic.eval_every", s.eval_every)):
+        require(value >= 0, key, value, "zero or more")
+    require(spec.loss.name in LOSSES, "loss.name", spec.loss.name, ", ".join(LOSSES))
+    require(0 <= t.pad_value <= 255, "train.pad_value", t.pad_value, "a pixel value 0-255")
 
 
 def row_ids(root: Optional[Path] = None) -> list[str]:

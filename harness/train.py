@@ -25,38 +25,71 @@ from harness.errors import BenchError
 from harness.losses import SegmentationLoss
 from harness.evaluate import TestMode, evaluate
 from harness.metrics import SegMetrics
-from harness.spec import Spec
+from harness.spec import LossSpec, Spec
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
 class TrainPlan:
-    """What this run actually does: the spec's recipe, or the synthetic budget, plus CLI overrides."""
+    """The whole recipe this run trains with, resolved once from the spec (or its synthetic budget) and the
+    command line: the training loop reads nothing else, so what a run trained is what its plan says."""
 
     iters: int
+    iters_per_epoch: int
     batch_size: int  # global, over all processes
     crop_size: list[int]
     test_size: list[int]
     scale_range: list[float]
-    lr: float
+    flip: bool
+    pad_value: int
+    mean: list[float]
+    std: list[float]
+    lr: float  # global: UP's per-image lr times the global batch
+    momentum: float
+    weight_decay: float
+    warmup_iters: int
+    warmup_ratio: float
+    poly_power: float
+    min_lr: float
+    ema: bool
     ema_decay: float
-    ema_warmup: bool
-    log_every: int
-    eval_every: int
-    checkpoint_every: int
+    ema_ramp: float
+    loss: str
+    ohem_thresh: float
     ohem_min_kept: int
+    aux_weights: list[float]
+    loss_group_images: int  # UP's per-GPU batch: OHEM selects, and the loss averages, per group of images
+    freeze_bn: bool
+    eval_every: int  # iterations; 0: only at the end
+    log_every: int
+    checkpoint_every: int
     workers: int
     seed: int = 0
     precision: str = "fp32"
     world_size: int = 1
 
+    def loss_spec(self) -> LossSpec:
+        return LossSpec(name=self.loss, ohem_thresh=self.ohem_thresh, ohem_min_kept=self.ohem_min_kept,
+                        aux_weights=list(self.aux_weights))
+
+
+@dataclass
+class Score:
+    """One evaluation's mIoU and the iteration it was taken at."""
+
+    miou: float
+    iteration: int
+
 
 @dataclass
 class TrainResult:
-    metrics: SegMetrics
-    ema_metrics: Optional[SegMetrics]
+    metrics: SegMetrics  # final raw weights
+    ema_metrics: Optional[SegMetrics]  # final EMA weights
     checkpoint: Optional[Path]
+    best: Optional[Score] = None  # best raw evaluation over the run
+    best_ema: Optional[Score] = None
+    best_checkpoint: Optional[Path] = None
     history: list[dict] = field(default_factory=list)
 
 
@@ -72,14 +105,34 @@ class Interrupted(Exception):
         self.signum, self.iteration, self.path = signum, iteration, path
 
 
-def poly_factor(iteration: int, max_iters: int, power: float, base_lr: float, min_lr: float) -> float:
-    """Multiplier of the base learning rate: poly decay from base_lr to min_lr over max_iters."""
-    progress = min(iteration, max_iters) / max(max_iters, 1)
-    return ((1 - progress) ** power * (base_lr - min_lr) + min_lr) / base_lr
+def learning_rate(iteration: int, plan: TrainPlan) -> float:
+    """The lr of 0-based `iteration`, as UP's ChainIterLR(polylr) with linear warm-up computes it
+    (up/utils/model/lr_helper.py): linear from warmup_ratio x lr to lr over the warm-up iterations, then
+    poly decay counted from iteration 0 (not from the end of warm-up) down to min_lr at `iters`."""
+    if iteration < plan.warmup_iters:
+        start = plan.warmup_ratio * plan.lr
+        return start + (plan.lr - start) * iteration / max(1, plan.warmup_iters - 1)
+    progress = min(iteration, plan.iters) / plan.iters
+    return (plan.lr - plan.min_lr) * (1 - progress) ** plan.poly_power + plan.min_lr
 
 
-def iterations_for(epochs: int, train_images: int, batch_size: int) -> int:
-    return math.ceil(epochs * train_images / batch_size)
+def iterations_per_epoch(train_images: int, batch_size: int) -> int:
+    """UP's epoch: every image once (the last batch padded with repeats), ceil(images / global batch)."""
+    return math.ceil(train_images / batch_size)
+
+
+class ExpEMA(ModelEmaV3):
+    """UP's ExpEMA (up/utils/model/ema_helper.py): decay x (1 - exp(-step / ramp)) at 0-based step, over every
+    floating-point tensor of the state dict (batch-norm statistics included); ramp 0 keeps the decay constant."""
+
+    def __init__(self, model: nn.Module, decay: float, ramp: float):
+        super().__init__(model, decay=decay, exclude_buffers=False)
+        self.ramp = ramp
+
+    def get_decay(self, step: Optional[int] = None) -> float:
+        if step is None or not self.ramp:
+            return self.decay
+        return self.decay * (1 - math.exp(-step / self.ramp))
 
 
 def rng_state() -> dict[str, Any]:
@@ -127,16 +180,17 @@ class Trainer:
             if world.distributed else model
         )
         self.autocast_dtype = PRECISIONS[plan.precision]
-        self.criterion = SegmentationLoss(spec.loss, min_kept=plan.ohem_min_kept)
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=spec.train.momentum,
-                                         weight_decay=spec.train.weight_decay)
-        min_lr = min(spec.train.min_lr, plan.lr)
+        self.criterion = SegmentationLoss(plan.loss_spec(), group_images=plan.loss_group_images)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=plan.momentum,
+                                         weight_decay=plan.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda it: poly_factor(it, plan.iters, spec.train.poly_power, plan.lr, min_lr))
+            self.optimizer, lambda it: learning_rate(it, plan) / plan.lr)
         self.scaler = torch.amp.GradScaler(device.type, enabled=plan.precision == "fp16")
-        self.ema = (ModelEmaV3(model, decay=plan.ema_decay, use_warmup=plan.ema_warmup)
-                    if spec.columns.ema else None)
+        self.ema = ExpEMA(model, plan.ema_decay, plan.ema_ramp) if plan.ema else None
         self.iteration = 0
+        self.best: Optional[Score] = None
+        self.best_ema: Optional[Score] = None
+        self.best_checkpoint: Optional[Path] = None
         self.history: list[dict] = []
         self._stop_signal: Optional[int] = None
 
@@ -153,6 +207,8 @@ class Trainer:
             "rng": rng_state(),
             "spec": self.spec.to_dict(),
             "plan": asdict(self.plan),
+            "best": asdict(self.best) if self.best else None,
+            "best_ema": asdict(self.best_ema) if self.best_ema else None,
             **self.extra_state,
         }
 
@@ -164,13 +220,18 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.iteration = int(state["iteration"])
+        self.best = Score(**state["best"]) if state.get("best") else None
+        self.best_ema = Score(**state["best_ema"]) if state.get("best_ema") else None
+        best_file = self.checkpoint_dir / checkpoint.BEST
+        self.best_checkpoint = best_file if best_file.is_file() else None
         set_rng_state(state["rng"])
 
-    def save_checkpoint(self) -> Optional[Path]:
+    def save_checkpoint(self, best: bool = False) -> Optional[Path]:
         """Rank 0 writes; every rank waits so no one races ahead of a half-written file."""
         path = None
         if self.world.is_main:
-            path = checkpoint.save(self.state_dict(), self.checkpoint_dir, self.iteration)
+            path = (checkpoint.save_best(self.state_dict(), self.checkpoint_dir) if best
+                    else checkpoint.save(self.state_dict(), self.checkpoint_dir, self.iteration))
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         return path
@@ -187,12 +248,14 @@ class Trainer:
 
     def set_train_mode(self) -> None:
         self.forward_model.train()
-        if self.spec.train.freeze_bn:
+        if self.plan.freeze_bn:
             for module in self.model.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
 
     def run_evaluation(self, loader: DataLoader) -> tuple[SegMetrics, Optional[SegMetrics]]:
+        """Score raw (and EMA) weights; keep the best as UP's auto_save_best did, on the weights UP evaluated
+        (the EMA weights of an EMA row, the raw weights otherwise), in checkpoints/best.pt."""
         metrics = self.evaluate(self.model, loader, "eval raw")
         logged = {"val_miou": metrics.miou, "val_pixel_accuracy": metrics.pixel_accuracy}
         ema_metrics = None
@@ -201,6 +264,14 @@ class Trainer:
             logged.update(val_miou_ema=ema_metrics.miou, val_pixel_accuracy_ema=ema_metrics.pixel_accuracy)
         if self.world.is_main:
             self.log_metrics(logged, self.iteration)
+        improved_raw = self.best is None or metrics.miou > self.best.miou
+        if improved_raw:
+            self.best = Score(metrics.miou, self.iteration)
+        improved_ema = ema_metrics is not None and (self.best_ema is None or ema_metrics.miou > self.best_ema.miou)
+        if improved_ema:
+            self.best_ema = Score(ema_metrics.miou, self.iteration)
+        if improved_ema if self.ema is not None else improved_raw:
+            self.best_checkpoint = self.save_checkpoint(best=True)
         return metrics, ema_metrics
 
     # --- training ------------------------------------------------------------------------------
@@ -230,7 +301,7 @@ class Trainer:
         if status[1] > 0:
             raise Diverged(
                 f"loss is not finite at iteration {self.iteration + 1}; training diverged "
-                f"(lower train.lr, now {self.plan.lr}); the last good checkpoint is kept in {self.checkpoint_dir}"
+                f"(lower train.lr_per_image; the global lr is {self.plan.lr}); the last good checkpoint is kept in {self.checkpoint_dir}"
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -284,4 +355,4 @@ class Trainer:
         bar.close()
         metrics, ema_metrics = self.run_evaluation(val_loader)
         final = self.save_checkpoint()
-        return TrainResult(metrics, ema_metrics, final, self.history)
+        return TrainResult(metrics, ema_metrics, final, self.best, self.best_ema, self.best_checkpoint, self.history)

@@ -11,7 +11,20 @@ import torch
 from harness.data.synthetic import ensure_synthetic
 from harness.paths import PROJECT_ROOT
 
-SEED_TABLE = Path(os.environ.get("SEGBENCH_SEED_TABLE", PROJECT_ROOT.parent / "shared" / "reference" / "seed-table.md"))
+REFERENCE = Path(os.environ.get("SEGBENCH_REFERENCE", PROJECT_ROOT.parent / "shared" / "reference"))
+SEED_TABLE = Path(os.environ.get("SEGBENCH_SEED_TABLE", REFERENCE / "seed-table.md"))
+
+
+def reference_file(path: Path) -> Path:
+    """A file of the reference material beside the checkout (../shared/reference/...). A user's clone has no
+    such folder: the test skips there, with the reason. In CI (CI set) the check must never silently
+    disappear, so a missing file fails."""
+    if not path.exists():
+        message = f"reference material {path} is not beside this checkout"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}; CI must run beside ../shared/reference/")
+        pytest.skip(f"{message} (a user's clone has none)")
+    return path
 
 
 @pytest.fixture(autouse=True)

@@ -87,3 +87,27 @@ def test_any_row_can_train_with_ohem(tmp_path, monkeypatch):
     touched = main.grad.abs().sum(1) > 0
     assert touched[0].sum() == 0 and touched[1].sum() == 16 * 16
     assert aux.grad.abs().sum() > 0
+
+
+def test_min_kept_counts_per_group_of_images_as_ups_per_gpu_loss():
+    """UP ran OHEM on each GPU's images: with group_images 1, each image keeps its own min_kept hardest
+    pixels and the loss is the mean of the per-image means, taken over strided groups (images k, k + G, ...)."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    target = torch.randint(0, 3, (4, 8, 8))
+    spec = LossSpec(name="ohem", ohem_thresh=0.0, ohem_min_kept=10)
+    per_image = [SegmentationLoss(spec)(logits[i:i + 1], target[i:i + 1]) for i in range(4)]
+    grouped = SegmentationLoss(spec, group_images=1)(logits, target)
+    assert grouped == pytest.approx(float(sum(per_image) / 4), rel=1e-12)
+    pairs = SegmentationLoss(spec, group_images=2)(logits, target)
+    strided = [SegmentationLoss(spec)(logits[k::2], target[k::2]) for k in range(2)]
+    assert pairs == pytest.approx(float(sum(strided) / 2), rel=1e-12)
+    whole = SegmentationLoss(spec)(logits, target)  # one group: 10 pixels kept in all, not 10 per image
+    assert whole != pytest.approx(float(grouped), rel=1e-3)
+
+
+def test_a_nan_probability_stays_in_the_loss_so_divergence_is_seen():
+    logits, target = example()
+    logits = logits.clone()
+    logits[0, :, 0, 0] = float("nan")
+    assert not torch.isfinite(SegmentationLoss(LossSpec(name="ohem", ohem_thresh=0.7, ohem_min_kept=3))(logits, target))

@@ -41,7 +41,7 @@ def test_short_training_learns_and_is_tracked(synthetic_root: Path):
     (mlflow_run,) = client.search_runs([experiment.experiment_id])
     assert mlflow_run.info.run_id == record["mlflow_run_id"] and mlflow_run.info.status == "FINISHED"
     assert mlflow_run.info.run_name == "deeplabv3-r50"
-    assert mlflow_run.data.params["train.lr"] == "0.01" and mlflow_run.data.params["plan.iters"] == "40"
+    assert mlflow_run.data.params["plan.lr"] == "0.01" and mlflow_run.data.params["plan.iters"] == "40"
     assert mlflow_run.data.tags["row"] == "deeplabv3-r50" and mlflow_run.data.tags["reference_miou"] == "79.5"
     assert mlflow_run.data.tags["dataset"] == "synthetic" and mlflow_run.data.tags["git_commit"]
     assert abs(mlflow_run.data.metrics["val_miou"] - record["miou"]) < 1e-6

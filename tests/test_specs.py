@@ -11,7 +11,7 @@ import pytest
 from harness.errors import BenchError
 from harness.paths import PROJECT_ROOT
 from harness.spec import load_all, load_spec, row_ids
-from tests.conftest import SEED_TABLE
+from tests.conftest import SEED_TABLE, reference_file
 
 
 def parse_seed_table(path: Path) -> list[dict[str, str]]:
@@ -31,12 +31,8 @@ def parse_miou_cell(cell: str) -> tuple[list[float], float | None]:
     return [float(v) for v in values.split("\\|")], float(lightseg.group(1)) if lightseg else None
 
 
-def test_seed_table_is_present():
-    assert SEED_TABLE.is_file(), f"seed table not found at {SEED_TABLE}; set SEGBENCH_SEED_TABLE"
-
-
 def test_every_row_matches_the_seed_table():
-    seed = parse_seed_table(SEED_TABLE)
+    seed = parse_seed_table(reference_file(SEED_TABLE))
     specs = load_all()
     assert len(seed) == 34 and len(specs) == 34
     for cells, spec in zip(seed, specs):
@@ -73,7 +69,7 @@ def test_lightseg_row_has_its_base_rows_recipe():
 
 def test_family_defaults_reach_rows():
     spec = load_spec("sf_seg_v2-ema")
-    assert spec.loss.name == "ohem" and spec.train.weight_decay == 1e-4 and spec.train.crop_size == [1024, 1024]
+    assert spec.loss.name == "ohem" and spec.train.weight_decay == 5e-4 and spec.train.crop_size == [1024, 1024]
     assert load_spec("deeplabv3-r101").loss.aux_weights == [0.4]
     assert load_spec("unet-1024").train.crop_size == [1024, 1024]
 
@@ -104,7 +100,7 @@ def test_unknown_key_names_file_and_key(experiments_copy):
 
 def test_wrong_type_names_file_and_key(experiments_copy):
     path = experiments_copy / "unet-769.yaml"
-    path.write_text(path.read_text().replace("epochs: 120", "epochs: many"))
+    path.write_text(path.read_text().replace("  model: UNet (769)\n", "  model: UNet (769)\n  epochs: many\n"))
     with pytest.raises(BenchError, match=r"unet-769\.yaml: columns\.epochs: expected int, got 'many'"):
         load_spec("unet-769")
 
@@ -112,3 +108,25 @@ def test_wrong_type_names_file_and_key(experiments_copy):
 def test_unknown_row_suggests_close_ids():
     with pytest.raises(BenchError, match="closest: sf_seg_v2-ema"):
         load_spec("sf_seg_v2-emma")
+
+
+@pytest.mark.parametrize("key, value, accepted", [
+    ("lr_per_image", -0.01, "a positive number"),
+    ("crop_size", [0, 769], "two positive integers"),
+    ("scale_range", [1.5, 2.0], "0 < low <= 1 <= high"),
+    ("warmup_type", "cosine", "linear"),
+])
+def test_values_out_of_range_are_refused_in_one_line(experiments_copy, key, value, accepted):
+    path = experiments_copy / "pspnet-r50.yaml"
+    path.write_text(path.read_text() + f"train:\n  {key}: {value}\n")
+    with pytest.raises(BenchError) as err:
+        load_spec("pspnet-r50")
+    message = str(err.value)
+    assert f"train.{key} is {value!r}" in message and accepted in message and "\n" not in message
+
+
+def test_row_key_must_name_its_own_file(experiments_copy):
+    path = experiments_copy / "pspnet-r50.yaml"
+    path.write_text("row: pspnet-r50-ema\n" + path.read_text())
+    with pytest.raises(BenchError, match=r"key 'row' says 'pspnet-r50-ema' but the file is pspnet-r50\.yaml"):
+        load_spec("pspnet-r50")

@@ -1,6 +1,7 @@
 """Starting weights: a backbone checkpoint named in a spec is loaded (and said so), relative paths resolve
 against the project root, unusable files are refused with one line naming them, nothing in a file is
-executed, timm-backbone families take timm state dicts, and the MSeg-style row starts from an earlier run."""
+executed, and the MSeg-style row starts from an earlier run. Each family's loading of the file in UP's key
+layout is tested beside its network (tests/test_models_up_*.py, tests/test_models_dfnet.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch
 from harness.errors import BenchError
 from harness.models import build_model, weights
 from harness.models.dfnet import dfnet
-from harness.models.weights import load_backbone_checkpoint, load_init_checkpoint, resolve_checkpoint_path
+from harness.models.weights import (apply_starting_weights, load_backbone_checkpoint, load_init_checkpoint,
+                                    resolve_checkpoint_path)
 from harness.paths import PROJECT_ROOT
 from harness.runner import RunOptions, run
 from harness.spec import load_spec
@@ -30,6 +32,14 @@ def perturbed_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(123)
     return {k: (v + torch.randn(v.shape, generator=g) if v.is_floating_point() else v + 7)
             for k, v in module.state_dict().items()}
+
+
+def started(row: str) -> torch.nn.Module:
+    """The row's model with the starting weights its spec names, as `bench run` builds it."""
+    spec = load_spec(row)
+    model = build_model(spec)
+    assert not apply_starting_weights(model, spec).startswith("missing")
+    return model
 
 
 def use_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows: dict[str, dict]) -> None:
@@ -73,7 +83,7 @@ def test_backbone_checkpoint_in_the_spec_is_loaded_and_reported(wrapping, tmp_pa
         "sf-bb": {"inherit": "sf_seg_v1", "model": {"backbone_checkpoint": str(path)}, "reference": {"miou": [1.0]}},
     })
     capsys.readouterr()
-    model = build_model(load_spec("sf-bb"))
+    model = started("sf-bb")
     assert_loaded(model.backbone, state)
     err = capsys.readouterr().err
     assert f"backbone_checkpoint {path}: loaded {len(state)}/{len(state)} tensors" in err, err
@@ -112,7 +122,7 @@ def test_init_checkpoint_wins_over_the_backbone_checkpoint(tmp_path, monkeypatch
         "df-both": {"inherit": "df_seg_v1", "reference": {"miou": [1.0]},
                     "model": {"backbone_checkpoint": str(tmp_path / "bb.pt"), "init_checkpoint": str(tmp_path / "whole.pt")}},
     })
-    assert_loaded(build_model(load_spec("df-both")), whole_state)
+    assert_loaded(started("df-both"), whole_state)
 
 
 # --- paths -------------------------------------------------------------------------------------------
@@ -136,30 +146,36 @@ def test_a_relative_path_in_the_spec_is_read_from_the_project_root(tmp_path, mon
     use_rows(tmp_path, monkeypatch, {
         "sf-rel": {"inherit": "sf_seg_v1", "model": {"backbone_checkpoint": "weights/dfnet1.pth"}, "reference": {"miou": [1.0]}},
     })
-    assert_loaded(build_model(load_spec("sf-rel")).backbone, state)
+    assert_loaded(started("sf-rel").backbone, state)
     assert f"{root / 'weights' / 'dfnet1.pth'}: loaded" in capsys.readouterr().err
 
 
-def test_the_mseg_rows_missing_default_checkpoint_is_named_at_the_project_root():
+def test_the_mseg_rows_missing_default_checkpoint_is_named_at_the_project_root(capsys):
     expected = PROJECT_ROOT / "weights" / "df_seg_v1_mseg.pth"
     if expected.exists():
         pytest.skip(f"{expected} exists on this machine")
-    with pytest.raises(BenchError) as error:
-        build_model(load_spec("df_seg_v1-mseg"))
-    one_line_error(error, expected, "init_checkpoint", "does not exist", "--init-checkpoint")
+    spec = load_spec("df_seg_v1-mseg")
+    assert apply_starting_weights(build_model(spec), spec) == f"missing {expected}"
+    assert str(expected) in capsys.readouterr().err
 
 
 # --- refusals ----------------------------------------------------------------------------------------
 
 
-def test_missing_backbone_checkpoint_is_refused(tmp_path, monkeypatch):
+def test_missing_backbone_checkpoint_leaves_random_weights_and_says_so(tmp_path, monkeypatch, capsys):
+    """Users bring the files: a missing one does not stop the run, but the status says it (the runner records
+    it, tags the MLflow run and the table marks it; tests/test_best_and_starting_weights.py)."""
     path = tmp_path / "nowhere" / "dfnet1.pth"
     use_rows(tmp_path, monkeypatch, {
         "sf-missing": {"inherit": "sf_seg_v1", "model": {"backbone_checkpoint": str(path)}, "reference": {"miou": [1.0]}},
     })
-    with pytest.raises(BenchError) as error:
-        build_model(load_spec("sf-missing"))
-    one_line_error(error, path, "backbone_checkpoint", "does not exist", "model.backbone_checkpoint")
+    spec = load_spec("sf-missing")
+    model = build_model(spec)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert apply_starting_weights(model, spec, loud=True) == f"missing {path}"
+    assert_loaded(model, before)
+    err = capsys.readouterr().err
+    assert "WARNING" in err and str(path) in err and "bench weights" in err
 
 
 def test_a_checkpoint_of_another_network_is_refused(tmp_path):
@@ -190,24 +206,20 @@ def test_df_seg_v2_checkpoint_into_df_seg_v1_is_refused(tmp_path):
     one_line_error(error, path, "init_checkpoint", "another network")
 
 
-def test_a_checkpoint_for_another_number_of_classes_is_refused(tmp_path, monkeypatch):
-    path = tmp_path / "df_seg_v1-21.pth"
-    torch.save({"model": build_model(load_spec("df_seg_v1"), num_classes=21).state_dict()}, path)
+def test_a_shape_mismatch_outside_the_classifier_is_refused(tmp_path, monkeypatch):
+    """Only a classifier for another number of classes is re-initialised (the MSeg start); any other tensor of
+    another shape means another network."""
+    state = build_model(load_spec("df_seg_v1")).state_dict()
+    name = next(k for k, v in state.items() if v.dim() == 4 and v.shape[0] not in (19,) and k.startswith("head"))
+    state[name] = torch.zeros(state[name].shape[0] + 3, *state[name].shape[1:])
+    path = tmp_path / "wider.pth"
+    torch.save({"model": state}, path)
     use_rows(tmp_path, monkeypatch, {
         "df-init": {"inherit": "df_seg_v1", "model": {"init_checkpoint": str(path)}, "reference": {"miou": [1.0]}},
     })
     with pytest.raises(BenchError) as error:
-        build_model(load_spec("df-init"))
-    one_line_error(error, path, "shape mismatch at 'head.4.weight'", "(21, 256, 1, 1)", "(19, 256, 1, 1)",
-                   "number of classes")
-
-
-def test_an_sfnet_checkpoint_into_df_seg_is_a_shape_mismatch(tmp_path):
-    path = tmp_path / "sf_seg_v1.pth"
-    torch.save({"model": build_model(load_spec("sf_seg_v1")).state_dict()}, path)
-    with pytest.raises(BenchError) as error:
-        load_init_checkpoint(build_model(load_spec("df_seg_v1")), path)
-    one_line_error(error, path, "init_checkpoint", "shape mismatch at 'context.")
+        started("df-init")
+    one_line_error(error, path, f"shape mismatch at '{name}'", "another network")
 
 
 def test_a_truncated_checkpoint_is_refused(tmp_path):
@@ -283,68 +295,6 @@ def test_torch_load_is_called_with_weights_only(tmp_path, monkeypatch):
     assert calls and all(call.get("weights_only") is True for call in calls), calls
 
 
-# --- timm backbones ----------------------------------------------------------------------------------
-
-# Where each timm-based family keeps its timm network (DeepLabV3 inside segmentation-models-pytorch's encoder).
-TIMM_MODULE = {
-    "deeplabv3-r50": lambda model: model.encoder.model,
-    "pspnet-r50": lambda model: model.backbone,
-    "icnet-r50": lambda model: model.backbone,
-    "bisenet-r18": lambda model: model.context,
-}
-
-
-def resnet18_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base: str, checkpoint: Path) -> str:
-    use_rows(tmp_path, monkeypatch, {
-        "small": {"inherit": base, "model": {"backbone": "resnet18", "backbone_checkpoint": str(checkpoint)},
-                  "reference": {"miou": [1.0]}},
-    })
-    return "small"
-
-
-@pytest.mark.parametrize("base", sorted(TIMM_MODULE))
-def test_timm_state_dict_loads_into_a_timm_backbone_row(base, tmp_path, monkeypatch, capsys):
-    """A plain `timm.create_model(name).state_dict()` file fills the row's timm network, once (its classifier unused)."""
-    torch.manual_seed(0)
-    state = perturbed_state(timm.create_model("resnet18", pretrained=False))
-    path = tmp_path / "resnet18.pth"
-    torch.save(state, path)
-    row = resnet18_row(tmp_path, monkeypatch, base, path)
-    capsys.readouterr()
-    own = TIMM_MODULE[base](build_model(load_spec(row))).state_dict()
-    assert len(own) == 120 and set(state) - set(own) == {"fc.weight", "fc.bias"}
-    for name, tensor in own.items():
-        assert torch.equal(tensor, state[name]), name
-    loaded = [line for line in capsys.readouterr().err.splitlines() if "loaded" in line]
-    assert len(loaded) == 1 and loaded[0].startswith(f"backbone_checkpoint {path}: loaded 120/120 tensors"), loaded
-
-
-def test_a_timm_checkpoint_of_another_resnet_is_refused(tmp_path, monkeypatch):
-    path = tmp_path / "resnet50.pth"
-    torch.save(timm.create_model("resnet50", pretrained=False).state_dict(), path)
-    row = resnet18_row(tmp_path, monkeypatch, "deeplabv3-r50", path)
-    with pytest.raises(BenchError) as error:
-        build_model(load_spec(row))
-    one_line_error(error, path, "backbone_checkpoint", "resnet18", "size mismatch")
-
-
-@pytest.mark.parametrize("damage", ["missing", "truncated", "payload"])
-def test_unusable_timm_checkpoints_are_refused(damage, tmp_path, monkeypatch):
-    path = tmp_path / f"{damage}.pth"
-    marker = tmp_path / "marker.txt"
-    state = timm.create_model("resnet18", pretrained=False).state_dict()
-    if damage == "truncated":
-        torch.save(state, tmp_path / "whole.pth")
-        path.write_bytes((tmp_path / "whole.pth").read_bytes()[:100_000])
-    elif damage == "payload":
-        torch.save({"state_dict": state, "args": Payload(marker)}, path)
-    row = resnet18_row(tmp_path, monkeypatch, "pspnet-r50", path)
-    with pytest.raises(BenchError) as error:
-        build_model(load_spec(row))
-    one_line_error(error, path, "backbone_checkpoint")
-    assert not marker.exists()
-
-
 # --- the MSeg-style start, end to end -------------------------------------------------------------------
 
 
@@ -375,13 +325,13 @@ def test_mseg_row_starts_from_an_earlier_run_and_beats_scratch(tmp_path, monkeyp
     assert started["iterations"] == scratch["iterations"] == few
     assert started["miou"] > scratch["miou"] + 5.0, (started["miou"], scratch["miou"], pretrained["miou"])
 
-    # A mismatched whole-model checkpoint (an SFNet's, same backbone) is refused by `bench run`, in one line.
-    wrong = tmp_path / "sf_seg_v1.pt"
-    torch.save({"model": build_model(load_spec("sf_seg_v1")).state_dict()}, wrong)
+    # A mismatched whole-model checkpoint (a DF-Seg v2's, another backbone) is refused by `bench run`, in one line.
+    wrong = tmp_path / "df_seg_v2.pt"
+    torch.save({"model": build_model(load_spec("df_seg_v2")).state_dict()}, wrong)
     process = bench("run", "--row", "df-mseg", "--synthetic", "--init-checkpoint", str(wrong),
                     env={"OMP_NUM_THREADS": "1", "SEGBENCH_CACHE": os.environ["SEGBENCH_CACHE"]})
     out, err = process.communicate(timeout=300)
     assert process.returncode != 0, (out, err)
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in err, err
-    assert str(wrong) in errors[0] and "shape mismatch" in errors[0], err
+    assert str(wrong) in errors[0] and "another network" in errors[0], err

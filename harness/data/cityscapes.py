@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -39,9 +39,9 @@ LABEL_TO_TRAIN = np.full(256, IGNORE_INDEX, dtype=np.uint8)
 for _train_id, _label_id in enumerate(TRAIN_ID_TO_LABEL_ID):
     LABEL_TO_TRAIN[_label_id] = _train_id
 
-# ImageNet statistics: every backbone here is an ImageNet-style network.
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+# ImageNet statistics on 0-255 RGB (UP's `normalize`); specs carry them as data.mean / data.std.
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
@@ -103,11 +103,20 @@ def _read_png(path: Path, mode: str) -> np.ndarray:
         raise BenchError(f"cannot read image {path}: {exc}") from None
 
 
-def load_image(path: Path) -> torch.Tensor:
-    """uint8 HxWx3 file -> normalised float 3xHxW tensor."""
-    array = _read_png(path, "RGB")
-    image = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
-    return (image - MEAN) / STD
+def load_image(path: Path, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """uint8 HxWx3 file -> normalised float 3xHxW tensor ((pixel - mean) / std on 0-255 values)."""
+    return normalize(torch.from_numpy(_read_png(path, "RGB").copy()).permute(2, 0, 1).float(), mean, std)
+
+
+def normalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    return (image - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def up_scale(rng: random.Random, low: float, high: float) -> float:
+    """UP's seg_rand_resize draw: half the time uniform in [low, 1), half in [1, high)."""
+    if rng.random() < 0.5:
+        return low + (1.0 - low) * rng.random()
+    return 1.0 + (high - 1.0) * rng.random()
 
 
 def load_train_ids(path: Path) -> torch.Tensor:
@@ -123,12 +132,17 @@ def _resize(image: torch.Tensor, label: Optional[torch.Tensor], size_hw: tuple[i
 
 
 class CityscapesTrain(Dataset):
-    """Training samples: random scale of the full image, random crop (padded with ignore), random flip."""
+    """Training samples as UP's transforms make them: random scale of the full image (seg_rand_resize, sizes
+    truncated to int), random horizontal flip, random crop padded on the right/bottom with `pad_value`
+    (a 0-255 pixel value, before normalisation) and the ignore label."""
 
-    def __init__(self, samples: list[Sample], crop_size: list[int], scale_range: list[float]):
+    def __init__(self, samples: list[Sample], crop_size: list[int], scale_range: list[float], flip: bool = True,
+                 pad_value: int = 0, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         self.samples = samples
         self.crop_w, self.crop_h = crop_size
         self.scale_range = scale_range
+        self.flip, self.mean, self.std = flip, mean, std
+        self.pad = normalize(torch.full((3, 1, 1), float(pad_value)), mean, std)  # the padding, normalised
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -139,36 +153,40 @@ class CityscapesTrain(Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         rng = random.Random(seed) if seed is not None else random
         sample = self.samples[index]
-        image, label = load_image(sample.image), load_train_ids(sample.label)
-        scale = rng.uniform(*self.scale_range)
+        image, label = load_image(sample.image, self.mean, self.std), load_train_ids(sample.label)
+        scale = up_scale(rng, *self.scale_range)
         height, width = label.shape
-        image, label = _resize(image, label, (max(1, round(height * scale)), max(1, round(width * scale))))
+        image, label = _resize(image, label, (max(1, int(height * scale)), max(1, int(width * scale))))
+        if self.flip and rng.random() < 0.5:
+            image, label = image.flip(-1), label.flip(-1)
         pad_h, pad_w = max(self.crop_h - label.shape[0], 0), max(self.crop_w - label.shape[1], 0)
         if pad_h or pad_w:
-            image = F.pad(image, (0, pad_w, 0, pad_h), value=0.0)
+            padded = self.pad.expand(3, label.shape[0] + pad_h, label.shape[1] + pad_w).clone()
+            padded[:, : label.shape[0], : label.shape[1]] = image
+            image = padded
             label = F.pad(label, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
         top = rng.randint(0, label.shape[0] - self.crop_h)
         left = rng.randint(0, label.shape[1] - self.crop_w)
         image = image[:, top : top + self.crop_h, left : left + self.crop_w]
         label = label[top : top + self.crop_h, left : left + self.crop_w]
-        if rng.random() < 0.5:
-            image, label = image.flip(-1), label.flip(-1)
         return image.contiguous(), label.contiguous()
 
 
 class CityscapesEval(Dataset):
     """Whole images resized to the test size; labels stay at full resolution, as the official evaluator scores."""
 
-    def __init__(self, samples: list[Sample], test_size: list[int]):
+    def __init__(self, samples: list[Sample], test_size: list[int], mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD):
         self.samples = samples
         self.test_w, self.test_h = test_size
+        self.mean, self.std = mean, std
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         sample = self.samples[index]
-        image = load_image(sample.image)
+        image = load_image(sample.image, self.mean, self.std)
         if tuple(image.shape[1:]) != (self.test_h, self.test_w):
             image, _ = _resize(image, None, (self.test_h, self.test_w))
         label = load_train_ids(sample.label) if sample.label is not None else torch.empty(0, dtype=torch.long)

@@ -1,0 +1,94 @@
+"""Evaluation cadence and the reported statistic (UP evaluated every 5 epochs and kept the best), and starting
+weights that are loud when missing: the warning, the MLflow tag, the record and the table's mark."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from harness import checkpoint
+from harness.models import build_model
+from harness.models.weights import load_init_checkpoint
+from harness.paths import default_tracking_uri
+from harness.results import load_records
+from harness.runner import RunOptions, run
+from harness.spec import load_spec
+from harness.table import RANDOM_START_MARK, render
+
+pytestmark = pytest.mark.slow
+
+
+def test_periodic_evaluation_records_final_and_best_raw_and_ema(synthetic_root: Path, one_thread):
+    record = run(RunOptions(row="df_seg_v1-ema", synthetic=True, iters=12, eval_every=4, progress=False))
+    history = MlflowClient(default_tracking_uri()).get_metric_history(record["mlflow_run_id"], "val_miou")
+    ema_history = MlflowClient(default_tracking_uri()).get_metric_history(record["mlflow_run_id"], "val_miou_ema")
+    assert [m.step for m in history] == [4, 8, 12] and [m.step for m in ema_history] == [4, 8, 12]
+    raw = {m.step: m.value for m in history}
+    ema = {m.step: m.value for m in ema_history}
+    # final = the last evaluation; best = the highest with its iteration, for raw and EMA weights alike
+    assert record["miou"] == pytest.approx(raw[12]) and record["miou_ema"] == pytest.approx(ema[12])
+    best_step = max(raw, key=lambda s: (raw[s], -s))
+    best_ema_step = max(ema, key=lambda s: (ema[s], -s))
+    assert (record["miou_best"], record["best_iteration"]) == (pytest.approx(raw[best_step]), best_step)
+    assert (record["miou_ema_best"], record["best_iteration_ema"]) == (pytest.approx(ema[best_ema_step]), best_ema_step)
+    # best.pt holds the weights of the best EMA evaluation (UP evaluated the EMA model of an EMA row)
+    best = checkpoint.load(Path(record["best_checkpoint"]))
+    assert best["iteration"] == best_ema_step and best["best_ema"]["miou"] == pytest.approx(ema[best_ema_step])
+    assert Path(record["checkpoint"]).name == "ckpt-00000012.pt"
+
+
+def test_missing_starting_weights_warn_tag_record_and_mark_the_table(synthetic_root: Path, one_thread, capsys):
+    """A run on a Cityscapes-layout folder without the row's ImageNet file: one prominent warning, the MLflow
+    tag, the record's field, and the table's mark."""
+    record = run(RunOptions(row="df_seg_v1", data_root=str(synthetic_root), iters=2, progress=False))
+    stderr = capsys.readouterr().err
+    assert "WARNING: row 'df_seg_v1' starts from" in stderr and "df1_imagenet.pth" in stderr
+    assert record["starting_weights"].startswith("missing") and "df1_imagenet.pth" in record["starting_weights"]
+    tags = MlflowClient(default_tracking_uri()).get_run(record["mlflow_run_id"]).data.tags
+    assert tags["starting_weights"] == record["starting_weights"]
+    (stored,) = load_records(dataset="cityscapes")
+    table = render("cityscapes", records=[stored])
+    line = next(l for l in table.splitlines() if l.startswith("| df_seg_v1 "))
+    assert RANDOM_START_MARK.strip() in line
+
+
+def test_starting_weights_present_are_loaded_and_reported(synthetic_root: Path, one_thread, tmp_path, monkeypatch, capsys):
+    """With the file in $SEGBENCH_WEIGHTS (DFNet1 ImageNet weights, the backbone's own names plus a classifier),
+    the run loads every backbone tensor and says so; no warning."""
+    model = build_model(load_spec("df_seg_v1"))
+    state = {**model.backbone.state_dict(), "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}
+    (tmp_path / "weights").mkdir()
+    torch.save(state, tmp_path / "weights" / "df1_imagenet.pth")
+    monkeypatch.setenv("SEGBENCH_WEIGHTS", str(tmp_path / "weights"))
+    record = run(RunOptions(row="df_seg_v1", data_root=str(synthetic_root), iters=1, progress=False))
+    stderr = capsys.readouterr().err
+    assert "WARNING" not in stderr
+    total = len(model.backbone.state_dict())
+    assert f"loaded {total}/{total} tensors" in stderr
+    assert record["starting_weights"] == f"loaded {tmp_path / 'weights' / 'df1_imagenet.pth'}"
+
+
+def test_mseg_checkpoint_with_194_classes_loads_all_but_the_classifier(tmp_path, capsys):
+    model = build_model(load_spec("df_seg_v1-mseg"))
+    own = model.state_dict()
+    classifier = [name for name, t in own.items() if t.shape[:1] == (19,)]
+    assert classifier, "the model has a 19-class classifier"
+    torch.manual_seed(1)
+    state = {name: (torch.randn(194, *t.shape[1:]) if name in classifier else torch.randn_like(t.float()).to(t.dtype))
+             for name, t in own.items()}
+    path = tmp_path / "mseg.pth"
+    torch.save({"state_dict": state}, path)
+    initial = {name: own[name].clone() for name in classifier}
+    loaded = load_init_checkpoint(model, path)
+    assert loaded == len(own) - len(classifier)
+    after = model.state_dict()
+    for name in own:
+        if name in classifier:
+            assert torch.equal(after[name], initial[name]), name  # re-initialised (kept at its initial values)
+        else:
+            assert torch.equal(after[name], state[name]), name
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"re-initialised for 19 classes (the checkpoint has 194): {', '.join(classifier)}" in line

@@ -1,0 +1,203 @@
+"""Every row trains United-Perception's recipe: the resolved plan of each of the 34 rows is checked field by
+field against UP's own config files (../shared/reference/united-perception/configs/seg/, parsed here), and
+the learning-rate and EMA-decay curves against UP's formulas (up/utils/model/lr_helper.py, ema_helper.py)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from harness.data.cityscapes import IGNORE_INDEX
+from harness.runner import UP_GPUS, RunOptions, make_plan
+from harness.spec import Spec, load_all, load_spec
+from harness.train import ExpEMA, TrainPlan, learning_rate
+from harness.distributed import World
+from tests.conftest import REFERENCE, reference_file
+
+CONFIGS = REFERENCE / "united-perception" / "configs" / "seg"
+CITYSCAPES_TRAIN_IMAGES = 2975
+
+# Each table row's UP config; "-ema" rows use the "_ema" file. light-seg rows train their base row's recipe,
+# and the MSeg row the recipe of df_seg_v1 (UP has no config of its own for it).
+BASE_CONFIG = {
+    "deeplabv3-r50": "deeplabv3/deeplabv3_r50", "deeplabv3-r101": "deeplabv3/deeplabv3_r101",
+    "pspnet-r50": "pspnet/pspnet", "bisenet-r18": "BiSeNet/BiSeNet", "icnet-r50": "icnet/icnet",
+    "unet-769": "unet/unet", "unet-1024": "unet/unet",
+    "df_seg_v1": "DF_seg/DF_seg_v1", "df_seg_v2": "DF_seg/DF_seg_v2",
+    "sf_seg_v1": "SF_seg/SF_seg_v1", "sf_seg_v2": "SF_seg/SF_seg_v2",
+}
+# Where the table's columns differ from UP's config, the table wins (each spec says why in a comment):
+# ICNet's config trains 240 epochs, the table 120; UNet (1024) is the 769 config with the row's own crop and
+# the table's 240 epochs.
+TABLE_WINS = {"icnet-r50": {"epochs": 120}, "unet-1024": {"epochs": 240, "crop": 1024}}
+# Auxiliary weights of UP's loss classes (up/tasks/seg/models/losses/seg_loss.py): seg_ohem has one aux output
+# at `aux_weight` when it is above 0; seg_bisegnet sums main + 2 aux at 1.0; seg_icnet main + 3 at 0.4.
+LOSS_AUX = {"seg_bisegnet": [1.0, 1.0], "seg_icnet": [0.4, 0.4, 0.4]}
+# UP's loader fills no UNet tensor from the ResNet-50 file its unet config names (harness/models/unet.py).
+NO_STARTING_FILE = {"unet"}
+
+
+def base_row(spec: Spec) -> str:
+    row = spec.row.removesuffix("-ema").removesuffix("-lightseg").removesuffix("-mseg")
+    return row
+
+
+def up_config(spec: Spec) -> dict:
+    name = BASE_CONFIG[base_row(spec)] + ("_ema" if spec.columns.ema else "")
+    return yaml.safe_load(reference_file(CONFIGS / f"{name}.yaml").read_text())
+
+
+def transform(config: dict, split: str, kind: str) -> dict | None:
+    for step in config["dataset"][split]["dataset"]["kwargs"]["transformer"]:
+        if step["type"] == kind:
+            return step.get("kwargs", {})
+    return None
+
+
+def cityscapes_plan(spec: Spec) -> TrainPlan:
+    return make_plan(spec, "cityscapes", CITYSCAPES_TRAIN_IMAGES, RunOptions(row=spec.row), "fp32", World())
+
+
+SPECS = {spec.row: spec for spec in load_all()}
+
+
+def test_every_table_row_has_a_config():
+    reference_file(CONFIGS)
+    assert {base_row(spec) for spec in SPECS.values()} == set(BASE_CONFIG)
+
+
+@pytest.mark.parametrize("row", list(SPECS))
+def test_row_recipe_is_ups_config_field_by_field(row):
+    spec = SPECS[row]
+    config = up_config(spec)
+    plan = cityscapes_plan(spec)
+    trainer, optimizer, schedule = config["trainer"], config["trainer"]["optimizer"], config["trainer"]["lr_scheduler"]
+    wins = TABLE_WINS.get(base_row(spec), {})
+
+    # Batch: UP's per-GPU batch on 8 GPUs (SyncBN group_size 8); the lr is per image, times the global batch.
+    per_gpu = config["dataset"]["train"]["batch_sampler"]["kwargs"]["batch_size"]
+    decoder = config["net"][-1]["kwargs"]
+    assert decoder["normalize"]["kwargs"]["group_size"] == UP_GPUS
+    assert plan.batch_size == spec.columns.batch_size == UP_GPUS * per_gpu
+    assert plan.loss_group_images == per_gpu
+    assert optimizer["type"] == "SGD"
+    assert spec.train.lr_per_image == optimizer["kwargs"]["lr"]
+    assert plan.lr == pytest.approx(optimizer["kwargs"]["lr"] * UP_GPUS * per_gpu)
+    assert plan.momentum == optimizer["kwargs"]["momentum"] and plan.weight_decay == optimizer["kwargs"]["weight_decay"]
+
+    # Schedule: warm-up and poly, per iteration, epochs of ceil(images / global batch) iterations.
+    assert (plan.warmup_iters, spec.train.warmup_type, plan.warmup_ratio) == (
+        schedule["warmup_iter"], schedule["warmup_type"], schedule["warmup_ratio"])
+    assert schedule["type"] == "polylr"
+    assert plan.poly_power == schedule["kwargs"]["power"] and plan.min_lr == schedule["kwargs"].get("min_lr", 0.0)
+    epochs = wins.get("epochs", trainer["max_epoch"])
+    assert spec.columns.epochs == epochs
+    per_epoch = math.ceil(math.ceil(CITYSCAPES_TRAIN_IMAGES / UP_GPUS) / per_gpu)  # UP's padded DistributedSampler
+    assert plan.iters_per_epoch == per_epoch and plan.iters == epochs * per_epoch
+    assert plan.eval_every == trainer["test_freq"] * per_epoch
+    assert {"type": "auto_save_best"} in config["hooks"]  # the best checkpoint is kept, as the record does
+
+    # Data: scale, flip, crop with padding, normalisation, test size.
+    assert plan.scale_range == transform(config, "train", "seg_rand_resize")["scale"]
+    assert plan.flip == (transform(config, "train", "seg_random_flip") is not None)
+    crop = transform(config, "train", "seg_crop")
+    assert crop["crop_type"] == "rand"
+    height, width = crop["size"]
+    if "crop" in wins:
+        height = width = wins["crop"]
+    assert plan.crop_size == [width, height]
+    assert plan.pad_value == 0  # cv2.copyMakeBorder value=(0, 0, 0) in UP's seg_crop; labels pad with ignore
+    assert config["dataset"]["train"]["dataset"]["kwargs"]["ignore_label"] == IGNORE_INDEX
+    normalize = transform(config, "train", "normalize")
+    assert (plan.mean, plan.std) == (normalize["mean"], normalize["std"])
+    assert plan.test_size == transform(config, "test", "seg_resize")["size"]
+    assert spec.columns.crop_test is None
+
+    # Loss: OHEM on every supervised output, with UP's thresholds and auxiliary weights.
+    loss = decoder["loss"]
+    assert plan.loss == "ohem"
+    assert (plan.ohem_thresh, plan.ohem_min_kept) == (loss["kwargs"]["thresh"], loss["kwargs"]["min_kept"])
+    expected_aux = LOSS_AUX.get(loss["type"])
+    if expected_aux is None:
+        aux = loss["kwargs"].get("aux_weight", 0)
+        expected_aux = [aux] if aux > 0 else []
+    assert plan.aux_weights == expected_aux
+
+    # EMA: UP's exponential EMA with its decay; the ramp constant 2000 is in UP's ExpEMA code.
+    ema = config.get("ema")
+    assert plan.ema == bool(ema and ema["enable"])
+    if plan.ema:
+        assert ema["ema_type"] == "exp"
+        assert (plan.ema_decay, plan.ema_ramp) == (ema["kwargs"]["decay"], 2000)
+
+    # Starting weights: the file UP's config names, under weights/ (MSeg: its own whole-model file).
+    pretrain = Path(config["saver"]["pretrain_model"]).name
+    if spec.model.family in NO_STARTING_FILE:
+        assert spec.model.backbone_checkpoint is None and spec.model.init_checkpoint is None
+    elif row.endswith("-mseg"):
+        assert spec.model.init_checkpoint and spec.model.backbone_checkpoint is None
+    else:
+        assert spec.model.backbone_checkpoint == f"weights/{pretrain}"
+
+
+def up_learning_rate(iteration: int, target: float, warmup: int, ratio: float, iters: int, power: float) -> float:
+    """UP's ChainIterLR written out: LinearWarmUpLR below `warmup`, PolyLR on the global iteration after."""
+    if iteration < warmup:
+        start = ratio * target
+        return start + (target - start) / max(1, warmup - 1) * iteration
+    return target * (1 - iteration / iters) ** power
+
+
+@pytest.mark.parametrize("row", ["sf_seg_v2-ema", "deeplabv3-r101", "pspnet-r50", "bisenet-r18"])
+def test_learning_rate_curve_is_ups(row):
+    plan = cityscapes_plan(load_spec(row))
+    for iteration in (0, 1, 250, plan.warmup_iters - 1, plan.warmup_iters, plan.iters // 2, plan.iters - 1):
+        expected = up_learning_rate(iteration, plan.lr, 500, 0.25, plan.iters, 0.9)
+        assert learning_rate(iteration, plan) == pytest.approx(expected, rel=1e-12), iteration
+    assert learning_rate(0, plan) == pytest.approx(0.25 * plan.lr)
+    assert learning_rate(499, plan) == pytest.approx(plan.lr)
+
+
+def test_scheduler_in_the_training_loop_follows_the_curve():
+    """The Trainer's LambdaLR gives iteration t (0-based) the lr of learning_rate(t)."""
+    from harness.train import Trainer
+
+    plan = cityscapes_plan(load_spec("df_seg_v1"))
+    plan.iters, plan.warmup_iters = 40, 10
+    model = torch.nn.Conv2d(3, 19, 1)
+    trainer = Trainer(load_spec("df_seg_v1"), plan, model, torch.device("cpu"), World(), lambda *a: None,
+                      Path("unused"), progress=False)
+    seen = []
+    for _ in range(plan.iters):
+        seen.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+    assert seen == pytest.approx([learning_rate(t, plan) for t in range(plan.iters)], rel=1e-12)
+
+
+def test_ema_decay_and_update_are_ups():
+    """decay(step) = 0.9998 (1 - exp(-step / 2000)); every floating-point tensor, BN statistics included."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    ema = ExpEMA(model, decay=0.9998, ramp=2000)
+    for step in (0, 1, 1000, 2000, 22313):
+        assert ema.get_decay(step) == pytest.approx(0.9998 * (1 - math.exp(-step / 2000)), rel=1e-12)
+    # After 22k steps, a constant 0.9999 keeps exp(22313 ln 0.9999) ~ 10.7 % of the initial weights; UP's
+    # ramped 0.9998 keeps almost nothing of them.
+    kept = math.prod(ema.get_decay(step) for step in range(22313))
+    assert kept < 1e-10 and 0.9999 ** 22313 > 0.1
+
+    ema.update(model, step=0)  # decay 0: the EMA becomes the model
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        model[1].running_mean.add_(2.0)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    ema.update(model, step=1000)
+    decay = 0.9998 * (1 - math.exp(-0.5))
+    for key, value in model.state_dict().items():
+        if value.dtype.is_floating_point:
+            assert torch.allclose(ema.module.state_dict()[key], decay * before[key] + (1 - decay) * value), key
