@@ -81,3 +81,24 @@ def assert_segmentation_outputs(model: torch.nn.Module, num_aux: int) -> None:
     assert outputs[0].shape == (2, 19, 97, 193)
     assert all(aux.dim() == 4 and aux.shape[:2] == (2, 19) for aux in outputs[1:])
     model.eval()
+
+
+def traced_forward(model: torch.nn.Module, x: torch.Tensor, taps: dict[str, torch.nn.Module]) -> tuple[dict, object]:
+    """A training-mode forward of `x` recording the output shape (per-image, batch dimension kept) of each tapped
+    module; a module returning a list records the list of shapes. Returns (shapes by tap name, model outputs)."""
+    seen: dict[str, object] = {}
+
+    def record(name: str):
+        def hook(module, args, out):
+            seen[name] = [tuple(t.shape) for t in out] if isinstance(out, (list, tuple)) else tuple(out.shape)
+        return hook
+
+    hooks = [module.register_forward_hook(record(name)) for name, module in taps.items()]
+    try:
+        model.train()
+        with torch.no_grad():
+            outputs = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen, outputs

@@ -14,12 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.losses import SegmentationLoss
 from harness.models.common import count_parameters
 from harness.models.deeplabv3 import DeepLabV3
 from harness.models.weights import load_matching
-from harness.spec import LossSpec
-from tests.helpers import assert_segmentation_outputs, fixed_batch
+from tests.helpers import assert_segmentation_outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -97,22 +95,6 @@ def check_pretrain_file_loads(model: torch.nn.Module, depth: str) -> None:
     assert model.convert_backbone_state({f"module.{k}": v for k, v in state.items()}).keys() == converted.keys()
 
 
-def learns(model: torch.nn.Module, aux_weights: list[float], steps: int = 6, lr: float = 0.01) -> list[float]:
-    """A few SGD steps on tests/helpers.fixed_batch with UP's loss (OHEM on every output)."""
-    criterion = SegmentationLoss(LossSpec(name="ohem", aux_weights=aux_weights), min_kept=1000)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    image, label = fixed_batch()
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = criterion(model(image), label)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
-
-
 @pytest.fixture(scope="module")
 def r50() -> DeepLabV3:
     torch.manual_seed(0)
@@ -162,7 +144,3 @@ def test_up_pretrain_file_fills_the_backbone(depth, r50):
     check_pretrain_file_loads(model, depth)
 
 
-def test_learns():
-    torch.manual_seed(0)
-    losses = learns(DeepLabV3("resnet50", 19), [0.4])
-    assert losses[-1] < 0.7 * losses[0], losses

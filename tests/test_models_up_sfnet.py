@@ -10,13 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.losses import SegmentationLoss
 from harness.models.common import count_parameters
 from harness.models.sf_seg import SFNet, flow_warp
 from harness.models.sizes import measure
 from harness.models.weights import load_matching
-from harness.spec import LossSpec
-from tests.helpers import assert_segmentation_outputs, fixed_batch
+from tests.helpers import assert_segmentation_outputs, traced_forward
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -89,22 +87,6 @@ def assert_pretrain_file_loads(model: torch.nn.Module, name: str, prefix: str = 
             assert torch.equal(loaded[k], v), k
 
 
-def sgd_losses(model: torch.nn.Module, steps: int = 8) -> list[float]:
-    """UP's loss for these rows (seg_ohem on the main output only, aux_weight 0) on tests.helpers.fixed_batch."""
-    criterion = SegmentationLoss(LossSpec(name="ohem", ohem_thresh=0.7, aux_weights=[]), min_kept=1000)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    image, label = fixed_batch()
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = criterion(model(image), label)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
-
-
 @pytest.fixture(scope="module")
 def models() -> dict[str, SFNet]:
     torch.manual_seed(0)
@@ -155,17 +137,9 @@ STRUCTURE = {
 @pytest.mark.parametrize("name", sorted(STRUCTURE))
 def test_feature_shapes_at_every_step_and_one_training_output(name, models):
     model = models[name]
-    seen: dict[str, object] = {}
-    hooks = [model.get_submodule(m).register_forward_hook(
-        lambda mod, args, out, m=m: seen.__setitem__(m, [tuple(t.shape[1:]) for t in out] if isinstance(out, list) else tuple(out.shape[1:])))
-        for m in STRUCTURE[name]]
-    try:
-        model.train()
-        outputs = model(torch.randn(2, 3, 64, 128))
-    finally:
-        for h in hooks:
-            h.remove()
-    assert seen == STRUCTURE[name]
+    seen, outputs = traced_forward(model, torch.randn(2, 3, 64, 128), {m: model.get_submodule(m) for m in STRUCTURE[name]})
+    drop_batch = {k: [s[1:] for s in v] if isinstance(v, list) else v[1:] for k, v in seen.items()}
+    assert drop_batch == STRUCTURE[name]
     assert model.fuse[0].in_channels == 3 * 128
     # UP's decoder returns only the main prediction, upsampled to the input; its loss has aux_weight 0.
     assert isinstance(outputs, tuple) and len(outputs) == 1 and outputs[0].shape == (2, 19, 64, 128)
@@ -247,7 +221,3 @@ def test_up_pretrain_file_fills_the_whole_backbone(name, prefix, models):
 # --- (5) learning ---------------------------------------------------------------------------------------
 
 
-def test_sfnet_learns():
-    torch.manual_seed(0)
-    losses = sgd_losses(SFNet("dfnet1", 19))
-    assert losses[-1] < 0.7 * losses[0], losses

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.models.registry import register
-from harness.models.seg_resnet import SegResNetModel, upsample
+from harness.models.common import upsample
+from harness.models.seg_resnet import SegResNetModel
 from harness.spec import Spec
 
 

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from harness.models.registry import register
-from harness.models.seg_resnet import SegResNetModel, UPAuxHead, upsample
+from harness.models.common import upsample
+from harness.models.seg_resnet import SegResNetModel, UPAuxHead
 from harness.spec import Spec
 
 

@@ -20,10 +20,8 @@ Starting weights: `backbone` is exactly UP's encoder; `convert_backbone_state` m
 
 from __future__ import annotations
 
-from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from harness.models.common import PyramidPooling, upsample

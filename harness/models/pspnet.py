@@ -14,7 +14,6 @@ The backbone file (resnet50-ebb6acbb.pth) fills `backbone` (layer1..4) only; see
 
 from __future__ import annotations
 
-from typing import Sequence
 
 import torch
 from torch import nn

@@ -38,12 +38,10 @@ from typing import Sequence
 
 import timm
 import torch
-import torch.nn.functional as F
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
 from harness.errors import BenchError
-from harness.models.common import upsample  # noqa: F401  (re-exported for the seg-ResNet decoders)
 
 # UP encoder type -> (block, blocks per stage); timm model with the same layout (None: built from ResNet directly).
 DEPTHS = {
