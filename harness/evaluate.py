@@ -12,6 +12,7 @@ Only one image's logits exist at a time, so 500 images at 2048x1024 need the mem
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -224,7 +225,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
     """Score a loader of (image at test size, trainId label at full size); `reduce` sums ranks' matrices."""
     matrix = ConfusionMatrix(num_classes, device=device)
     with _EvalMode(model):
-        for image, label in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        for image, label in tqdm(loader, desc=desc, disable=not (progress and sys.stderr.isatty()), leave=False, dynamic_ncols=True):
             label = label.to(device, non_blocking=True)
             logits = infer_logits(model, image.to(device, non_blocking=True), tuple(label.shape[-2:]), mode, precision)
             matrix.update(logits.argmax(1), label)
@@ -253,7 +254,7 @@ def _stream(model: nn.Module, samples: Sequence[Sample], test_size: Sequence[int
     loader = DataLoader(CityscapesEval(list(samples), list(test_size)), batch_size=1, shuffle=False,
                         num_workers=workers, pin_memory=device.type == "cuda")
     with _EvalMode(model):
-        batches = tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True, total=len(samples))
+        batches = tqdm(loader, desc=desc, disable=not (progress and sys.stderr.isatty()), leave=False, dynamic_ncols=True, total=len(samples))
         for index, (sample, (image, label)) in enumerate(zip(samples, batches)):
             label = label[0].to(device, non_blocking=True)  # the loader's batch of one
             out_size = _full_size(sample, label)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import random
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -167,7 +168,7 @@ MetricsLogger = Callable[[dict[str, float], int], None]
 class Trainer:
     def __init__(self, spec: Spec, plan: TrainPlan, model: nn.Module, device: torch.device, world: World,
                  log_metrics: MetricsLogger, checkpoint_dir: Path, progress: bool = True,
-                 extra_state: Optional[dict[str, Any]] = None):
+                 extra_state: Optional[dict[str, Any]] = None, compile_model: bool = False):
         self.spec, self.plan, self.device, self.world = spec, plan, device, world
         self.log_metrics, self.checkpoint_dir, self.progress = log_metrics, checkpoint_dir, progress
         self.extra_state = extra_state or {}
@@ -179,6 +180,8 @@ class Trainer:
             DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
             if world.distributed else model
         )
+        if compile_model:
+            self.forward_model = torch.compile(self.forward_model)
         self.autocast_dtype = PRECISIONS[plan.precision]
         self.criterion = SegmentationLoss(plan.loss_spec(), group_images=plan.loss_group_images)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=plan.momentum,
@@ -286,7 +289,9 @@ class Trainer:
     def _handle_signal(self, signum: int, frame) -> None:
         self._stop_signal = signum
 
-    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """One optimizer step. Nothing here waits for the device: the loss and the divergence flag accumulate
+        on it and are read at the next sync point (`_sync`)."""
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
@@ -294,15 +299,6 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             loss = self.criterion(self.forward_model(images), labels)
-        # One collective per step: the mean loss, whether any rank diverged, whether any was signalled.
-        status = torch.tensor([loss.detach().float().item(), float(not torch.isfinite(loss)),
-                               float(self._stop_signal is not None)], device=self.device)
-        all_reduce_sum(status)
-        if status[1] > 0:
-            raise Diverged(
-                f"loss is not finite at iteration {self.iteration + 1}; training diverged "
-                f"(lower train.lr_per_image; the global lr is {self.plan.lr}); the last good checkpoint is kept in {self.checkpoint_dir}"
-            )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -311,9 +307,31 @@ class Trainer:
         self.iteration += 1
         if self.ema is not None:
             self.ema.update(self.model, step=self.iteration - 1)
-        if status[2] > 0 and self._stop_signal is None:
-            self._stop_signal = signal.SIGTERM  # another rank was signalled: stop together
-        return float(status[0]) / self.world.size
+        loss = loss.detach().float()
+        finite = torch.isfinite(loss)
+        self._loss_sum += torch.where(finite, loss, torch.zeros_like(loss))
+        self._first_bad = torch.where(~finite & (self._first_bad == 0), torch.full_like(self._first_bad, self.iteration),
+                                      self._first_bad)
+
+    def _sync(self) -> tuple[float, bool]:
+        """The one host synchronisation, at log, checkpoint and evaluation points (the same iterations on every
+        rank): all-reduce [loss sum, first non-finite iteration, stop requested] and read them. The stop
+        decision comes from the all-reduced flag alone, so every rank stops at the same iteration, whenever the
+        signal arrived. Returns (mean loss since the last sync, stop)."""
+        status = torch.stack([self._loss_sum, (self._first_bad > 0).float(),
+                              torch.tensor(float(self._stop_signal is not None), device=self.device)])
+        all_reduce_sum(status)
+        loss_sum, diverged, stop = status.tolist()
+        steps = max(1, self.iteration - self._synced_at)
+        self._synced_at = self.iteration
+        self._loss_sum.zero_()
+        if diverged > 0:
+            first = int(self._first_bad) or self.iteration  # this rank's first non-finite loss, else another's
+            raise Diverged(
+                f"loss is not finite at iteration {first}; training diverged "
+                f"(lower train.lr_per_image; the global lr is {self.plan.lr}); the last good checkpoint is kept in {self.checkpoint_dir}"
+            )
+        return loss_sum / self.world.size / steps, stop > 0
 
     def fit(self, loader: DataLoader, sampler: ShardedTrainSampler, val_loader: DataLoader) -> TrainResult:
         self.set_train_mode()
@@ -327,32 +345,87 @@ class Trainer:
     def _fit(self, loader: DataLoader, sampler: ShardedTrainSampler, val_loader: DataLoader) -> TrainResult:
         plan = self.plan
         batches = self._batches(loader, sampler)
-        bar = tqdm(total=plan.iters, initial=self.iteration, desc=self.spec.row, dynamic_ncols=True,
-                   disable=not (self.progress and self.world.is_main))
-        window_images, window_start = 0, time.perf_counter()
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._first_bad = torch.zeros((), dtype=torch.long, device=self.device)
+        self._synced_at = self.iteration
+        show = self.progress and self.world.is_main
+        log = TrainLog(self.spec.row, plan.iters, self.iteration, self.device, bar=show and sys.stderr.isatty(),
+                       lines=show and not sys.stderr.isatty())
+        window_images, window_start, data_wait = 0, time.perf_counter(), 0.0
         while self.iteration < plan.iters:
+            fetch_start = time.perf_counter()
             images, labels = next(batches)
-            loss = self._step(images, labels)
-            bar.update(1)
+            data_wait += time.perf_counter() - fetch_start
+            self._step(images, labels)
+            log.advance()
             window_images += images.shape[0] * self.world.size
             step = self.iteration
-            if step % plan.log_every == 0 or step == plan.iters:
-                elapsed = time.perf_counter() - window_start
-                record = {"train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
-                          "images_per_s": window_images / max(elapsed, 1e-9)}
-                self.history.append({"step": step, **record})
-                if self.world.is_main:
-                    self.log_metrics(record, step)
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.1f}")
-                window_images, window_start = 0, time.perf_counter()
-            if self._stop_signal is not None:
-                bar.close()
-                raise Interrupted(self._stop_signal, step, self.save_checkpoint())
-            if plan.checkpoint_every and step % plan.checkpoint_every == 0 and step != plan.iters:
+            checkpoint_due = plan.checkpoint_every and step % plan.checkpoint_every == 0 and step != plan.iters
+            eval_due = plan.eval_every and step % plan.eval_every == 0 and step != plan.iters
+            if not (step % plan.log_every == 0 or step == plan.iters or checkpoint_due or eval_due):
+                continue
+            loss, stop = self._sync()
+            elapsed = time.perf_counter() - window_start
+            record = {"train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                      "images_per_s": window_images / max(elapsed, 1e-9),
+                      "data_wait_fraction": data_wait / max(elapsed, 1e-9)}
+            self.history.append({"step": step, **record})
+            if self.world.is_main:
+                self.log_metrics(record, step)
+            log.report(step, record)
+            window_images, window_start, data_wait = 0, time.perf_counter(), 0.0
+            if stop:
+                log.close()
+                raise Interrupted(self._stop_signal or signal.SIGTERM, step, self.save_checkpoint())
+            if checkpoint_due:
                 self.save_checkpoint()
-            if plan.eval_every and step % plan.eval_every == 0 and step != plan.iters:
+            if eval_due:
                 self.run_evaluation(val_loader)
-        bar.close()
+        log.close()
         metrics, ema_metrics = self.run_evaluation(val_loader)
         final = self.save_checkpoint()
         return TrainResult(metrics, ema_metrics, final, self.best, self.best_ema, self.best_checkpoint, self.history)
+
+
+class TrainLog:
+    """What a person watching sees: a progress bar on a terminal, plain lines every log interval otherwise (a
+    Slurm log, a file), with loss, lr, img/s, the share of time spent waiting for data, ETA and peak memory."""
+
+    def __init__(self, row: str, total: int, start: int, device: torch.device, bar: bool, lines: bool):
+        self.total, self.device, self.lines = total, device, lines
+        self.started, self.start_step = time.perf_counter(), start
+        self.bar = tqdm(total=total, initial=start, desc=row, dynamic_ncols=True) if bar else None
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def report(self, step: int, record: dict[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                 img_s=f"{record['images_per_s']:.1f}")
+        if self.lines:
+            done = step - self.start_step
+            eta = (time.perf_counter() - self.started) / max(done, 1) * (self.total - step)
+            print(f"iter {step}/{self.total} loss {record['train_loss']:.4f} lr {record['lr']:.3e} "
+                  f"img/s {record['images_per_s']:.1f} data-wait {100 * record['data_wait_fraction']:.0f}% "
+                  f"eta {format_duration(eta)} mem {peak_memory_gib(self.device):.2f}GiB", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocations on a GPU, the resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

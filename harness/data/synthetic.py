@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -155,7 +156,7 @@ def write_synthetic(out: Path, seed: int = 0, train_images: int = 24, val_images
     rng = np.random.default_rng(seed)
     counts = {"train": train_images, "val": val_images}
     jobs = [(split, i) for split in SPLITS for i in range(counts[split])]
-    for split, i in tqdm(jobs, desc="synthetic cityscapes", disable=not progress, leave=False):
+    for split, i in tqdm(jobs, desc="synthetic cityscapes", disable=not (progress and sys.stderr.isatty()), leave=False):
         cities = SPLITS[split]
         city = cities[i % len(cities)]
         stem = f"{city}_{i // len(cities):06d}_{19 + i:06d}"

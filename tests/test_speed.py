@@ -1,0 +1,128 @@
+"""`bench speed`: every mode runs on the CPU at small sizes, prints every column and writes a record whose
+figures agree with each other; the timing, the out-of-memory retry and the FLOP count each do what they say."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from harness import speed
+from harness.cli import main
+from harness.errors import BenchError
+from harness.spec import load_spec
+
+
+def test_speed_on_cpu_prints_every_column_and_writes_a_consistent_record(isolated_outputs, one_thread):
+    result = CliRunner().invoke(main, ["speed", "--device", "cpu", "--row", "sf_seg_v2", "--batch", "2",
+                                       "--size", "64,32", "--warmup", "0", "--repeats", "2", "--steps", "1",
+                                       "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    header = lines[0]
+    for column in speed.COLUMNS:
+        assert column in header
+    rows = {line.split()[1]: line for line in lines[2:5]}
+    assert set(rows) == {"train", "infer", "data"}
+    for mode in ("train", "infer"):  # every column filled: no "-" left in a model mode's row
+        assert " - " not in rows[mode] and not rows[mode].endswith("-")
+
+    (path,) = (isolated_outputs / "results" / "speed").glob("*/sf_seg_v2/*.json")
+    assert path.parent.parent.name == speed.device_name(torch.device("cpu"))
+    record = json.loads(path.read_text())
+    assert record["kind"] == "speed" and record["precision"] == "fp32" and record["matmul_peak_dtype"] == "float32"
+    for mode in ("train", "infer"):
+        entry = record["modes"][mode]
+        assert entry["batch"] == 2 and entry["size"] == [64, 32] and len(entry["step_s_repeats"]) == 2
+        assert entry["images_per_s"] == pytest.approx(2 / entry["step_s"])
+        assert entry["step_s"] == pytest.approx(sorted(entry["step_s_repeats"])[0] / 2 + sorted(entry["step_s_repeats"])[1] / 2)
+        assert entry["achieved_tflops"] == pytest.approx(entry["flops_per_image"] * entry["images_per_s"] / 1e12)
+        assert entry["mfu"] == pytest.approx(entry["achieved_tflops"] / record["matmul_peak_tflops"])
+        plain = entry["plain_fp32_nchw"]
+        assert entry["speedup_over_plain"] == pytest.approx(entry["images_per_s"] / plain["images_per_s"])
+        assert entry["peak_memory_gib"] > 0
+    assert record["modes"]["train"]["flops_per_image"] > 2 * record["modes"]["infer"]["flops_per_image"]
+    data = record["modes"]["data"]
+    assert data["batch"] == 2 and data["workers"] == 0 and data["images_per_s"] > 0
+    assert "generated 64x32" in data["images"]
+
+
+def test_infer_flops_are_the_bench_list_sizes_figure():
+    from harness.models.sizes import measure_spec
+
+    spec = load_spec("sf_seg_v2")
+    assert speed.inference_flops(spec, *spec.columns.test_size) == measure_spec(spec).flops
+
+
+def test_training_flops_count_forward_and_backward(monkeypatch):
+    """A 1x1 convolution: forward 2 x 3 x 19 FLOPs per pixel; backward computes only the weight gradient (the
+    images need none), as many again."""
+    monkeypatch.setattr(speed, "meta_model", lambda spec: torch.nn.Conv2d(3, 19, 1, bias=False).to("meta"))
+    assert speed.training_flops(None, 8, 4) == 2 * (2 * 3 * 19 * 8 * 4)
+
+
+def test_timing_takes_the_median_after_the_warm_up():
+    calls = []
+    durations = iter([0.0, 0.0, 0.03, 0.03, 0.01, 0.01, 0.02, 0.02])
+
+    def step():
+        calls.append(1)
+        time.sleep(next(durations))
+
+    times = speed.time_steps(step, torch.device("cpu"), warmup=2, repeats=3, steps=2)
+    assert len(calls) == 8 and len(times) == 3
+    assert times[0] == pytest.approx(0.03, abs=0.008) and times[1] == pytest.approx(0.01, abs=0.008)
+
+
+def test_out_of_memory_retries_with_a_smaller_batch():
+    tried = []
+
+    def measure(batch):
+        tried.append(batch)
+        if batch > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return speed.Timing(batch, 0.1, [0.1], None)
+
+    assert speed.with_batch_retry(measure, 8, torch.device("cpu")).batch == 3
+    assert tried == [8, 6, 4, 3]  # timm's decay_batch_step
+
+    def broken(batch):
+        raise ValueError("not a memory problem")
+
+    with pytest.raises(ValueError):
+        speed.with_batch_retry(broken, 8, torch.device("cpu"))
+    with pytest.raises(BenchError, match="not even one image"):
+        speed.with_batch_retry(lambda b: measure(10), 2, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--size", "64"], "--size 64: give WIDTH,HEIGHT"),
+    (["--size", "0,32"], "--size 0,32: give WIDTH,HEIGHT"),
+    (["--batch", "0"], "--batch must be at least 1"),
+    (["--precision", "bf16"], "--precision bf16 needs a GPU"),
+])
+def test_bad_options_fail_with_one_line(args, message):
+    result = CliRunner().invoke(main, ["speed", "--device", "cpu", "--row", "sf_seg_v2", *args])
+    assert result.exit_code == 2
+    assert result.output.strip().startswith("error: ") and message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_device_name_is_folder_safe():
+    name = speed.device_name(torch.device("cpu"))
+    assert name and all(c.isalnum() or c == "-" for c in name)
+
+
+def test_data_mode_reads_a_given_dataset_with_workers(tmp_path, one_thread):
+    from harness.data.synthetic import write_synthetic
+
+    root = write_synthetic(tmp_path / "tree", train_images=3, val_images=0, size=(64, 32), progress=False)
+    record = speed.speed(speed.SpeedOptions(row="sf_seg_v2", mode="data", batch=2, device="cpu", data_root=str(root),
+                                            workers=1, warmup=0, repeats=2, steps=1))
+    data = record["modes"]["data"]
+    assert set(record["modes"]) == {"data"} and str(root) in data["images"]
+    assert record["matmul_peak_tflops"] is None and data["workers"] == 1 and len(data["step_s_repeats"]) == 2
+    assert data["images_per_s_per_worker"] == pytest.approx(data["images_per_s"])
