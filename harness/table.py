@@ -1,7 +1,13 @@
-"""benchmark.md: the benchmark table's columns and reference, with measured mIoU beside it (pandas + tabulate)."""
+"""benchmark.md: the benchmark table's columns and reference, with what the reproductions measured beside it
+(pandas + tabulate), and the figure benchmark.png (harness.figure).
+
+Only records that harness.verdicts.standing counts reach the measured columns; every other record is listed
+under its own heading. The synthetic table shows what ran (iterations, batch, crop) and no deltas.
+"""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,10 +18,13 @@ from harness.errors import BenchError
 from harness.paths import benchmark_path
 from harness.results import load_records
 from harness.spec import Spec, load_all, table_title
+from harness.verdicts import (DEFAULT_TOLERANCE, EVALUATION, NOT_COUNTED, OFFICIAL_VAL_IMAGES, REPRODUCTION,
+                              RowVerdict, planned_iterations, row_verdicts, standing)
 
 DATASETS = ("cityscapes", "synthetic")
 NOT_RUN = "not run"
 RANDOM_START_MARK = " (random start)"  # the run lacked its row's starting weights
+FIGURE_NAME = "benchmark.png"  # written beside benchmark.md
 
 
 def reference_cell(spec: Spec) -> str:
@@ -39,18 +48,25 @@ def random_start(record: dict[str, Any]) -> bool:
     return record.get("dataset") != "synthetic" and str(record.get("starting_weights", "")).startswith("missing")
 
 
-def table_frame(specs: list[Spec], records: list[dict[str, Any]]) -> pd.DataFrame:
-    by_row: dict[str, list[dict[str, Any]]] = {}
-    # Training runs only: `bench eval` of a run's own checkpoint would count that run twice.
-    records = [r for r in records if r.get("kind", "train") == "train"]
-    for record in sorted(records, key=lambda r: (r["time"], r.get("mlflow_run_id") or "")):
-        by_row.setdefault(record["row"], []).append(record)
+def _fmt(value: Optional[float], spec: str = ".2f", empty: str = "-") -> str:
+    return empty if value is None else format(value, spec)
+
+
+def _runs_cell(v: RowVerdict) -> str:
+    if not v.values:
+        return "-"
+    cell = " \\| ".join(f"{x:.2f}" for x in v.values)
+    return cell + (f" (runs of {v.runs_of})" if v.runs_of != v.row else "")
+
+
+def _verdict_cell(v: RowVerdict) -> str:
+    return v.verdict + (f" (+{v.in_progress} running)" if v.values and v.in_progress else "")
+
+
+def verdict_frame(specs: list[Spec], verdicts: list[RowVerdict]) -> pd.DataFrame:
     rows = []
-    for spec in specs:
+    for spec, v in zip(specs, verdicts):
         c = spec.columns
-        values = [measured_miou(spec, r) for r in by_row.get(spec.row, [])]
-        reference = sum(spec.reference.miou) / len(spec.reference.miou)
-        mean = sum(values) / len(values) if values else None
         rows.append({
             "row": spec.row,
             "model": c.model,
@@ -61,47 +77,151 @@ def table_frame(specs: list[Spec], records: list[dict[str, Any]]) -> pd.DataFram
             "epoch": str(c.epochs),
             "general test size": str(c.test_size),
             "reference mIoU": reference_cell(spec),
-            "measured mIoU (runs)": " \\| ".join(
-                f"{measured_miou(spec, r):.2f}" + (RANDOM_START_MARK if random_start(r) else "")
-                for r in by_row.get(spec.row, [])) if values else NOT_RUN,
-            "mean": f"{mean:.2f}" if mean is not None else NOT_RUN,
-            "Δ": f"{mean - reference:+.2f}" if mean is not None else "",
+            "runs": str(v.n),
+            "measured mIoU (runs)": _runs_cell(v),
+            "mean": _fmt(v.mean),
+            "std": _fmt(v.std),
+            "Δ": _fmt(v.delta, "+.2f", ""),
+            "verdict": _verdict_cell(v),
         })
     return pd.DataFrame(rows)
 
 
+def _train_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    # Training runs only: `bench eval` of a run's own checkpoint would count that run twice.
+    return sorted((r for r in records if r.get("kind", "train") == "train"),
+                  key=lambda r: (r.get("time", ""), r.get("mlflow_run_id") or ""))
+
+
+def synthetic_frame(specs: list[Spec], records: list[dict[str, Any]]) -> pd.DataFrame:
+    """What ran, one line per row and budget (iterations, batch, crop): runs of different budgets never average."""
+    groups: dict[tuple, list[float]] = {}
+    order = {s.row: i for i, s in enumerate(specs)}
+    by_row = {s.row: s for s in specs}
+    for r in _train_records(records):
+        if r["row"] in by_row:
+            crop = r.get("crop_size")
+            key = (order[r["row"]], r["row"], r.get("iterations"), r.get("batch_size"), tuple(crop) if crop else None)
+            groups.setdefault(key, []).append(measured_miou(by_row[r["row"]], r))
+    rows = []
+    for (_, row, iterations, batch, crop), values in sorted(groups.items(), key=lambda kv: kv[0][:3]):
+        c = by_row[row].columns
+        rows.append({
+            "row": row, "model": c.model, "ema": "yes" if c.ema else "no",
+            "iterations": str(iterations), "batch": str(batch), "crop": str(list(crop)) if crop else "-",
+            "runs": str(len(values)),
+            "measured mIoU (runs)": " \\| ".join(f"{x:.2f}" for x in values),
+            "mean": f"{statistics.fmean(values):.2f}",
+            "std": _fmt(statistics.stdev(values) if len(values) > 1 else None),
+        })
+    columns = ["row", "model", "ema", "iterations", "batch", "crop", "runs", "measured mIoU (runs)", "mean", "std"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def table_frame(specs: list[Spec], records: list[dict[str, Any]], dataset: Optional[str] = None,
+                tolerance: float = DEFAULT_TOLERANCE) -> pd.DataFrame:
+    """The table of `dataset` (default: the records' own, when they are all synthetic; else Cityscapes)."""
+    if dataset is None:
+        dataset = "synthetic" if records and all(r.get("dataset") == "synthetic" for r in records) else "cityscapes"
+    if dataset == "synthetic":
+        return synthetic_frame(specs, records)
+    return verdict_frame(specs, row_verdicts(specs, records, tolerance))
+
+
+def records_frame(specs: list[Spec], records: list[dict[str, Any]], kinds: Optional[tuple[str, ...]] = None) -> pd.DataFrame:
+    """Records with their standing, grouped by kind (in `kinds` order) and table order; every record if kinds is None."""
+    by_row = {s.row: s for s in specs}
+    order = {s.row: i for i, s in enumerate(specs)}
+    all_kinds = (REPRODUCTION, *NOT_COUNTED, EVALUATION)
+    listed = []
+    for r in sorted(records, key=lambda r: (r.get("time", ""), r.get("mlflow_run_id") or "")):
+        spec = by_row.get(r.get("row"))
+        if spec is None:
+            continue
+        s = standing(spec, r)
+        if kinds is None or s.kind in kinds:
+            listed.append((all_kinds.index(s.kind), order[spec.row], spec, r, s))
+    rows = []
+    for _, _, spec, r, s in sorted(listed, key=lambda item: item[:2]):
+        miou = measured_miou(spec, r) if r.get("kind", "train") == "train" else r.get("miou")
+        planned = planned_iterations(spec) if r.get("dataset") == "cityscapes" else None
+        rows.append({
+            "kind": s.kind, "row": spec.row,
+            "mIoU": _fmt(miou) + (RANDOM_START_MARK if random_start(r) else ""),
+            "iterations": "-" if r.get("iterations") is None else
+                          f"{r['iterations']}" + (f" of {planned}" if planned else ""),
+            "train / val images": f"{r.get('train_images', '?')} / {r.get('val_images', '?')}",
+            "seed": str(r.get("seed", "-")), "time": str(r.get("time", "-")),
+            "why it does not count": s.reason or "-",
+            "record": Path(r["_path"]).name if r.get("_path") else "-",
+        })
+    columns = ["kind", "row", "mIoU", "iterations", "train / val images", "seed", "time", "why it does not count", "record"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    return tabulate(frame, headers="keys", tablefmt="github", showindex=False, disable_numparse=True)
+
+
 def render(dataset: str = "cityscapes", specs: Optional[list[Spec]] = None,
-           records: Optional[list[dict[str, Any]]] = None) -> str:
+           records: Optional[list[dict[str, Any]]] = None, tolerance: float = DEFAULT_TOLERANCE,
+           all_records: bool = False, figure: Optional[str] = FIGURE_NAME) -> str:
+    """The markdown of `dataset`'s table; with `all_records`, every record of the dataset is listed with its kind."""
     if dataset not in DATASETS:
         raise BenchError(f"unknown dataset '{dataset}'; use one of {', '.join(DATASETS)}")
     specs = specs if specs is not None else load_all()
     records = records if records is not None else load_records(dataset=dataset)
     known = {s.row for s in specs}
-    frame = table_frame(specs, [r for r in records if r.get("dataset") == dataset and r["row"] in known])
-    body = tabulate(frame, headers="keys", tablefmt="github", showindex=False, disable_numparse=True)
-    note = (
-        "Measured mIoU on the Cityscapes val split (500 images, in each row's test mode: the whole image at the "
-        "general test size, sliding-window crops where the row sets crop test); "
-        "each run reports the best of its evaluations every 5 epochs, as United-Perception's auto_save_best "
-        "did (records keep the final figure too); EMA rows are measured with their EMA weights; "
-        f"'{RANDOM_START_MARK.strip()}' marks a run without the row's ImageNet starting weights. "
-        "Δ = mean measured − mean reference."
-        if dataset == "cityscapes"
-        else "SYNTHETIC DATA: these runs prove the pipeline works; they are not reproductions of the table."
-    )
-    return (
-        f"# {table_title()}\n\n"
-        f"Generated by `bench table` from `experiments/` and `results/` (dataset: {dataset}); do not edit by hand.\n"
-        f"{note}\n\n{body}\n"
-    )
+    records = [r for r in records if r.get("dataset") == dataset and r.get("row") in known]
+    header = (f"# {table_title()}\n\n"
+              f"Generated by `bench table` from `experiments/` and `results/` (dataset: {dataset}); do not edit by hand.\n")
+    if dataset == "synthetic":
+        note = ("SYNTHETIC DATA: these runs prove the pipeline works; they are not reproductions of the table. "
+                "One line per row and budget actually run (iterations, global batch, crop); no reference, no Δ.")
+        text = f"{header}{note}\n\n{_markdown(synthetic_frame(specs, records))}\n"
+    else:
+        note = (
+            f"A run counts only if it trained its row's full planned budget (the table's epochs over the "
+            f"2975 train images) on Cityscapes with the official val split ({OFFICIAL_VAL_IMAGES} images) and "
+            "from the row's expected starting weights; other runs are listed below, never in the measured columns. "
+            "mIoU is measured on the val split in each row's test mode (the whole image at the general test size, "
+            "sliding-window crops where the row sets crop test); each run reports the best of its evaluations every "
+            "5 epochs, as United-Perception's auto_save_best did (records keep the final figure too); EMA rows are "
+            "measured with their EMA weights. A light-seg row is its base row's recipe: it shows the base row's "
+            "runs against the light-seg figure. std is the sample standard deviation over runs; "
+            "Δ = mean measured − mean reference; verdict: reproduced when |Δ| ≤ "
+            f"{tolerance:g} mIoU or the mean lies within the span of the reference's own runs, else below or "
+            "above; in progress when a run of the row is still going."
+        )
+        text = f"{header}{note}\n\n{_markdown(table_frame(specs, records, 'cityscapes', tolerance))}\n"
+        if figure:
+            text += f"\n![measured vs reference per row, and mIoU against GFLOPs]({figure})\n"
+        if not all_records:
+            others = records_frame(specs, records, NOT_COUNTED)
+            if len(others):
+                text += ("\n## Runs that do not count\n\nKept for the record, grouped by why: other data (not the "
+                         "official split), smoke (under one epoch), partial (another budget), random start (without "
+                         "the row's starting weights).\n")
+                for kind in NOT_COUNTED:
+                    part = others[others["kind"] == kind].drop(columns="kind")
+                    if len(part):
+                        text += f"\n### {kind}\n\n{_markdown(part)}\n"
+    if all_records:
+        text += f"\n## Every record ({dataset})\n\n{_markdown(records_frame(specs, records))}\n"
+    return text
 
 
 def write_benchmark(path: Optional[Path] = None) -> Path:
-    """Regenerate benchmark.md (Cityscapes results only); unchanged inputs give a byte-identical file."""
+    """Regenerate benchmark.md (Cityscapes results only) and its figure; unchanged inputs give byte-identical files."""
+    from harness.figure import write_figure
+
     path = path or benchmark_path()
-    text = render("cityscapes")
+    specs = load_all()
+    records = [r for r in load_records(dataset="cityscapes") if r.get("row") in {s.row for s in specs}]
+    text = render("cityscapes", specs, records)
     if not path.exists() or path.read_text() != text:
         tmp = path.with_suffix(".md.tmp")
         tmp.write_text(text)
         tmp.replace(path)
+    write_figure(path.with_name(FIGURE_NAME), specs, row_verdicts(specs, records))
     return path

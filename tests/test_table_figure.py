@@ -1,0 +1,64 @@
+"""Rule 5's table part: `bench table` writes benchmark.png beside benchmark.md (linked from it): measured vs
+reference per row with the spread, and mIoU against GFLOPs; deterministic bytes, GFLOPs measured once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import harness.models.sizes
+from harness.cli import main
+from harness.figure import figure_png, gflops_by_row
+from harness.paths import benchmark_path
+from harness.results import write_record
+from harness.spec import load_all, load_spec
+from harness.verdicts import row_verdicts
+from tests.table_fixtures import full_budget_record
+
+
+def test_bench_table_writes_the_linked_figure_with_fixed_bytes(tmp_path: Path):
+    result = CliRunner().invoke(main, ["table"])
+    assert result.exit_code == 0, result.output
+    figure = benchmark_path().with_name("benchmark.png")
+    assert "](benchmark.png)" in benchmark_path().read_text()
+    with Image.open(figure) as image:
+        assert image.format == "PNG" and image.width > 1000 and image.height > 800
+        assert not {"Software", "Creation Time", "date:create"} & set(image.info)  # nothing that changes per run
+    first = figure.read_bytes()
+    assert CliRunner().invoke(main, ["table"]).exit_code == 0
+    assert figure.read_bytes() == first
+
+    # Measured runs are drawn: the figure changes when a reproduction arrives.
+    write_record({k: v for k, v in full_budget_record("sf_seg_v1", 72.6).items() if k != "_path"})
+    assert CliRunner().invoke(main, ["table"]).exit_code == 0
+    assert figure.read_bytes() != first
+
+
+def test_gflops_are_measured_once_then_read_from_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    specs = [load_spec("sf_seg_v1"), load_spec("sf_seg_v1-ema"), load_spec("df_seg_v1")]
+    cache = tmp_path / "sizes.json"
+    measured = []
+    real = harness.models.sizes.measure_rows
+    monkeypatch.setattr(harness.models.sizes, "measure_rows",
+                        lambda specs: measured.append([s.row for s in specs]) or real(specs))
+    first = gflops_by_row(specs, cache)
+    assert measured == [["sf_seg_v1", "sf_seg_v1-ema", "df_seg_v1"]]
+    expected = real(specs)
+    assert first == {row: size.gflops for row, size in expected.items()}
+    assert gflops_by_row(specs, cache) == first and len(measured) == 1  # the second call measures nothing
+    # another network (a smaller test size) is a cache miss, measured alone
+    small = load_spec("sf_seg_v2")
+    gflops_by_row([*specs, small], cache)
+    assert measured[1] == ["sf_seg_v2"]
+
+
+def test_figure_bytes_depend_only_on_the_inputs():
+    specs = load_all()
+    gflops = {s.row: 100.0 + i for i, s in enumerate(specs)}
+    verdicts = row_verdicts(specs, [full_budget_record("sf_seg_v1", v) for v in (72.4, 72.6)])
+    png = figure_png(specs, verdicts, gflops)
+    assert png.startswith(b"\x89PNG") and figure_png(specs, verdicts, gflops) == png
+    assert figure_png(specs, row_verdicts(specs, []), gflops) != png
