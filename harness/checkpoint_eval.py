@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,15 +18,18 @@ from harness.errors import BenchError
 from harness.evaluate import TestMode, evaluate_split, predict_split
 from harness.export import make_submission_zip
 from harness.models import build_model, check_implemented
-from harness.results import git_commit, package_versions, utc_now, write_record
-from harness.runner import RunOptions, per_class_csv, pick_device, resolve_data_root, resolve_precision
+from harness.results import git_commit, package_versions, utc_now
+from harness.runner import (RUN_STATUS, RunOptions, _write_run_file as write_run_file, end_run, finish_run,
+                            pick_device, resolve_data_root, resolve_precision, run_tags)
 from harness.spec import Spec, load_spec
-from harness.tracking import Tracker
+from harness.tracking import JOURNAL_DIR, Tracker
+
+EVAL_RUNS = "eval"  # runs/<dataset>/<row>/eval/<stamp>/: beside the row's training runs, never taken for one
 
 
 @dataclass
 class EvalOptions:
-    row: str
+    row: Optional[str]  # None: the row the checkpoint was trained for
     checkpoint: str
     split: str = "val"
     weights: Optional[str] = None  # "ema" or "raw"; default: ema for EMA rows
@@ -39,11 +41,11 @@ class EvalOptions:
     save_predictions: Optional[str] = None
     num_panels: int = 4
     progress: bool = True
+    offline_tracking: bool = False
 
 
-def load_weights(spec: Spec, path: Path, weights: str) -> nn.Module:
-    """The row's model with the raw or EMA weights of a segbench checkpoint, every tensor matched."""
-    state = checkpoint.load(path)
+def load_weights(spec: Spec, path: Path, weights: str, state: dict[str, Any]) -> nn.Module:
+    """The row's model with the raw or EMA weights of a segbench checkpoint's `state`, every tensor matched."""
     state_dict = state.get("model") if weights == "raw" else state.get("ema")
     if state_dict is None:
         raise BenchError(f"checkpoint {path} has no EMA weights (its row trained without EMA); use --weights raw")
@@ -72,7 +74,13 @@ class Prepared:
 
 
 def _prepare(options: EvalOptions) -> Prepared:
-    spec = load_spec(options.row)
+    checkpoint_path = Path(options.checkpoint).expanduser()
+    state = checkpoint.load(checkpoint_path)  # a bad file fails before the dataset is touched
+    row = options.row or state.get("spec", {}).get("row")
+    if not row:
+        raise BenchError(f"checkpoint {checkpoint_path} does not name its row; pass --row")
+    options = replace(options, row=row)
+    spec = load_spec(row)
     check_implemented(spec)
     world = World()
     device = pick_device(options.device, world)
@@ -80,8 +88,7 @@ def _prepare(options: EvalOptions) -> Prepared:
     weights = options.weights or ("ema" if spec.columns.ema else "raw")
     if weights not in ("ema", "raw"):
         raise BenchError(f"--weights {weights}: use ema or raw")
-    checkpoint_path = Path(options.checkpoint).expanduser()
-    model = load_weights(spec, checkpoint_path, weights).to(device)  # a bad file fails before the dataset is touched
+    model = load_weights(spec, checkpoint_path, weights, state).to(device)
     data_root, dataset = resolve_data_root(
         RunOptions(row=options.row, synthetic=options.synthetic, data_root=options.data_root,
                    progress=options.progress), world)
@@ -91,36 +98,39 @@ def _prepare(options: EvalOptions) -> Prepared:
 
 
 def evaluate_checkpoint(options: EvalOptions) -> dict[str, Any]:
-    """Score a checkpoint on a labelled split, log it to MLflow and write a result record (kind "eval")."""
+    """Score a checkpoint on a labelled split, log it to MLflow as an evaluation run (tag kind=eval, named
+    "eval <row> ..." so it is never taken for a training run) and write a result record (kind "eval")."""
     prepared = _prepare(options)
     spec, model, device, precision = prepared.spec, prepared.model, prepared.device, prepared.precision
     checkpoint_path, weights, dataset, test_size = prepared.checkpoint_path, prepared.weights, prepared.dataset, prepared.test_size
     mode = TestMode.from_spec(spec, test_size)
 
-    tracker = Tracker(options.tracking_uri or paths.default_tracking_uri(), dataset)
+    tracker = Tracker(options.tracking_uri or paths.default_tracking_uri(), dataset, offline=options.offline_tracking)
     commit = git_commit()
-    run_id = tracker.start(spec.row, {
-        **spec.flat(), "eval.checkpoint": str(checkpoint_path), "eval.weights": weights, "eval.split": options.split,
-        "eval.test_size": test_size, "eval.mode": mode.describe(), "eval.precision": precision,
-        "data.root": str(prepared.data_root)}, {
-        "row": spec.row, "dataset": dataset, "git_commit": commit, "kind": "eval",
-        "reference_miou": " | ".join(repr(v) for v in spec.reference.miou)})
+    run_dir = paths.runs_dir() / dataset / spec.row / EVAL_RUNS / time.strftime("%Y%m%d-%H%M%S")
+    while run_dir.exists():
+        run_dir = run_dir.with_name(run_dir.name + "+")
+    run_dir.mkdir(parents=True)
+    params = {**{k: v for k, v in spec.flat().items() if k.startswith("model.")},
+              "checkpoint": str(checkpoint_path), "weights": weights, "split": options.split,
+              "test_size": test_size, "test_mode": mode.describe(), "precision": precision,
+              "data.root": str(prepared.data_root), "device": device.type}
+    run_id = tracker.start(run_dir / JOURNAL_DIR, f"eval {spec.row} ({weights} weights, {options.split})", params,
+                           run_tags(spec, dataset, commit, "eval", "bench eval", weights=weights,
+                                    checkpoint=str(checkpoint_path)))
+    write_run_file(run_dir, {"kind": "eval", "row": spec.row, "dataset": dataset, "mlflow_run_id": run_id,
+                             "tracking_uri": tracker.tracking_uri, "status": RUN_STATUS["RUNNING"]})
     started = time.perf_counter()
     try:
-        with tempfile.TemporaryDirectory() as scratch:
-            panels = Path(scratch) / "panels"
-            metrics = evaluate_split(
-                model, prepared.samples, spec, device, test_size=test_size, mode=mode, precision=precision,
-                save_predictions_dir=Path(options.save_predictions) if options.save_predictions else None,
-                panels_dir=panels if options.num_panels else None, num_panels=options.num_panels,
-                progress=options.progress, desc=f"eval {weights}")
-            if panels.is_dir():
-                tracker.client.log_artifacts(run_id, str(panels), "panels")
-        per_class = dict(zip(CLASS_NAMES, metrics.iou))
-        tracker.log_metrics({"val_miou": metrics.miou, "val_pixel_accuracy": metrics.pixel_accuracy}, 0)
-        tracker.log_metrics({f"iou_{name.replace(' ', '_')}": v for name, v in per_class.items()}, 0)
-        tracker.log_text(per_class_csv(per_class, None), "per_class_iou.csv")
         tracker.log_text(json.dumps(spec.to_dict(), indent=2), "spec.json")
+        panels_dir = tracker.artifact_path("panels/.keep").parent
+        metrics = evaluate_split(
+            model, prepared.samples, spec, device, test_size=test_size, mode=mode, precision=precision,
+            save_predictions_dir=Path(options.save_predictions) if options.save_predictions else None,
+            panels_dir=panels_dir if options.num_panels else None, num_panels=options.num_panels,
+            progress=options.progress, desc=f"eval {weights}")
+        per_class = dict(zip(CLASS_NAMES, metrics.iou))
+        suffix = "_ema" if weights == "ema" else ""  # the names training runs give the same weights
         record = {
             "kind": "eval", "row": spec.row, "dataset": dataset, "split": options.split, "weights": weights,
             "checkpoint": str(checkpoint_path), "miou": metrics.miou, "pixel_accuracy": metrics.pixel_accuracy,
@@ -128,14 +138,13 @@ def evaluate_checkpoint(options: EvalOptions) -> dict[str, Any]:
             "device": device.type, "precision": precision, "wall_time_s": round(time.perf_counter() - started, 1),
             "git_commit": commit, "versions": package_versions(), "mlflow_run_id": run_id, "time": utc_now(),
         }
-        path = write_record(record)
-        tracker.set_tag("result_record", str(path))
+        return finish_run(spec, tracker, record, run_dir, headline=metrics.miou,
+                          metrics={f"val/miou{suffix}": metrics.miou, f"val/pixel_accuracy{suffix}": metrics.pixel_accuracy},
+                          step=0, per_class={f"val_iou{suffix}": per_class},
+                          panels=sorted(panels_dir.glob("*.png")))
     except BaseException:
-        tracker.finish("FAILED")
+        end_run(run_dir, tracker, "FAILED")
         raise
-    tracker.finish("FINISHED")
-    record["_path"] = str(path)
-    return record
 
 
 def predict_to_zip(options: EvalOptions, out_dir: Path, zip_path: Optional[Path]) -> tuple[list[Path], Optional[Path]]:

@@ -95,3 +95,84 @@ def save_panels(samples: Sequence[Sample], predictions_dir: Path, out_dir: Path,
         prediction = export.read_prediction_train_ids(export.prediction_path(predictions_dir, sample), size)
         paths.append(save_panel(rgb, prediction, ground_truth, panel_path(out_dir, sample), tile_width))
     return paths
+
+
+# --- figures logged with each MLflow run (matplotlib, no display needed) ----------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on clusters and in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def prediction_panels(model: torch.nn.Module, samples: Sequence[Sample], spec, device: torch.device,
+                      test_size: Sequence[int], precision: str, out_dir: Path, count: int = 4) -> list[Path]:
+    """Image / ground truth / prediction panels of `count` labelled samples spread over the split, predicted
+    in the row's test mode (harness.evaluate), for a training run's MLflow images."""
+    from harness.evaluate import evaluate_split, panel_indices
+
+    chosen = [samples[i] for i in panel_indices(len(samples), count) if samples[i].label is not None]
+    if not chosen:
+        return []
+    evaluate_split(model, chosen, spec, device, test_size=test_size, precision=precision, panels_dir=out_dir,
+                   num_panels=len(chosen), workers=0, progress=False, desc="panels")
+    return [panel_path(out_dir, s) for s in chosen]
+
+
+def per_class_chart(per_class: dict[str, dict[str, float]], path: Path, title: str = "per-class IoU") -> Path:
+    """Horizontal bars of IoU per class in the Cityscapes class order, one bar per weight set
+    (`{"val_iou": {...}, "val_iou_ema": {...}}`), each class in its palette colour."""
+    plt = _pyplot()
+    groups = list(per_class.items())
+    names = list(groups[0][1])
+    fig, ax = plt.subplots(figsize=(7, 0.32 * len(names) * len(groups) + 1.2), dpi=100)
+    height = 0.8 / len(groups)
+    for g, (group, values) in enumerate(groups):
+        positions = [i + g * height for i in range(len(names))]
+        colours = [tuple(c / 255 for c in PALETTE[i]) for i in range(len(names))]
+        ax.barh(positions, [values[n] for n in names], height=height, color=colours,
+                alpha=1.0 if g == 0 else 0.55, edgecolor="black", linewidth=0.4, label=group)
+        for y, name in zip(positions, names):
+            ax.text(values[name] + 0.5, y, f"{values[name]:.1f}", va="center", fontsize=7)
+    ax.set_yticks([i + height * (len(groups) - 1) / 2 for i in range(len(names))], names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 105)
+    ax.set_xlabel("IoU (%)")
+    ax.set_title(title, fontsize=10)
+    if len(groups) > 1:
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def training_curves(history: dict[str, list[tuple[int, float]]], path: Path, title: str = "training") -> Path:
+    """Loss, learning rate and validation mIoU (raw and EMA) against the iteration, one panel each."""
+    plt = _pyplot()
+    panels = [("loss", ["train/loss"]), ("learning rate", ["train/lr"]), ("val mIoU", ["val/miou", "val/miou_ema"])]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), dpi=100)
+    for ax, (label, keys) in zip(axes, panels):
+        for key in keys:
+            points = sorted(dict(history.get(key, [])).items())  # a resumed step logged twice counts once
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, marker="o" if len(points) < 20 else None, markersize=3, label=key)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        if len(keys) > 1 and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return path
