@@ -35,14 +35,32 @@ def save_best(state: dict[str, Any], folder: Path) -> Path:
 
 
 def _write(state: dict[str, Any], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write (a full disk) as RuntimeError
+        tmp.unlink(missing_ok=True)  # no partial file; it also gives back the space it took
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _write_failure(exc)
+        raise BenchError(f"cannot write checkpoint {path}: {reason}; free space or make {path.parent} writable "
+                         f"(or set SEGBENCH_RUNS to another folder); earlier checkpoints are kept") from None
     return path
+
+
+def _write_failure(exc: BaseException) -> str:
+    """The reason behind torch.save's RuntimeError: the OSError (e.g. 'No space left on device') that the file
+    object raised while torch was writing, kept as the exception's context."""
+    cause: Optional[BaseException] = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        cause = cause.__context__
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def checkpoints(folder: Path) -> list[Path]:

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import socket
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -109,22 +113,106 @@ def shard(items: Sequence, world: World) -> list:
     return list(items[world.rank :: world.size])
 
 
+WORKER_ERRORS = "SEGBENCH_WORKER_ERRORS"  # a folder where each torchrun worker leaves its one-line error
+
+
+def record_worker_error(message: str) -> bool:
+    """In a torchrun worker, leave `message` for the launcher to report; False when not a worker."""
+    folder = os.environ.get(WORKER_ERRORS)
+    if not folder or "RANK" not in os.environ:
+        return False
+    try:
+        Path(folder, f"rank-{os.environ['RANK']}").write_text(message.splitlines()[0] if message else "")
+    except OSError:
+        return False
+    return True
+
+
+def _loopback_interface() -> Optional[str]:
+    try:
+        return next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
+    except OSError:
+        return None
+
+
+def _bind_store(host: str, port: Optional[int]) -> tuple[int, "dist.TCPStore"]:
+    """The rendezvous store's server, listening on `host` only.
+
+    torchrun's TCPStore binds every interface; a TCPStore server listening on a socket we bound ourselves is
+    shared, in this process, with torchrun's own store of the same port (multi_tenant), so torchrun binds nothing.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port or 0))
+    except OSError as exc:
+        sock.close()
+        raise BenchError(f"cannot listen on {host}:{port or 0} for the rendezvous ({exc.strerror or exc}); "
+                         "choose another --master-port, or check --master-addr is this node's address") from None
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    # The store's server owns the descriptor from now on and closes it itself.
+    store = dist.TCPStore(host, port, None, True, multi_tenant=True, wait_for_workers=False,
+                          master_listen_fd=sock.detach(), use_libuv=True)
+    return port, store
+
+
 def launch(argv: Sequence[str], nproc_per_node: int, nnodes: int = 1, node_rank: int = 0,
            master_addr: Optional[str] = None, master_port: Optional[int] = None) -> int:
-    """Run `python -m harness.cli <argv>` under torchrun; returns the launcher's exit status."""
-    from torch.distributed import run as torchrun
+    """Run `python -m harness.cli <argv>` under torchrun; returns the launcher's exit status.
 
-    args = [f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}", f"--node-rank={node_rank}"]
-    if nnodes == 1 and master_addr is None:
-        args.append("--standalone")
+    One node rendezvouses on 127.0.0.1 and its process groups talk over loopback: nothing listens beyond this
+    machine. Several nodes rendezvous on --master-addr, where node 0 listens on that address only.
+    """
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if nnodes > 1 and not master_addr:
+        raise BenchError(f"--nnodes {nnodes} needs --master-addr (node 0's address, the same on every node)")
+    host = "127.0.0.1" if nnodes == 1 else master_addr
+    store = None
+    if node_rank == 0:
+        port, store = _bind_store(host, master_port)
     else:
-        args += [f"--master-addr={master_addr or '127.0.0.1'}", f"--master-port={master_port or 29500}"]
-    args += ["--module", "harness.cli", *argv]
+        port = master_port or 29500
+    saved = {k: os.environ.get(k) for k in (WORKER_ERRORS, "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
+    errors = tempfile.mkdtemp(prefix="segbench-workers-")
+    os.environ[WORKER_ERRORS] = errors
+    loopback = _loopback_interface()
+    if nnodes == 1 and loopback:  # gloo and NCCL otherwise listen on the interface of the host name
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", loopback)
+    args = [f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}", f"--node-rank={node_rank}",
+            "--rdzv-backend=static", f"--master-addr={host}", f"--master-port={port}",
+            "--module", "harness.cli", *argv]
     try:
         torchrun.main(args)
     except SystemExit as exc:  # torchrun exits through sys.exit on success too
         return int(exc.code or 0)
-    except Exception as exc:  # ChildFailedError: a worker failed; its own message was printed above
-        print(f"error: distributed run failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+    except ChildFailedError as exc:
+        print(f"error: distributed run failed: {first_failure(exc, Path(errors))}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        print(f"error: distributed run failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
+              file=sys.stderr)
+        return 1
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        shutil.rmtree(errors, ignore_errors=True)
+        del store
     return 0
+
+
+def first_failure(exc, errors: Path) -> str:
+    """The first failed worker's own error line (left by `record_worker_error`), else how it ended."""
+    rank, failure = exc.get_first_failure()
+    left = errors / f"rank-{rank}"
+    if left.is_file() and left.read_text().strip():
+        return f"rank {rank}: {left.read_text().strip()}"
+    if failure.exitcode is not None and failure.exitcode < 0:
+        return f"rank {rank} was killed by {failure.signal_name()}"
+    return f"rank {rank} exited with code {failure.exitcode} (its output above says why)"

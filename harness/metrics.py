@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from harness.errors import BenchError
+
 
 class ConfusionMatrix:
     """Accumulates ground truth x prediction counts on the logits' device; ignored pixels never count."""
@@ -27,7 +29,8 @@ class ConfusionMatrix:
 
 @dataclass
 class SegMetrics:
-    """Percentages. A class absent from both ground truth and prediction has IoU NaN and is left out of mIoU."""
+    """Percentages. A class absent from both ground truth and prediction has IoU NaN and is left out of mIoU;
+    no valid pixel at all is an error, never a NaN mIoU."""
 
     miou: float
     iou: list[float]
@@ -36,6 +39,10 @@ class SegMetrics:
     @classmethod
     def from_matrix(cls, matrix: torch.Tensor) -> "SegMetrics":
         matrix = matrix.double().cpu()
+        if not float(matrix.sum()):
+            # Scoring nothing would give NaN, which must never reach a record or the table.
+            raise BenchError("the evaluated labels hold no valid pixel (every labelId maps to ignore, 255), so mIoU "
+                             "is undefined; check the split's gtFine/*_gtFine_labelIds.png files (bench data check)")
         true_positive = matrix.diag()
         union = matrix.sum(0) + matrix.sum(1) - true_positive
         iou = torch.where(union > 0, true_positive / union.clamp(min=1), torch.full_like(union, math.nan))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -43,17 +44,39 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def strict_json(record: dict[str, Any]) -> dict[str, Any]:
+    """`record` as strict JSON allows: a per-class IoU that is undefined (a class absent from ground truth and
+    prediction) becomes null; any other non-finite number is an error, never NaN in a file."""
+
+    def clean(value: Any, key: str, nested: bool) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            if nested:
+                return None
+            raise BenchError(f"result {key} is {value} (undefined); no record is written for run "
+                             f"{record.get('row')} on {record.get('dataset')}")
+        if isinstance(value, dict):
+            return {k: clean(v, f"{key}.{k}" if key else str(k), nested or bool(key)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{key}[{i}]", nested) for i, v in enumerate(value)]
+        return value
+
+    return clean(record, "", False)
+
+
 def write_record(record: dict[str, Any], root: Optional[Path] = None) -> Path:
-    """Publish `record` under a new name; an existing record is never replaced."""
+    """Publish `record` under a new name; an existing record is never replaced, and a failed write leaves
+    nothing behind (not even a partial temporary file)."""
     root = root or results_dir()
+    record = strict_json(record)
     folder = root / record["dataset"] / record["row"]
-    folder.mkdir(parents=True, exist_ok=True)
     stamp = record["time"].replace(":", "").replace("-", "")
     base = f"{stamp}-{str(record.get('mlflow_run_id') or 'norun')[:8]}"
-    handle, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    tmp = None
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
         with os.fdopen(handle, "w") as f:
-            json.dump(record, f, indent=2, sort_keys=True)
+            json.dump(record, f, indent=2, sort_keys=True, allow_nan=False)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
@@ -65,8 +88,26 @@ def write_record(record: dict[str, Any], root: Optional[Path] = None) -> Path:
             except FileExistsError:
                 continue
         raise BenchError(f"cannot find a free record name under {folder}")
+    except OSError as exc:
+        raise BenchError(f"cannot write the result record under {folder}: {exc.strerror or exc}; free space or make "
+                         f"it writable (or point SEGBENCH_RESULTS elsewhere); the run's checkpoints are kept") from None
     finally:
-        os.unlink(tmp)
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def check_writable(folder: Path, what: str, variable: str) -> None:
+    """Fail before any work if `folder` cannot take a new file: one line naming it and the fix."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=".write-check-", dir=folder):
+            pass
+    except OSError as exc:
+        raise BenchError(f"{what} {folder} is not writable ({exc.strerror or exc}); make it writable or set "
+                         f"{variable} to another folder") from None
 
 
 def load_records(root: Optional[Path] = None, dataset: Optional[str] = None) -> list[dict[str, Any]]:

@@ -178,7 +178,15 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise BenchError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on line {line}); "
+                         "save the file as UTF-8") from None
+    except OSError as exc:
+        raise BenchError(f"{path}: cannot be read ({exc.strerror or exc}); check the file and its permissions") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise BenchError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from None
     if data is None:
@@ -310,6 +318,25 @@ def _check_ranges(spec: Spec, where: str) -> None:
         require(value >= 0, key, value, "zero or more")
     require(spec.loss.name in LOSSES, "loss.name", spec.loss.name, ", ".join(LOSSES))
     require(0 <= t.pad_value <= 255, "train.pad_value", t.pad_value, "a pixel value 0-255")
+    for key, value in (("train.checkpoint_every", t.checkpoint_every), ("synthetic.checkpoint_every", s.checkpoint_every),
+                       ("train.workers", t.workers), ("synthetic.workers", s.workers),
+                       ("train.poly_power", t.poly_power), ("loss.ohem_min_kept", spec.loss.ohem_min_kept),
+                       ("synthetic.ohem_min_kept", s.ohem_min_kept)):
+        require(value >= 0, key, value, "zero or more")
+    require(0 < spec.loss.ohem_thresh <= 1, "loss.ohem_thresh", spec.loss.ohem_thresh, "a probability, 0 < thresh <= 1")
+    require(all(w >= 0 for w in spec.loss.aux_weights), "loss.aux_weights", spec.loss.aux_weights, "weights >= 0")
+    require(len(spec.data.mean) == 3, "data.mean", spec.data.mean, "three numbers (R, G, B on 0-255)")
+    require(len(spec.data.std) == 3 and all(v > 0 for v in spec.data.std), "data.std", spec.data.std,
+            "three positive numbers (R, G, B on 0-255)")
+    require(spec.model.output_stride in (8, 16, 32), "model.output_stride", spec.model.output_stride, "8, 16 or 32")
+    if c.crop_test is not None:
+        size("columns.crop_test", c.crop_test)
+    if spec.eval.crop_stride is not None:
+        size("eval.crop_stride", spec.eval.crop_stride)
+    require(bool(spec.eval.scales) and all(v > 0 for v in spec.eval.scales), "eval.scales", spec.eval.scales,
+            "a non-empty list of positive scales")
+    require(bool(spec.reference.miou) and all(0 <= v <= 100 for v in spec.reference.miou), "reference.miou",
+            spec.reference.miou, "one or more percentages 0-100")
 
 
 def row_ids(root: Optional[Path] = None) -> list[str]:

@@ -71,15 +71,21 @@ class Sample:
         return self.image.parent.name
 
 
+def check_root(root: Path) -> Path:
+    """The dataset folder, or a one-line error saying what it is instead."""
+    root = Path(root)
+    fix = "pass --data-root (or set CITYSCAPES_DATASET) to the folder holding leftImg8bit/ and gtFine/"
+    if root.is_file():
+        raise BenchError(f"Cityscapes root {root} is a file, not a folder; {fix}")
+    if not root.is_dir():
+        raise BenchError(f"Cityscapes root {root} does not exist; {fix}")
+    return root
+
+
 def find_samples(root: Path, split: str, require_labels: bool = True) -> list[Sample]:
     """Every image of a split with its ground truth; one clear error for anything missing."""
-    root = Path(root)
+    root = check_root(root)
     expected = f"{root}/leftImg8bit/{split}/<city>/*{IMAGE_SUFFIX}"
-    if not root.is_dir():
-        raise BenchError(
-            f"Cityscapes root {root} does not exist; pass --data-root (or set CITYSCAPES_DATASET) "
-            "to the folder holding leftImg8bit/ and gtFine/"
-        )
     images = sorted((root / "leftImg8bit" / split).glob(f"*/*{IMAGE_SUFFIX}"))
     if not images:
         raise BenchError(f"no Cityscapes images found: expected {expected}")
@@ -95,12 +101,82 @@ def find_samples(root: Path, split: str, require_labels: bool = True) -> list[Sa
     return samples
 
 
-def _read_png(path: Path, mode: str) -> np.ndarray:
+# Cityscapes frames are 2048x1024; anything beyond this is a wrong file, and decoding it could exhaust memory
+# (PIL's decompression-bomb guard would raise a traceback at twice its own 89-Mpixel limit).
+MAX_PIXELS = 64_000_000
+# Label PNGs hold one labelId per pixel: 8-bit grey ("L"), or a palette ("P") whose indices are the ids.
+LABEL_MODES = ("L", "P")
+
+
+@dataclass(frozen=True)
+class PngHeader:
+    width: int
+    height: int
+    mode: str
+
+
+def read_header(path: Path) -> PngHeader:
+    """Size and mode from the file's header, without decoding its pixels."""
     try:
         with Image.open(path) as img:
+            return PngHeader(img.width, img.height, img.mode)
+    except Image.DecompressionBombError:
+        raise BenchError(f"image {path} is too large to be a Cityscapes frame (beyond PIL's decompression limit); "
+                         "replace or remove it") from None
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"cannot read image {path} ({exc}); replace or remove it") from None
+
+
+def check_image_header(path: Path, header: PngHeader) -> None:
+    if header.width < 1 or header.height < 1 or header.width * header.height > MAX_PIXELS:
+        raise BenchError(f"image {path} is {header.width}x{header.height}, not a sane Cityscapes frame size "
+                         f"(at most {MAX_PIXELS // 1_000_000} Mpixel; Cityscapes frames are 2048x1024); replace or remove it")
+
+
+def check_pair_headers(sample: Sample) -> None:
+    """One image/label pair is usable: sane size, same size, a single-channel labelIds PNG (headers only)."""
+    image = read_header(sample.image)
+    check_image_header(sample.image, image)
+    if sample.label is None:
+        return
+    label = read_header(sample.label)
+    check_image_header(sample.label, label)
+    if (label.width, label.height) != (image.width, image.height):
+        raise BenchError(f"label {sample.label} is {label.width}x{label.height} but its image is "
+                         f"{image.width}x{image.height}; each labelIds PNG must have its image's size")
+    if label.mode not in LABEL_MODES:
+        raise BenchError(f"label {sample.label} is a {label.mode} image, not an 8-bit single-channel labelIds PNG "
+                         f"(a colour *_gtFine_color.png in its place?); use the *{LABEL_SUFFIX} files")
+
+
+def check_pairs(samples: Sequence[Sample], threads: int = 8) -> None:
+    """Check every pair's headers before training starts, in threads (file opens dominate, not decoding)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for _ in pool.map(check_pair_headers, samples):
+            pass
+
+
+def _read_png(path: Path, mode: str) -> np.ndarray:
+    header = read_header(path)
+    check_image_header(path, header)
+    if mode == "L" and header.mode not in LABEL_MODES:
+        raise BenchError(f"label {path} is a {header.mode} image, not an 8-bit single-channel labelIds PNG; "
+                         f"use the *{LABEL_SUFFIX} files")
+    try:
+        with Image.open(path) as img:
+            if mode == "L" and img.mode in LABEL_MODES:
+                return np.asarray(img)  # a palette label's indices are its labelIds: never map them to grey levels
             return np.asarray(img.convert(mode) if img.mode != mode else img)
     except (OSError, ValueError) as exc:
         raise BenchError(f"cannot read image {path}: {exc}") from None
+
+
+def _same_size(label: torch.Tensor, image_hw: tuple[int, int], path: Path) -> None:
+    if tuple(label.shape) != tuple(image_hw):
+        raise BenchError(f"label {path} is {label.shape[1]}x{label.shape[0]} but its image is "
+                         f"{image_hw[1]}x{image_hw[0]}; each labelIds PNG must have its image's size")
 
 
 def load_image(path: Path, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
@@ -154,6 +230,7 @@ class CityscapesTrain(Dataset):
         rng = random.Random(seed) if seed is not None else random
         sample = self.samples[index]
         image, label = load_image(sample.image, self.mean, self.std), load_train_ids(sample.label)
+        _same_size(label, tuple(image.shape[1:]), sample.label)
         scale = up_scale(rng, *self.scale_range)
         height, width = label.shape
         image, label = _resize(image, label, (max(1, int(height * scale)), max(1, int(width * scale))))
@@ -187,7 +264,9 @@ class CityscapesEval(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         sample = self.samples[index]
         image = load_image(sample.image, self.mean, self.std)
+        label = load_train_ids(sample.label) if sample.label is not None else torch.empty(0, dtype=torch.long)
+        if sample.label is not None:
+            _same_size(label, tuple(image.shape[1:]), sample.label)
         if tuple(image.shape[1:]) != (self.test_h, self.test_w):
             image, _ = _resize(image, None, (self.test_h, self.test_w))
-        label = load_train_ids(sample.label) if sample.label is not None else torch.empty(0, dtype=torch.long)
         return image, label

@@ -1,0 +1,182 @@
+"""`bench data check`: validate a whole Cityscapes tree before an expensive run.
+
+Pairs, counts per split against the official 2975 / 500 / 1525, image sizes (from PNG headers only, in
+threads), label modes and labelId ranges (decoding labels, in a process pool), unreadable files. Every
+defect is one line naming the file; the exit code says whether there was any.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+from tabulate import tabulate
+
+from harness.data.cityscapes import (IMAGE_SUFFIX, LABEL_MODES, LABEL_SUFFIX, LABEL_TO_TRAIN, IGNORE_INDEX,
+                                     MAX_PIXELS, check_root)
+from harness.errors import BenchError
+
+OFFICIAL_COUNTS = {"train": 2975, "val": 500, "test": 1525}
+OFFICIAL_SIZE = (2048, 1024)
+LABELLED = ("train", "val")  # the test split's labels are withheld (placeholders): never checked
+MAX_LABEL_ID = 33  # cityscapesscripts' labels.py: ids 0-33 (-1, license plate, is never written to a PNG)
+SHOWN_DEFECTS = 50
+
+
+@dataclass
+class Defect:
+    split: str
+    kind: str
+    path: Path
+    detail: str
+
+
+@dataclass
+class SplitSummary:
+    split: str
+    images: int = 0
+    labels: int = 0
+    expected: Optional[int] = None
+    sizes: dict[tuple[int, int], int] = field(default_factory=dict)
+    valid_pixels: int = 0
+
+
+@dataclass
+class Report:
+    root: Path
+    splits: list[SplitSummary]
+    defects: list[Defect]
+
+    @property
+    def ok(self) -> bool:
+        return not self.defects
+
+
+def _image_header(path: Path) -> tuple[Optional[tuple[int, int]], str]:
+    """(width, height) from the header, or None and why it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            return img.size, ""
+    except Image.DecompressionBombError:
+        return None, "beyond PIL's decompression limit"
+    except (OSError, ValueError) as exc:
+        return None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _inspect_label(path: Path) -> tuple[Optional[tuple[int, int]], str, Optional[int], int, str]:
+    """(size, mode, largest labelId, valid pixel count, error); decodes the pixels (run in a worker process)."""
+    try:
+        with Image.open(path) as img:
+            size, mode = img.size, img.mode
+            if mode not in LABEL_MODES or size[0] * size[1] > MAX_PIXELS:
+                return size, mode, None, 0, ""
+            ids = np.asarray(img)
+    except Image.DecompressionBombError:
+        return None, "", None, 0, "beyond PIL's decompression limit"
+    except (OSError, ValueError) as exc:
+        return None, "", None, 0, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    valid = int((LABEL_TO_TRAIN[ids] != IGNORE_INDEX).sum())
+    return size, mode, int(ids.max()) if ids.size else 0, valid, ""
+
+
+def check_tree(data_root: Optional[str], workers: Optional[int] = None, official: bool = True) -> Report:
+    """Every defect of the tree at `data_root` (default: $CITYSCAPES_DATASET). `official`: also require the
+    official split sizes and 2048x1024 frames (off for a subset or the synthetic dataset)."""
+    root_text = data_root or os.environ.get("CITYSCAPES_DATASET")
+    if not root_text:
+        raise BenchError("no dataset given: pass --data-root DIR (or set CITYSCAPES_DATASET)")
+    root = check_root(Path(root_text).expanduser())
+    defects: list[Defect] = []
+    summaries = []
+    label_jobs: list[tuple[str, Path, Optional[Path]]] = []  # (split, label, its image)
+    image_jobs: list[tuple[str, Path]] = []
+    for split in OFFICIAL_COUNTS:
+        summary = SplitSummary(split, expected=OFFICIAL_COUNTS[split] if official else None)
+        summaries.append(summary)
+        image_dir, label_dir = root / "leftImg8bit" / split, root / "gtFine" / split
+        images = {p.relative_to(image_dir).as_posix()[: -len(IMAGE_SUFFIX)]: p
+                  for p in sorted(image_dir.glob(f"*/*{IMAGE_SUFFIX}"))}
+        labels = {p.relative_to(label_dir).as_posix()[: -len(LABEL_SUFFIX)]: p
+                  for p in sorted(label_dir.glob(f"*/*{LABEL_SUFFIX}"))}
+        summary.images, summary.labels = len(images), len(labels)
+        if not images and (official or split in LABELLED):
+            defects.append(Defect(split, "missing split", image_dir, f"no *{IMAGE_SUFFIX} under <city>/ folders"))
+        if official and images and len(images) != OFFICIAL_COUNTS[split]:
+            defects.append(Defect(split, "count", image_dir,
+                                  f"{len(images)} images, the official {split} split has {OFFICIAL_COUNTS[split]}"))
+        image_jobs += [(split, p) for p in images.values()]
+        if split not in LABELLED:
+            continue
+        for stem, image in images.items():
+            if stem not in labels:
+                defects.append(Defect(split, "missing label", label_dir / f"{stem}{LABEL_SUFFIX}",
+                                      f"ground truth of {image.name} is missing"))
+        for stem, label in labels.items():
+            if stem not in images:
+                defects.append(Defect(split, "orphan label", label, f"no image {stem}{IMAGE_SUFFIX} in {image_dir}"))
+            label_jobs.append((split, label, images.get(stem)))
+
+    by_split = {s.split: s for s in summaries}
+    # Labels decode in processes (the CPU-bound part); images need only their headers, read in threads.
+    with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as processes:
+        label_results = processes.map(_inspect_label, [label for _, label, _ in label_jobs], chunksize=16)
+        with ThreadPoolExecutor(max_workers=16) as threads:
+            image_sizes = dict(zip((p for _, p in image_jobs), threads.map(_image_header, (p for _, p in image_jobs))))
+        label_results = list(label_results)
+
+    for split, image in image_jobs:
+        size, error = image_sizes[image]
+        if size is None:
+            defects.append(Defect(split, "unreadable", image, error))
+            continue
+        by_split[split].sizes[size] = by_split[split].sizes.get(size, 0) + 1
+        if size[0] < 1 or size[1] < 1 or size[0] * size[1] > MAX_PIXELS:
+            defects.append(Defect(split, "image size", image, f"{size[0]}x{size[1]} is not a sane frame size"))
+        elif official and size != OFFICIAL_SIZE:
+            defects.append(Defect(split, "image size", image, f"{size[0]}x{size[1]}, Cityscapes frames are 2048x1024"))
+
+    for (split, label, image), (size, mode, largest, valid, error) in zip(label_jobs, label_results):
+        if error or size is None:
+            defects.append(Defect(split, "unreadable", label, error))
+            continue
+        image_size = image_sizes.get(image, (None, ""))[0] if image is not None else None
+        if image_size is not None and size != image_size:
+            defects.append(Defect(split, "label size", label, f"{size[0]}x{size[1]}, its image is {image_size[0]}x{image_size[1]}"))
+        if mode not in LABEL_MODES:
+            defects.append(Defect(split, "label mode", label, f"a {mode} image, not an 8-bit single-channel labelIds PNG"))
+            continue
+        if largest is None:
+            continue  # too large to decode: reported with its image's size
+        if largest > MAX_LABEL_ID:
+            defects.append(Defect(split, "label values", label, f"labelId {largest} beyond the official 0-{MAX_LABEL_ID}"))
+        if not valid:
+            defects.append(Defect(split, "no valid pixel", label, "every labelId maps to ignore (255)"))
+        by_split[split].valid_pixels += valid
+    for summary in summaries:
+        if summary.split in LABELLED and summary.labels and not summary.valid_pixels:
+            defects.append(Defect(summary.split, "no valid pixel", root / "gtFine" / summary.split,
+                                  "no label of the split holds a valid pixel: nothing to train on or score"))
+    return Report(root, summaries, defects)
+
+
+def format_report(report: Report) -> str:
+    rows = []
+    for s in report.splits:
+        sizes = ", ".join(f"{w}x{h} ({n})" for (w, h), n in sorted(s.sizes.items(), key=lambda kv: -kv[1])[:3]) or "-"
+        defects = sum(1 for d in report.defects if d.split == s.split)
+        rows.append([s.split, s.images, s.labels if s.split in LABELLED else "-",
+                     s.expected if s.expected is not None else "-", sizes, defects])
+    lines = [f"Cityscapes tree {report.root}",
+             tabulate(rows, headers=["split", "images", "labels", "official", "image sizes", "defects"],
+                      disable_numparse=True)]
+    for defect in report.defects[:SHOWN_DEFECTS]:
+        lines.append(f"{defect.split}: {defect.kind}: {defect.path}: {defect.detail}")
+    if len(report.defects) > SHOWN_DEFECTS:
+        lines.append(f"... and {len(report.defects) - SHOWN_DEFECTS} more defects")
+    lines.append(f"{len(report.defects)} defect(s)" if report.defects else "no defects")
+    return "\n".join(lines)
