@@ -18,7 +18,10 @@ class BenchGroup(click.Group):
         try:
             return super().invoke(ctx)
         except BenchError as exc:
-            click.echo(f"error: {exc}", err=True)
+            from harness.distributed import record_worker_error
+
+            if not record_worker_error(str(exc)):  # a torchrun worker's error is reported once, by the launcher
+                click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -28,6 +31,32 @@ class BenchGroup(click.Group):
 @click.group(cls=BenchGroup)
 def main() -> None:
     """segbench: reproduce the Cityscapes benchmark table, one row at a time."""
+
+
+# Options several commands share, declared once.
+DATA_OPTIONS = (
+    click.option("--synthetic", is_flag=True, help="Use the generated synthetic dataset (and its CPU-sized budget)."),
+    click.option("--data-root", type=str, default=None, help="Cityscapes root (default: $CITYSCAPES_DATASET)."),
+)
+DEVICE_OPTIONS = (
+    click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)."),
+    click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+                 help="Autocast precision (default: bf16 on GPU, fp32 on CPU)."),
+)
+TRACKING_OPTIONS = (
+    click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)."),
+    click.option("--offline-tracking", is_flag=True,
+                 help="Do not contact MLflow: log into the run folder only; `bench sync` sends it later."),
+)
+
+
+def with_options(*groups):
+    """Apply option groups to a command, in the order listed."""
+    def decorate(command):
+        for option in reversed([option for group in groups for option in group]):
+            command = option(command)
+        return command
+    return decorate
 
 
 @main.command("list")
@@ -72,56 +101,72 @@ def show(row: str) -> None:
 
 @main.command()
 @click.option("--row", required=True, help="Row id, e.g. sf_seg_v2-ema (see `bench list`).")
-@click.option("--synthetic", is_flag=True, help="Train on the generated synthetic dataset with a CPU-sized budget.")
-@click.option("--data-root", type=str, default=None, help="Cityscapes root (default: $CITYSCAPES_DATASET).")
+@with_options(DATA_OPTIONS, DEVICE_OPTIONS, TRACKING_OPTIONS)
 @click.option("--iters", type=int, default=None, help="Override the number of training iterations.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db).")
-@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--seeds", "seeds_text", default=None, metavar="LIST",
+              help="Several seeds run one after another, each its own run and record (e.g. 0,1,2).")
 @click.option("--gpus", type=int, default=1, show_default=True,
               help="Processes per node, one per GPU, launched with torchrun; the global batch stays the spec's.")
 @click.option("--nnodes", type=int, default=1, show_default=True, help="Nodes in a multi-node run (torchrun).")
 @click.option("--node-rank", type=int, default=0, show_default=True, help="This node's rank (torchrun).")
 @click.option("--master-addr", default=None, help="Rendezvous host of a multi-node run (torchrun).")
 @click.option("--master-port", type=int, default=None, help="Rendezvous port of a multi-node run (torchrun).")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
-              help="Autocast precision (default: bf16 on GPU, fp32 on CPU).")
 @click.option("--resume", is_flag=False, flag_value="latest", default=None,
               help="Continue the last unfinished run of this row, or the run folder / checkpoint given.")
 @click.option("--deterministic", is_flag=True, help="PyTorch deterministic algorithms (slower).")
 @click.option("--init-checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Start from this whole-model checkpoint (overrides model.init_checkpoint).")
+@click.option("--compile", "compile_model", is_flag=True, help="Run the model through torch.compile.")
 @click.option("--eval-every", type=int, default=None,
               help="Evaluate every N iterations and keep the best (default: the recipe's, every 5 epochs).")
 def run(row: str, synthetic: bool, data_root: Optional[str], iters: Optional[int], seed: int,
         tracking_uri: Optional[str], device: Optional[str], gpus: int, nnodes: int, node_rank: int,
         master_addr: Optional[str], master_port: Optional[int], precision: Optional[str], resume: Optional[str],
-        deterministic: bool, init_checkpoint: Optional[str], eval_every: Optional[int]) -> None:
+        deterministic: bool, init_checkpoint: Optional[str], eval_every: Optional[int], compile_model: bool,
+        offline_tracking: bool, seeds_text: Optional[str] = None) -> None:
     """Train and evaluate one row; log to MLflow, write a result record, regenerate benchmark.md."""
+    from dataclasses import replace
+
     from harness.runner import RunOptions, exit_code_for, launch, run as run_row
     from harness.train import Interrupted
+    from harness.verdicts import parse_seeds, training_row
+
+    row, note = training_row(row)
+    if note:
+        click.echo(note, err=True)
+    seeds = [seed]
+    if seeds_text is not None:
+        if seed != 0 or resume:
+            raise BenchError("--seeds starts one new run per seed: drop --seed and --resume (or run one --seed)")
+        seeds = parse_seeds(seeds_text)
+        seed = seeds[0]
 
     options = RunOptions(row=row, synthetic=synthetic, data_root=data_root, iters=iters, seed=seed,
                          tracking_uri=tracking_uri, device=device, precision=precision, resume=resume,
-                         deterministic=deterministic, init_checkpoint=init_checkpoint, eval_every=eval_every)
-    exit_code = launch(options, worker_argv(sys.argv[1:]), gpus, nnodes, node_rank, master_addr, master_port)
+                         deterministic=deterministic, init_checkpoint=init_checkpoint, eval_every=eval_every,
+                         compile=compile_model, offline_tracking=offline_tracking)
+    exit_code = launch(options, seeds, gpus, nnodes, node_rank, master_addr, master_port)
     if exit_code is not None:
         sys.exit(exit_code)
-    try:
-        record = run_row(options)
-    except Interrupted as stop:
-        where = f"; checkpoint {stop.path}" if stop.path else ""
-        click.echo(f"{stop}{where}; continue with: bench run --row {row} --resume", err=True)
-        sys.exit(exit_code_for(stop))
-    if not record:
-        return  # a non-zero rank of a distributed run
-    ema = (f", EMA {record['miou_ema']:.2f} (best {record['miou_ema_best']:.2f} at {record['best_iteration_ema']})"
-           if record["miou_ema"] is not None else "")
-    click.echo(f"{row} on {record['dataset']}: mIoU {record['miou']:.2f} (best {record['miou_best']:.2f} at "
-               f"{record['best_iteration']}){ema}; {record['iterations']} iterations, {record['wall_time_s']:.0f} s; "
-               f"record {record['_path']}")
-    if record["dataset"] != "synthetic" and record["starting_weights"].startswith("missing"):
-        click.echo(f"warning: started from random weights ({record['starting_weights']}); see `bench weights`", err=True)
+    for index, run_seed in enumerate(seeds):
+        try:
+            record = run_row(replace(options, seed=run_seed))
+        except Interrupted as stop:
+            where = f"; checkpoint {stop.path}" if stop.path else ""
+            click.echo(f"{stop}{where}; continue with: bench run --row {row} --resume", err=True)
+            if seeds[index + 1:]:
+                click.echo(f"seeds not started: {','.join(map(str, seeds[index + 1:]))}", err=True)
+            sys.exit(exit_code_for(stop))
+        if not record:
+            continue  # a non-zero rank of a distributed run
+        ema = (f", EMA {record['miou_ema']:.2f} (best {record['miou_ema_best']:.2f} at {record['best_iteration_ema']})"
+               if record["miou_ema"] is not None else "")
+        click.echo(f"{row} seed {run_seed} on {record['dataset']}: mIoU {record['miou']:.2f} (best "
+                   f"{record['miou_best']:.2f} at {record['best_iteration']}){ema}; {record['iterations']} iterations, "
+                   f"{record['wall_time_s']:.0f} s; record {record['_path']}")
+        if record["dataset"] != "synthetic" and record["starting_weights"].startswith("missing"):
+            click.echo(f"warning: started from random weights ({record['starting_weights']}); see `bench weights`", err=True)
 
 
 @main.command()
@@ -149,36 +194,20 @@ def weights(pattern: str) -> None:
                    f"the project root, or from $SEGBENCH_WEIGHTS for weights/...", err=True)
 
 
-LAUNCHER_OPTIONS = {"--gpus", "--nnodes", "--node-rank", "--master-addr", "--master-port"}
-
-
-def worker_argv(argv: list[str]) -> list[str]:
-    """The command line each torchrun worker runs: this one without the launcher's options."""
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        name = arg.split("=", 1)[0]
-        if name in LAUNCHER_OPTIONS:
-            skip = "=" not in arg
-            continue
-        kept.append(arg)
-    return kept
-
-
 @main.command()
 @click.option("--dataset", type=click.Choice(["cityscapes", "synthetic"]), default="cityscapes", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write here instead (synthetic tables are only printed unless --out is given).")
-def table(dataset: str, out: Optional[Path]) -> None:
-    """Regenerate benchmark.md from experiments/ and results/ (Cityscapes results only)."""
+@click.option("--all", "all_records", is_flag=True,
+              help="Print the table with every record of the dataset and its kind (reproduction, smoke, ...).")
+def table(dataset: str, out: Optional[Path], all_records: bool) -> None:
+    """Regenerate benchmark.md and benchmark.png from experiments/ and results/ (Cityscapes reproductions only)."""
     from harness.table import render, write_benchmark
 
-    if dataset == "cityscapes" and out is None:
+    if dataset == "cityscapes" and out is None and not all_records:
         click.echo(f"wrote {write_benchmark()}")
         return
-    text = render(dataset)
+    text = render(dataset, all_records=all_records)
     if out is None:
         click.echo(text, nl=False)
     else:
@@ -186,19 +215,30 @@ def table(dataset: str, out: Optional[Path]) -> None:
         click.echo(f"wrote {out}")
 
 
+@main.command()
+@click.option("--rows", "pattern", default="*", show_default=True, help="Rows to check (a glob).")
+@click.option("--tolerance", type=float, default=0.5, show_default=True,
+              help="mIoU points the mean may differ from the reference mean (or lie within the reference's span).")
+@click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")
+def check(pattern: str, tolerance: float, as_json: bool) -> None:
+    """Each row's verdict from the Cityscapes reproductions; exit 1 if a row with results is outside the tolerance."""
+    from harness.verdicts import check_report, check_rows
+
+    verdicts = check_rows(pattern, tolerance)
+    click.echo(check_report(verdicts, as_json))
+    if any(v.outside for v in verdicts):
+        sys.exit(1)
+
+
 def checkpoint_options(command):
     """Options `bench eval` and `bench predict` share."""
     for option in reversed([
-        click.option("--row", required=True, help="Row id whose model and test settings to use."),
+        click.option("--row", default=None, help="Row id whose model and test settings to use (default: the checkpoint's row)."),
         click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
                      help="A segbench checkpoint (runs/<dataset>/<row>/<stamp>/checkpoints/ckpt-*.pt)."),
         click.option("--weights", type=click.Choice(["ema", "raw"]), default=None,
                      help="Which weights of the checkpoint (default: ema for EMA rows, raw otherwise)."),
-        click.option("--synthetic", is_flag=True, help="Use the synthetic dataset at its test size."),
-        click.option("--data-root", default=None, help="Cityscapes root (default: $CITYSCAPES_DATASET)."),
-        click.option("--device", default=None, help="cpu or cuda (default: cuda when available)."),
-        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
-                     help="Inference precision (default: bf16 on GPU, fp32 on CPU)."),
+        *DATA_OPTIONS, *DEVICE_OPTIONS,
     ]):
         command = option(command)
     return command
@@ -210,7 +250,7 @@ def checkpoint_options(command):
 @click.option("--save-predictions", type=click.Path(file_okay=False), default=None,
               help="Also write labelId PNGs here, as the official evaluator reads them.")
 @click.option("--panels", type=int, default=4, show_default=True, help="Image/truth/prediction panels to log.")
-@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db).")
+@with_options(TRACKING_OPTIONS)
 def eval_command(panels: int, **options) -> None:
     """Evaluate a checkpoint; log to MLflow and write a result record."""
     from harness.checkpoint_eval import EvalOptions, evaluate_checkpoint
@@ -235,6 +275,54 @@ def predict_command(out: Path, zip_path: Optional[Path], **options) -> None:
     click.echo(f"wrote {len(written)} predictions to {out}; packed {packed}")
 
 
+@main.command()
+@click.option("--dataset", type=click.Choice(["cityscapes", "synthetic"]), default="cityscapes", show_default=True)
+@click.option("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (loopback unless told).")
+@click.option("--port", type=int, default=5000, show_default=True)
+def ui(dataset: str, tracking_uri: Optional[str], host: str, port: int) -> None:
+    """Serve the MLflow UI on the project's store and print the URL of the training runs table."""
+    from harness.tracking import serve_ui
+
+    serve_ui(dataset, tracking_uri, host, port)
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--tracking-uri", default=None, help="Send to this store instead of the one each run used.")
+def sync(run_dirs: tuple[Path, ...], tracking_uri: Optional[str]) -> None:
+    """Send what runs logged locally (offline, or while MLflow was unreachable) to MLflow; default: every run."""
+    from harness.runner import sync_runs
+
+    for line in sync_runs(list(run_dirs), tracking_uri):
+        click.echo(line)
+
+
+@main.command()
+@click.option("--row", required=True, help="Row id (see `bench list`).")
+@click.option("--mode", type=click.Choice(["train", "infer", "data", "all"]), default="all", show_default=True)
+@click.option("--batch", type=int, default=None, help="Images per step (default: the row's batch; 1 for infer).")
+@with_options(DEVICE_OPTIONS)
+@click.option("--compile", "compile_model", is_flag=True, help="Run the model through torch.compile.")
+@click.option("--size", default=None, metavar="W,H",
+              help="Image size for every mode (default: crop, test size and 2048x1024 frames; small ones on CPU).")
+@click.option("--data-root", default=None, help="Time the loader on this Cityscapes root instead of generated frames.")
+@click.option("--workers", type=int, default=None, help="Loader workers in data mode (default: the spec's).")
+@click.option("--warmup", type=int, default=None, help="Untimed steps first (default: 10 on GPU, 1 on CPU).")
+@click.option("--repeats", type=int, default=None, help="Timed runs; the median is reported (default: 5 / 3).")
+@click.option("--steps", type=int, default=None, help="Steps per timed run (default: 10 / 1).")
+def speed(row: str, mode: str, batch: Optional[int], precision: Optional[str], compile_model: bool,
+          device: Optional[str], size: Optional[str], data_root: Optional[str], workers: Optional[int],
+          warmup: Optional[int], repeats: Optional[int], steps: Optional[int]) -> None:
+    """Time a row's training step, whole-image inference and data loading; write a record, print a table."""
+    from harness.speed import SpeedOptions, parse_size, render, speed as measure_speed
+
+    record = measure_speed(SpeedOptions(row=row, mode=mode, batch=batch, precision=precision, compile=compile_model,
+                                        device=device, size=parse_size(size), data_root=data_root, workers=workers,
+                                        warmup=warmup, repeats=repeats, steps=steps))
+    click.echo(render(record))
+
+
 @main.group()
 def data() -> None:
     """Dataset utilities."""
@@ -253,6 +341,22 @@ def data_synthetic(out: Path, seed: int, train_images: int, val_images: int) -> 
         raise BenchError(f"--out {out} exists and is not empty; choose a new folder")
     write_synthetic(out, seed=seed, train_images=train_images, val_images=val_images)
     click.echo(f"wrote {train_images} train and {val_images} val images to {out}")
+
+
+@data.command("check")
+@click.option("--data-root", default=None, help="Cityscapes root (default: $CITYSCAPES_DATASET).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Processes decoding labels (default: the CPU count).")
+@click.option("--subset", is_flag=True,
+              help="A subset or another frame size (e.g. the synthetic dataset): skip the official counts and 2048x1024.")
+def data_check(data_root: Optional[str], workers: Optional[int], subset: bool) -> None:
+    """Validate a whole Cityscapes tree before an expensive run; exits 1 on any defect."""
+    from harness.data.check import check_tree, format_report
+
+    report = check_tree(data_root, workers=workers, official=not subset)
+    click.echo(format_report(report))
+    if not report.ok:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -9,27 +9,31 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import socket
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from harness import checkpoint, distributed, paths
-from harness.data.cityscapes import CLASS_NAMES, CityscapesEval, CityscapesTrain, find_samples
+from harness.data.cityscapes import CLASS_NAMES, CityscapesEval, CityscapesTrain, check_pairs, check_root, find_samples
 from harness.data.synthetic import ensure_synthetic
 from harness.distributed import ShardedTrainSampler, World
 from harness.errors import BenchError
 from harness.models import build_model, check_implemented
 from harness.models.weights import apply_starting_weights
-from harness.results import git_commit, package_versions, utc_now, write_record
+from harness.results import check_writable, git_commit, package_versions, utc_now, write_record
 from harness.spec import Spec, flatten, load_spec
 from harness.table import write_benchmark
-from harness.tracking import Tracker
+from harness import visualize
+from harness.table import measured_miou
+from harness.tracking import JOURNAL_DIR, Journal, Tracker, class_key, source_tags, sync_journal
 from harness.train import Interrupted, PRECISIONS, Trainer, TrainPlan, iterations_per_epoch
 
 RUN_FILE = "run.json"
@@ -50,6 +54,8 @@ class RunOptions:
     deterministic: bool = False
     init_checkpoint: Optional[str] = None
     eval_every: Optional[int] = None  # iterations; overrides the recipe's cadence
+    compile: bool = False  # torch.compile the model (not part of the recipe: a resumed run may change it)
+    offline_tracking: bool = False  # journal locally only; `bench sync` logs the run to MLflow later
     progress: bool = True
 
 
@@ -60,8 +66,10 @@ def seed_everything(seed: int) -> None:
 
 
 def set_deterministic() -> None:
+    """Deterministic kernels wherever PyTorch has them. Bilinear upsampling and adaptive average pooling have no
+    deterministic CUDA backward, and every family uses one of them: those warn instead of stopping the run."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
 
 
@@ -76,7 +84,11 @@ def resolve_data_root(options: RunOptions, world: World) -> tuple[Path, str]:
             raise BenchError("--synthetic and --data-root exclude each other; pass one")
         root = None
         if world.is_main:  # one writer; the others wait for the finished folder
-            root = ensure_synthetic(paths.cache_dir(), seed=0, progress=options.progress)
+            try:
+                root = ensure_synthetic(paths.cache_dir(), seed=0, progress=options.progress)
+            except OSError as exc:
+                raise BenchError(f"cannot write the synthetic dataset under {paths.cache_dir()} ({exc.strerror or exc}); "
+                                 "free space or make it writable, or set SEGBENCH_CACHE to another folder") from None
         return Path(distributed.broadcast_object(str(root))), "synthetic"
     root = options.data_root or os.environ.get("CITYSCAPES_DATASET")
     if not root:
@@ -156,8 +168,27 @@ def resolve_precision(requested: Optional[str], device: torch.device) -> str:
 
 def _write_run_file(run_dir: Path, info: dict[str, Any]) -> None:
     tmp = run_dir / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    tmp.replace(run_dir / RUN_FILE)
+    try:
+        tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        tmp.replace(run_dir / RUN_FILE)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise BenchError(f"cannot write {run_dir / RUN_FILE} ({exc.strerror or exc}); free space or make "
+                         f"{run_dir} writable") from None
+
+
+def run_status(run_dir: Path) -> str:
+    """run.json's status, where a run still marked running whose process is gone reads "interrupted"."""
+    info = _read_run_file(run_dir)
+    status = str(info.get("status", "unknown"))
+    return RUN_STATUS["KILLED"] if status == RUN_STATUS["RUNNING"] and _process_gone(info) else status
+
+
+def _still_running(run_dir: Path) -> bool:
+    """Known to be training now: marked running, by a live process of this machine other than this one."""
+    info = _read_run_file(run_dir)
+    return (info.get("status") == RUN_STATUS["RUNNING"] and info.get("host") == socket.gethostname()
+            and bool(info.get("pid")) and int(info["pid"]) != os.getpid() and not _process_gone(info))
 
 
 def _read_run_file(run_dir: Path) -> dict[str, Any]:
@@ -175,18 +206,39 @@ def find_resume_target(resume: str, row: str, dataset: str) -> tuple[Path, dict[
         if not runs:
             raise BenchError(f"nothing to resume: no run of {row} on {dataset} under {row_dir}; start it without --resume")
         run_dir = runs[-1]
-        if _read_run_file(run_dir).get("status") == "finished":
+        status = run_status(run_dir)
+        if status == "finished":
             raise BenchError(f"nothing to resume: the last run of {row} on {dataset} ({run_dir}) finished; start a new run without --resume")
+        if _still_running(run_dir):
+            raise BenchError(f"the last run of {row} on {dataset} ({run_dir}) is still running; stop it before resuming it")
         state, path = checkpoint.load_latest(run_dir / "checkpoints")
         return run_dir, state, path
     target = Path(resume).expanduser()
-    run_dir = target if target.is_dir() else target.parent.parent
-    if _read_run_file(run_dir).get("status") == "finished":
+    fix = "give a run folder (runs/<dataset>/<row>/<stamp>) or one of its checkpoints/ckpt-*.pt"
+    if not target.exists():
+        raise BenchError(f"--resume {target} does not exist; {fix}")
+    if target.is_dir():
+        if not (target / RUN_FILE).is_file():
+            raise BenchError(f"--resume {target} is not a segbench run folder (no {RUN_FILE}); {fix}")
+        run_dir = target
+    else:
+        try:
+            state = checkpoint.load(target)
+        except BenchError as exc:
+            raise BenchError(f"--resume {target}: {exc}; {fix}") from None
+        run_dir = target.parent.parent
+        if target.parent.name != "checkpoints" or not (run_dir / RUN_FILE).is_file():
+            raise BenchError(f"--resume {target} is a checkpoint outside a run folder (no {run_dir / RUN_FILE}); "
+                             f"resume from the checkpoint inside its run folder, or start it with --init-checkpoint")
+    status = run_status(run_dir)
+    if status == "finished":
         raise BenchError(f"run {run_dir} already finished; start a new run without --resume")
+    if _still_running(run_dir):
+        raise BenchError(f"run {run_dir} is still running; stop it before resuming it")
     if target.is_dir():
         state, path = checkpoint.load_latest(target / "checkpoints")
         return target, state, path
-    return run_dir, checkpoint.load(target), target
+    return run_dir, state, target
 
 
 def refuse_changed_recipe(state: dict[str, Any], spec: Spec, plan: TrainPlan, source: Path) -> None:
@@ -201,18 +253,95 @@ def refuse_changed_recipe(state: dict[str, Any], spec: Spec, plan: TrainPlan, so
 # --- the run ----------------------------------------------------------------------------------
 
 
+SEED_MAX = 2**32 - 1  # numpy's seed range; torch and random accept it too
+DEVICE_NAMES = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def check_options(options: RunOptions) -> None:
+    """Command-line values that cannot run, refused before anything starts: one line naming the option,
+    the value and what is accepted."""
+    if not 0 <= options.seed <= SEED_MAX:
+        raise BenchError(f"--seed {options.seed}: accepted 0 to {SEED_MAX}")
+    if options.device is not None and not DEVICE_NAMES.match(options.device):
+        raise BenchError(f"--device {options.device}: accepted cpu, cuda or cuda:N")
+    if options.iters is not None and options.iters < 1:
+        raise BenchError(f"--iters must be at least 1, got {options.iters}")
+    if options.eval_every is not None and options.eval_every < 0:
+        raise BenchError(f"--eval-every must be 0 (only at the end) or a positive number of iterations, got {options.eval_every}")
+    if options.synthetic and options.data_root:
+        raise BenchError("--synthetic and --data-root exclude each other; pass one")
+
+
+def check_data_root(options: RunOptions) -> None:
+    """A --data-root that is a file or missing, named before the launch (after the spec's own checks)."""
+    root = None if options.synthetic else options.data_root or os.environ.get("CITYSCAPES_DATASET")
+    if root:
+        check_root(Path(root).expanduser())
+
+
+def check_output_folders(options: RunOptions) -> None:
+    """A read-only or missing-permission runs/ or results/ fails now, not after the training."""
+    dataset = "synthetic" if options.synthetic else "cityscapes"
+    check_writable(paths.runs_dir() / dataset, "run folder", "SEGBENCH_RUNS")
+    check_writable(paths.results_dir() / dataset, "results folder", "SEGBENCH_RESULTS")
+
+
+def check_batch_norm(spec: Spec, synthetic: bool, per_rank: int, processes: int, device_type: str) -> None:
+    """One image per process: a batch norm after global pooling sees one value per channel, and training fails
+    at its first step. A forward on the meta device (shapes only, no compute) finds such a layer up front.
+    SyncBatchNorm (several processes on GPUs) normalises over all processes and needs no check."""
+    if per_rank > 1 or spec.train.freeze_bn or (processes > 1 and device_type == "cuda"):
+        return
+    crop_key, crop = ("synthetic.crop_size", spec.synthetic.crop_size) if synthetic else ("train.crop_size", spec.train.crop_size)
+    batch_key = "synthetic.batch_size" if synthetic else "columns.batch_size"
+    single = []
+    try:
+        with torch.device("meta"):
+            model = build_model(spec)
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.register_forward_pre_hook(
+                    lambda m, args, name=name: single.append(name) if args[0].numel() == args[0].shape[1] else None)
+        model.train()(torch.empty(1, 3, crop[1], crop[0], device="meta"))
+    except Exception:  # the probe only looks for this one failure; the run itself reports anything else
+        pass
+    if single:
+        raise BenchError(
+            f"{spec.row}: 1 image per process ({batch_key} {planned_batch_size(spec, synthetic)} over {processes} "
+            f"process(es)) at {crop_key} {crop}: batch norm {single[0]} would see one value per channel; use "
+            f"fewer processes or a larger batch (or crop), or GPUs, whose SyncBatchNorm normalises over all processes")
+
+
 def validate_launch(options: RunOptions, processes: int) -> Spec:
     """Checks that must fail before torchrun starts anything."""
+    check_options(options)
     spec = load_spec(options.row)
     check_implemented(spec)
-    distributed.per_rank_batch(planned_batch_size(spec, options.synthetic), processes)
+    check_data_root(options)
+    per_rank = distributed.per_rank_batch(planned_batch_size(spec, options.synthetic), processes)
+    device_type = (options.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
+    check_batch_norm(spec, options.synthetic, per_rank, processes, device_type)
+    check_output_folders(options)
     return spec
 
 
-def launch(options: RunOptions, worker_argv: list[str], gpus: int, nnodes: int, node_rank: int,
+def worker_argv(options: RunOptions, seeds: Sequence[int]) -> list[str]:
+    """The `bench run` command line each torchrun worker runs, rebuilt from the parsed options (so a worker
+    trains exactly what this process validated, whatever spelling the user typed)."""
+    argv = ["run", "--row", options.row]
+    for option in fields(RunOptions):
+        value = getattr(options, option.name)
+        if option.name in ("row", "seed", "progress") or value == option.default:
+            continue
+        flag = "--" + option.name.replace("_", "-")
+        argv += [flag] if isinstance(value, bool) else [flag, str(value)]
+    return argv + (["--seeds", ",".join(map(str, seeds))] if len(seeds) > 1 else ["--seed", str(seeds[0])])
+
+
+def launch(options: RunOptions, seeds: Sequence[int], gpus: int, nnodes: int, node_rank: int,
            master_addr: Optional[str], master_port: Optional[int]) -> Optional[int]:
-    """Start `gpus` torchrun workers on this node running `worker_argv` and return their exit code;
-    None when this process should train itself (one process, or already a torchrun worker)."""
+    """Start `gpus` torchrun workers on this node training `options` for each of `seeds`, and return their exit
+    code; None when this process should train itself (one process, or already a torchrun worker)."""
     if gpus < 1 or nnodes < 1:
         raise BenchError(f"--gpus and --nnodes must be at least 1 (got {gpus}, {nnodes})")
     if (gpus == 1 and nnodes == 1) or "WORLD_SIZE" in os.environ:
@@ -221,14 +350,49 @@ def launch(options: RunOptions, worker_argv: list[str], gpus: int, nnodes: int, 
     if options.device != "cpu" and torch.cuda.device_count() < gpus:
         raise BenchError(f"--gpus {gpus}: this machine has {torch.cuda.device_count()} CUDA devices; "
                          "use fewer, or --device cpu to run the processes on the CPU (gloo)")
-    return distributed.launch(worker_argv, gpus, nnodes, node_rank, master_addr, master_port)
+    return distributed.launch(worker_argv(options, seeds), gpus, nnodes, node_rank, master_addr, master_port)
+
+
+# The options a resume takes from the run it continues unless given again (launcher and output options excluded).
+RESUMED_OPTIONS = ("synthetic", "data_root", "iters", "seed", "tracking_uri", "precision", "deterministic",
+                   "init_checkpoint", "eval_every", "offline_tracking")
+
+
+def saved_options(options: RunOptions) -> dict[str, Any]:
+    """What `bench run` was started with, kept in run.json so that a bare `--resume` needs nothing else."""
+    return {name: getattr(options, name) for name in RESUMED_OPTIONS}
+
+
+def with_saved_options(options: RunOptions) -> RunOptions:
+    """For `--resume`: the options the resumed run was started with, except those given again on this command line
+    (a changed recipe is then refused by the plan comparison, as before)."""
+    if options.resume == "latest":
+        candidates = [p for p in paths.runs_dir().glob(f"*/{options.row}/*") if (p / RUN_FILE).is_file()]
+        if options.synthetic or options.data_root:  # the dataset is known: only its runs
+            dataset = "synthetic" if options.synthetic else "cityscapes"
+            candidates = [p for p in candidates if p.parent.parent.name == dataset]
+        run_dir = max(candidates, key=lambda p: (p.name, p.parent.parent.name), default=None)
+    else:
+        target = Path(options.resume).expanduser()
+        run_dir = target if target.is_dir() else target.parent.parent
+    saved = {}
+    if run_dir is not None and (run_dir / RUN_FILE).is_file():
+        saved = _read_run_file(run_dir).get("options") or {}
+    defaults = RunOptions(row=options.row)
+    merged = {name: saved[name] for name in RESUMED_OPTIONS
+              if name in saved and getattr(options, name) == getattr(defaults, name)}
+    return replace(options, **merged)
 
 
 def run(options: RunOptions) -> dict[str, Any]:
     """Train and evaluate one row; returns the result record (on rank 0; other ranks get {})."""
     world = distributed.world_from_env()
+    if options.resume:
+        options = with_saved_options(options)
+    check_options(options)
     spec = load_spec(options.row)
     check_implemented(spec)  # before any data is read
+    check_data_root(options)
     if options.init_checkpoint:
         chosen = Path(options.init_checkpoint).expanduser().resolve()
         if not chosen.is_file():
@@ -237,8 +401,13 @@ def run(options: RunOptions) -> dict[str, Any]:
     device = pick_device(options.device, world)
     precision = resolve_precision(options.precision, device)
     per_rank = distributed.per_rank_batch(planned_batch_size(spec, options.synthetic), world.size)
+    check_batch_norm(spec, options.synthetic, per_rank, world.size, device.type)
+    if world.is_main:
+        check_output_folders(options)
     if options.deterministic:
         set_deterministic()
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its fastest kernels once
     distributed.init(world, device.type)
     try:
         return _run(options, spec, world, device, precision, per_rank)
@@ -251,6 +420,7 @@ def _run(options: RunOptions, spec: Spec, world: World, device: torch.device, pr
     data_root, dataset = resolve_data_root(options, world)
     train_samples = find_samples(data_root, "train")
     val_samples = find_samples(data_root, "val")
+    check_pairs([*train_samples, *val_samples])  # headers only: sizes and label modes, before any training
     plan = make_plan(spec, dataset, len(train_samples), options, precision, world)
 
     resume_state = run_dir = None
@@ -259,6 +429,9 @@ def _run(options: RunOptions, spec: Spec, world: World, device: torch.device, pr
         refuse_changed_recipe(resume_state, spec, plan, source)
         if world.is_main:
             print(f"resuming {spec.row} from {source} (iteration {resume_state['iteration']})", file=sys.stderr)
+    # The store is checked before the data and the model are set up: a dead one costs seconds, not minutes.
+    tracker = Tracker(options.tracking_uri or (run_dir and _read_run_file(run_dir).get("tracking_uri"))
+                      or paths.default_tracking_uri(), dataset, offline=options.offline_tracking) if world.is_main else None
     seed_everything(plan.seed)
 
     sampler = ShardedTrainSampler(len(train_samples), per_rank, world, plan.seed)
@@ -275,35 +448,36 @@ def _run(options: RunOptions, spec: Spec, world: World, device: torch.device, pr
     else:  # a resumed run takes every tensor from its checkpoint, and keeps the status it started with
         starting = resume_state.get("starting_weights", "unknown")
 
-    tracker = Tracker(options.tracking_uri or (run_dir and _read_run_file(run_dir).get("tracking_uri"))
-                      or paths.default_tracking_uri(), dataset) if world.is_main else None
     commit = git_commit()
     run_id = None
     if world.is_main:
         if resume_state is not None:
-            run_id = _read_run_file(run_dir)["mlflow_run_id"]
-            tracker.reopen(run_id)
+            run_id = tracker.reopen(run_dir / JOURNAL_DIR, _read_run_file(run_dir).get("mlflow_run_id"))
         else:
             run_dir = paths.runs_dir() / dataset / spec.row / time.strftime("%Y%m%d-%H%M%S")
             while run_dir.exists():
                 run_dir = run_dir.with_name(run_dir.name + "+")
             run_dir.mkdir(parents=True)
-            tags = {"row": spec.row, "dataset": dataset, "git_commit": commit,
-                    "reference_miou": " | ".join(repr(v) for v in spec.reference.miou),
-                    "reference_source": spec.reference.source, "starting_weights": starting}
-            params = {**spec.flat(), **{f"plan.{k}": v for k, v in asdict(plan).items()},
-                      "data.root": str(data_root), "data.train_images": len(train_samples), "device": device.type}
-            run_id = tracker.start(spec.row, params, tags)
+            run_id = tracker.start(run_dir / JOURNAL_DIR, spec.row, training_params(spec, plan, data_root,
+                                   len(train_samples), device),
+                                   run_tags(spec, dataset, commit, "train", "bench run", seed=plan.seed,
+                                            starting_weights=starting))
             tracker.log_text(json.dumps(spec.to_dict(), indent=2), "spec.json")
         _write_run_file(run_dir, {"row": spec.row, "dataset": dataset, "mlflow_run_id": run_id,
-                                  "tracking_uri": tracker.tracking_uri, "status": "running"})
+                                  "tracking_uri": tracker.tracking_uri, "status": "running",
+                                  "options": saved_options(options), "pid": os.getpid(), "host": socket.gethostname()})
+        print(f"segbench: {spec.row} on {dataset} ({data_root}); {world.size} process(es) on {device.type}, "
+              f"{precision}; {plan.iters} iterations of batch {plan.batch_size}; run folder {run_dir}; "
+              + (f"MLflow run {run_id} at {tracker.tracking_uri}" if run_id else
+                 "tracking offline (journalled in the run folder; `bench sync` sends it to MLflow later)"),
+              file=sys.stderr, flush=True)
     run_dir = Path(distributed.broadcast_object(str(run_dir)))
 
     def log_metrics(metrics: dict[str, float], step: int) -> None:
         tracker.log_metrics(metrics, step)
 
     trainer = Trainer(spec, plan, model, device, world, log_metrics, run_dir / "checkpoints", options.progress,
-                      extra_state={"starting_weights": starting})
+                      extra_state={"starting_weights": starting}, compile_model=options.compile)
     if resume_state is not None:
         trainer.load_state_dict(resume_state)
 
@@ -317,25 +491,28 @@ def _run(options: RunOptions, spec: Spec, world: World, device: torch.device, pr
         raise
     finally:
         if world.is_main and status != "FINISHED":
-            tracker.finish(status)
-            _write_run_file(run_dir, {**_read_run_file(run_dir), "status": "interrupted" if status == "KILLED" else "failed"})
+            end_run(run_dir, tracker, status)
     if not world.is_main:
         return {}
     try:
-        record = _finish(spec, plan, dataset, world, device, tracker, run_id, commit, result, started, starting)
+        panels = visualize.prediction_panels(
+            trainer.ema.module if trainer.ema is not None else trainer.model, val_samples, spec, device,
+            plan.test_size, plan.precision, tracker.artifact_path("panels/.keep").parent)
+        record = _finish(spec, plan, dataset, world, device, tracker, run_id, commit, result, started, starting,
+                         train_images=len(train_samples), val_images=len(val_samples), run_dir=run_dir,
+                         panels=panels)
     except BaseException:
-        tracker.finish("FAILED")
+        end_run(run_dir, tracker, "FAILED")
         raise
-    _write_run_file(run_dir, {**_read_run_file(run_dir), "status": "finished"})
     write_benchmark()
     return record
 
 
-def _finish(spec, plan, dataset, world, device, tracker, run_id, commit, result, started, starting) -> dict[str, Any]:
+def _finish(spec, plan, dataset, world, device, tracker, run_id, commit, result, started, starting,
+            train_images: Optional[int] = None, val_images: Optional[int] = None, *, run_dir: Path,
+            panels: list[Path]) -> dict[str, Any]:
     per_class = dict(zip(CLASS_NAMES, result.metrics.iou))
     ema_per_class = dict(zip(CLASS_NAMES, result.ema_metrics.iou)) if result.ema_metrics else None
-    tracker.log_metrics({f"iou_{name.replace(' ', '_')}": v for name, v in per_class.items()}, plan.iters)
-    tracker.log_text(per_class_csv(per_class, ema_per_class), "per_class_iou.csv")
     record = {
         "kind": "train", "row": spec.row, "dataset": dataset, "seed": plan.seed,
         "miou": result.metrics.miou, "pixel_accuracy": result.metrics.pixel_accuracy,
@@ -348,16 +525,124 @@ def _finish(spec, plan, dataset, world, device, tracker, run_id, commit, result,
         "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
         "starting_weights": starting,
         "per_class_iou": per_class, "per_class_iou_ema": ema_per_class,
-        "iterations": plan.iters, "batch_size": plan.batch_size, "devices": world.size,
+        "iterations": plan.iters, "batch_size": plan.batch_size, "crop_size": plan.crop_size,
+        # The table counts a run only on the official split sizes (harness.verdicts.classify).
+        "train_images": train_images, "val_images": val_images, "devices": world.size,
         "device": device.type, "precision": plan.precision, "checkpoint": str(result.checkpoint),
         "wall_time_s": round(time.perf_counter() - started, 1), "git_commit": commit,
         "versions": package_versions(), "mlflow_run_id": run_id, "time": utc_now(),
     }
+    ema = result.ema_metrics
+    twins = {  # raw and EMA, final and best: the same names in every training run
+        "final/miou": result.metrics.miou, "final/pixel_accuracy": result.metrics.pixel_accuracy,
+        "final/miou_ema": ema.miou if ema else None, "final/pixel_accuracy_ema": ema.pixel_accuracy if ema else None,
+        "best/miou": record["miou_best"], "best/iteration": record["best_iteration"],
+        "best/miou_ema": record["miou_ema_best"], "best/iteration_ema": record["best_iteration_ema"],
+    }
+    return finish_run(spec, tracker, record, run_dir, headline=measured_miou(spec, record), metrics=twins,
+                      step=plan.iters, per_class={"val_iou": per_class, "val_iou_ema": ema_per_class}, panels=panels)
+
+
+# --- the one ending of `bench run` and `bench eval` -------------------------------------------------
+
+# run.json's words for MLflow's run statuses; the two always change together (end_run).
+RUN_STATUS = {"RUNNING": "running", "FINISHED": "finished", "FAILED": "failed", "KILLED": "interrupted"}
+
+
+def training_params(spec: Spec, plan: TrainPlan, data_root: Path, train_images: int,
+                    device: torch.device) -> dict[str, Any]:
+    """What ran: the resolved plan (the recipe after the synthetic budget and the command line), the network
+    and the data; the full spec goes in as the spec.json artifact."""
+    model = {k: v for k, v in spec.flat().items() if k.startswith("model.")}
+    return {**asdict(plan), **model, "data.root": str(data_root), "data.train_images": train_images,
+            "device": device.type}
+
+
+def run_tags(spec: Spec, dataset: str, commit: str, kind: str, entry_point: str, **extra: Any) -> dict[str, str]:
+    return {"kind": kind, "row": spec.row, "dataset": dataset, "reference": " | ".join(repr(v) for v in spec.reference.miou),
+            "reference_source": spec.reference.source, **source_tags(commit, entry_point),
+            **{k: str(v) for k, v in extra.items()}}
+
+
+def end_run(run_dir: Optional[Path], tracker: Optional[Tracker], status: str) -> Optional[str]:
+    """End the MLflow run and the run folder with the same status; returns the tracker's warning, if any."""
+    warning = tracker.finish(status) if tracker is not None else None
+    if run_dir is not None and (run_dir / RUN_FILE).is_file():
+        _write_run_file(run_dir, {**_read_run_file(run_dir), "status": RUN_STATUS[status]})
+    return warning
+
+
+def finish_run(spec: Spec, tracker: Tracker, record: dict[str, Any], run_dir: Optional[Path], *, headline: float,
+               metrics: dict[str, Optional[float]], step: int, per_class: dict[str, Optional[dict[str, float]]],
+               panels: list[Path]) -> dict[str, Any]:
+    """Log the headline (`miou`, the table's statistic), the reference and the delta, the twins in `metrics`,
+    per-class IoU (`val_iou/<class>`), the per-class table and chart, the training curves and the prediction
+    panels; write the record; end the MLflow run and the run folder FINISHED."""
+    reference = sum(spec.reference.miou) / len(spec.reference.miou)
+    per_class = {group: values for group, values in per_class.items() if values}
+    logged = {"miou": headline, "reference_miou": reference, "delta_miou": headline - reference, **metrics}
+    for group, values in per_class.items():
+        logged.update({f"{group}/{class_key(name)}": v for name, v in values.items()})
+    tracker.log_metrics(logged, step)
+    tables = list(per_class.values())
+    tracker.log_text(per_class_csv(tables[0], tables[1] if len(tables) > 1 else None), "per_class_iou.csv")
+    chart = visualize.per_class_chart(per_class, tracker.artifact_path("plots/per_class_iou.png"),
+                                      title=f"{spec.row}: per-class IoU")
+    tracker.log_artifact(chart, "plots")
+    history = tracker.journal.metric_history()
+    if any(key.startswith("train/") for key in history):
+        curves = visualize.training_curves(history, tracker.artifact_path("plots/training_curves.png"),
+                                           title=f"{spec.row}: training curves")
+        tracker.log_artifact(curves, "plots")
+    for panel in panels:
+        tracker.log_artifact(panel, "panels")
+    record = {**record, "mlflow_run_id": tracker.run_id}
     path = write_record(record)
     tracker.set_tag("result_record", str(path))
-    tracker.finish("FINISHED")
+    end_run(run_dir, tracker, "FINISHED")
     record["_path"] = str(path)
     return record
+
+
+def _process_gone(info: dict[str, Any]) -> bool:
+    """The run's process no longer exists (checked on the machine that started it; elsewhere we cannot tell)."""
+    if info.get("host") != socket.gethostname() or not info.get("pid"):
+        return False
+    try:
+        os.kill(int(info["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    # Alive: it is gone only if it is this very process, which is not training that run (an in-process caller).
+    return int(info["pid"]) == os.getpid()
+
+
+def sync_runs(run_dirs: list[Path], tracking_uri: Optional[str] = None) -> list[str]:
+    """`bench sync`: replay each run folder's tracking journal into MLflow (default: every run with entries
+    MLflow lacks). A run still marked running whose process is gone is ended KILLED in both places first."""
+    if not run_dirs:
+        run_dirs = [j.parent.parent for j in sorted(paths.runs_dir().glob(f"**/{JOURNAL_DIR}/journal.jsonl"))
+                    if Journal(j.parent).pending()]
+        if not run_dirs:
+            return [f"nothing to sync: every run under {paths.runs_dir()} is in MLflow"]
+    lines = []
+    for run_dir in run_dirs:
+        if not (run_dir / JOURNAL_DIR / "journal.jsonl").is_file():
+            raise BenchError(f"{run_dir} has no tracking journal ({JOURNAL_DIR}/journal.jsonl); give a run folder "
+                             "written by `bench run` or `bench eval`")
+        info = _read_run_file(run_dir)
+        if info.get("status") == RUN_STATUS["RUNNING"] and _process_gone(info):
+            journal = Journal(run_dir / JOURNAL_DIR)
+            journal.append({"op": "status", "status": "KILLED", "time": int(time.time() * 1000)})
+            _write_run_file(run_dir, {**info, "status": RUN_STATUS["KILLED"]})
+            lines.append(f"{run_dir}: its process is gone; marked interrupted (KILLED)")
+        run_id, sent = sync_journal(run_dir / JOURNAL_DIR, tracking_uri)
+        if run_id and info.get("mlflow_run_id") != run_id:
+            _write_run_file(run_dir, {**_read_run_file(run_dir), "mlflow_run_id": run_id})
+        lines.append(f"{run_dir}: {sent} entries sent to MLflow run {run_id}" if sent
+                     else f"{run_dir}: already complete in MLflow run {run_id}")
+    return lines
 
 
 def per_class_csv(per_class: dict[str, float], ema: Optional[dict[str, float]]) -> str:

@@ -17,14 +17,15 @@ from harness.results import load_records
 from harness.runner import RunOptions, run
 from harness.spec import load_spec
 from harness.table import RANDOM_START_MARK, render
+from tests.helpers import experiments_with
 
 pytestmark = pytest.mark.slow
 
 
 def test_periodic_evaluation_records_final_and_best_raw_and_ema(synthetic_root: Path, one_thread):
     record = run(RunOptions(row="df_seg_v1-ema", synthetic=True, iters=12, eval_every=4, progress=False))
-    history = MlflowClient(default_tracking_uri()).get_metric_history(record["mlflow_run_id"], "val_miou")
-    ema_history = MlflowClient(default_tracking_uri()).get_metric_history(record["mlflow_run_id"], "val_miou_ema")
+    history = MlflowClient(default_tracking_uri()).get_metric_history(record["mlflow_run_id"], "val/miou")
+    ema_history = MlflowClient(default_tracking_uri()).get_metric_history(record["mlflow_run_id"], "val/miou_ema")
     assert [m.step for m in history] == [4, 8, 12] and [m.step for m in ema_history] == [4, 8, 12]
     raw = {m.step: m.value for m in history}
     ema = {m.step: m.value for m in ema_history}
@@ -40,22 +41,38 @@ def test_periodic_evaluation_records_final_and_best_raw_and_ema(synthetic_root: 
     assert Path(record["checkpoint"]).name == "ckpt-00000012.pt"
 
 
-def test_missing_starting_weights_warn_tag_record_and_mark_the_table(synthetic_root: Path, one_thread, capsys):
+# df_seg_v1's recipe and starting-weight file at CPU size, for runs on a Cityscapes-layout folder.
+SMALL_DF_SEG = {"inherit": "df_seg_v1", "reference": {"miou": [71.8]},
+                "columns": {"batch_size": 2, "test_size": [256, 128]},
+                "train": {"crop_size": [128, 128], "workers": 0, "eval_every_epochs": 0},
+                "loss": {"ohem_min_kept": 2000}}
+
+
+@pytest.fixture
+def small_row(tmp_path, monkeypatch) -> str:
+    monkeypatch.setenv("SEGBENCH_EXPERIMENTS", str(experiments_with(tmp_path, {"df-small": SMALL_DF_SEG})))
+    return "df-small"
+
+
+def test_missing_starting_weights_warn_tag_record_and_mark_the_table(synthetic_root: Path, small_row, one_thread, capsys):
     """A run on a Cityscapes-layout folder without the row's ImageNet file: one prominent warning, the MLflow
     tag, the record's field, and the table's mark."""
-    record = run(RunOptions(row="df_seg_v1", data_root=str(synthetic_root), iters=2, progress=False))
+    record = run(RunOptions(row=small_row, data_root=str(synthetic_root), iters=2, progress=False))
     stderr = capsys.readouterr().err
-    assert "WARNING: row 'df_seg_v1' starts from" in stderr and "df1_imagenet.pth" in stderr
+    assert f"WARNING: row '{small_row}' starts from" in stderr and "df1_imagenet.pth" in stderr
     assert record["starting_weights"].startswith("missing") and "df1_imagenet.pth" in record["starting_weights"]
     tags = MlflowClient(default_tracking_uri()).get_run(record["mlflow_run_id"]).data.tags
     assert tags["starting_weights"] == record["starting_weights"]
     (stored,) = load_records(dataset="cityscapes")
     table = render("cityscapes", records=[stored])
-    line = next(l for l in table.splitlines() if l.startswith("| df_seg_v1 "))
+    measured, elsewhere = table.split("## Runs that do not count")
+    assert "not run" in next(l for l in measured.splitlines() if l.startswith(f"| {small_row} "))
+    line = next(l for l in elsewhere.splitlines() if small_row in l)
     assert RANDOM_START_MARK.strip() in line
 
 
-def test_starting_weights_present_are_loaded_and_reported(synthetic_root: Path, one_thread, tmp_path, monkeypatch, capsys):
+def test_starting_weights_present_are_loaded_and_reported(synthetic_root: Path, small_row, one_thread, tmp_path,
+                                                         monkeypatch, capsys):
     """With the file in $SEGBENCH_WEIGHTS (DFNet1 ImageNet weights, the backbone's own names plus a classifier),
     the run loads every backbone tensor and says so; no warning."""
     model = build_model(load_spec("df_seg_v1"))
@@ -63,7 +80,7 @@ def test_starting_weights_present_are_loaded_and_reported(synthetic_root: Path, 
     (tmp_path / "weights").mkdir()
     torch.save(state, tmp_path / "weights" / "df1_imagenet.pth")
     monkeypatch.setenv("SEGBENCH_WEIGHTS", str(tmp_path / "weights"))
-    record = run(RunOptions(row="df_seg_v1", data_root=str(synthetic_root), iters=1, progress=False))
+    record = run(RunOptions(row=small_row, data_root=str(synthetic_root), iters=1, progress=False))
     stderr = capsys.readouterr().err
     assert "WARNING" not in stderr
     total = len(model.backbone.state_dict())

@@ -60,3 +60,20 @@ def test_unimplemented_family_fails_before_reading_data(tmp_path, monkeypatch):
     # The dataset root does not exist: the family check must come first.
     result = invoke("run", "--row", "pspnet-r50", "--data-root", str(tmp_path / "nope"))
     assert_one_line_error(result, "pspnet", "not implemented yet")
+
+
+def test_torchrun_workers_run_the_parsed_options_not_the_raw_command_line():
+    """Each worker's `bench run` command line is rebuilt from the options this process parsed and validated:
+    parsing it again gives the same options (launcher options and the spelling typed play no part)."""
+    from harness.cli import run as run_command
+    from harness.runner import RunOptions, worker_argv
+
+    options = RunOptions(row="df_seg_v1", synthetic=True, iters=7, device="cpu", deterministic=True,
+                         eval_every=3, offline_tracking=True, resume="latest")
+    argv = worker_argv(options, [0, 2])
+    assert argv[0] == "run" and not {"--gpus", "--nnodes", "--master-port"} & set(argv)
+    parsed = run_command.make_context("run", argv[1:]).params
+    for name in ("row", "synthetic", "iters", "device", "deterministic", "eval_every", "offline_tracking", "resume"):
+        assert parsed[name] == getattr(options, name), name
+    assert parsed["seeds_text"] == "0,2"
+    assert worker_argv(options, [5])[-2:] == ["--seed", "5"]

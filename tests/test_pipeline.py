@@ -31,8 +31,8 @@ def initial_miou(row: str, root: Path) -> float:
 
 
 def test_short_training_learns_and_is_tracked(synthetic_root: Path):
-    before = initial_miou("deeplabv3-r50", synthetic_root)
-    record = run(RunOptions(row="deeplabv3-r50", synthetic=True, iters=40, progress=False))
+    before = initial_miou("df_seg_v2", synthetic_root)
+    record = run(RunOptions(row="df_seg_v2", synthetic=True, iters=40, progress=False))
     assert record["miou"] > before + 10, (before, record["miou"])
     assert record["miou_ema"] is None
 
@@ -40,37 +40,37 @@ def test_short_training_learns_and_is_tracked(synthetic_root: Path):
     experiment = client.get_experiment_by_name(experiment_name("synthetic"))
     (mlflow_run,) = client.search_runs([experiment.experiment_id])
     assert mlflow_run.info.run_id == record["mlflow_run_id"] and mlflow_run.info.status == "FINISHED"
-    assert mlflow_run.info.run_name == "deeplabv3-r50"
-    assert mlflow_run.data.params["plan.lr"] == "0.01" and mlflow_run.data.params["plan.iters"] == "40"
-    assert mlflow_run.data.tags["row"] == "deeplabv3-r50" and mlflow_run.data.tags["reference_miou"] == "79.5"
-    assert mlflow_run.data.tags["dataset"] == "synthetic" and mlflow_run.data.tags["git_commit"]
-    assert abs(mlflow_run.data.metrics["val_miou"] - record["miou"]) < 1e-6
-    assert len(client.get_metric_history(mlflow_run.info.run_id, "train_loss")) >= 2
+    assert mlflow_run.info.run_name == "df_seg_v2"
+    assert mlflow_run.data.params["lr"] == "0.01" and mlflow_run.data.params["iters"] == "40"
+    assert mlflow_run.data.tags["row"] == "df_seg_v2" and mlflow_run.data.tags["reference"] == "74.6 | 75.0"
+    assert mlflow_run.data.tags["dataset"] == "synthetic" and mlflow_run.data.tags["mlflow.source.git.commit"]
+    assert abs(mlflow_run.data.metrics["val/miou"] - record["miou"]) < 1e-6
+    assert len(client.get_metric_history(mlflow_run.info.run_id, "train/loss")) >= 2
     artifacts = {a.path for a in client.list_artifacts(mlflow_run.info.run_id)}
     assert {"spec.json", "per_class_iou.csv"} <= artifacts
 
     (stored,) = load_records(dataset="synthetic")
-    assert stored["row"] == "deeplabv3-r50" and stored["iterations"] == 40 and len(stored["per_class_iou"]) == 19
+    assert stored["row"] == "df_seg_v2" and stored["iterations"] == 40 and len(stored["per_class_iou"]) == 19
     assert set(stored) >= {"seed", "batch_size", "devices", "wall_time_s", "git_commit", "versions", "time"}
 
     synthetic_table = CliRunner().invoke(main, ["table", "--dataset", "synthetic"]).output
-    line = next(l for l in synthetic_table.splitlines() if l.startswith("| deeplabv3-r50 "))
+    line = next(l for l in synthetic_table.splitlines() if l.startswith("| df_seg_v2 "))
     assert f"{record['miou']:.2f}" in line
 
     # benchmark.md counts Cityscapes only, and regenerating it without new results changes no byte.
     text = benchmark_path().read_text()
-    cityscapes_line = next(l for l in text.splitlines() if l.startswith("| deeplabv3-r50 "))
+    cityscapes_line = next(l for l in text.splitlines() if l.startswith("| df_seg_v2 "))
     assert "not run" in cityscapes_line and f"{record['miou']:.2f}" not in text
     assert CliRunner().invoke(main, ["table"]).exit_code == 0
     assert benchmark_path().read_text() == text
 
 
 def test_ema_row_evaluates_both_weight_sets(synthetic_root: Path):
-    record = run(RunOptions(row="deeplabv3-r50-ema", synthetic=True, iters=4, progress=False))
+    record = run(RunOptions(row="df_seg_v2-ema", synthetic=True, iters=4, progress=False))
     assert record["miou_ema"] is not None and record["per_class_iou_ema"] is not None
     client = MlflowClient(default_tracking_uri())
     metrics = client.get_run(record["mlflow_run_id"]).data.metrics
-    assert "val_miou" in metrics and "val_miou_ema" in metrics
+    assert "val/miou" in metrics and "val/miou_ema" in metrics
 
 
 def test_failed_run_is_marked_failed_and_writes_no_record(synthetic_root: Path, monkeypatch):
@@ -81,7 +81,7 @@ def test_failed_run_is_marked_failed_and_writes_no_record(synthetic_root: Path, 
 
     monkeypatch.setattr(Trainer, "fit", broken_fit)
     with pytest.raises(RuntimeError):
-        run(RunOptions(row="deeplabv3-r50", synthetic=True, iters=2, progress=False))
+        run(RunOptions(row="df_seg_v2", synthetic=True, iters=2, progress=False))
     client = MlflowClient(default_tracking_uri())
     experiment = client.get_experiment_by_name(experiment_name("synthetic"))
     (failed,) = client.search_runs([experiment.experiment_id])

@@ -103,8 +103,26 @@ def test_sigterm_checkpoints_and_the_next_resume_goes_on(tiny_row):
 
     resumed = run(RunOptions(row=tiny_row, synthetic=True, resume="latest", progress=False))
     assert resumed["iterations"] == 16 and final_state(resumed)["iteration"] == 16
-    history = client.get_metric_history(resumed["mlflow_run_id"], "lr")
+    history = client.get_metric_history(resumed["mlflow_run_id"], "train/lr")
     assert max(m.step for m in history) == 16 and min(m.step for m in history) == 1
+
+
+def test_log_lines_without_a_terminal_and_a_bare_resume_keeps_the_original_options(tiny_row):
+    """stderr is a pipe here, as in a Slurm log: a startup line and one plain line per log interval, no progress-bar
+    frames. After SIGTERM, `--resume` alone continues with the options the run started with (--synthetic --iters 40)."""
+    process = bench("run", "--row", tiny_row, "--synthetic", "--iters", "40")
+    wait_for(lambda: [p for d in run_dirs(tiny_row) for p in d.glob("checkpoints/ckpt-00000004.pt")], process)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    startup = [line for line in err.splitlines() if line.startswith("segbench: ")]
+    assert len(startup) == 1 and f"{tiny_row} on synthetic" in startup[0] and "run folder" in startup[0], err
+    iteration_lines = [line for line in err.splitlines() if line.startswith("iter ")]
+    assert iteration_lines and all("/40 loss " in line and " eta " in line for line in iteration_lines), err
+    assert "\r" not in err
+
+    resumed = run(RunOptions(row=tiny_row, resume="latest", progress=False))
+    assert resumed["dataset"] == "synthetic" and resumed["iterations"] == 40 and final_state(resumed)["iteration"] == 40
 
 
 def test_truncated_checkpoint_falls_back_to_previous_with_warning(tmp_path, capsys):
@@ -139,9 +157,10 @@ def test_resume_with_changed_spec_names_the_keys(tiny_row, tmp_path, monkeypatch
     experiments_with(tmp_path, {"tiny": {**TINY, "train": {"weight_decay": 0.01}}})
     with pytest.raises(BenchError, match=r"recipe changed: plan.weight_decay \(0.0005 -> 0.01\), spec.train.weight_decay"):
         run(RunOptions(row=tiny_row, synthetic=True, iters=8, resume="latest", progress=False))
+    # A bare resume takes the run's own --iters 8; one given again and different is a changed recipe.
     with pytest.raises(BenchError, match=r"recipe changed: plan.iters \(8 -> 16\)"):
         experiments_with(tmp_path, {"tiny": TINY})
-        run(RunOptions(row=tiny_row, synthetic=True, resume="latest", progress=False))
+        run(RunOptions(row=tiny_row, synthetic=True, iters=16, resume="latest", progress=False))
 
 
 def test_finished_run_is_not_resumed(tiny_row):
@@ -213,7 +232,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path, monkeypatch, synthetic_r
     one, two = sorted(load_records(dataset="synthetic"), key=lambda r: r["devices"])
     assert (one["devices"], two["devices"]) == (1, 2) and one["batch_size"] == two["batch_size"] == 4
     client = MlflowClient(default_tracking_uri())
-    losses = [[m.value for m in sorted(client.get_metric_history(r["mlflow_run_id"], "train_loss"), key=lambda m: m.step)]
+    losses = [[m.value for m in sorted(client.get_metric_history(r["mlflow_run_id"], "train/loss"), key=lambda m: m.step)]
               for r in (one, two)]
     assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-4)
     a, b = final_state(one)["model"], final_state(two)["model"]
