@@ -19,7 +19,8 @@ from harness.evaluate import TestMode, evaluate_split, predict_split
 from harness.export import make_submission_zip
 from harness.models import build_model, check_implemented
 from harness.results import git_commit, package_versions, utc_now
-from harness.runner import (RUN_STATUS, RunOptions, _write_run_file as write_run_file, end_run, finish_run,
+from harness.run_folder import RunFolder
+from harness.runner import (RunOptions, end_run, finish_run,
                             pick_device, resolve_data_root, resolve_precision, run_tags)
 from harness.spec import Spec, load_spec
 from harness.tracking import JOURNAL_DIR, Tracker
@@ -107,21 +108,18 @@ def evaluate_checkpoint(options: EvalOptions) -> dict[str, Any]:
 
     tracker = Tracker(options.tracking_uri or paths.default_tracking_uri(), dataset, offline=options.offline_tracking)
     commit = git_commit()
-    run_dir = paths.runs_dir() / dataset / spec.row / EVAL_RUNS / time.strftime("%Y%m%d-%H%M%S")
-    while run_dir.exists():
-        run_dir = run_dir.with_name(run_dir.name + "+")
-    run_dir.mkdir(parents=True)
+    folder = RunFolder.create(paths.runs_dir() / dataset / spec.row / EVAL_RUNS, kind="eval", row=spec.row,
+                              dataset=dataset, tracking_uri=tracker.tracking_uri)
     params = {**{k: v for k, v in spec.flat().items() if k.startswith("model.")},
               "checkpoint": str(checkpoint_path), "weights": weights, "split": options.split,
               "test_size": test_size, "test_mode": mode.describe(), "precision": precision,
               "data.root": str(prepared.data_root), "device": device.type}
-    run_id = tracker.start(run_dir / JOURNAL_DIR, f"eval {spec.row} ({weights} weights, {options.split})", params,
-                           run_tags(spec, dataset, commit, "eval", "bench eval", weights=weights,
-                                    checkpoint=str(checkpoint_path)))
-    write_run_file(run_dir, {"kind": "eval", "row": spec.row, "dataset": dataset, "mlflow_run_id": run_id,
-                             "tracking_uri": tracker.tracking_uri, "status": RUN_STATUS["RUNNING"]})
     started = time.perf_counter()
     try:
+        run_id = tracker.start(folder.path / JOURNAL_DIR, f"eval {spec.row} ({weights} weights, {options.split})",
+                               params, run_tags(spec, dataset, commit, "eval", "bench eval", weights=weights,
+                                                checkpoint=str(checkpoint_path)))
+        folder.update(mlflow_run_id=run_id)
         tracker.log_text(json.dumps(spec.to_dict(), indent=2), "spec.json")
         panels_dir = tracker.artifact_path("panels/.keep").parent
         metrics = evaluate_split(
@@ -138,12 +136,12 @@ def evaluate_checkpoint(options: EvalOptions) -> dict[str, Any]:
             "device": device.type, "precision": precision, "wall_time_s": round(time.perf_counter() - started, 1),
             "git_commit": commit, "versions": package_versions(), "mlflow_run_id": run_id, "time": utc_now(),
         }
-        return finish_run(spec, tracker, record, run_dir, headline=metrics.miou,
+        return finish_run(spec, tracker, record, folder, headline=metrics.miou,
                           metrics={f"val/miou{suffix}": metrics.miou, f"val/pixel_accuracy{suffix}": metrics.pixel_accuracy},
                           step=0, per_class={f"val_iou{suffix}": per_class},
                           panels=sorted(panels_dir.glob("*.png")))
     except BaseException:
-        end_run(run_dir, tracker, "FAILED")
+        end_run(folder, tracker, "FAILED")
         raise
 
 

@@ -10,7 +10,6 @@ import json
 import os
 import random
 import re
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -28,6 +27,7 @@ from harness.distributed import ShardedTrainSampler, World
 from harness.errors import BenchError
 from harness.models import build_model, check_implemented
 from harness.models.weights import apply_starting_weights
+from harness.run_folder import RUN_FILE, RUN_STATUS, RunFolder, latest
 from harness.results import check_writable, git_commit, package_versions, utc_now, write_record
 from harness.spec import Spec, flatten, load_spec
 from harness.table import write_benchmark
@@ -36,7 +36,6 @@ from harness.table import measured_miou
 from harness.tracking import JOURNAL_DIR, Journal, Tracker, class_key, source_tags, sync_journal
 from harness.train import Interrupted, PRECISIONS, Trainer, TrainPlan, iterations_per_epoch
 
-RUN_FILE = "run.json"
 UP_GPUS = 8  # every United-Perception row trained on 8 GPUs (pt_sync_bn group_size 8)
 
 
@@ -166,79 +165,42 @@ def resolve_precision(requested: Optional[str], device: torch.device) -> str:
 # --- run folders and resume -----------------------------------------------------------------------
 
 
-def _write_run_file(run_dir: Path, info: dict[str, Any]) -> None:
-    tmp = run_dir / f".{RUN_FILE}.tmp"
-    try:
-        tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        tmp.replace(run_dir / RUN_FILE)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise BenchError(f"cannot write {run_dir / RUN_FILE} ({exc.strerror or exc}); free space or make "
-                         f"{run_dir} writable") from None
-
-
-def run_status(run_dir: Path) -> str:
-    """run.json's status, where a run still marked running whose process is gone reads "interrupted"."""
-    info = _read_run_file(run_dir)
-    status = str(info.get("status", "unknown"))
-    return RUN_STATUS["KILLED"] if status == RUN_STATUS["RUNNING"] and _process_gone(info) else status
-
-
-def _still_running(run_dir: Path) -> bool:
-    """Known to be training now: marked running, by a live process of this machine other than this one."""
-    info = _read_run_file(run_dir)
-    return (info.get("status") == RUN_STATUS["RUNNING"] and info.get("host") == socket.gethostname()
-            and bool(info.get("pid")) and int(info["pid"]) != os.getpid() and not _process_gone(info))
-
-
-def _read_run_file(run_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((run_dir / RUN_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        raise BenchError(f"{run_dir} is not a segbench run folder (no readable {RUN_FILE})") from None
-
-
-def find_resume_target(resume: str, row: str, dataset: str) -> tuple[Path, dict[str, Any], Path]:
+def find_resume_target(resume: str, row: str, dataset: str) -> tuple[RunFolder, dict[str, Any], Path]:
     """(run folder, checkpoint state, checkpoint path) for --resume [PATH]."""
+    fix = "give a run folder (runs/<dataset>/<row>/<stamp>) or one of its checkpoints/ckpt-*.pt"
+    state = None
     if resume == "latest":
         row_dir = paths.runs_dir() / dataset / row
-        runs = sorted(p for p in row_dir.glob("*") if (p / RUN_FILE).is_file())
-        if not runs:
+        path = latest(row_dir)
+        if path is None:
             raise BenchError(f"nothing to resume: no run of {row} on {dataset} under {row_dir}; start it without --resume")
-        run_dir = runs[-1]
-        status = run_status(run_dir)
-        if status == "finished":
-            raise BenchError(f"nothing to resume: the last run of {row} on {dataset} ({run_dir}) finished; start a new run without --resume")
-        if _still_running(run_dir):
-            raise BenchError(f"the last run of {row} on {dataset} ({run_dir}) is still running; stop it before resuming it")
-        state, path = checkpoint.load_latest(run_dir / "checkpoints")
-        return run_dir, state, path
-    target = Path(resume).expanduser()
-    fix = "give a run folder (runs/<dataset>/<row>/<stamp>) or one of its checkpoints/ckpt-*.pt"
-    if not target.exists():
-        raise BenchError(f"--resume {target} does not exist; {fix}")
-    if target.is_dir():
-        if not (target / RUN_FILE).is_file():
-            raise BenchError(f"--resume {target} is not a segbench run folder (no {RUN_FILE}); {fix}")
-        run_dir = target
+        folder, which = RunFolder.open(path), f"the last run of {row} on {dataset} ({path})"
     else:
-        try:
-            state = checkpoint.load(target)
-        except BenchError as exc:
-            raise BenchError(f"--resume {target}: {exc}; {fix}") from None
-        run_dir = target.parent.parent
-        if target.parent.name != "checkpoints" or not (run_dir / RUN_FILE).is_file():
-            raise BenchError(f"--resume {target} is a checkpoint outside a run folder (no {run_dir / RUN_FILE}); "
-                             f"resume from the checkpoint inside its run folder, or start it with --init-checkpoint")
-    status = run_status(run_dir)
-    if status == "finished":
-        raise BenchError(f"run {run_dir} already finished; start a new run without --resume")
-    if _still_running(run_dir):
-        raise BenchError(f"run {run_dir} is still running; stop it before resuming it")
-    if target.is_dir():
-        state, path = checkpoint.load_latest(target / "checkpoints")
-        return target, state, path
-    return run_dir, state, target
+        target = Path(resume).expanduser()
+        if not target.exists():
+            raise BenchError(f"--resume {target} does not exist; {fix}")
+        if target.is_dir():
+            if not RunFolder.is_run_folder(target):
+                raise BenchError(f"--resume {target} is not a segbench run folder (no {RUN_FILE}); {fix}")
+            path = target
+        else:
+            try:
+                state = checkpoint.load(target)
+            except BenchError as exc:
+                raise BenchError(f"--resume {target}: {exc}; {fix}") from None
+            path = target.parent.parent
+            if target.parent.name != "checkpoints" or not RunFolder.is_run_folder(path):
+                raise BenchError(f"--resume {target} is a checkpoint outside a run folder (no {path / RUN_FILE}); "
+                                 f"resume from the checkpoint inside its run folder, or start it with --init-checkpoint")
+        folder, which = RunFolder.open(path), f"run {path}"
+    if folder.status == RUN_STATUS["FINISHED"]:
+        raise BenchError(f"nothing to resume: {which} already finished; start a new run without --resume")
+    if folder.still_running():
+        raise BenchError(f"{which} is still running; stop it before resuming it")
+    if state is None:
+        state, source = checkpoint.load_latest(folder.checkpoints)
+        return folder, state, source
+    return folder, state, Path(resume).expanduser()
 
 
 def refuse_changed_recipe(state: dict[str, Any], spec: Spec, plan: TrainPlan, source: Path) -> None:
@@ -367,17 +329,14 @@ def with_saved_options(options: RunOptions) -> RunOptions:
     """For `--resume`: the options the resumed run was started with, except those given again on this command line
     (a changed recipe is then refused by the plan comparison, as before)."""
     if options.resume == "latest":
-        candidates = [p for p in paths.runs_dir().glob(f"*/{options.row}/*") if (p / RUN_FILE).is_file()]
+        pattern = f"*/{options.row}/*"
         if options.synthetic or options.data_root:  # the dataset is known: only its runs
-            dataset = "synthetic" if options.synthetic else "cityscapes"
-            candidates = [p for p in candidates if p.parent.parent.name == dataset]
-        run_dir = max(candidates, key=lambda p: (p.name, p.parent.parent.name), default=None)
+            pattern = f"{'synthetic' if options.synthetic else 'cityscapes'}/{options.row}/*"
+        path = latest(paths.runs_dir(), pattern)
     else:
         target = Path(options.resume).expanduser()
-        run_dir = target if target.is_dir() else target.parent.parent
-    saved = {}
-    if run_dir is not None and (run_dir / RUN_FILE).is_file():
-        saved = _read_run_file(run_dir).get("options") or {}
+        path = target if target.is_dir() else target.parent.parent
+    saved = RunFolder.open(path).info.get("options") or {} if path and RunFolder.is_run_folder(path) else {}
     defaults = RunOptions(row=options.row)
     merged = {name: saved[name] for name in RESUMED_OPTIONS
               if name in saved and getattr(options, name) == getattr(defaults, name)}
@@ -423,14 +382,14 @@ def _run(options: RunOptions, spec: Spec, world: World, device: torch.device, pr
     check_pairs([*train_samples, *val_samples])  # headers only: sizes and label modes, before any training
     plan = make_plan(spec, dataset, len(train_samples), options, precision, world)
 
-    resume_state = run_dir = None
+    resume_state = folder = None  # folder: the run's RunFolder, on rank 0
     if options.resume:
-        run_dir, resume_state, source = find_resume_target(options.resume, spec.row, dataset)
+        folder, resume_state, source = find_resume_target(options.resume, spec.row, dataset)
         refuse_changed_recipe(resume_state, spec, plan, source)
         if world.is_main:
             print(f"resuming {spec.row} from {source} (iteration {resume_state['iteration']})", file=sys.stderr)
     # The store is checked before the data and the model are set up: a dead one costs seconds, not minutes.
-    tracker = Tracker(options.tracking_uri or (run_dir and _read_run_file(run_dir).get("tracking_uri"))
+    tracker = Tracker(options.tracking_uri or (folder and folder.info.get("tracking_uri"))
                       or paths.default_tracking_uri(), dataset, offline=options.offline_tracking) if world.is_main else None
     seed_everything(plan.seed)
 
@@ -452,31 +411,32 @@ def _run(options: RunOptions, spec: Spec, world: World, device: torch.device, pr
     run_id = None
     if world.is_main:
         if resume_state is not None:
-            run_id = tracker.reopen(run_dir / JOURNAL_DIR, _read_run_file(run_dir).get("mlflow_run_id"))
+            folder.claim()
+            run_id = tracker.reopen(folder.path / JOURNAL_DIR, folder.info.get("mlflow_run_id"))
         else:
-            run_dir = paths.runs_dir() / dataset / spec.row / time.strftime("%Y%m%d-%H%M%S")
-            while run_dir.exists():
-                run_dir = run_dir.with_name(run_dir.name + "+")
-            run_dir.mkdir(parents=True)
-            run_id = tracker.start(run_dir / JOURNAL_DIR, spec.row, training_params(spec, plan, data_root,
-                                   len(train_samples), device),
-                                   run_tags(spec, dataset, commit, "train", "bench run", seed=plan.seed,
-                                            starting_weights=starting))
+            folder = RunFolder.create(paths.runs_dir() / dataset / spec.row, row=spec.row, dataset=dataset,
+                                      tracking_uri=tracker.tracking_uri, options=saved_options(options))
+            try:
+                run_id = tracker.start(folder.path / JOURNAL_DIR, spec.row, training_params(spec, plan, data_root,
+                                       len(train_samples), device),
+                                       run_tags(spec, dataset, commit, "train", "bench run", seed=plan.seed,
+                                                starting_weights=starting))
+            except BaseException:
+                folder.end("FAILED")
+                raise
             tracker.log_text(json.dumps(spec.to_dict(), indent=2), "spec.json")
-        _write_run_file(run_dir, {"row": spec.row, "dataset": dataset, "mlflow_run_id": run_id,
-                                  "tracking_uri": tracker.tracking_uri, "status": "running",
-                                  "options": saved_options(options), "pid": os.getpid(), "host": socket.gethostname()})
+        folder.update(mlflow_run_id=run_id, options=saved_options(options))
         print(f"segbench: {spec.row} on {dataset} ({data_root}); {world.size} process(es) on {device.type}, "
-              f"{precision}; {plan.iters} iterations of batch {plan.batch_size}; run folder {run_dir}; "
+              f"{precision}; {plan.iters} iterations of batch {plan.batch_size}; run folder {folder.path}; "
               + (f"MLflow run {run_id} at {tracker.tracking_uri}" if run_id else
                  "tracking offline (journalled in the run folder; `bench sync` sends it to MLflow later)"),
-              file=sys.stderr, flush=True)
-    run_dir = Path(distributed.broadcast_object(str(run_dir)))
+              flush=True)
+    checkpoints = Path(distributed.broadcast_object(str(folder.checkpoints) if folder else None))
 
     def log_metrics(metrics: dict[str, float], step: int) -> None:
         tracker.log_metrics(metrics, step)
 
-    trainer = Trainer(spec, plan, model, device, world, log_metrics, run_dir / "checkpoints", options.progress,
+    trainer = Trainer(spec, plan, model, device, world, log_metrics, checkpoints, options.progress,
                       extra_state={"starting_weights": starting}, compile_model=options.compile)
     if resume_state is not None:
         trainer.load_state_dict(resume_state)
@@ -491,7 +451,7 @@ def _run(options: RunOptions, spec: Spec, world: World, device: torch.device, pr
         raise
     finally:
         if world.is_main and status != "FINISHED":
-            end_run(run_dir, tracker, status)
+            end_run(folder, tracker, status)
     if not world.is_main:
         return {}
     try:
@@ -499,17 +459,17 @@ def _run(options: RunOptions, spec: Spec, world: World, device: torch.device, pr
             trainer.ema.module if trainer.ema is not None else trainer.model, val_samples, spec, device,
             plan.test_size, plan.precision, tracker.artifact_path("panels/.keep").parent)
         record = _finish(spec, plan, dataset, world, device, tracker, run_id, commit, result, started, starting,
-                         train_images=len(train_samples), val_images=len(val_samples), run_dir=run_dir,
+                         train_images=len(train_samples), val_images=len(val_samples), folder=folder,
                          panels=panels)
     except BaseException:
-        end_run(run_dir, tracker, "FAILED")
+        end_run(folder, tracker, "FAILED")
         raise
     write_benchmark()
     return record
 
 
 def _finish(spec, plan, dataset, world, device, tracker, run_id, commit, result, started, starting,
-            train_images: Optional[int] = None, val_images: Optional[int] = None, *, run_dir: Path,
+            train_images: Optional[int] = None, val_images: Optional[int] = None, *, folder: RunFolder,
             panels: list[Path]) -> dict[str, Any]:
     per_class = dict(zip(CLASS_NAMES, result.metrics.iou))
     ema_per_class = dict(zip(CLASS_NAMES, result.ema_metrics.iou)) if result.ema_metrics else None
@@ -539,14 +499,11 @@ def _finish(spec, plan, dataset, world, device, tracker, run_id, commit, result,
         "best/miou": record["miou_best"], "best/iteration": record["best_iteration"],
         "best/miou_ema": record["miou_ema_best"], "best/iteration_ema": record["best_iteration_ema"],
     }
-    return finish_run(spec, tracker, record, run_dir, headline=measured_miou(spec, record), metrics=twins,
+    return finish_run(spec, tracker, record, folder, headline=measured_miou(spec, record), metrics=twins,
                       step=plan.iters, per_class={"val_iou": per_class, "val_iou_ema": ema_per_class}, panels=panels)
 
 
 # --- the one ending of `bench run` and `bench eval` -------------------------------------------------
-
-# run.json's words for MLflow's run statuses; the two always change together (end_run).
-RUN_STATUS = {"RUNNING": "running", "FINISHED": "finished", "FAILED": "failed", "KILLED": "interrupted"}
 
 
 def training_params(spec: Spec, plan: TrainPlan, data_root: Path, train_images: int,
@@ -564,23 +521,25 @@ def run_tags(spec: Spec, dataset: str, commit: str, kind: str, entry_point: str,
             **{k: str(v) for k, v in extra.items()}}
 
 
-def end_run(run_dir: Optional[Path], tracker: Optional[Tracker], status: str) -> Optional[str]:
+def end_run(folder: Optional[RunFolder], tracker: Optional[Tracker], status: str) -> Optional[str]:
     """End the MLflow run and the run folder with the same status; returns the tracker's warning, if any."""
     warning = tracker.finish(status) if tracker is not None else None
-    if run_dir is not None and (run_dir / RUN_FILE).is_file():
-        _write_run_file(run_dir, {**_read_run_file(run_dir), "status": RUN_STATUS[status]})
+    if folder is not None:
+        folder.end(status)
     return warning
 
 
-def finish_run(spec: Spec, tracker: Tracker, record: dict[str, Any], run_dir: Optional[Path], *, headline: float,
+def finish_run(spec: Spec, tracker: Tracker, record: dict[str, Any], folder: Optional[RunFolder], *, headline: float,
                metrics: dict[str, Optional[float]], step: int, per_class: dict[str, Optional[dict[str, float]]],
                panels: list[Path]) -> dict[str, Any]:
     """Log the headline (`miou`, the table's statistic), the reference and the delta, the twins in `metrics`,
     per-class IoU (`val_iou/<class>`), the per-class table and chart, the training curves and the prediction
     panels; write the record; end the MLflow run and the run folder FINISHED."""
-    reference = sum(spec.reference.miou) / len(spec.reference.miou)
+    # Rows outside the table may have no reference: then no reference or delta is logged (None is skipped).
+    reference = sum(spec.reference.miou) / len(spec.reference.miou) if spec.reference.miou else None
     per_class = {group: values for group, values in per_class.items() if values}
-    logged = {"miou": headline, "reference_miou": reference, "delta_miou": headline - reference, **metrics}
+    logged = {"miou": headline, "reference_miou": reference,
+              "delta_miou": None if reference is None else headline - reference, **metrics}
     for group, values in per_class.items():
         logged.update({f"{group}/{class_key(name)}": v for name, v in values.items()})
     tracker.log_metrics(logged, step)
@@ -599,23 +558,9 @@ def finish_run(spec: Spec, tracker: Tracker, record: dict[str, Any], run_dir: Op
     record = {**record, "mlflow_run_id": tracker.run_id}
     path = write_record(record)
     tracker.set_tag("result_record", str(path))
-    end_run(run_dir, tracker, "FINISHED")
+    end_run(folder, tracker, "FINISHED")
     record["_path"] = str(path)
     return record
-
-
-def _process_gone(info: dict[str, Any]) -> bool:
-    """The run's process no longer exists (checked on the machine that started it; elsewhere we cannot tell)."""
-    if info.get("host") != socket.gethostname() or not info.get("pid"):
-        return False
-    try:
-        os.kill(int(info["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    # Alive: it is gone only if it is this very process, which is not training that run (an in-process caller).
-    return int(info["pid"]) == os.getpid()
 
 
 def sync_runs(run_dirs: list[Path], tracking_uri: Optional[str] = None) -> list[str]:
@@ -631,15 +576,15 @@ def sync_runs(run_dirs: list[Path], tracking_uri: Optional[str] = None) -> list[
         if not (run_dir / JOURNAL_DIR / "journal.jsonl").is_file():
             raise BenchError(f"{run_dir} has no tracking journal ({JOURNAL_DIR}/journal.jsonl); give a run folder "
                              "written by `bench run` or `bench eval`")
-        info = _read_run_file(run_dir)
-        if info.get("status") == RUN_STATUS["RUNNING"] and _process_gone(info):
+        folder = RunFolder.open(run_dir)
+        if folder.info.get("status") == RUN_STATUS["RUNNING"] and folder.status == RUN_STATUS["KILLED"]:
             journal = Journal(run_dir / JOURNAL_DIR)
             journal.append({"op": "status", "status": "KILLED", "time": int(time.time() * 1000)})
-            _write_run_file(run_dir, {**info, "status": RUN_STATUS["KILLED"]})
+            folder.end("KILLED")
             lines.append(f"{run_dir}: its process is gone; marked interrupted (KILLED)")
         run_id, sent = sync_journal(run_dir / JOURNAL_DIR, tracking_uri)
-        if run_id and info.get("mlflow_run_id") != run_id:
-            _write_run_file(run_dir, {**_read_run_file(run_dir), "mlflow_run_id": run_id})
+        if run_id and folder.info.get("mlflow_run_id") != run_id:
+            folder.update(mlflow_run_id=run_id)
         lines.append(f"{run_dir}: {sent} entries sent to MLflow run {run_id}" if sent
                      else f"{run_dir}: already complete in MLflow run {run_id}")
     return lines

@@ -349,8 +349,9 @@ class Trainer:
         self._first_bad = torch.zeros((), dtype=torch.long, device=self.device)
         self._synced_at = self.iteration
         show = self.progress and self.world.is_main
-        log = TrainLog(self.spec.row, plan.iters, self.iteration, self.device, bar=show and sys.stderr.isatty(),
-                       lines=show and not sys.stderr.isatty())
+        # stdout redirected (a Slurm log, a file): plain lines there; a progress bar only on a terminal.
+        log = TrainLog(self.spec.row, plan.iters, self.iteration, self.device,
+                       bar=show and sys.stdout.isatty() and sys.stderr.isatty(), lines=show and not sys.stdout.isatty())
         window_images, window_start, data_wait = 0, time.perf_counter(), 0.0
         while self.iteration < plan.iters:
             fetch_start = time.perf_counter()
@@ -409,7 +410,7 @@ class TrainLog:
             eta = (time.perf_counter() - self.started) / max(done, 1) * (self.total - step)
             print(f"iter {step}/{self.total} loss {record['train_loss']:.4f} lr {record['lr']:.3e} "
                   f"img/s {record['images_per_s']:.1f} data-wait {100 * record['data_wait_fraction']:.0f}% "
-                  f"eta {format_duration(eta)} mem {peak_memory_gib(self.device):.2f}GiB", file=sys.stderr, flush=True)
+                  f"eta {format_duration(eta)} mem {peak_memory_gib(self.device):.2f}GiB", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -26,7 +26,8 @@ from harness.errors import BenchError
 from harness.metrics import ConfusionMatrix
 from harness.paths import runs_dir
 from harness.results import load_records, write_record
-from harness.runner import RUN_FILE, find_resume_target, run_status
+from harness.run_folder import RUN_FILE, RunFolder
+from harness.runner import find_resume_target
 from tests.helpers import bench, experiments_with
 
 TINY = {
@@ -307,13 +308,13 @@ def test_running_status_of_a_dead_process_reads_interrupted_and_a_live_one_is_no
     dead.wait()
     info = {"row": "tiny", "dataset": "synthetic", "status": "running", "pid": dead.pid, "host": socket.gethostname()}
     (run_dir / RUN_FILE).write_text(json.dumps(info))
-    assert run_status(run_dir) == "interrupted"
-    assert find_resume_target("latest", "tiny", "synthetic")[0] == run_dir
+    assert RunFolder.open(run_dir).status == "interrupted"
+    assert find_resume_target("latest", "tiny", "synthetic")[0].path == run_dir
 
     alive = subprocess.Popen(["sleep", "30"])
     try:
         (run_dir / RUN_FILE).write_text(json.dumps({**info, "pid": alive.pid}))
-        assert run_status(run_dir) == "running"
+        assert RunFolder.open(run_dir).status == "running"
         with pytest.raises(BenchError, match="is still running"):
             find_resume_target("latest", "tiny", "synthetic")
     finally:
