@@ -41,9 +41,10 @@ class Columns:
 
 @dataclass
 class Reference:
-    """The row's reference mIoU: one value per run listed in the table cell."""
+    """The row's reference mIoU: one value per run listed in the table cell. A table row must give it; one of
+    our rows (not in `_table.yaml`) may give its own or none (an empty list: no delta, no verdict)."""
 
-    miou: list[float]
+    miou: list[float] = field(default_factory=list)
     lightseg: Optional[float] = None  # a "(light-seg 72.11)" note in the cell
     source: str = "segbench"  # "light-seg" when the figure comes from the light-seg codebase
 
@@ -58,6 +59,11 @@ class ModelSpec:
     backbone_checkpoint: Optional[str] = None
     init_checkpoint: Optional[str] = None  # a whole-model checkpoint to start from
     eval_half_resolution: bool = False  # lxtGH DF-Seg speed trick: infer at half size
+    # family `smp` only (harness.models.smp_family): segmentation-models-pytorch's architecture and encoder
+    # names, and the architecture's constructor keywords, passed through after a check against its signature.
+    arch: Optional[str] = None
+    encoder: Optional[str] = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -218,6 +224,8 @@ def _type_name(tp: Any) -> str:
 
 def _check_value(value: Any, tp: Any, where: str) -> Any:
     """Return `value` converted to `tp`, or raise naming `where`."""
+    if tp is Any:
+        return value  # checked by whoever consumes it (e.g. smp keywords against the constructor's signature)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -234,6 +242,12 @@ def _check_value(value: Any, tp: Any, where: str) -> Any:
             raise BenchError(f"{where}: expected a list, got {value!r}")
         (item_tp,) = typing.get_args(tp)
         return [_check_value(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise BenchError(f"{where}: expected a mapping, got {value!r}")
+        key_tp, value_tp = typing.get_args(tp)
+        return {_check_value(k, key_tp, f"{where} key {k!r}"): _check_value(v, value_tp, f"{where}.{k}")
+                for k, v in value.items()}
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
@@ -269,8 +283,11 @@ def load_spec(row: str, root: Optional[Path] = None) -> Spec:
     data = _resolve_chain(path, root)
     # A reference figure belongs to its own table row; it is never inherited from a base row.
     data["reference"] = _read_yaml(path).get("reference")
+    table_row = is_table_row(row, root)
     if data["reference"] is None:
-        raise BenchError(f"{path}: missing required key 'reference'; give the row's reference mIoU")
+        if table_row:
+            raise BenchError(f"{path}: missing required key 'reference'; give the row's reference mIoU")
+        data["reference"] = {}  # one of our rows: no reference, so no delta and no verdict
     named = data.pop("row", row)
     if named != row:
         raise BenchError(f"{path}: key 'row' says '{named}' but the file is {row}.yaml; rename the file or fix the key")
@@ -280,11 +297,11 @@ def load_spec(row: str, root: Optional[Path] = None) -> Spec:
     except BenchError as exc:
         # Name the file as a path (experiments/x.yaml: key ...), not a dotted prefix.
         raise BenchError(str(exc).replace(f"{where}.", f"{where}: ", 1)) from None
-    _check_ranges(spec, where)
+    _check_ranges(spec, where, table_row)
     return spec
 
 
-def _check_ranges(spec: Spec, where: str) -> None:
+def _check_ranges(spec: Spec, where: str, table_row: bool = True) -> None:
     """Values that pass the type check but cannot train: one line naming the key, the value and the range."""
     t, s, c = spec.train, spec.synthetic, spec.columns
 
@@ -335,25 +352,47 @@ def _check_ranges(spec: Spec, where: str) -> None:
         size("eval.crop_stride", spec.eval.crop_stride)
     require(bool(spec.eval.scales) and all(v > 0 for v in spec.eval.scales), "eval.scales", spec.eval.scales,
             "a non-empty list of positive scales")
-    require(bool(spec.reference.miou) and all(0 <= v <= 100 for v in spec.reference.miou), "reference.miou",
-            spec.reference.miou, "one or more percentages 0-100")
+    require((bool(spec.reference.miou) or not table_row) and all(0 <= v <= 100 for v in spec.reference.miou),
+            "reference.miou", spec.reference.miou, "one or more percentages 0-100" if table_row else
+            "percentages 0-100, or [] (or no reference key) for a row outside the table")
 
 
-def row_ids(root: Optional[Path] = None) -> list[str]:
-    """All row ids in table order, as `_table.yaml` lists them; every listed row must have a file."""
-    root = root or experiments_dir()
+def _row_files(root: Path) -> set[str]:
+    return {p.stem for p in root.glob("*.yaml") if not p.name.startswith("_")}
+
+
+def _listed_rows(root: Path) -> list[str]:
     table = _read_yaml(root / TABLE_FILE) if (root / TABLE_FILE).is_file() else None
     if table is None or not isinstance(table.get("rows"), list):
         raise BenchError(f"{root / TABLE_FILE}: missing, or has no 'rows:' list of row ids in table order")
-    rows = [str(r) for r in table["rows"]]
-    files = {p.stem for p in root.glob("*.yaml") if not p.name.startswith("_")}
+    return [str(r) for r in table["rows"]]
+
+
+def is_table_row(row: str, root: Optional[Path] = None) -> bool:
+    """Whether `_table.yaml` lists `row`. Without a readable table every row is held to the table's rules."""
+    root = root or experiments_dir()
+    try:
+        return row in _listed_rows(root)
+    except BenchError:
+        return True
+
+
+def row_ids(root: Optional[Path] = None) -> list[str]:
+    """The benchmark table's row ids in table order, as `_table.yaml` lists them; every listed row must have a
+    file. Spec files the table does not list are our rows (`our_row_ids`)."""
+    root = root or experiments_dir()
+    rows = _listed_rows(root)
+    files = _row_files(root)
     missing = [r for r in rows if r not in files]
     if missing:
         raise BenchError(f"{root / TABLE_FILE}: lists {', '.join(missing)} but no such experiments/<row>.yaml exists")
-    unlisted = sorted(files - set(rows))
-    if unlisted:
-        raise BenchError(f"{root / TABLE_FILE}: rows {', '.join(unlisted)} have spec files but are not listed; add them")
     return rows
+
+
+def our_row_ids(root: Optional[Path] = None) -> list[str]:
+    """Rows a team added beside the table: spec files `_table.yaml` does not list, in name order."""
+    root = root or experiments_dir()
+    return sorted(_row_files(root) - set(_listed_rows(root)))
 
 
 def table_title(root: Optional[Path] = None) -> str:
@@ -362,7 +401,13 @@ def table_title(root: Optional[Path] = None) -> str:
 
 
 def load_all(root: Optional[Path] = None) -> list[Spec]:
+    """The table's rows only, in table order."""
     return [load_spec(row, root) for row in row_ids(root)]
+
+
+def load_ours(root: Optional[Path] = None) -> list[Spec]:
+    """Our rows (spec files outside `_table.yaml`), in name order."""
+    return [load_spec(row, root) for row in our_row_ids(root)]
 
 
 def unknown_row_message(row: str, root: Path) -> str:

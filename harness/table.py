@@ -3,6 +3,9 @@
 
 Only records that harness.verdicts.standing counts reach the measured columns; every other record is listed
 under its own heading. The synthetic table shows what ran (iterations, batch, crop) and no deltas.
+
+Our rows (spec files `_table.yaml` does not list) never enter the seed table: once one of them has a record of the
+dataset, they follow it under "Our rows", by the same rule; a row without a reference shows no delta and no verdict.
 """
 
 from __future__ import annotations
@@ -17,17 +20,21 @@ from tabulate import tabulate
 from harness.errors import BenchError
 from harness.paths import benchmark_path
 from harness.results import load_records
-from harness.spec import Spec, load_all, table_title
+from harness.spec import Spec, load_all, load_ours, table_title
 from harness.verdicts import (DEFAULT_TOLERANCE, EVALUATION, NOT_COUNTED, OFFICIAL_VAL_IMAGES, REPRODUCTION,
-                              RowVerdict, planned_iterations, row_verdicts, standing)
+                              RowVerdict, planned_iterations, row_verdicts, runs_in_progress, standing)
 
 DATASETS = ("cityscapes", "synthetic")
 NOT_RUN = "not run"
 RANDOM_START_MARK = " (random start)"  # the run lacked its row's starting weights
 FIGURE_NAME = "benchmark.png"  # written beside benchmark.md
+OURS_HEADING = "Our rows"
+NO_REFERENCE = "no reference"
 
 
 def reference_cell(spec: Spec) -> str:
+    if not spec.reference.miou:
+        return "-"  # one of our rows without a reference
     cell = " \\| ".join(repr(v) for v in spec.reference.miou)
     if spec.reference.lightseg is not None:
         cell += f" (light-seg {spec.reference.lightseg!r})"
@@ -85,6 +92,28 @@ def verdict_frame(specs: list[Spec], verdicts: list[RowVerdict]) -> pd.DataFrame
             "verdict": _verdict_cell(v),
         })
     return pd.DataFrame(rows)
+
+
+def our_verdicts(specs: list[Spec], records: list[dict[str, Any]], tolerance: float = DEFAULT_TOLERANCE,
+                 dataset: str = "cityscapes") -> list[RowVerdict]:
+    """Verdicts of our rows: against their own reference when they give one, else the counted runs, mean and std
+    with no delta and the verdict "no reference"."""
+    referenced = [s for s in specs if s.reference.miou]
+    judged = dict(zip((s.row for s in referenced), row_verdicts(referenced, records, tolerance, dataset)))
+    verdicts = []
+    for spec in specs:
+        if spec.row in judged:
+            verdicts.append(judged[spec.row])
+            continue
+        values = [measured_miou(spec, r) for r in _train_records(records)
+                  if r.get("row") == spec.row and standing(spec, r).counts]
+        v = RowVerdict(row=spec.row, reference=[], runs_of=spec.row, values=values, tolerance=tolerance,
+                       in_progress=runs_in_progress(spec.row, dataset), verdict=NO_REFERENCE)
+        if values:
+            v.mean = statistics.fmean(values)
+            v.std = statistics.stdev(values) if len(values) > 1 else None
+        verdicts.append(v)
+    return verdicts
 
 
 def _train_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -165,12 +194,17 @@ def _markdown(frame: pd.DataFrame) -> str:
 
 def render(dataset: str = "cityscapes", specs: Optional[list[Spec]] = None,
            records: Optional[list[dict[str, Any]]] = None, tolerance: float = DEFAULT_TOLERANCE,
-           all_records: bool = False, figure: Optional[str] = FIGURE_NAME) -> str:
-    """The markdown of `dataset`'s table; with `all_records`, every record of the dataset is listed with its kind."""
+           all_records: bool = False, figure: Optional[str] = FIGURE_NAME, ours: Optional[list[Spec]] = None) -> str:
+    """The markdown of `dataset`'s table; with `all_records`, every record of the dataset is listed with its kind.
+    `ours` (default: our rows from experiments/ when `specs` is not given, else none) follow under "Our rows"."""
     if dataset not in DATASETS:
         raise BenchError(f"unknown dataset '{dataset}'; use one of {', '.join(DATASETS)}")
+    if ours is None:
+        ours = load_ours() if specs is None else []
     specs = specs if specs is not None else load_all()
     records = records if records is not None else load_records(dataset=dataset)
+    mine = {s.row for s in ours}
+    our_records = [r for r in records if r.get("dataset") == dataset and r.get("row") in mine]
     known = {s.row for s in specs}
     records = [r for r in records if r.get("dataset") == dataset and r.get("row") in known]
     header = (f"# {table_title()}\n\n"
@@ -208,6 +242,24 @@ def render(dataset: str = "cityscapes", specs: Optional[list[Spec]] = None,
                         text += f"\n### {kind}\n\n{_markdown(part)}\n"
     if all_records:
         text += f"\n## Every record ({dataset})\n\n{_markdown(records_frame(specs, records))}\n"
+    if our_records:
+        text += _ours_section(dataset, ours, our_records, tolerance, all_records)
+    return text
+
+
+def _ours_section(dataset: str, ours: list[Spec], records: list[dict[str, Any]], tolerance: float,
+                  all_records: bool) -> str:
+    """Our rows, apart from the seed table: the same frames and rule as the table's rows."""
+    text = (f"\n## {OURS_HEADING}\n\nRows added beside the benchmark table (spec files `experiments/_table.yaml` does "
+            "not list), never mixed into it; a row without a reference has no Δ and no verdict.\n\n")
+    if dataset == "synthetic":
+        return text + f"{_markdown(synthetic_frame(ours, records))}\n"
+    frame = verdict_frame(ours, our_verdicts(ours, records, tolerance))
+    text += f"{_markdown(frame)}\n"
+    listed = records_frame(ours, records, None if all_records else NOT_COUNTED)
+    if len(listed):
+        what = "every record" if all_records else "runs that do not count"
+        text += f"\n### {OURS_HEADING}: {what}\n\n{_markdown(listed)}\n"
     return text
 
 
@@ -216,9 +268,10 @@ def write_benchmark(path: Optional[Path] = None) -> Path:
     from harness.figure import write_figure
 
     path = path or benchmark_path()
-    specs = load_all()
-    records = [r for r in load_records(dataset="cityscapes") if r.get("row") in {s.row for s in specs}]
-    text = render("cityscapes", specs, records)
+    specs, ours = load_all(), load_ours()
+    all_records = load_records(dataset="cityscapes")
+    records = [r for r in all_records if r.get("row") in {s.row for s in specs}]
+    text = render("cityscapes", specs, all_records, ours=ours)
     if not path.exists() or path.read_text() != text:
         tmp = path.with_suffix(".md.tmp")
         tmp.write_text(text)

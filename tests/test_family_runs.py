@@ -11,7 +11,7 @@ from harness.cli import main
 from harness.models import build_model
 from harness.models.common import count_parameters
 from harness.results import load_records
-from harness.spec import load_all, load_spec
+from harness.spec import load_all, load_ours, load_spec
 from tests.helpers import experiments_with
 
 # One row of each family; the EMA and light-seg variants share its network.
@@ -42,7 +42,7 @@ def size_columns() -> dict[str, dict[str, str]]:
 
 def test_list_sizes_shows_every_row_with_its_built_parameter_count():
     table = size_columns()
-    assert list(table) == [s.row for s in load_all()]
+    assert list(table) == [s.row for s in load_all() + load_ours()]  # the table's rows, then ours
     for row in ["deeplabv3-r50", "pspnet-r50", "bisenet-r18", "icnet-r50", "unet-1024-ema", "df_seg_v2", "sf_seg_v1"]:
         params = count_parameters(build_model(load_spec(row)))
         assert table[row]["params (M)"] == f"{params / 1e6:.2f}", row
