@@ -64,17 +64,18 @@ def with_options(*groups):
               help="Add each row's parameter count and GFLOPs at its test size, measured with "
                    "torch.utils.flop_counter (a multiply-add counts as 2 FLOPs).")
 def list_rows(sizes: bool) -> None:
-    """All rows in table order."""
+    """All rows in table order, then our rows (spec files `_table.yaml` does not list)."""
     from tabulate import tabulate
 
-    from harness.spec import load_all
+    from harness.spec import load_all, load_ours
     from harness.table import reference_cell
 
-    specs = load_all()
+    table_specs = load_all()
+    specs = table_specs + load_ours()
     rows = [
         [s.row, s.model.family, s.model.backbone, "yes" if s.columns.ema else "no", s.columns.batch_size,
-         s.columns.epochs, reference_cell(s).replace("\\|", "|")]
-        for s in specs
+         s.columns.epochs, reference_cell(s).replace("\\|", "|") + ("" if i < len(table_specs) else " (our row)")]
+        for i, s in enumerate(specs)
     ]
     headers = ["row", "model", "backbone", "ema", "bs", "epochs", "reference"]
     if sizes:
@@ -88,6 +89,19 @@ def list_rows(sizes: bool) -> None:
             row += ([f"{size.params / 1e6:.2f}", f"{size.inference_params / 1e6:.2f}", f"{size.gflops:.1f}"]
                     if size else ["-", "-", "not built"])
     click.echo(tabulate(rows, headers=headers, disable_numparse=True))
+
+
+@main.command("new-row")
+@click.argument("name")
+@click.option("--arch", required=True, help="A segmentation-models-pytorch architecture, e.g. Unet, FPN, DeepLabV3Plus.")
+@click.option("--encoder", required=True, help="An smp encoder (e.g. resnet50) or 'tu-' + a timm model name.")
+@click.option("--from", "source", default="deeplabv3-r50", show_default=True, help="The row whose recipe it inherits.")
+def new_row_command(name: str, arch: str, encoder: str, source: str) -> None:
+    """Write experiments/NAME.yaml: one of our rows, ARCH on ENCODER with a table row's recipe."""
+    from harness.new_row import new_row
+
+    path = new_row(name, arch, encoder, source)
+    click.echo(f"wrote {path}; try it with: bench run --row {name} --synthetic")
 
 
 @main.command()
@@ -357,6 +371,63 @@ def data_check(data_root: Optional[str], workers: Optional[int], subset: bool) -
     click.echo(format_report(report))
     if not report.ok:
         sys.exit(1)
+
+
+
+@main.group("sweep", invoke_without_command=True)
+@click.option("--rows", "rows", default=None, metavar="GLOB[,GLOB]", help="Rows to run (globs; see `bench list`).")
+@click.option("--seeds", "seeds_text", default="0", show_default=True, metavar="LIST", help="Seeds per row, e.g. 0,1,2.")
+@click.option("--executor", type=click.Choice(["slurm", "local"]), default="slurm", show_default=True,
+              help="Slurm through submitit, or submitit's local executor (this machine).")
+@click.option("--gpus-per-node", type=int, default=None, help="GPUs (torchrun processes) per node (default: 8 on Slurm, 1 locally).")
+@click.option("--nodes", type=int, default=1, show_default=True, help="Nodes per job.")
+@click.option("--partition", default=None, help="Slurm partition.")
+@click.option("--time", "time_limit", default=None, metavar="HH:MM:SS", help="Time limit per job; jobs requeue past it.")
+@click.option("--account", default=None, help="Slurm account.")
+@click.option("--qos", default=None, help="Slurm QOS.")
+@click.option("--slurm-arg", "slurm_args", multiple=True, metavar="KEY=VALUE", help="Extra sbatch flag (repeatable).")
+@click.option("--max-requeues", type=int, default=None, help="Requeues per job before it is marked failed (default 20).")
+@click.option("--dry-run", is_flag=True, help="Print the jobs and the sbatch script; submit nothing.")
+@click.option("--wait/--no-wait", default=None, help="Wait for the jobs (default: locally yes, on Slurm no).")
+@with_options(DATA_OPTIONS)
+@click.option("--iters", type=int, default=None, help="Override the number of training iterations.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None, help="Autocast precision.")
+@click.option("--deterministic", is_flag=True, help="PyTorch deterministic algorithms (slower).")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db).")
+@click.pass_context
+def sweep_group(ctx: click.Context, rows: Optional[str], seeds_text: str, slurm_args: tuple[str, ...],
+                time_limit: Optional[str], max_requeues: Optional[int], **options) -> None:
+    """One job per (row, seed) not yet done or running, on Slurm (or locally) through submitit; `status`, `cancel`."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from harness.sweep import DEFAULT_MAX_REQUEUES, SweepOptions, parse_slurm_args, sweep
+    from harness.verdicts import parse_seeds
+
+    if not rows:
+        raise BenchError("bench sweep needs --rows GLOB[,GLOB] (e.g. --rows '*' for the whole table), or a "
+                         "subcommand: status, cancel")
+    sweep(SweepOptions(rows=rows, seeds=parse_seeds(seeds_text), slurm_args=parse_slurm_args(slurm_args),
+                       time=time_limit, max_requeues=DEFAULT_MAX_REQUEUES if max_requeues is None else max_requeues,
+                       **options), echo=click.echo)
+
+
+@sweep_group.command("status")
+@click.argument("sweep_dir", required=False, type=click.Path(file_okay=False, path_type=Path))
+def sweep_status(sweep_dir: Optional[Path]) -> None:
+    """Each (row, seed) of a sweep (default: the newest): state, job, progress, last log line, log."""
+    from harness.sweep import render_status
+
+    click.echo(render_status(sweep_dir))
+
+
+@sweep_group.command("cancel")
+@click.argument("sweep_dir", required=False, type=click.Path(file_okay=False, path_type=Path))
+def sweep_cancel(sweep_dir: Optional[Path]) -> None:
+    """Cancel a sweep's pending and running jobs (default: the newest sweep)."""
+    from harness.sweep import cancel
+
+    for line in cancel(sweep_dir):
+        click.echo(line)
 
 
 if __name__ == "__main__":
