@@ -220,9 +220,9 @@ def check_rows(pattern: str = "*", tolerance: float = DEFAULT_TOLERANCE) -> list
     import fnmatch
 
     from harness.results import load_records
-    from harness.spec import load_all
+    from harness.spec import load_all, load_ours
 
-    specs = [s for s in load_all() if fnmatch.fnmatch(s.row, pattern)]
+    specs = [s for s in load_all() + load_ours() if fnmatch.fnmatch(s.row, pattern)]
     if not specs:
         raise BenchError(f"--rows {pattern!r} matches no row; see `bench list` for the row ids")
     return row_verdicts(specs, load_records(dataset="cityscapes"), tolerance)

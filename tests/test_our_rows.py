@@ -202,3 +202,25 @@ def test_new_row_refuses_a_bad_encoder_without_leaving_a_file(ours):
     assert not (root / "oops.yaml").exists()
     taken = CliRunner().invoke(main, ["new-row", "pspnet-r50", "--arch", "FPN", "--encoder", "resnet18"])
     assert taken.exit_code == 2 and "already exists" in taken.output
+
+
+def test_an_our_row_has_the_rest_of_the_pipeline(ours, synthetic_root, one_thread):
+    """Beyond `bench run`: a seeded pair of runs, a bare resume refused once finished, `bench eval` of its checkpoint
+    (row read from the checkpoint), `bench list --sizes`, `bench speed` and `bench check` all take our row."""
+    ours({"ours-fpn": our_row("FPN", "resnet18")})
+    runner = CliRunner()
+    trained = runner.invoke(main, ["run", "--row", "ours-fpn", "--synthetic", "--iters", "2", "--seeds", "0,1"])
+    assert trained.exit_code == 0, trained.output
+    records = load_records(dataset="synthetic")
+    assert sorted(r["seed"] for r in records) == [0, 1]
+    again = runner.invoke(main, ["run", "--row", "ours-fpn", "--synthetic", "--resume"])
+    assert again.exit_code == 2 and "already finished" in again.output
+    evaluated = runner.invoke(main, ["eval", "--checkpoint", records[0]["checkpoint"], "--synthetic", "--panels", "0"])
+    assert evaluated.exit_code == 0 and evaluated.output.startswith("ours-fpn "), evaluated.output
+    sizes = runner.invoke(main, ["list", "--sizes"])
+    assert sizes.exit_code == 0 and any(l.startswith("ours-fpn") for l in sizes.output.splitlines())
+    speed = runner.invoke(main, ["speed", "--row", "ours-fpn", "--device", "cpu", "--mode", "infer", "--size", "64,64",
+                                 "--repeats", "1", "--warmup", "0"])
+    assert speed.exit_code == 0 and "ours-fpn" in speed.output, speed.output
+    check = runner.invoke(main, ["check", "--rows", "ours-fpn"])
+    assert check.exit_code == 0, check.output
