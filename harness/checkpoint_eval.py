@@ -20,8 +20,8 @@ from harness.export import make_submission_zip
 from harness.models import build_model, check_implemented
 from harness.results import git_commit, package_versions, utc_now
 from harness.run_folder import RunFolder
-from harness.runner import (RunOptions, end_run, finish_run,
-                            pick_device, resolve_data_root, resolve_precision, run_tags)
+from harness.finish import end_run, finish_run, run_tags
+from harness.runner import RunOptions, pick_device, resolve_data_root, resolve_precision
 from harness.spec import Spec, load_spec
 from harness.tracking import JOURNAL_DIR, Tracker
 

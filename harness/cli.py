@@ -306,7 +306,7 @@ def ui(dataset: str, tracking_uri: Optional[str], host: str, port: int) -> None:
 @click.option("--tracking-uri", default=None, help="Send to this store instead of the one each run used.")
 def sync(run_dirs: tuple[Path, ...], tracking_uri: Optional[str]) -> None:
     """Send what runs logged locally (offline, or while MLflow was unreachable) to MLflow; default: every run."""
-    from harness.runner import sync_runs
+    from harness.finish import sync_runs
 
     for line in sync_runs(list(run_dirs), tracking_uri):
         click.echo(line)

@@ -146,11 +146,7 @@ def per_class_chart(per_class: dict[str, dict[str, float]], path: Path, title: s
     if len(groups) > 1:
         ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def training_curves(history: dict[str, list[tuple[int, float]]], path: Path, title: str = "training") -> Path:
@@ -171,6 +167,11 @@ def training_curves(history: dict[str, list[tuple[int, float]]], path: Path, tit
             ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: Path) -> Path:
+    """Write the figure as PNG without a Software stamp (the bytes depend only on the data) and free it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, metadata={"Software": None})
