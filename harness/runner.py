@@ -124,7 +124,7 @@ def make_plan(spec: Spec, dataset: str, train_images: int, options: RunOptions, 
         eval_every=s.eval_every if synthetic else t.eval_every_epochs * per_epoch,
         log_every=s.log_every if synthetic else t.log_every,
         checkpoint_every=s.checkpoint_every if synthetic else t.checkpoint_every,
-        workers=s.workers if synthetic else t.workers,
+        workers=s.workers if synthetic else (t.workers if t.workers is not None else loader_workers(world.local_size)),
     )
     if options.iters is not None:
         if options.iters < 1:
@@ -138,6 +138,13 @@ def make_plan(spec: Spec, dataset: str, train_images: int, options: RunOptions, 
     plan.seed, plan.precision, plan.world_size = options.seed, precision, world.size
     plan.log_every = max(1, min(plan.log_every, plan.iters))
     return plan
+
+
+def loader_workers(processes_on_this_node: int) -> int:
+    """Data-loader processes for each training process when the spec leaves it to the machine: the cores this
+    process may use, shared by the training processes of this node, one core kept for the training loop."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, processes_on_this_node) - 1)
 
 
 def pick_device(name: Optional[str], world: World) -> torch.device:
@@ -202,9 +209,15 @@ def find_resume_target(resume: str, row: str, dataset: str) -> tuple[RunFolder, 
     return folder, state, Path(resume).expanduser()
 
 
+MACHINE_FIELDS = ("plan.workers",)
+
+
 def refuse_changed_recipe(state: dict[str, Any], spec: Spec, plan: TrainPlan, source: Path) -> None:
     saved = flatten({"spec": state["spec"], "plan": state["plan"]})
     current = flatten({"spec": spec.to_dict(), "plan": asdict(plan)})
+    for machine_dependent in MACHINE_FIELDS:  # how many loader processes feed a run changes no sample or step
+        saved.pop(machine_dependent, None)
+        current.pop(machine_dependent, None)
     differing = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
     if differing:
         shown = ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in differing[:6])
@@ -397,6 +410,7 @@ def _run(options: RunOptions, spec: Spec, world: World, device: torch.device, pr
         CityscapesTrain(train_samples, plan.crop_size, plan.scale_range, plan.flip, plan.pad_value, plan.mean, plan.std),
         batch_size=per_rank, sampler=sampler,
         drop_last=True, num_workers=plan.workers, pin_memory=device.type == "cuda",
+        persistent_workers=plan.workers > 0, prefetch_factor=4 if plan.workers else None,
         generator=torch.Generator().manual_seed(plan.seed))  # keeps the global RNG untouched by the loader
     val_loader = DataLoader(CityscapesEval(distributed.shard(val_samples, world), plan.test_size, plan.mean, plan.std),
                             batch_size=1, num_workers=min(plan.workers, 2))

@@ -108,7 +108,7 @@ class TrainSpec:
     freeze_bn: bool = False
     log_every: int = 20
     checkpoint_every: int = 2000
-    workers: int = 4
+    workers: Optional[int] = None  # data-loader processes per training process; null: this machine's cores per process
 
 
 @dataclass
@@ -336,7 +336,7 @@ def _check_ranges(spec: Spec, where: str, table_row: bool = True) -> None:
     require(spec.loss.name in LOSSES, "loss.name", spec.loss.name, ", ".join(LOSSES))
     require(0 <= t.pad_value <= 255, "train.pad_value", t.pad_value, "a pixel value 0-255")
     for key, value in (("train.checkpoint_every", t.checkpoint_every), ("synthetic.checkpoint_every", s.checkpoint_every),
-                       ("train.workers", t.workers), ("synthetic.workers", s.workers),
+                       ("train.workers", t.workers or 0), ("synthetic.workers", s.workers),
                        ("train.poly_power", t.poly_power), ("loss.ohem_min_kept", spec.loss.ohem_min_kept),
                        ("synthetic.ohem_min_kept", s.ohem_min_kept)):
         require(value >= 0, key, value, "zero or more")

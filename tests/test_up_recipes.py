@@ -5,6 +5,7 @@ the learning-rate and EMA-decay curves against UP's formulas (up/utils/model/lr_
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,21 @@ def test_ema_decay_and_update_are_ups():
     for key, value in model.state_dict().items():
         if value.dtype.is_floating_point:
             assert torch.allclose(ema.module.state_dict()[key], decay * before[key] + (1 - decay) * value), key
+
+
+def test_loader_workers_come_from_the_machine_unless_the_spec_sets_them(monkeypatch):
+    """The table's specs leave train.workers to the machine: its cores shared by the node's training processes,
+    one kept for each training loop; a spec's own number wins; the count is no part of the recipe at resume."""
+    import os
+
+    from harness.runner import loader_workers, refuse_changed_recipe
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert (loader_workers(1), loader_workers(8), loader_workers(16)) == (15, 1, 1)
+    spec = load_spec("sf_seg_v2")
+    assert spec.train.workers is None and cityscapes_plan(spec).workers == 15
+    spec.train.workers = 3
+    plan = cityscapes_plan(spec)
+    assert plan.workers == 3
+    saved = {"spec": load_spec("sf_seg_v2").to_dict(), "plan": {**asdict(cityscapes_plan(load_spec("sf_seg_v2"))), "workers": 7}}
+    refuse_changed_recipe(saved, load_spec("sf_seg_v2"), cityscapes_plan(load_spec("sf_seg_v2")), Path("ckpt"))
