@@ -102,3 +102,16 @@ def traced_forward(model: torch.nn.Module, x: torch.Tensor, taps: dict[str, torc
         for h in hooks:
             h.remove()
     return seen, outputs
+
+
+def add_batchnorm(shapes: dict[str, tuple[int, ...]], name: str, channels: int) -> None:
+    """The five state-dict entries of a BatchNorm2d called `name`, as a checkpoint file holds them."""
+    for field in ("weight", "bias", "running_mean", "running_var"):
+        shapes[f"{name}.{field}"] = (channels,)
+    shapes[f"{name}.num_batches_tracked"] = ()
+
+
+def per_image_shapes(model: torch.nn.Module, x: torch.Tensor, names) -> tuple[dict, object]:
+    """`traced_forward` on the named submodules, shapes without the batch dimension."""
+    seen, outputs = traced_forward(model, x, {name: model.get_submodule(name) for name in names})
+    return {k: [s[1:] for s in v] if isinstance(v, list) else v[1:] for k, v in seen.items()}, outputs

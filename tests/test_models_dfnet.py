@@ -16,7 +16,7 @@ from harness.models.df_seg import DFSeg
 from harness.models.dfnet import convert_imagenet_state, dfnet
 from harness.models.sizes import measure
 from harness.spec import load_all, load_spec
-from tests.helpers import assert_segmentation_outputs, experiments_with, traced_forward
+from tests.helpers import assert_segmentation_outputs, experiments_with, per_image_shapes
 from tests.test_models_up_sfnet import assert_pretrain_file_loads, up_pretrain_shapes
 
 # UP's dfnetv1 / dfnetv2 encoders (no classifier) and DFSegDecoder(num_classes=19) on them, counted from UP's code
@@ -140,9 +140,8 @@ STRUCTURE = {
 @pytest.mark.parametrize("name", sorted(STRUCTURE))
 def test_feature_shapes_at_every_step_and_one_training_output(name, models):
     model = models[name]
-    seen, outputs = traced_forward(model, torch.randn(2, 3, 64, 128), {m: model.get_submodule(m) for m in STRUCTURE[name]})
-    drop_batch = {k: [s[1:] for s in v] if isinstance(v, list) else v[1:] for k, v in seen.items()}
-    assert drop_batch == STRUCTURE[name]
+    shapes, outputs = per_image_shapes(model, torch.randn(2, 3, 64, 128), STRUCTURE[name])
+    assert shapes == STRUCTURE[name]
     # UP's decoder returns the main prediction only, upsampled to the input; seg_ohem aux_weight 0.
     assert isinstance(outputs, tuple) and len(outputs) == 1 and outputs[0].shape == (2, 19, 64, 128)
 

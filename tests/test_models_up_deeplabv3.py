@@ -17,7 +17,7 @@ import torch
 from harness.models.common import count_parameters
 from harness.models.deeplabv3 import DeepLabV3
 from harness.models.weights import load_matching
-from tests.helpers import assert_segmentation_outputs
+from tests.helpers import add_batchnorm, assert_segmentation_outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,13 +45,8 @@ def up_pretrain_file(depth: str) -> dict[str, torch.Tensor]:
     def conv(name, out_ch, in_ch, k):
         shapes[f"{name}.weight"] = (out_ch, in_ch, k, k)
 
-    def bn(name, ch):
-        for p in ("weight", "bias", "running_mean", "running_var"):
-            shapes[f"{name}.{p}"] = (ch,)
-        shapes[f"{name}.num_batches_tracked"] = ()
-
-    conv("conv1.0", 64, 3, 3), bn("conv1.1", 64), conv("conv1.3", 64, 64, 3), bn("conv1.4", 64)
-    conv("conv1.6", 128, 64, 3), bn("bn1", 128)
+    conv("conv1.0", 64, 3, 3), add_batchnorm(shapes, "conv1.1", 64), conv("conv1.3", 64, 64, 3), add_batchnorm(shapes, "conv1.4", 64)
+    conv("conv1.6", 128, 64, 3), add_batchnorm(shapes, "bn1", 128)
     kind, blocks = UP_BLOCKS[depth]
     expansion = 4 if kind == "bottleneck" else 1
     inplanes = 128
@@ -59,14 +54,14 @@ def up_pretrain_file(depth: str) -> dict[str, torch.Tensor]:
         for b in range(n):
             p = f"layer{stage}.{b}"
             if kind == "basic":
-                conv(f"{p}.conv1", planes, inplanes, 3), bn(f"{p}.bn1", planes)
-                conv(f"{p}.conv2", planes, planes, 3), bn(f"{p}.bn2", planes)
+                conv(f"{p}.conv1", planes, inplanes, 3), add_batchnorm(shapes, f"{p}.bn1", planes)
+                conv(f"{p}.conv2", planes, planes, 3), add_batchnorm(shapes, f"{p}.bn2", planes)
             else:
-                conv(f"{p}.conv1", planes, inplanes, 1), bn(f"{p}.bn1", planes)
-                conv(f"{p}.conv2", planes, planes, 3), bn(f"{p}.bn2", planes)
-                conv(f"{p}.conv3", planes * 4, planes, 1), bn(f"{p}.bn3", planes * 4)
+                conv(f"{p}.conv1", planes, inplanes, 1), add_batchnorm(shapes, f"{p}.bn1", planes)
+                conv(f"{p}.conv2", planes, planes, 3), add_batchnorm(shapes, f"{p}.bn2", planes)
+                conv(f"{p}.conv3", planes * 4, planes, 1), add_batchnorm(shapes, f"{p}.bn3", planes * 4)
             if b == 0 and (stage > 1 or inplanes != planes * expansion):
-                conv(f"{p}.downsample.0", planes * expansion, inplanes, 1), bn(f"{p}.downsample.1", planes * expansion)
+                conv(f"{p}.downsample.0", planes * expansion, inplanes, 1), add_batchnorm(shapes, f"{p}.downsample.1", planes * expansion)
             inplanes = planes * expansion
     shapes["fc.weight"], shapes["fc.bias"] = (1000, inplanes), (1000,)
     state = {}

@@ -11,7 +11,7 @@ import torch
 from harness.models.common import count_parameters
 from harness.models.icnet import ICNet
 from harness.models.weights import load_matching
-from tests.helpers import assert_segmentation_outputs
+from tests.helpers import add_batchnorm, assert_segmentation_outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,30 +35,25 @@ def up_resnet50_state(prefix: str = "", classifier: bool = True) -> dict[str, to
     against UP's classes)."""
     shapes: dict[str, tuple[int, ...]] = {}
 
-    def bn(name: str, channels: int) -> None:
-        for field in ("weight", "bias", "running_mean", "running_var"):
-            shapes[f"{name}.{field}"] = (channels,)
-        shapes[f"{name}.num_batches_tracked"] = ()
-
     shapes["conv1.0.weight"] = (64, 3, 3, 3)
-    bn("conv1.1", 64)
+    add_batchnorm(shapes, "conv1.1", 64)
     shapes["conv1.3.weight"] = (64, 64, 3, 3)
-    bn("conv1.4", 64)
+    add_batchnorm(shapes, "conv1.4", 64)
     shapes["conv1.6.weight"] = (128, 64, 3, 3)
-    bn("bn1", 128)
+    add_batchnorm(shapes, "bn1", 128)
     inplanes = 128
     for stage, (planes, blocks) in enumerate([(64, 3), (128, 4), (256, 6), (512, 3)], start=1):
         for block in range(blocks):
             name = f"layer{stage}.{block}"
             shapes[f"{name}.conv1.weight"] = (planes, inplanes, 1, 1)
-            bn(f"{name}.bn1", planes)
+            add_batchnorm(shapes, f"{name}.bn1", planes)
             shapes[f"{name}.conv2.weight"] = (planes, planes, 3, 3)
-            bn(f"{name}.bn2", planes)
+            add_batchnorm(shapes, f"{name}.bn2", planes)
             shapes[f"{name}.conv3.weight"] = (planes * 4, planes, 1, 1)
-            bn(f"{name}.bn3", planes * 4)
+            add_batchnorm(shapes, f"{name}.bn3", planes * 4)
             if block == 0:
                 shapes[f"{name}.downsample.0.weight"] = (planes * 4, inplanes, 1, 1)
-                bn(f"{name}.downsample.1", planes * 4)
+                add_batchnorm(shapes, f"{name}.downsample.1", planes * 4)
             inplanes = planes * 4
     if classifier:
         shapes["fc.weight"], shapes["fc.bias"] = (1000, 2048), (1000,)

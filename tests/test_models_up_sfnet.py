@@ -14,7 +14,7 @@ from harness.models.common import count_parameters
 from harness.models.sf_seg import SFNet, flow_warp
 from harness.models.sizes import measure
 from harness.models.weights import load_matching
-from tests.helpers import assert_segmentation_outputs, traced_forward
+from tests.helpers import add_batchnorm, assert_segmentation_outputs, per_image_shapes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,26 +38,21 @@ def up_pretrain_shapes(name: str, classifier: bool = True) -> dict[str, tuple[in
     plus the ImageNet classifier `fc` (512 -> 1000) of the published DFNet, which UP's encoder lacks."""
     shapes: dict[str, tuple[int, ...]] = {}
 
-    def bn(prefix: str, ch: int) -> None:
-        for t in ("weight", "bias", "running_mean", "running_var"):
-            shapes[f"{prefix}.{t}"] = (ch,)
-        shapes[f"{prefix}.num_batches_tracked"] = ()
-
     shapes["stage1.0.weight"] = (32, 3, 3, 3)
-    bn("stage1.1", 32)
+    add_batchnorm(shapes, "stage1.1", 32)
     shapes["stage1.3.weight"] = (64, 32, 3, 3)
-    bn("stage1.4", 64)
+    add_batchnorm(shapes, "stage1.4", 64)
     inplanes = 64
     for stage, planes, blocks, stride in UP_DFNET_STAGES[name]:
         for b in range(blocks):
             p = f"{stage}.{b}"
             shapes[f"{p}.conv1.weight"] = (planes, inplanes, 3, 3)
-            bn(f"{p}.bn1", planes)
+            add_batchnorm(shapes, f"{p}.bn1", planes)
             shapes[f"{p}.conv2.weight"] = (planes, planes, 3, 3)
-            bn(f"{p}.bn2", planes)
+            add_batchnorm(shapes, f"{p}.bn2", planes)
             if b == 0 and (stride != 1 or inplanes != planes):
                 shapes[f"{p}.downsample.0.weight"] = (planes, inplanes, 1, 1)
-                bn(f"{p}.downsample.1", planes)
+                add_batchnorm(shapes, f"{p}.downsample.1", planes)
             inplanes = planes
     if classifier:
         shapes["fc.weight"] = (1000, 512)
@@ -137,9 +132,8 @@ STRUCTURE = {
 @pytest.mark.parametrize("name", sorted(STRUCTURE))
 def test_feature_shapes_at_every_step_and_one_training_output(name, models):
     model = models[name]
-    seen, outputs = traced_forward(model, torch.randn(2, 3, 64, 128), {m: model.get_submodule(m) for m in STRUCTURE[name]})
-    drop_batch = {k: [s[1:] for s in v] if isinstance(v, list) else v[1:] for k, v in seen.items()}
-    assert drop_batch == STRUCTURE[name]
+    shapes, outputs = per_image_shapes(model, torch.randn(2, 3, 64, 128), STRUCTURE[name])
+    assert shapes == STRUCTURE[name]
     assert model.fuse[0].in_channels == 3 * 128
     # UP's decoder returns only the main prediction, upsampled to the input; its loss has aux_weight 0.
     assert isinstance(outputs, tuple) and len(outputs) == 1 and outputs[0].shape == (2, 19, 64, 128)
