@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -134,11 +135,14 @@ def show(row: str) -> None:
 @click.option("--compile", "compile_model", is_flag=True, help="Run the model through torch.compile.")
 @click.option("--eval-every", type=int, default=None,
               help="Evaluate every N iterations and keep the best (default: the recipe's, every 5 epochs).")
+@click.option("--decoded-cache", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Read decoded frames from this folder (built on first use, ~8 MiB a frame) instead of decoding "
+                   "PNGs every epoch: for rows that train faster than the cores can decode.")
 def run(row: str, synthetic: bool, data_root: Optional[str], iters: Optional[int], seed: int,
         tracking_uri: Optional[str], device: Optional[str], gpus: int, nnodes: int, node_rank: int,
         master_addr: Optional[str], master_port: Optional[int], precision: Optional[str], resume: Optional[str],
         deterministic: bool, init_checkpoint: Optional[str], eval_every: Optional[int], compile_model: bool,
-        offline_tracking: bool, seeds_text: Optional[str] = None) -> None:
+        offline_tracking: bool, decoded_cache: Optional[str] = None, seeds_text: Optional[str] = None) -> None:
     """Train and evaluate one row; log to MLflow, write a result record, regenerate benchmark.md."""
     from dataclasses import replace
 
@@ -159,7 +163,7 @@ def run(row: str, synthetic: bool, data_root: Optional[str], iters: Optional[int
     options = RunOptions(row=row, synthetic=synthetic, data_root=data_root, iters=iters, seed=seed,
                          tracking_uri=tracking_uri, device=device, precision=precision, resume=resume,
                          deterministic=deterministic, init_checkpoint=init_checkpoint, eval_every=eval_every,
-                         compile=compile_model, offline_tracking=offline_tracking)
+                         compile=compile_model, offline_tracking=offline_tracking, decoded_cache=decoded_cache)
     exit_code = launch(options, seeds, gpus, nnodes, node_rank, master_addr, master_port)
     if exit_code is not None:
         sys.exit(exit_code)
@@ -167,10 +171,11 @@ def run(row: str, synthetic: bool, data_root: Optional[str], iters: Optional[int
         try:
             record = run_row(replace(options, seed=run_seed))
         except Interrupted as stop:
-            where = f"; checkpoint {stop.path}" if stop.path else ""
-            click.echo(f"{stop}{where}; continue with: bench run --row {row} --resume", err=True)
-            if seeds[index + 1:]:
-                click.echo(f"seeds not started: {','.join(map(str, seeds[index + 1:]))}", err=True)
+            if os.environ.get("RANK", "0") == "0":  # every rank stopped at the same iteration; one says so
+                where = f"; checkpoint {stop.path}" if stop.path else ""
+                click.echo(f"{stop}{where}; continue with: bench run --row {row} --resume", err=True)
+                if seeds[index + 1:]:
+                    click.echo(f"seeds not started: {','.join(map(str, seeds[index + 1:]))}", err=True)
             sys.exit(exit_code_for(stop))
         if not record:
             continue  # a non-zero rank of a distributed run
@@ -314,21 +319,22 @@ def sync(run_dirs: tuple[Path, ...], tracking_uri: Optional[str]) -> None:
 
 @main.command()
 @click.option("--row", required=True, help="Row id (see `bench list`).")
-@click.option("--mode", type=click.Choice(["train", "infer", "data", "all"]), default="all", show_default=True)
+@click.option("--mode", type=click.Choice(["train", "infer", "eval", "data", "all"]), default="all", show_default=True)
 @click.option("--batch", type=int, default=None, help="Images per step (default: the row's batch; 1 for infer).")
 @with_options(DEVICE_OPTIONS)
 @click.option("--compile", "compile_model", is_flag=True, help="Run the model through torch.compile.")
 @click.option("--size", default=None, metavar="W,H",
               help="Image size for every mode (default: crop, test size and 2048x1024 frames; small ones on CPU).")
 @click.option("--data-root", default=None, help="Time the loader on this Cityscapes root instead of generated frames.")
-@click.option("--workers", type=int, default=None, help="Loader workers in data mode (default: the spec's).")
+@click.option("--workers", type=int, default=None,
+              help="Loader workers in data and eval modes (default: the spec's, i.e. this machine's cores).")
 @click.option("--warmup", type=int, default=None, help="Untimed steps first (default: 10 on GPU, 1 on CPU).")
 @click.option("--repeats", type=int, default=None, help="Timed runs; the median is reported (default: 5 / 3).")
 @click.option("--steps", type=int, default=None, help="Steps per timed run (default: 10 / 1).")
 def speed(row: str, mode: str, batch: Optional[int], precision: Optional[str], compile_model: bool,
           device: Optional[str], size: Optional[str], data_root: Optional[str], workers: Optional[int],
           warmup: Optional[int], repeats: Optional[int], steps: Optional[int]) -> None:
-    """Time a row's training step, whole-image inference and data loading; write a record, print a table."""
+    """Time a row's training step, inference, evaluation loop and data loading; write a record, print a table."""
     from harness.speed import SpeedOptions, parse_size, render, speed as measure_speed
 
     record = measure_speed(SpeedOptions(row=row, mode=mode, batch=batch, precision=precision, compile=compile_model,
@@ -355,6 +361,24 @@ def data_synthetic(out: Path, seed: int, train_images: int, val_images: int) -> 
         raise BenchError(f"--out {out} exists and is not empty; choose a new folder")
     write_synthetic(out, seed=seed, train_images=train_images, val_images=val_images)
     click.echo(f"wrote {train_images} train and {val_images} val images to {out}")
+
+
+@data.command("cache")
+@click.option("--data-root", default=None, help="Cityscapes root (default: $CITYSCAPES_DATASET).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the decoded frames (about 23 GiB for train, 4 GiB for val).")
+@click.option("--splits", default="train,val", show_default=True, help="Comma-separated labelled splits.")
+def data_cache(data_root: Optional[str], out: Path, splits: str) -> None:
+    """Decode a Cityscapes tree once into memory-mapped files for `bench run --decoded-cache`."""
+    from harness.data.cityscapes import find_samples
+    from harness.data.decoded import cached_or_built
+
+    root = data_root or os.environ.get("CITYSCAPES_DATASET")
+    if not root:
+        raise BenchError("no dataset given: pass --data-root DIR (or set CITYSCAPES_DATASET)")
+    for split in [s.strip() for s in splits.split(",") if s.strip()]:
+        cached_or_built(out, Path(root).expanduser(), split, find_samples(Path(root).expanduser(), split),
+                        echo=click.echo)
 
 
 @data.command("check")

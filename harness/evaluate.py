@@ -12,21 +12,23 @@ Only one image's logits exist at a time, so 500 images at 2048x1024 need the mem
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from harness import export, visualize
-from harness.data.cityscapes import NUM_CLASSES, CityscapesEval, Sample, load_train_ids
+from harness.data.augment import EvalTransform
+from harness.data.cityscapes import NUM_CLASSES, Sample, load_train_ids
+from harness.data.loaders import eval_loader
 from harness.errors import BenchError
 from harness.metrics import ConfusionMatrix, SegMetrics
 from harness.spec import Spec
@@ -201,64 +203,110 @@ def predict_logits(model: nn.Module, image: torch.Tensor, out_size: tuple[int, i
     return infer_logits(model, image, out_size)
 
 
-# --- evaluation loops ----------------------------------------------------------------------------
+# --- the evaluation loop -------------------------------------------------------------------------
 
 
-class _EvalMode:
-    """Eval mode inside the block, the model's previous mode after it (the training loop relies on this)."""
+class _EvalModes:
+    """Eval mode inside the block, each model's previous mode after it (the training loop relies on this)."""
 
-    def __init__(self, model: nn.Module):
-        self.model, self.was_training = model, model.training
+    def __init__(self, models: Sequence[nn.Module]):
+        self.models, self.was_training = list(models), [m.training for m in models]
 
-    def __enter__(self) -> nn.Module:
-        self.model.eval()
-        return self.model
+    def __enter__(self) -> None:
+        for model in self.models:
+            model.eval()
 
     def __exit__(self, *exc) -> None:
-        self.model.train(self.was_training)
+        for model, was_training in zip(self.models, self.was_training):
+            model.train(was_training)
+
+
+@dataclass
+class Scored:
+    """One image's prediction as the loop hands it to its sinks."""
+
+    index: int  # position in the loader's samples
+    sample: Sample
+    image: torch.Tensor  # the decoded uint8 HxWx3 image (CPU)
+    prediction: torch.Tensor  # HxW trainIds at the ground truth's size (the image's when unlabelled), on the device
+    label: torch.Tensor  # HxW uint8 trainIds on the device, empty when unlabelled
+
+
+Sink = Callable[[Scored], None]
+
+
+class PredictionWriter:
+    """Writes each prediction as the official evaluator and the test server read it (harness.export)."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir, self.written = Path(out_dir), []
+
+    def __call__(self, scored: Scored) -> None:
+        prediction = scored.prediction.cpu().numpy().astype(np.uint8)
+        self.written.append(export.save_prediction(prediction, export.prediction_path(self.out_dir, scored.sample)))
+
+
+class PanelWriter:
+    """Image / ground truth / prediction panels of the images at `indices` (harness.visualize)."""
+
+    def __init__(self, out_dir: Path, indices: Sequence[int]):
+        self.out_dir, self.indices, self.written = Path(out_dir), set(indices), []
+
+    def __call__(self, scored: Scored) -> None:
+        if scored.index in self.indices:
+            truth = scored.label.cpu().numpy() if scored.label.numel() else None
+            self.written.append(visualize.save_panel(scored.image.numpy(), scored.prediction.cpu().numpy().astype(np.uint8),
+                                                     truth, visualize.panel_path(self.out_dir, scored.sample)))
+
+
+def _valid_pixels_index(prediction: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Ground truth x prediction cell of each pixel; ignored pixels go to one extra cell past the matrix. No
+    boolean indexing: nothing here waits for the device."""
+    cell = label.long() * num_classes + prediction
+    return torch.where(label.long() < num_classes, cell, torch.full_like(cell, num_classes * num_classes))
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int = NUM_CLASSES,
-             desc: str = "eval", progress: bool = True, *, mode: TestMode = WHOLE_IMAGE,
-             precision: str = "fp32", reduce: Optional[Reduce] = None) -> SegMetrics:
-    """Score a loader of (image at test size, trainId label at full size); `reduce` sums ranks' matrices."""
-    matrix = ConfusionMatrix(num_classes, device=device)
-    with _EvalMode(model):
-        for image, label in tqdm(loader, desc=desc, disable=not (progress and sys.stderr.isatty()), leave=False, dynamic_ncols=True):
-            label = label.to(device, non_blocking=True)
-            logits = infer_logits(model, image.to(device, non_blocking=True), tuple(label.shape[-2:]), mode, precision)
-            matrix.update(logits.argmax(1), label)
-    if reduce is not None:
-        reduce(matrix.matrix)
-    return matrix.compute()
-
-
-def _full_size(sample: Sample, label: torch.Tensor) -> tuple[int, int]:
-    """(height, width) predictions are written at: the ground truth's, else the original image's."""
-    if label.numel():
-        return tuple(label.shape[-2:])  # type: ignore[return-value]
-    try:
-        with Image.open(sample.image) as img:
-            width, height = img.size
-    except OSError as exc:
-        raise BenchError(f"cannot read image {sample.image}: {exc}") from None
-    return height, width
-
-
-def _stream(model: nn.Module, samples: Sequence[Sample], test_size: Sequence[int], device: torch.device,
-            mode: TestMode, precision: str, workers: int, progress: bool,
-            desc: str) -> Iterator[tuple[int, Sample, torch.Tensor, torch.Tensor]]:
-    """(index, sample, 1xCxHxW logits at full size, HxW label or an empty one), on the device, one image at a time."""
+def evaluate(models: Mapping[str, nn.Module], loader: DataLoader, device: torch.device, transform: EvalTransform, *,
+             mode: TestMode = WHOLE_IMAGE, precision: str = "fp32", num_classes: int = NUM_CLASSES,
+             reduce: Optional[Reduce] = None, sinks: Sequence[Sink] = (), score: bool = True,
+             progress: bool = True, desc: str = "eval") -> dict[str, SegMetrics]:
+    """The one evaluation loop: every image of `loader` (an `eval_loader`) goes to the device as uint8, is resized
+    and normalised there (`transform`), predicted by each of `models` in the test `mode`, and scored into a
+    confusion matrix on the device at the ground truth's size. Several models (raw and EMA weights) share one pass
+    over the data. `sinks` (one model only) receive each prediction: files, panels. `reduce` sums the ranks'
+    matrices. Returns the metrics per model name ({} when `score` is False: predicting an unlabelled split)."""
     device = torch.device(device)
-    loader = DataLoader(CityscapesEval(list(samples), list(test_size)), batch_size=1, shuffle=False,
-                        num_workers=workers, pin_memory=device.type == "cuda")
-    with _EvalMode(model):
-        batches = tqdm(loader, desc=desc, disable=not (progress and sys.stderr.isatty()), leave=False, dynamic_ncols=True, total=len(samples))
-        for index, (sample, (image, label)) in enumerate(zip(samples, batches)):
-            label = label[0].to(device, non_blocking=True)  # the loader's batch of one
-            out_size = _full_size(sample, label)
-            yield index, sample, infer_logits(model, image.to(device, non_blocking=True), out_size, mode, precision), label
+    samples = loader.dataset.samples
+    if sinks and len(models) != 1:
+        raise ValueError("prediction sinks take the predictions of exactly one model")
+    if score:
+        unlabelled = next((s for s in samples if s.label is None), None)
+        if unlabelled is not None:
+            raise BenchError(f"no ground truth for {unlabelled.image}; evaluate a labelled split (val), "
+                             "or write predictions with `bench predict`")
+    cells = num_classes * num_classes
+    counts = {name: torch.zeros(cells + 1, dtype=torch.int64, device=device) for name in models} if score else {}
+    with _EvalModes(list(models.values())):
+        shown = progress and sys.stderr.isatty()
+        for image, label, index in tqdm(loader, desc=desc, disable=not shown, leave=False, dynamic_ncols=True):
+            inputs = transform(image, device)
+            label = label.to(device, non_blocking=True)
+            out_size = tuple(label.shape) if label.numel() else tuple(image.shape[:2])
+            for name, model in models.items():
+                prediction = infer_logits(model, inputs, out_size, mode, precision).argmax(1)[0]
+                if score:
+                    counts[name] += torch.bincount(_valid_pixels_index(prediction, label, num_classes).view(-1),
+                                                   minlength=cells + 1)
+                for sink in sinks:
+                    sink(Scored(int(index), samples[int(index)], image, prediction, label))
+    results = {}
+    for name, count in counts.items():
+        matrix = count[:cells].view(num_classes, num_classes)
+        if reduce is not None:
+            reduce(matrix)
+        results[name] = SegMetrics.from_matrix(matrix)
+    return results
 
 
 def panel_indices(total: int, count: int) -> list[int]:
@@ -272,57 +320,55 @@ def panel_indices(total: int, count: int) -> list[int]:
     return sorted({round(i * (total - 1) / (count - 1)) for i in range(count)})
 
 
-@torch.no_grad()
+def _split_setup(spec: Spec, test_size: Optional[Sequence[int]],
+                 mode: Optional[TestMode]) -> tuple[EvalTransform, TestMode]:
+    test_size = list(test_size if test_size is not None else spec.columns.test_size)
+    transform = EvalTransform(tuple(test_size), tuple(spec.data.mean), tuple(spec.data.std))
+    return transform, mode if mode is not None else TestMode.from_spec(spec, test_size)
+
+
 def evaluate_split(model: nn.Module, samples: Sequence[Sample], spec: Spec, device: torch.device, *,
                    test_size: Optional[Sequence[int]] = None, mode: Optional[TestMode] = None,
                    precision: str = "fp32", save_predictions_dir: Optional[Path] = None,
                    panels_dir: Optional[Path] = None, num_panels: int = 4, num_classes: int = NUM_CLASSES,
-                   workers: int = 2, progress: bool = True, desc: str = "eval",
+                   workers: Optional[int] = None, progress: bool = True, desc: str = "eval",
                    reduce: Optional[Reduce] = None) -> SegMetrics:
-    """Evaluate `model` on labelled samples as the row's spec says, scored at ground-truth size.
+    """`evaluate` of one model on labelled samples as the row's spec says, scored at ground-truth size.
 
     `test_size` ([width, height]) overrides the table's (a synthetic run passes `spec.synthetic.test_size`);
     `mode` overrides the spec's test mode. With `save_predictions_dir`, each prediction is also written
     as the official evaluator reads it (see harness.export); with `panels_dir`, `num_panels` images spread
     over the split are saved as image / ground truth / prediction panels (see harness.visualize).
     """
-    unlabelled = next((s for s in samples if s.label is None), None)
-    if unlabelled is not None:
-        raise BenchError(f"no ground truth for {unlabelled.image}; evaluate a labelled split (val), "
-                         "or write predictions with `bench predict`")
-    test_size = list(test_size if test_size is not None else spec.columns.test_size)
-    mode = mode if mode is not None else TestMode.from_spec(spec, test_size)
-    panel_set = set(panel_indices(len(samples), num_panels)) if panels_dir is not None else set()
-    matrix = ConfusionMatrix(num_classes, device=device)
-    for index, sample, logits, label in _stream(model, samples, test_size, device, mode, precision, workers,
-                                                progress, desc):
-        prediction = logits.argmax(1)[0]
-        matrix.update(prediction, label)
-        if save_predictions_dir is not None or index in panel_set:
-            prediction_cpu = prediction.cpu().numpy().astype(np.uint8)
-            if save_predictions_dir is not None:
-                export.save_prediction(prediction_cpu, export.prediction_path(save_predictions_dir, sample))
-            if index in panel_set:
-                visualize.save_panel(sample.image, prediction_cpu, label.cpu().numpy(),
-                                     visualize.panel_path(panels_dir, sample))
-    if reduce is not None:
-        reduce(matrix.matrix)
-    return matrix.compute()
+    transform, mode = _split_setup(spec, test_size, mode)
+    sinks: list[Sink] = []
+    if save_predictions_dir is not None:
+        sinks.append(PredictionWriter(save_predictions_dir))
+    if panels_dir is not None:
+        sinks.append(PanelWriter(panels_dir, panel_indices(len(samples), num_panels)))
+    loader = eval_loader(samples, device, default_workers(device) if workers is None else workers)
+    return evaluate({"model": model}, loader, device, transform, mode=mode, precision=precision,
+                    num_classes=num_classes, reduce=reduce, sinks=sinks, progress=progress, desc=desc)["model"]
 
 
-@torch.no_grad()
 def predict_split(model: nn.Module, samples: Sequence[Sample], spec: Spec, device: torch.device,
                   out_dir: Path, *, test_size: Optional[Sequence[int]] = None,
-                  mode: Optional[TestMode] = None, precision: str = "fp32", workers: int = 2,
+                  mode: Optional[TestMode] = None, precision: str = "fp32", workers: Optional[int] = None,
                   progress: bool = True, desc: str = "predict") -> list[Path]:
     """Write one labelId PNG per sample under `out_dir` (labels not needed: the test split); returns the paths."""
-    test_size = list(test_size if test_size is not None else spec.columns.test_size)
-    mode = mode if mode is not None else TestMode.from_spec(spec, test_size)
-    paths = []
-    for _, sample, logits, _ in _stream(model, samples, test_size, device, mode, precision, workers, progress, desc):
-        prediction = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
-        paths.append(export.save_prediction(prediction, export.prediction_path(out_dir, sample)))
-    return paths
+    transform, mode = _split_setup(spec, test_size, mode)
+    writer = PredictionWriter(out_dir)
+    loader = eval_loader(samples, device, default_workers(device) if workers is None else workers)
+    evaluate({"model": model}, loader, device, transform, mode=mode, precision=precision, sinks=[writer],
+             score=False, progress=progress, desc=desc)
+    return writer.written
+
+
+def default_workers(device: torch.device) -> int:
+    """Decoding processes for `bench eval` / `predict`: on a GPU every core but the loop's (the forward outruns
+    one decoder several times over), on the CPU two, which the model's own threads leave room for."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1) if torch.device(device).type == "cuda" else min(2, max(0, cores - 1))
 
 
 def score_predictions(samples: Sequence[Sample], predictions_dir: Path, num_classes: int = NUM_CLASSES,

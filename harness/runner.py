@@ -18,10 +18,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-
 from harness import checkpoint, distributed, paths, visualize
-from harness.data.cityscapes import CLASS_NAMES, CityscapesEval, CityscapesTrain, check_pairs, check_root, find_samples
+from harness.data.cityscapes import CLASS_NAMES, CityscapesTrain, Sample, check_pairs, check_root, find_samples
+from harness.data.decoded import DecodedFrames, cached_or_built, open_cache
+from harness.data.loaders import eval_loader, train_loader as train_data_loader
 from harness.data.synthetic import ensure_synthetic
 from harness.distributed import ShardedTrainSampler, World
 from harness.errors import BenchError
@@ -53,6 +53,7 @@ class RunOptions:
     init_checkpoint: Optional[str] = None
     eval_every: Optional[int] = None  # iterations; overrides the recipe's cadence
     compile: bool = False  # torch.compile the model (not part of the recipe: a resumed run may change it)
+    decoded_cache: Optional[str] = None  # a folder of decoded frames (harness.data.decoded), built when missing
     offline_tracking: bool = False  # journal locally only; `bench sync` logs the run to MLflow later
     progress: bool = True
 
@@ -329,7 +330,7 @@ def launch(options: RunOptions, seeds: Sequence[int], gpus: int, nnodes: int, no
 
 # The options a resume takes from the run it continues unless given again (launcher and output options excluded).
 RESUMED_OPTIONS = ("synthetic", "data_root", "iters", "seed", "tracking_uri", "precision", "deterministic",
-                   "init_checkpoint", "eval_every", "offline_tracking")
+                   "init_checkpoint", "eval_every", "offline_tracking", "decoded_cache")
 
 
 def saved_options(options: RunOptions) -> dict[str, Any]:
@@ -405,15 +406,16 @@ def _run(options: RunOptions, spec: Spec, world: World, device: torch.device, pr
                       or paths.default_tracking_uri(), dataset, offline=options.offline_tracking) if world.is_main else None
     seed_everything(plan.seed)
 
+    decoded_train = decoded_val = None
+    if options.decoded_cache:
+        decoded_train, decoded_val = open_decoded_cache(Path(options.decoded_cache), data_root, train_samples,
+                                                        val_samples, world)
     sampler = ShardedTrainSampler(len(train_samples), per_rank, world, plan.seed)
-    train_loader = DataLoader(
-        CityscapesTrain(train_samples, plan.crop_size, plan.scale_range, plan.flip, plan.pad_value, plan.mean, plan.std),
-        batch_size=per_rank, sampler=sampler,
-        drop_last=True, num_workers=plan.workers, pin_memory=device.type == "cuda",
-        persistent_workers=plan.workers > 0, prefetch_factor=4 if plan.workers else None,
-        generator=torch.Generator().manual_seed(plan.seed))  # keeps the global RNG untouched by the loader
-    val_loader = DataLoader(CityscapesEval(distributed.shard(val_samples, world), plan.test_size, plan.mean, plan.std),
-                            batch_size=1, num_workers=min(plan.workers, 2))
+    train_loader = train_data_loader(CityscapesTrain(train_samples, plan.crop_size, plan.scale_range, plan.flip,
+                                                     decoded_train), sampler, per_rank, plan.workers, device, plan.seed)
+    val_shard = distributed.shard(range(len(val_samples)), world)
+    val_loader = eval_loader([val_samples[i] for i in val_shard], device, plan.workers, persistent=True,
+                             decoded=decoded_val.subset(val_shard) if decoded_val is not None else None)
     model = build_model(spec)
     if resume_state is None:
         starting = apply_starting_weights(model, spec, loud=dataset == "cityscapes")
@@ -514,6 +516,19 @@ def _finish(spec, plan, dataset, world, device, tracker, run_id, commit, result,
     }
     return finish_run(spec, tracker, record, folder, headline=measured_miou(spec, record), metrics=twins,
                       step=plan.iters, per_class={"val_iou": per_class, "val_iou_ema": ema_per_class}, panels=panels)
+
+
+def open_decoded_cache(cache_dir: Path, root: Path, train: list[Sample], val: list[Sample],
+                       world: World) -> tuple[DecodedFrames, DecodedFrames]:
+    """The decoded train and val frames in `cache_dir`: the first process of each node builds what is missing or
+    stale (the folder may be node-local), the others wait for it, then every process maps the files."""
+    cache_dir = cache_dir.expanduser()
+    if world.local_rank == 0:
+        for split, samples in (("train", train), ("val", val)):
+            cached_or_built(cache_dir, root, split, samples, echo=lambda line: print(line, file=sys.stderr, flush=True))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return open_cache(cache_dir, root, "train", train), open_cache(cache_dir, root, "val", val)
 
 
 def exit_code_for(interrupt: Interrupted) -> int:

@@ -6,8 +6,11 @@ perf_counter on the CPU), and reports the median over repeated runs:
 - train: one optimizer step of the row's network with the row's loss (SegmentationLoss with the plan's
   settings), SGD, the GradScaler for fp16 and the EMA update of EMA rows, on random images at the crop size;
 - infer: one whole-image eval-mode forward at the row's test size;
-- data: one batch from the training loader (CityscapesTrain) on full-size images, generated at 2048x1024 when
-  no dataset is given.
+- eval: the evaluation loop itself (decoding workers, device-side resize and normalisation, the row's test mode,
+  scoring on the device), one image at a time at the test size, and its share of the infer rate;
+- data: one batch from the training loader (workers decoding frames, CityscapesTrain) on full-size images,
+  generated at 2048x1024 when no dataset is given, and, as "augment", the device turning such a batch into the
+  training crops (harness.data.augment.TrainTransform).
 
 Train and infer also run the same step as a plain fp32 NCHW eager loop (the torchvision-references way) in the
 same process and report the ratio. FLOPs come from torch.utils.flop_counter (as `bench list --sizes`), and the
@@ -26,19 +29,19 @@ import resource
 import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from harness.errors import BenchError
 from harness.spec import Spec
 
-MODES = ("train", "infer", "data")
+MODES = ("train", "infer", "eval", "data")
 CITYSCAPES_TRAIN_IMAGES = 2975  # only sets the plan's epoch length, which no timing uses
 FULL_SIZE = (2048, 1024)  # a Cityscapes frame, [width, height]
 GENERATED_IMAGES = 2  # distinct generated frames, cycled; decoding cost does not depend on which one
@@ -292,37 +295,85 @@ def measure_infer(spec: Spec, device: torch.device, config: StepConfig, batch: i
     return Timing(batch, statistics.median(times), times, peak_memory_gib(device))
 
 
-def measure_data(plan, device: torch.device, batch: int, size: tuple[int, int], data_root: Optional[str],
-                 workers: int, warmup: int, repeats: int, steps: int) -> tuple[Timing, dict[str, Any]]:
-    """Loader batches per second on whole frames: the dataset at `data_root`, else generated frames of `size`.
-    Returns the timing and what was timed (the images, the warm-up and steps actually used)."""
-    from harness.data.cityscapes import CityscapesTrain, find_samples
+@contextmanager
+def timing_frames(split: str, size: tuple[int, int], needed: int, data_root: Optional[str]) -> Iterator[tuple[list, str]]:
+    """`needed` labelled samples of `split`: the dataset at `data_root`, else a couple of generated frames of
+    `size` (decoding costs the same whichever frame it is), cycled."""
+    from harness.data.cityscapes import find_samples
     from harness.data.synthetic import write_synthetic
 
-    # The workers fill a queue of workers x prefetch_factor batches while the first one is awaited; until it
-    # drains, batches come at no cost. Warm up past it and time at least one batch per worker per repeat.
-    prefetch = 2
-    warmup, steps = max(warmup, workers * prefetch) + 1, max(steps, workers)
-    needed = batch * (warmup + repeats * steps)
     with tempfile.TemporaryDirectory(prefix="segbench-speed-") as tmp:
         if data_root:
-            samples = find_samples(Path(data_root).expanduser(), "train")
-            source = f"{data_root} (train split)"
+            samples = find_samples(Path(data_root).expanduser(), split)
+            source = f"{data_root} ({split} split)"
         else:
-            write_synthetic(Path(tmp), train_images=min(GENERATED_IMAGES, needed), val_images=0, size=size,
-                            progress=False)
-            samples = find_samples(Path(tmp), "train")
+            count = min(GENERATED_IMAGES, needed)
+            write_synthetic(Path(tmp), train_images=count if split == "train" else 0,
+                            val_images=count if split == "val" else 0, size=size, progress=False)
+            samples = find_samples(Path(tmp), split)
             source = f"{len(samples)} generated {size[0]}x{size[1]} PNG frames, cycled"
-        samples = (samples * math.ceil(needed / len(samples)))[:needed]
+        yield (samples * math.ceil(needed / len(samples)))[:needed], source
+
+
+def measure_data(plan, device: torch.device, batch: int, size: tuple[int, int], data_root: Optional[str],
+                 workers: int, warmup: int, repeats: int, steps: int) -> tuple[Timing, Timing, dict[str, Any]]:
+    """The training input on whole frames (the dataset at `data_root`, else generated frames of `size`), in its two
+    halves: the loader's workers decoding frames and drawing augmentations (batches per second), and the device
+    turning a batch into the training crops (augment.TrainTransform). Returns both timings and what was timed."""
+    from harness.data.augment import TrainTransform
+    from harness.data.cityscapes import CityscapesTrain
+    from harness.data.loaders import PREFETCH_BATCHES, train_loader
+
+    # The workers fill a queue of workers x prefetch batches while the first one is awaited; until it drains,
+    # batches come at no cost. Warm up past it and time at least one batch per worker per repeat.
+    warmup, steps = max(warmup, workers * PREFETCH_BATCHES) + 1, max(steps, workers)
+    needed = batch * (warmup + repeats * steps + 1)  # and one batch for the device-side augmentation
+    with timing_frames("train", size, needed, data_root) as (samples, source):
         crop = [min(plan.crop_size[0], size[0]), min(plan.crop_size[1], size[1])] if not data_root else plan.crop_size
-        dataset = CityscapesTrain(samples, crop, plan.scale_range, plan.flip, plan.pad_value, plan.mean, plan.std)
-        loader = DataLoader(dataset, batch_size=batch, num_workers=workers, pin_memory=device.type == "cuda",
-                            drop_last=True, prefetch_factor=prefetch if workers else None)
+        dataset = CityscapesTrain(samples, crop, plan.scale_range, plan.flip)
+        keys = [(index, index) for index in range(needed)]  # (index, augmentation seed), as the training sampler
+        loader = train_loader(dataset, keys, batch, workers, device, seed=0)
         batches = iter(loader)
         fetch = batches.__next__
         times = time_steps(fetch, torch.device("cpu"), warmup, repeats, steps)
+        raw = fetch()
         del fetch, batches  # stops the workers before their folder is removed
-    return Timing(batch, statistics.median(times), times, None), {"images": source, "warmup": warmup, "steps": steps}
+    transform = TrainTransform(tuple(crop), plan.pad_value, tuple(plan.mean), tuple(plan.std))
+    reset_peak_memory(device)
+    augment_times = time_steps(lambda: transform(raw, device), device, max(1, warmup // 4), repeats, steps)
+    augment = Timing(batch, statistics.median(augment_times), augment_times,
+                     peak_memory_gib(device) if device.type == "cuda" else None)
+    loading = Timing(batch, statistics.median(times), times, None)
+    return loading, augment, {"images": source, "warmup": warmup, "steps": steps, "crop": list(crop)}
+
+
+def measure_eval(spec: Spec, plan, device: torch.device, config: StepConfig, size: tuple[int, int],
+                 data_root: Optional[str], workers: int, warmup: int, repeats: int,
+                 steps: int) -> tuple[Timing, dict[str, Any]]:
+    """The evaluation loop itself (harness.evaluate.evaluate: decoding workers, the device-side resize and
+    normalisation, the row's test mode, scoring on the device) over whole frames of `size` evaluated at `size`,
+    one image at a time; the time between consecutive scored images, after a warm-up past the loader's queue."""
+    from harness.data.augment import EvalTransform
+    from harness.data.loaders import eval_loader
+    from harness.evaluate import TestMode, evaluate
+
+    warmup = max(warmup, workers * 4) + 1  # eval_loader queues 4 images per worker
+    needed = warmup + repeats * steps
+    model, forward = build_for_timing(spec, device, config)
+    mode = TestMode.from_spec(spec, list(size))
+    stamps: list[float] = []
+    with timing_frames("val", size, needed, data_root) as (samples, source):
+        transform = EvalTransform(tuple(size), tuple(plan.mean), tuple(plan.std))
+        reset_peak_memory(device)
+        # Each image's scoring waits for its prediction (the confusion count), so a stamp marks finished work.
+        evaluate({"model": forward}, eval_loader(samples, device, workers), device, transform, mode=mode,
+                 precision=config.precision, sinks=[lambda scored: stamps.append(time.perf_counter())],
+                 progress=False)
+    intervals = [b - a for a, b in zip(stamps[warmup - 1 :], stamps[warmup:])]
+    times = [sum(intervals[r * steps : (r + 1) * steps]) / steps for r in range(repeats)]
+    del model
+    return (Timing(1, statistics.median(times), times, peak_memory_gib(device)),
+            {"images": source, "warmup": warmup, "steps": steps, "test_mode": mode.describe()})
 
 
 # --- the command -------------------------------------------------------------------------------------------------
@@ -347,10 +398,12 @@ def resolve_sizes(spec: Spec, plan, device: torch.device, size: Optional[tuple[i
     """[width, height] per mode. Default: the recipe's crop, the row's test size and full frames on a GPU; on the
     CPU the spec's synthetic crop and test size (full frames would take minutes per step) and full frames."""
     if size is not None:
-        return {"train": size, "infer": size, "data": size}
+        return {"train": size, "infer": size, "eval": size, "data": size}
     if device.type == "cuda":
-        return {"train": tuple(plan.crop_size), "infer": tuple(plan.test_size), "data": FULL_SIZE}
-    return {"train": tuple(spec.synthetic.crop_size), "infer": tuple(spec.synthetic.test_size), "data": FULL_SIZE}
+        return {"train": tuple(plan.crop_size), "infer": tuple(plan.test_size), "eval": tuple(plan.test_size),
+                "data": FULL_SIZE}
+    return {"train": tuple(spec.synthetic.crop_size), "infer": tuple(spec.synthetic.test_size),
+            "eval": tuple(spec.synthetic.test_size), "data": FULL_SIZE}
 
 
 def speed(options: SpeedOptions) -> dict[str, Any]:
@@ -388,15 +441,24 @@ def speed(options: SpeedOptions) -> dict[str, Any]:
 
     results = {}
     for mode in modes:
-        batch = options.batch or (1 if mode == "infer" else plan.batch_size)
+        batch = options.batch or (1 if mode in ("infer", "eval") else plan.batch_size)
         size = sizes[mode]
         entry: dict[str, Any] = {"size": list(size)}
+        workers = plan.workers if options.workers is None else options.workers
         if mode == "data":
-            workers = plan.workers if options.workers is None else options.workers
-            timing, timed = measure_data(plan, device, batch, size, options.data_root, workers, **counts)
+            loading, augment, timed = measure_data(plan, device, batch, size, options.data_root, workers, **counts)
             entry.update(workers=workers, **timed,
-                         images_per_s_per_worker=timing.images_per_s / workers if workers else None)
-            results[mode] = {**entry, **timing_fields(timing)}
+                         images_per_s_per_worker=loading.images_per_s / workers if workers else None)
+            results[mode] = {**entry, **timing_fields(loading)}
+            results["augment"] = {"size": timed["crop"], "source_size": list(size), **timing_fields(augment)}
+            continue
+        if mode == "eval":
+            timing, timed = measure_eval(spec, plan, device, project, size, options.data_root, workers, **counts)
+            forward = results.get("infer")
+            comparable = forward is not None and forward["size"] == list(size) and forward["batch"] == 1
+            entry.update(timing_fields(timing), workers=workers, **timed,
+                         fraction_of_forward=timing.images_per_s / forward["images_per_s"] if comparable else None)
+            results[mode] = entry
             continue
         flops = training_flops(spec, *size) if mode == "train" else inference_flops(spec, *size)
 
@@ -439,7 +501,20 @@ def timing_fields(timing: Timing) -> dict[str, Any]:
 
 
 COLUMNS = ["row", "mode", "device", "precision", "batch", "size", "img/s", "step ms", "peak mem GiB", "GFLOPs/img",
-           "TFLOP/s", "MFU %", "plain fp32 NCHW img/s", "x plain"]
+           "TFLOP/s", "MFU %", "plain fp32 NCHW img/s", "x plain", "notes"]
+
+
+def mode_notes(mode: str, entry: dict[str, Any], device_type: str) -> str:
+    """What a mode's figures mean beyond the columns: per worker, the share of the forward rate, where it ran."""
+    if mode == "data":
+        per_worker = entry.get("images_per_s_per_worker")
+        return (f"{per_worker:.1f} img/s per worker" if per_worker else "in the main process") + ", decode only"
+    if mode == "augment":
+        return f"on {device_type}, from {'x'.join(map(str, entry['source_size']))} frames"
+    if mode == "eval":
+        share = entry.get("fraction_of_forward")
+        return (f"{100 * share:.0f}% of infer" if share is not None else "infer not timed alike") + f", {entry['workers']} workers"
+    return "-"
 
 
 def table_rows(record: dict[str, Any]) -> list[list[str]]:
@@ -451,12 +526,14 @@ def table_rows(record: dict[str, Any]) -> list[list[str]]:
         plain = entry.get("plain_fp32_nchw") or {}
         rows.append([
             record["row"], mode + (f" ({entry['workers']} workers)" if mode == "data" else ""), record["device"],
-            record["precision"] if mode != "data" else "-", str(entry["batch"]), "x".join(map(str, entry["size"])),
+            record["precision"] if mode not in ("data", "augment") else "-", str(entry["batch"]),
+            "x".join(map(str, entry["size"])),
             fmt(entry["images_per_s"], ".2f"), fmt(1000 * entry["step_s"], ".1f"), fmt(entry["peak_memory_gib"], ".2f"),
             fmt(entry["flops_per_image"] / 1e9 if "flops_per_image" in entry else None, ".1f"),
             fmt(entry.get("achieved_tflops"), ".3f"),
             fmt(100 * entry["mfu"] if entry.get("mfu") is not None else None, ".1f"),
             fmt(plain.get("images_per_s"), ".2f"), fmt(entry.get("speedup_over_plain"), ".2f"),
+            mode_notes(mode, entry, record["device_type"]),
         ])
     return rows
 

@@ -18,7 +18,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from harness.errors import BenchError
-from harness.paths import benchmark_path
+from harness.paths import benchmark_path, results_dir
 from harness.results import load_records
 from harness.spec import Spec, load_all, load_ours, table_title
 from harness.verdicts import (DEFAULT_TOLERANCE, EVALUATION, NOT_COUNTED, OFFICIAL_VAL_IMAGES, REPRODUCTION,
@@ -70,7 +70,36 @@ def _verdict_cell(v: RowVerdict) -> str:
     return v.verdict + (f" (+{v.in_progress} running)" if v.values and v.in_progress else "")
 
 
-def verdict_frame(specs: list[Spec], verdicts: list[RowVerdict]) -> pd.DataFrame:
+INFER_SIZE = [2048, 1024]  # the Cityscapes frame: the inference column's unit of work, one image at a time
+INFER_COLUMN = "infer img/s (2048x1024)"
+NOT_MEASURED = "not measured"
+
+
+def infer_speeds(speed_records: list[dict[str, Any]]) -> dict[str, tuple[float, str, str]]:
+    """Per row: (img/s, device, precision) of its whole-image forward at 2048x1024, batch 1, from `bench speed`
+    records; a GPU's figure before a CPU's, and the newest of those."""
+    best: dict[str, tuple[tuple, tuple[float, str, str]]] = {}
+    for record in speed_records:
+        entry = (record.get("modes") or {}).get("infer")
+        if not entry or entry.get("size") != INFER_SIZE or entry.get("batch") != 1:
+            continue
+        rank = (record.get("device_type") == "cuda", str(record.get("time", "")))
+        if record.get("row") not in best or rank > best[record["row"]][0]:
+            best[record["row"]] = (rank, (entry["images_per_s"], record["device"], record["precision"]))
+    return {row: figures for row, (_, figures) in best.items()}
+
+
+def _infer_cell(spec: Spec, v: RowVerdict, speeds: dict[str, tuple[float, str, str]]) -> str:
+    figures = speeds.get(spec.row) or speeds.get(v.runs_of)  # a light-seg row is its base row's network
+    if figures is None:
+        return NOT_MEASURED
+    images_per_s, device, precision = figures
+    return f"{images_per_s:.1f} ({device}, {precision})"
+
+
+def verdict_frame(specs: list[Spec], verdicts: list[RowVerdict],
+                  speed_records: Optional[list[dict[str, Any]]] = None) -> pd.DataFrame:
+    speeds = infer_speeds(speed_records if speed_records is not None else load_speed_records())
     rows = []
     for spec, v in zip(specs, verdicts):
         c = spec.columns
@@ -90,8 +119,14 @@ def verdict_frame(specs: list[Spec], verdicts: list[RowVerdict]) -> pd.DataFrame
             "std": _fmt(v.std),
             "Δ": _fmt(v.delta, "+.2f", ""),
             "verdict": _verdict_cell(v),
+            INFER_COLUMN: _infer_cell(spec, v, speeds),
         })
     return pd.DataFrame(rows)
+
+
+def load_speed_records() -> list[dict[str, Any]]:
+    """`bench speed` records, results/speed/<device>/<row>/*.json."""
+    return load_records(results_dir() / "speed")
 
 
 def our_verdicts(specs: list[Spec], records: list[dict[str, Any]], tolerance: float = DEFAULT_TOLERANCE,
@@ -225,7 +260,9 @@ def render(dataset: str = "cityscapes", specs: Optional[list[Spec]] = None,
             "runs against the light-seg figure. std is the sample standard deviation over runs; "
             "Δ = mean measured − mean reference; verdict: reproduced when |Δ| ≤ "
             f"{tolerance:g} mIoU or the mean lies within the span of the reference's own runs, else below or "
-            "above; in progress when a run of the row is still going."
+            "above; in progress when a run of the row is still going. "
+            f"{INFER_COLUMN}: the whole-image forward at 2048x1024, one image at a time, from `bench speed` records "
+            f"(results/speed/), with the device and precision it ran on; \"{NOT_MEASURED}\" where no record exists."
         )
         text = f"{header}{note}\n\n{_markdown(table_frame(specs, records, 'cityscapes', tolerance))}\n"
         if figure:

@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -21,6 +21,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from harness import checkpoint
+from harness.data.augment import EvalTransform, TrainTransform
+from harness.data.loaders import endless_batches
 from harness.distributed import ShardedTrainSampler, World, all_reduce_sum
 from harness.errors import BenchError
 from harness.losses import SegmentationLoss
@@ -184,8 +186,13 @@ class Trainer:
             self.forward_model = torch.compile(self.forward_model)
         self.autocast_dtype = PRECISIONS[plan.precision]
         self.criterion = SegmentationLoss(plan.loss_spec(), group_images=plan.loss_group_images)
+        # Loader batches are decoded uint8 frames; scale, flip, pad, crop and normalisation run here, on the device.
+        self.transform = TrainTransform(tuple(plan.crop_size), plan.pad_value, tuple(plan.mean), tuple(plan.std))
+        self.eval_transform = EvalTransform(tuple(plan.test_size), tuple(plan.mean), tuple(plan.std))
+        # Fused SGD on a GPU: one kernel for the update, and with fp16 the grad scaler hands it the inf check
+        # instead of reading it back to the host every step.
         self.optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=plan.momentum,
-                                         weight_decay=plan.weight_decay)
+                                         weight_decay=plan.weight_decay, fused=device.type == "cuda" or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda it: learning_rate(it, plan) / plan.lr)
         self.scaler = torch.amp.GradScaler(device.type, enabled=plan.precision == "fp16")
@@ -219,7 +226,10 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         if self.ema is not None:
             self.ema.module.load_state_dict(state["ema"])
+        fused = [group.get("fused") for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, flag in zip(self.optimizer.param_groups, fused):  # this device's kernel, not the saver's
+            group["fused"] = flag
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.iteration = int(state["iteration"])
@@ -241,11 +251,14 @@ class Trainer:
 
     # --- evaluation ----------------------------------------------------------------------------
 
-    def evaluate(self, model: nn.Module, loader: DataLoader, desc: str) -> SegMetrics:
-        """Each rank scores its shard in the spec's test mode; confusion matrices are summed across ranks."""
-        metrics = evaluate(model, loader, self.device, desc=desc, progress=self.progress and self.world.is_main,
+    def evaluate(self, loader: DataLoader) -> dict[str, SegMetrics]:
+        """Raw (and EMA) weights in one pass over the data: each rank scores its shard in the spec's test mode, and
+        the confusion matrices are summed across ranks."""
+        models = {"raw": self.model, **({"ema": self.ema.module} if self.ema is not None else {})}
+        metrics = evaluate(models, loader, self.device, self.eval_transform,
                            mode=TestMode.from_spec(self.spec, self.plan.test_size), precision=self.plan.precision,
-                           reduce=all_reduce_sum)
+                           reduce=all_reduce_sum, progress=self.progress and self.world.is_main,
+                           desc="eval " + " and ".join(models))
         self.set_train_mode()
         return metrics
 
@@ -259,11 +272,10 @@ class Trainer:
     def run_evaluation(self, loader: DataLoader) -> tuple[SegMetrics, Optional[SegMetrics]]:
         """Score raw (and EMA) weights; keep the best as UP's auto_save_best did, on the weights UP evaluated
         (the EMA weights of an EMA row, the raw weights otherwise), in checkpoints/best.pt."""
-        metrics = self.evaluate(self.model, loader, "eval raw")
+        scored = self.evaluate(loader)
+        metrics, ema_metrics = scored["raw"], scored.get("ema")
         logged = {"val_miou": metrics.miou, "val_pixel_accuracy": metrics.pixel_accuracy}
-        ema_metrics = None
-        if self.ema is not None:
-            ema_metrics = self.evaluate(self.ema.module, loader, "eval ema")
+        if ema_metrics is not None:
             logged.update(val_miou_ema=ema_metrics.miou, val_pixel_accuracy_ema=ema_metrics.pixel_accuracy)
         if self.world.is_main:
             self.log_metrics(logged, self.iteration)
@@ -279,23 +291,12 @@ class Trainer:
 
     # --- training ------------------------------------------------------------------------------
 
-    def _batches(self, loader: DataLoader, sampler: ShardedTrainSampler) -> Iterator:
-        """Endless batches that pick up exactly where `self.iteration` says, also after a resume."""
-        while True:
-            epoch, offset = divmod(self.iteration, sampler.batches_per_epoch)
-            sampler.set_epoch(epoch, offset)
-            yield from loader
-
     def _handle_signal(self, signum: int, frame) -> None:
         self._stop_signal = signum
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """One optimizer step. Nothing here waits for the device: the loss and the divergence flag accumulate
+        """One optimizer step on a batch already on the device. Nothing here waits for the device: the loss and the divergence flag accumulate
         on it and are read at the next sync point (`_sync`)."""
-        images = images.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             loss = self.criterion(self.forward_model(images), labels)
@@ -344,22 +345,23 @@ class Trainer:
 
     def _fit(self, loader: DataLoader, sampler: ShardedTrainSampler, val_loader: DataLoader) -> TrainResult:
         plan = self.plan
-        batches = self._batches(loader, sampler)
+        batches = endless_batches(loader, sampler, self.iteration)
         self._loss_sum = torch.zeros((), device=self.device)
         self._first_bad = torch.zeros((), dtype=torch.long, device=self.device)
         self._synced_at = self.iteration
         show = self.progress and self.world.is_main
         # stdout redirected (a Slurm log, a file): plain lines there; a progress bar only on a terminal.
         log = TrainLog(self.spec.row, plan.iters, self.iteration, self.device,
-                       bar=show and sys.stdout.isatty() and sys.stderr.isatty(), lines=show and not sys.stdout.isatty())
+                       bar=show and sys.stdout.isatty() and sys.stderr.isatty(), lines=show and not sys.stdout.isatty(),
+                       workers=plan.workers)
         window_images, window_start, data_wait = 0, time.perf_counter(), 0.0
         while self.iteration < plan.iters:
             fetch_start = time.perf_counter()
-            images, labels = next(batches)
+            raw = next(batches)
             data_wait += time.perf_counter() - fetch_start
-            self._step(images, labels)
+            self._step(*self.transform(raw, self.device))
             log.advance()
-            window_images += images.shape[0] * self.world.size
+            window_images += len(raw) * self.world.size
             step = self.iteration
             checkpoint_due = plan.checkpoint_every and step % plan.checkpoint_every == 0 and step != plan.iters
             eval_due = plan.eval_every and step % plan.eval_every == 0 and step != plan.iters
@@ -388,20 +390,37 @@ class Trainer:
         return TrainResult(metrics, ema_metrics, final, self.best, self.best_ema, self.best_checkpoint, self.history)
 
 
+DATA_BOUND = 0.2  # share of a log window spent waiting for the loader past which the log says so, once
+
+
 class TrainLog:
     """What a person watching sees: a progress bar on a terminal, plain lines every log interval otherwise (a
     Slurm log, a file), with loss, lr, img/s, the share of time spent waiting for data, ETA and peak memory."""
 
-    def __init__(self, row: str, total: int, start: int, device: torch.device, bar: bool, lines: bool):
-        self.total, self.device, self.lines = total, device, lines
+    def __init__(self, row: str, total: int, start: int, device: torch.device, bar: bool, lines: bool,
+                 workers: int = 0):
+        self.total, self.device, self.lines, self.workers = total, device, lines, workers
         self.started, self.start_step = time.perf_counter(), start
         self.bar = tqdm(total=total, initial=start, desc=row, dynamic_ncols=True) if bar else None
+        self.reports, self.said_data_bound = 0, False
 
     def advance(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
 
     def report(self, step: int, record: dict[str, float]) -> None:
+        self.reports += 1
+        # The first window includes the workers' start; after it, waiting for data means decoding is the limit.
+        if self.reports > 1 and record["data_wait_fraction"] > DATA_BOUND and not self.said_data_bound:
+            self.said_data_bound = True
+            note = (f"note: training waited for data {100 * record['data_wait_fraction']:.0f}% of the time up to "
+                    f"iteration {step} ({record['images_per_s']:.1f} img/s, {self.workers} loader workers per process): "
+                    "decoding is the limit; give it more cores (train.workers) or read decoded frames with "
+                    "--decoded-cache DIR (`bench data cache`)")
+            if self.bar is not None:
+                self.bar.write(note, file=sys.stderr)
+            elif self.lines:
+                print(note, file=sys.stderr, flush=True)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{record['lr']:.2e}",
                                  img_s=f"{record['images_per_s']:.1f}")

@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.data.cityscapes import (CityscapesEval, CityscapesTrain, IGNORE_INDEX, LABEL_TO_TRAIN,
-                                     find_samples, label_ids_to_train_ids)
+from harness.data.augment import TrainTransform, collate_raw
+from harness.data.cityscapes import (IMAGENET_MEAN, IMAGENET_STD, CityscapesEval, CityscapesTrain, IGNORE_INDEX,
+                                     LABEL_TO_TRAIN, find_samples, label_ids_to_train_ids)
 from harness.data.synthetic import write_synthetic
 from harness.errors import BenchError
 
@@ -30,9 +31,10 @@ def test_synthetic_layout_and_train_ids(synthetic_root: Path):
     assert {0, 1, 2, 5, 7, 8, 10, 11, 13} <= train_ids  # road sidewalk building pole sign vegetation sky person car
     assert (label_ids == 1).any() or (label_ids == 4).any(), "synthetic data should contain ignored labelIds"
     # Through the dataset: exactly the official mapping of the PNG.
-    image, label = CityscapesEval(val, [256, 128])[0]
+    image, label, index = CityscapesEval(val)[0]
     expected = LABEL_TO_TRAIN[np.asarray(Image.open(val[0].label))]
-    assert image.shape == (3, 128, 256) and torch.equal(label, torch.from_numpy(expected.astype(np.int64)))
+    assert index == 0 and image.dtype == label.dtype == torch.uint8 and image.shape == (128, 256, 3)
+    assert torch.equal(label, torch.from_numpy(expected)) and torch.equal(image, torch.from_numpy(np.array(Image.open(val[0].image))))
 
 
 def test_synthetic_is_deterministic(tmp_path: Path):
@@ -45,12 +47,15 @@ def test_synthetic_is_deterministic(tmp_path: Path):
     assert any((a / f).read_bytes() != (c / f).read_bytes() for f in files)
 
 
-def test_training_augmentation_gives_crops(synthetic_root: Path):
+def test_training_samples_are_decoded_frames_with_their_draw_and_become_crops(synthetic_root: Path):
     dataset = CityscapesTrain(find_samples(synthetic_root, "train"), [96, 64], [0.5, 2.0])
-    for i in range(4):
-        image, label = dataset[i]
-        assert image.shape == (3, 64, 96) and label.shape == (64, 96)
-        assert set(label.unique().tolist()) <= set(range(19)) | {IGNORE_INDEX}
+    items = [dataset[(i, 1000 + i)] for i in range(4)]
+    for image, label, draw in items:
+        assert image.dtype == label.dtype == torch.uint8 and image.shape == (128, 256, 3) and label.shape == (128, 256)
+        assert draw.dtype == torch.int64 and draw.shape == (5,)
+    images, labels = TrainTransform((96, 64), 0, IMAGENET_MEAN, IMAGENET_STD)(collate_raw(items), torch.device("cpu"))
+    assert images.shape == (4, 3, 64, 96) and images.dtype == torch.float32 and labels.shape == (4, 64, 96)
+    assert labels.dtype == torch.int64 and set(labels.unique().tolist()) <= set(range(19)) | {IGNORE_INDEX}
 
 
 def test_missing_root_is_one_clear_line(tmp_path: Path):

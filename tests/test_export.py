@@ -13,7 +13,8 @@ from PIL import Image
 from torch import nn
 
 from harness import export, visualize
-from harness.data.cityscapes import PALETTE, TRAIN_ID_TO_LABEL_ID, CityscapesEval, find_samples, load_train_ids
+from harness.data.augment import EvalTransform
+from harness.data.cityscapes import PALETTE, TRAIN_ID_TO_LABEL_ID, decode_image, find_samples, load_train_ids
 from harness.errors import BenchError
 from harness.evaluate import evaluate_split, infer_logits, predict_split, score_predictions
 from harness.spec import load_spec
@@ -72,8 +73,8 @@ def test_test_split_export_round_trips_through_the_submission_zip(test_split: Pa
             label_ids = np.asarray(pred)
         assert set(np.unique(label_ids)) <= set(TRAIN_ID_TO_LABEL_ID)
         # The PNG is exactly the argmax of the model's logits at full size, mapped to labelIds.
-        image, _ = CityscapesEval([sample], [128, 64])[0]
-        expected = infer_logits(model, image[None], (128, 256)).argmax(1)[0].numpy()
+        image = EvalTransform((128, 64), tuple(spec.data.mean), tuple(spec.data.std))(decode_image(sample.image), "cpu")
+        expected = infer_logits(model, image, (128, 256)).argmax(1)[0].numpy()
         assert (export.read_prediction_train_ids(path) == expected).all()
     assert len(np.unique(export.read_prediction(paths[0]))) > 1
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
-from harness.data.cityscapes import CityscapesEval, find_samples
+from harness.data.augment import EvalTransform
+from harness.data.cityscapes import find_samples
+from harness.data.loaders import eval_loader
 from harness.errors import BenchError
 from harness.evaluate import (WHOLE_IMAGE, TestMode, autocast_dtype, evaluate, evaluate_split, infer_logits,
                               panel_indices, window_starts)
@@ -183,21 +184,22 @@ def test_panel_indices_spread_over_the_split():
     assert panel_indices(10, 0) == [] and panel_indices(10, 1) == [0]
 
 
-def test_evaluate_split_matches_the_training_loops_evaluate_and_keeps_the_mode(synthetic_root: Path):
+def test_one_pass_scores_several_models_as_each_alone_and_keeps_their_mode(synthetic_root: Path):
     spec = load_spec("deeplabv3-r50")
     samples = find_samples(synthetic_root, "val")[:3]
-    model = conv_model(seed=2)
-    model.train()
-    # Logits of a random conv on normalised colours: several classes predicted, several missed.
-    head = nn.Sequential(model, nn.Conv2d(5, 19, 1))
-    head.train()
-    loader = DataLoader(CityscapesEval(samples, spec.synthetic.test_size), batch_size=1)
-    expected = evaluate(head, loader, torch.device("cpu"), progress=False)
-    assert head.training
-    got = evaluate_split(head, samples, spec, torch.device("cpu"), test_size=spec.synthetic.test_size,
-                         workers=0, progress=False)
-    assert head.training
-    assert same_metrics(got, expected)
+    # Logits of random convs on normalised colours: several classes predicted, several missed.
+    heads = [nn.Sequential(conv_model(seed=seed), nn.Conv2d(5, 19, 1)) for seed in (2, 3)]
+    heads[0].train()
+    heads[1].eval()
+    alone = [evaluate_split(h, samples, spec, torch.device("cpu"), test_size=spec.synthetic.test_size, workers=0,
+                            progress=False) for h in heads]
+    assert heads[0].training and not heads[1].training
+    transform = EvalTransform(tuple(spec.synthetic.test_size), tuple(spec.data.mean), tuple(spec.data.std))
+    together = evaluate({"a": heads[0], "b": heads[1]}, eval_loader(samples, torch.device("cpu")), torch.device("cpu"),
+                        transform, progress=False)
+    assert heads[0].training and not heads[1].training
+    assert same_metrics(together["a"], alone[0]) and same_metrics(together["b"], alone[1])
+    assert not same_metrics(alone[0], alone[1])
     # A test size below the ground truth's: logits are scored at ground-truth size all the same.
-    small = evaluate_split(head, samples, spec, torch.device("cpu"), test_size=[128, 64], workers=0, progress=False)
-    assert not same_metrics(small, expected) and len(small.iou) == 19
+    small = evaluate_split(heads[0], samples, spec, torch.device("cpu"), test_size=[128, 64], workers=0, progress=False)
+    assert not same_metrics(small, alone[0]) and len(small.iou) == 19

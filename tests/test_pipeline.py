@@ -8,11 +8,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
-from torch.utils.data import DataLoader
 
 from harness.cli import main
-from harness.data.cityscapes import CityscapesEval, find_samples
-from harness.evaluate import evaluate
+from harness.data.cityscapes import find_samples
+from harness.evaluate import evaluate_split
 from harness.models import build_model
 from harness.paths import benchmark_path, default_tracking_uri
 from harness.results import load_records
@@ -26,8 +25,8 @@ pytestmark = pytest.mark.slow
 def initial_miou(row: str, root: Path) -> float:
     spec = load_spec(row)
     seed_everything(0)
-    loader = DataLoader(CityscapesEval(find_samples(root, "val"), spec.synthetic.test_size), batch_size=1)
-    return evaluate(build_model(spec), loader, torch.device("cpu"), progress=False).miou
+    return evaluate_split(build_model(spec), find_samples(root, "val"), spec, torch.device("cpu"),
+                          test_size=spec.synthetic.test_size, workers=0, progress=False).miou
 
 
 def test_short_training_learns_and_is_tracked(synthetic_root: Path):

@@ -25,10 +25,11 @@ def test_speed_on_cpu_prints_every_column_and_writes_a_consistent_record(isolate
     header = lines[0]
     for column in speed.COLUMNS:
         assert column in header
-    rows = {line.split()[1]: line for line in lines[2:5]}
-    assert set(rows) == {"train", "infer", "data"}
-    for mode in ("train", "infer"):  # every column filled: no "-" left in a model mode's row
-        assert " - " not in rows[mode] and not rows[mode].endswith("-")
+    rows = {line.split()[1]: line for line in lines[2:7]}
+    assert set(rows) == {"train", "infer", "eval", "data", "augment"}
+    for mode in ("train", "infer"):  # every measured column filled: no "-" left but the notes
+        assert " - " not in rows[mode].removesuffix(" -")
+    assert "decode only" in rows["data"] and "on cpu" in rows["augment"] and "0 workers" in rows["eval"]
 
     (path,) = (isolated_outputs / "results" / "speed").glob("*/sf_seg_v2/*.json")
     assert path.parent.parent.name == speed.device_name(torch.device("cpu"))
@@ -45,9 +46,13 @@ def test_speed_on_cpu_prints_every_column_and_writes_a_consistent_record(isolate
         assert entry["speedup_over_plain"] == pytest.approx(entry["images_per_s"] / plain["images_per_s"])
         assert entry["peak_memory_gib"] > 0
     assert record["modes"]["train"]["flops_per_image"] > 2 * record["modes"]["infer"]["flops_per_image"]
-    data = record["modes"]["data"]
+    data, augment, evaluation = (record["modes"][m] for m in ("data", "augment", "eval"))
     assert data["batch"] == 2 and data["workers"] == 0 and data["images_per_s"] > 0
     assert "generated 64x32" in data["images"]
+    assert augment["batch"] == 2 and augment["images_per_s"] == pytest.approx(2 / augment["step_s"])
+    assert evaluation["batch"] == 1 and len(evaluation["step_s_repeats"]) == 2 and evaluation["images_per_s"] > 0
+    assert "generated 64x32" in evaluation["images"] and evaluation["test_mode"] == "whole"
+    assert evaluation["fraction_of_forward"] is None  # infer ran at batch 2 here: not the same unit of work
 
 
 def test_infer_flops_are_the_bench_list_sizes_figure():
@@ -123,6 +128,46 @@ def test_data_mode_reads_a_given_dataset_with_workers(tmp_path, one_thread):
     record = speed.speed(speed.SpeedOptions(row="sf_seg_v2", mode="data", batch=2, device="cpu", data_root=str(root),
                                             workers=1, warmup=0, repeats=2, steps=1))
     data = record["modes"]["data"]
-    assert set(record["modes"]) == {"data"} and str(root) in data["images"]
+    assert set(record["modes"]) == {"data", "augment"} and str(root) in data["images"]
     assert record["matmul_peak_tflops"] is None and data["workers"] == 1 and len(data["step_s_repeats"]) == 2
     assert data["images_per_s_per_worker"] == pytest.approx(data["images_per_s"])
+
+
+def test_eval_mode_is_the_evaluation_loop_and_reports_its_share_of_the_forward_rate(isolated_outputs, one_thread):
+    record = speed.speed(speed.SpeedOptions(row="df_seg_v1", mode="all", device="cpu", size=(64, 32), warmup=1,
+                                            repeats=2, steps=2, workers=0, plain=False))
+    infer, evaluation = record["modes"]["infer"], record["modes"]["eval"]
+    assert infer["batch"] == evaluation["batch"] == 1 and infer["size"] == evaluation["size"]
+    assert evaluation["fraction_of_forward"] == pytest.approx(evaluation["images_per_s"] / infer["images_per_s"])
+    # The loop does the forward and more (decoding, resizing, scoring), so it cannot be much faster than it.
+    assert 0 < evaluation["fraction_of_forward"] < 1.5
+    assert "% of infer" in speed.render(record)
+
+
+def speed_record(row: str, device: str, device_type: str, size: list[int], batch: int, images_per_s: float,
+                 time_: str) -> dict:
+    return {"kind": "speed", "row": row, "dataset": device, "device": device, "device_type": device_type,
+            "precision": "bf16" if device_type == "cuda" else "fp32", "time": time_,
+            "modes": {"infer": {"size": size, "batch": batch, "images_per_s": images_per_s}}}
+
+
+def test_benchmark_md_shows_the_inference_rate_at_full_size_naming_the_device(isolated_outputs):
+    from harness.results import write_record
+    from harness.table import INFER_COLUMN, NOT_MEASURED, render
+
+    for record in [
+        speed_record("sf_seg_v2", "nvidia-h100", "cuda", [2048, 1024], 1, 204.25, "2026-11-01T00:00:00Z"),
+        speed_record("sf_seg_v2", "nvidia-a100", "cuda", [2048, 1024], 1, 99.0, "2026-10-01T00:00:00Z"),  # older
+        speed_record("sf_seg_v2", "cpu-x", "cpu", [2048, 1024], 1, 0.5, "2026-12-01T00:00:00Z"),  # a CPU's figure
+        speed_record("df_seg_v2", "nvidia-h100", "cuda", [256, 128], 1, 900.0, "2026-11-01T00:00:00Z"),  # other size
+        speed_record("pspnet-r50", "nvidia-h100", "cuda", [2048, 1024], 8, 60.0, "2026-11-01T00:00:00Z"),  # batch 8
+    ]:
+        write_record(record, root=isolated_outputs / "results" / "speed")
+    text = render("cityscapes")
+    header = next(line for line in text.splitlines() if line.startswith("| row "))
+    assert INFER_COLUMN in header
+    cells = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in text.splitlines()
+             if line.startswith("| ") and not line.startswith("| row ")}
+    assert cells["sf_seg_v2"] == "204.2 (nvidia-h100, bf16)"
+    assert cells["sf_seg_v2-lightseg"] == cells["sf_seg_v2"]  # the base row's network
+    assert cells["df_seg_v2"] == cells["pspnet-r50"] == cells["deeplabv3-r50"] == NOT_MEASURED

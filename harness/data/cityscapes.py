@@ -9,17 +9,18 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from harness.data.augment import IGNORE_INDEX, draw_augmentation
 from harness.errors import BenchError
 
-IGNORE_INDEX = 255
+if TYPE_CHECKING:
+    from harness.data.decoded import DecodedFrames
 NUM_CLASSES = 19
 
 CLASS_NAMES = (
@@ -173,100 +174,73 @@ def _read_png(path: Path, mode: str) -> np.ndarray:
         raise BenchError(f"cannot read image {path}: {exc}") from None
 
 
-def _same_size(label: torch.Tensor, image_hw: tuple[int, int], path: Path) -> None:
-    if tuple(label.shape) != tuple(image_hw):
+def _same_size(label: np.ndarray, image_hw: tuple[int, int], path: Path) -> None:
+    if tuple(label.shape[:2]) != tuple(image_hw):
         raise BenchError(f"label {path} is {label.shape[1]}x{label.shape[0]} but its image is "
                          f"{image_hw[1]}x{image_hw[0]}; each labelIds PNG must have its image's size")
 
 
-def load_image(path: Path, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
-    """uint8 HxWx3 file -> normalised float 3xHxW tensor ((pixel - mean) / std on 0-255 values)."""
-    return normalize(torch.from_numpy(_read_png(path, "RGB").copy()).permute(2, 0, 1).float(), mean, std)
+def decode_image(path: Path) -> torch.Tensor:
+    """The image file as a uint8 HxWx3 RGB tensor (no conversion beyond RGB: normalising is the device's job)."""
+    return torch.from_numpy(np.array(_read_png(path, "RGB")))  # PIL's array is read-only: one writable copy
 
 
-def normalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    return (image - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
-
-
-def up_scale(rng: random.Random, low: float, high: float) -> float:
-    """UP's seg_rand_resize draw: half the time uniform in [low, 1), half in [1, high)."""
-    if rng.random() < 0.5:
-        return low + (1.0 - low) * rng.random()
-    return 1.0 + (high - 1.0) * rng.random()
+def decode_train_ids(path: Path) -> torch.Tensor:
+    """A labelIds file as a uint8 HxW tensor of trainIds (255: ignored)."""
+    return torch.from_numpy(label_ids_to_train_ids(_read_png(path, "L")))
 
 
 def load_train_ids(path: Path) -> torch.Tensor:
-    label_ids = _read_png(path, "L")
-    return torch.from_numpy(label_ids_to_train_ids(label_ids).astype(np.int64))
+    """A labelIds file as int64 HxW trainIds (for scoring saved predictions and drawing panels)."""
+    return decode_train_ids(path).long()
 
 
-def _resize(image: torch.Tensor, label: Optional[torch.Tensor], size_hw: tuple[int, int]):
-    image = F.interpolate(image[None], size=size_hw, mode="bilinear", align_corners=False)[0]
-    if label is not None:
-        label = F.interpolate(label[None, None].float(), size=size_hw, mode="nearest")[0, 0].long()
+def decode_pair(sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 HxWx3 image, uint8 HxW trainIds); an empty label for a sample without ground truth."""
+    image = decode_image(sample.image)
+    if sample.label is None:
+        return image, torch.empty(0, dtype=torch.uint8)
+    label = decode_train_ids(sample.label)
+    _same_size(label.numpy(), tuple(image.shape[:2]), sample.label)
     return image, label
 
 
 class CityscapesTrain(Dataset):
-    """Training samples as UP's transforms make them: random scale of the full image (seg_rand_resize, sizes
-    truncated to int), random horizontal flip, random crop padded on the right/bottom with `pad_value`
-    (a 0-255 pixel value, before normalisation) and the ignore label."""
+    """Training samples decoded in the loader workers, each with its augmentation draw (harness.data.augment):
+    UP's random scale of the full image, horizontal flip and crop, drawn from the sample's key alone. The
+    augmentation itself runs on the training device (augment.TrainTransform)."""
 
-    def __init__(self, samples: list[Sample], crop_size: list[int], scale_range: list[float], flip: bool = True,
-                 pad_value: int = 0, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+    def __init__(self, samples: list[Sample], crop_size: Sequence[int], scale_range: Sequence[float],
+                 flip: bool = True, decoded: Optional["DecodedFrames"] = None):
         self.samples = samples
-        self.crop_w, self.crop_h = crop_size
-        self.scale_range = scale_range
-        self.flip, self.mean, self.std = flip, mean, std
-        self.pad = normalize(torch.full((3, 1, 1), float(pad_value)), mean, std)  # the padding, normalised
+        self.crop_size, self.scale_range, self.flip = list(crop_size), list(scale_range), flip
+        self.decoded = decoded
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # A (index, seed) key makes the augmentation a function of the key alone: the same on any
         # number of processes or workers, and after a resume (see distributed.ShardedTrainSampler).
         index, seed = key if isinstance(key, tuple) else (key, None)
         rng = random.Random(seed) if seed is not None else random
-        sample = self.samples[index]
-        image, label = load_image(sample.image, self.mean, self.std), load_train_ids(sample.label)
-        _same_size(label, tuple(image.shape[1:]), sample.label)
-        scale = up_scale(rng, *self.scale_range)
-        height, width = label.shape
-        image, label = _resize(image, label, (max(1, int(height * scale)), max(1, int(width * scale))))
-        if self.flip and rng.random() < 0.5:
-            image, label = image.flip(-1), label.flip(-1)
-        pad_h, pad_w = max(self.crop_h - label.shape[0], 0), max(self.crop_w - label.shape[1], 0)
-        if pad_h or pad_w:
-            padded = self.pad.expand(3, label.shape[0] + pad_h, label.shape[1] + pad_w).clone()
-            padded[:, : label.shape[0], : label.shape[1]] = image
-            image = padded
-            label = F.pad(label, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
-        top = rng.randint(0, label.shape[0] - self.crop_h)
-        left = rng.randint(0, label.shape[1] - self.crop_w)
-        image = image[:, top : top + self.crop_h, left : left + self.crop_w]
-        label = label[top : top + self.crop_h, left : left + self.crop_w]
-        return image.contiguous(), label.contiguous()
+        image, label = self.decoded[index] if self.decoded is not None else decode_pair(self.samples[index])
+        draw = draw_augmentation(rng, tuple(label.shape), self.crop_size, self.scale_range, self.flip)
+        return image, label, draw.as_tensor()
 
 
 class CityscapesEval(Dataset):
-    """Whole images resized to the test size; labels stay at full resolution, as the official evaluator scores."""
+    """Whole images and their full-resolution labels, decoded, with the sample's position in the split; the
+    resize to the test size and the normalisation run on the device (augment.EvalTransform), and predictions
+    are scored at the ground truth's size, as the official evaluator scores."""
 
-    def __init__(self, samples: list[Sample], test_size: list[int], mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD):
+    def __init__(self, samples: list[Sample], decoded: Optional["DecodedFrames"] = None):
         self.samples = samples
-        self.test_w, self.test_h = test_size
-        self.mean, self.std = mean, std
+        self.decoded = decoded
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        sample = self.samples[index]
-        image = load_image(sample.image, self.mean, self.std)
-        label = load_train_ids(sample.label) if sample.label is not None else torch.empty(0, dtype=torch.long)
-        if sample.label is not None:
-            _same_size(label, tuple(image.shape[1:]), sample.label)
-        if tuple(image.shape[1:]) != (self.test_h, self.test_w):
-            image, _ = _resize(image, None, (self.test_h, self.test_w))
-        return image, label
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        image, label = self.decoded[index] if self.decoded is not None else decode_pair(self.samples[index])
+        return image, label, index
