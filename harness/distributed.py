@@ -6,9 +6,11 @@ environment torchrun sets. The global batch stays the spec's, whatever the world
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -187,11 +189,19 @@ def launch(argv: Sequence[str], nproc_per_node: int, nnodes: int = 1, node_rank:
     args = [f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}", f"--node-rank={node_rank}",
             "--rdzv-backend=static", f"--master-addr={host}", f"--master-port={port}",
             "--module", "harness.cli", *argv]
+    # torchrun's own lines about tearing workers down ("failed (exitcode: 143)", "Sending process ... SIGTERM")
+    # would follow a clean stop too; the outcome is reported below, once, in our words.
+    teardown_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    teardown_level = teardown_log.level
+    teardown_log.setLevel(logging.CRITICAL)
     try:
         torchrun.main(args)
     except SystemExit as exc:  # torchrun exits through sys.exit on success too
         return int(exc.code or 0)
     except ChildFailedError as exc:
+        stopped = stop_exit_code(exc)
+        if stopped is not None:  # a stop request: rank 0 checkpointed and said how to resume
+            return stopped
         print(f"error: distributed run failed: {first_failure(exc, Path(errors))}", file=sys.stderr)
         return 1
     except Exception as exc:
@@ -199,6 +209,7 @@ def launch(argv: Sequence[str], nproc_per_node: int, nnodes: int = 1, node_rank:
               file=sys.stderr)
         return 1
     finally:
+        teardown_log.setLevel(teardown_level)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -207,6 +218,20 @@ def launch(argv: Sequence[str], nproc_per_node: int, nnodes: int = 1, node_rank:
         shutil.rmtree(errors, ignore_errors=True)
         del store
     return 0
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def stop_exit_code(exc) -> Optional[int]:
+    """128 + signal when the workers ended as a stop request ends them: some exited 128 + SIGTERM/SIGINT after
+    checkpointing, and the rest did the same or were ended by torchrun's SIGTERM on its way out. None otherwise."""
+    codes = [failure.exitcode for failure in exc.failures.values()]
+    stops = [code for code in codes if code in {128 + int(s) for s in STOP_SIGNALS}]
+    torn_down = {-int(s) for s in STOP_SIGNALS}
+    if stops and all(code in stops or code in torn_down for code in codes):
+        return max(stops)
+    return None
 
 
 def first_failure(exc, errors: Path) -> str:

@@ -3,6 +3,9 @@ cleanly, the global batch is checked before launch, and 1 or 2 processes train t
 
 from __future__ import annotations
 
+import json
+import os
+import random
 import signal
 import time
 from pathlib import Path
@@ -240,3 +243,94 @@ def test_two_gloo_processes_equal_one_process(tmp_path, monkeypatch, synthetic_r
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), rtol=1e-4, atol=1e-5), key
     assert two["miou"] == pytest.approx(one["miou"], abs=0.5)
+
+
+def children(pid: int) -> list[int]:
+    """Every descendant process of `pid` (Linux /proc)."""
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                kids = [int(k) for k in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += kids
+            frontier += kids
+    return found
+
+
+def worker_of_rank(pid: int, rank: int) -> int:
+    for child in children(pid):
+        try:
+            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and b"LOCAL_RANK=" + str(rank).encode() in environ:
+            return child
+    raise AssertionError(f"no worker of rank {rank} under process {pid}")
+
+
+def logged_steps(row: str) -> int:
+    """The newest training step the run's rank 0 has journalled (one entry per log point)."""
+    steps = [0]
+    for journal in (runs_dir() / "synthetic" / row).glob("*/tracking/journal.jsonl"):
+        for line in journal.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:  # a line being written
+                continue
+            if entry.get("op") == "metrics" and "train/loss" in entry.get("metrics", {}):
+                steps.append(entry["step"])
+    return max(steps)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the worker processes through Linux's /proc")
+def test_sigterm_to_one_of_two_processes_stops_both_with_one_checkpoint_that_resumes(tmp_path, monkeypatch,
+                                                                                     synthetic_root):
+    """A signal reaching one rank only, at a random iteration: the stop is decided from the all-reduced flag, so
+    both ranks stop at the same log point, rank 0 writes one checkpoint, every process exits cleanly, and the run
+    resumes from it to the end."""
+    pair = {**TINY, "synthetic": {**TINY["synthetic"], "batch_size": 4, "iters": 14, "checkpoint_every": 100}}
+    monkeypatch.setenv("SEGBENCH_EXPERIMENTS", str(experiments_with(tmp_path, {"pair": pair})))
+    chooser = random.Random()
+    at, rank = chooser.randint(1, 8), chooser.randint(0, 1)
+    process = bench("run", "--row", "pair", "--synthetic", "--device", "cpu", "--gpus", "2")
+    deadline = time.time() + 300
+    while logged_steps("pair") < at:
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.01)
+    os.kill(worker_of_rank(process.pid, rank), signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    context = f"SIGTERM to rank {rank} after iteration {at}:\n{err}"
+    assert process.returncode == 128 + signal.SIGTERM, context
+    assert "Traceback" not in err and err.count("stopped by SIGTERM") == 1, context
+    (folder,) = run_dirs("pair")
+    saved = checkpoint.checkpoints(folder / "checkpoints")
+    assert len(saved) == 1, (saved, context)
+    stopped_at = checkpoint.load(saved[0])["iteration"]
+    assert at <= stopped_at < 14 and f"at iteration {stopped_at}" in err, context
+    assert json.loads((folder / "run.json").read_text())["status"] == "interrupted"
+
+    resumed = bench("run", "--row", "pair", "--resume", "--device", "cpu", "--gpus", "2")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    (record,) = load_records(dataset="synthetic")
+    assert record["iterations"] == 14 and final_state(record)["iteration"] == 14 and record["devices"] == 2
+    client = MlflowClient(default_tracking_uri())
+    assert client.get_run(record["mlflow_run_id"]).info.status == "FINISHED"
+
+
+def test_the_log_says_once_when_training_waits_for_data(capsys):
+    from harness.train import TrainLog
+
+    log = TrainLog("row", 100, 0, torch.device("cpu"), bar=False, lines=True, workers=3)
+    window = {"train_loss": 1.0, "lr": 0.01, "images_per_s": 12.0}
+    log.report(10, {**window, "data_wait_fraction": 0.9})  # the workers' start-up window: not a verdict
+    log.report(20, {**window, "data_wait_fraction": 0.05})
+    assert "note:" not in capsys.readouterr().err
+    log.report(30, {**window, "data_wait_fraction": 0.6})
+    log.report(40, {**window, "data_wait_fraction": 0.6})
+    err = capsys.readouterr().err
+    assert err.count("note: training waited for data 60% of the time up to iteration 30") == 1
+    assert "3 loader workers" in err and "--decoded-cache" in err
