@@ -9,7 +9,8 @@ perf_counter on the CPU), and reports the median over repeated runs:
 - eval: the evaluation loop itself (decoding workers, device-side resize and normalisation, the row's test mode,
   scoring on the device), one image at a time at the test size, and its share of the infer rate;
 - data: one batch from the training loader (workers decoding frames, CityscapesTrain) on full-size images,
-  generated at 2048x1024 when no dataset is given, and, as "augment", the device turning such a batch into the
+  generated at 2048x1024 when no dataset is given; as "data cached", the same loader reading decoded frames back
+  from a decoded cache (harness.data.decoded); and, as "augment", the device turning such a batch into the
   training crops (harness.data.augment.TrainTransform).
 
 Train and infer also run the same step as a plain fp32 NCHW eager loop (the torchvision-references way) in the
@@ -295,56 +296,82 @@ def measure_infer(spec: Spec, device: torch.device, config: StepConfig, batch: i
     return Timing(batch, statistics.median(times), times, peak_memory_gib(device))
 
 
+CACHED_FRAMES = 4  # distinct frames put in the decoded cache that data mode reads back, cycled
+
+
 @contextmanager
-def timing_frames(split: str, size: tuple[int, int], needed: int, data_root: Optional[str]) -> Iterator[tuple[list, str]]:
-    """`needed` labelled samples of `split`: the dataset at `data_root`, else a couple of generated frames of
-    `size` (decoding costs the same whichever frame it is), cycled."""
+def timing_frames(split: str, size: tuple[int, int], needed: int,
+                  data_root: Optional[str]) -> Iterator[tuple[list, Path, str]]:
+    """`needed` labelled samples of `split` and their dataset root: the dataset at `data_root`, else a couple of
+    generated frames of `size` (decoding costs the same whichever frame it is), cycled."""
     from harness.data.cityscapes import find_samples
     from harness.data.synthetic import write_synthetic
 
     with tempfile.TemporaryDirectory(prefix="segbench-speed-") as tmp:
         if data_root:
-            samples = find_samples(Path(data_root).expanduser(), split)
+            root = Path(data_root).expanduser()
+            samples = find_samples(root, split)
             source = f"{data_root} ({split} split)"
         else:
-            count = min(GENERATED_IMAGES, needed)
-            write_synthetic(Path(tmp), train_images=count if split == "train" else 0,
+            root, count = Path(tmp), min(GENERATED_IMAGES, needed)
+            write_synthetic(root, train_images=count if split == "train" else 0,
                             val_images=count if split == "val" else 0, size=size, progress=False)
-            samples = find_samples(Path(tmp), split)
+            samples = find_samples(root, split)
             source = f"{len(samples)} generated {size[0]}x{size[1]} PNG frames, cycled"
-        yield (samples * math.ceil(needed / len(samples)))[:needed], source
+        yield (samples * math.ceil(needed / len(samples)))[:needed], root, source
+
+
+def time_loader(dataset, batch: int, workers: int, device: torch.device, warmup: int, repeats: int,
+                steps: int) -> tuple[list[float], Any]:
+    """Seconds per batch of the training loader over `dataset` (keys 0, 1, ... as (index, seed)), and one more
+    batch for the device-side timing."""
+    from harness.data.loaders import train_loader
+
+    keys = [(index, index) for index in range(len(dataset))]  # (index, augmentation seed), as the training sampler
+    batches = iter(train_loader(dataset, keys, batch, workers, device, seed=0))
+    fetch = batches.__next__
+    times = time_steps(fetch, torch.device("cpu"), warmup, repeats, steps)
+    last = fetch()
+    del fetch, batches  # stops the workers before their files are removed
+    return times, last
 
 
 def measure_data(plan, device: torch.device, batch: int, size: tuple[int, int], data_root: Optional[str],
-                 workers: int, warmup: int, repeats: int, steps: int) -> tuple[Timing, Timing, dict[str, Any]]:
-    """The training input on whole frames (the dataset at `data_root`, else generated frames of `size`), in its two
-    halves: the loader's workers decoding frames and drawing augmentations (batches per second), and the device
-    turning a batch into the training crops (augment.TrainTransform). Returns both timings and what was timed."""
+                 workers: int, warmup: int, repeats: int, steps: int) -> tuple[dict[str, Timing], dict[str, Any]]:
+    """The training input on whole frames (the dataset at `data_root`, else generated frames of `size`): the loader's
+    workers decoding PNGs and drawing augmentations ("data"), the same loader reading decoded frames back from a
+    decoded cache ("data cached": a few frames cycled, so from the page cache, as a cache the machine's memory holds
+    after its first epoch), and the device turning a batch into the training crops ("augment").
+    Returns the timings by name and what was timed."""
     from harness.data.augment import TrainTransform
     from harness.data.cityscapes import CityscapesTrain
-    from harness.data.loaders import PREFETCH_BATCHES, train_loader
+    from harness.data.decoded import DecodedFrames, build_cache
+    from harness.data.loaders import PREFETCH_BATCHES
 
     # The workers fill a queue of workers x prefetch batches while the first one is awaited; until it drains,
     # batches come at no cost. Warm up past it and time at least one batch per worker per repeat.
     warmup, steps = max(warmup, workers * PREFETCH_BATCHES) + 1, max(steps, workers)
     needed = batch * (warmup + repeats * steps + 1)  # and one batch for the device-side augmentation
-    with timing_frames("train", size, needed, data_root) as (samples, source):
+    with timing_frames("train", size, needed, data_root) as (samples, root, source):
         crop = [min(plan.crop_size[0], size[0]), min(plan.crop_size[1], size[1])] if not data_root else plan.crop_size
-        dataset = CityscapesTrain(samples, crop, plan.scale_range, plan.flip)
-        keys = [(index, index) for index in range(needed)]  # (index, augmentation seed), as the training sampler
-        loader = train_loader(dataset, keys, batch, workers, device, seed=0)
-        batches = iter(loader)
-        fetch = batches.__next__
-        times = time_steps(fetch, torch.device("cpu"), warmup, repeats, steps)
-        raw = fetch()
-        del fetch, batches  # stops the workers before their folder is removed
+        times, raw = time_loader(CityscapesTrain(samples, crop, plan.scale_range, plan.flip), batch, workers, device,
+                                 warmup, repeats, steps)
+        distinct = list({s.image: s for s in samples}.values())[:CACHED_FRAMES]
+        with tempfile.TemporaryDirectory(prefix="segbench-decoded-") as cache_dir:
+            frames = build_cache(Path(cache_dir), root, "train", distinct, workers=1)
+            cycled = DecodedFrames(frames.frames_path, [frames.entries[i % len(distinct)] for i in range(needed)])
+            cached_times, _ = time_loader(CityscapesTrain(samples, crop, plan.scale_range, plan.flip, decoded=cycled),
+                                          batch, workers, device, warmup, repeats, steps)
     transform = TrainTransform(tuple(crop), plan.pad_value, tuple(plan.mean), tuple(plan.std))
     reset_peak_memory(device)
     augment_times = time_steps(lambda: transform(raw, device), device, max(1, warmup // 4), repeats, steps)
-    augment = Timing(batch, statistics.median(augment_times), augment_times,
-                     peak_memory_gib(device) if device.type == "cuda" else None)
-    loading = Timing(batch, statistics.median(times), times, None)
-    return loading, augment, {"images": source, "warmup": warmup, "steps": steps, "crop": list(crop)}
+    timings = {
+        "data": Timing(batch, statistics.median(times), times, None),
+        "data cached": Timing(batch, statistics.median(cached_times), cached_times, None),
+        "augment": Timing(batch, statistics.median(augment_times), augment_times,
+                          peak_memory_gib(device) if device.type == "cuda" else None),
+    }
+    return timings, {"images": source, "warmup": warmup, "steps": steps, "crop": list(crop)}
 
 
 def measure_eval(spec: Spec, plan, device: torch.device, config: StepConfig, size: tuple[int, int],
@@ -362,7 +389,7 @@ def measure_eval(spec: Spec, plan, device: torch.device, config: StepConfig, siz
     model, forward = build_for_timing(spec, device, config)
     mode = TestMode.from_spec(spec, list(size))
     stamps: list[float] = []
-    with timing_frames("val", size, needed, data_root) as (samples, source):
+    with timing_frames("val", size, needed, data_root) as (samples, _, source):
         transform = EvalTransform(tuple(size), tuple(plan.mean), tuple(plan.std))
         reset_peak_memory(device)
         # Each image's scoring waits for its prediction (the confusion count), so a stamp marks finished work.
@@ -446,11 +473,12 @@ def speed(options: SpeedOptions) -> dict[str, Any]:
         entry: dict[str, Any] = {"size": list(size)}
         workers = plan.workers if options.workers is None else options.workers
         if mode == "data":
-            loading, augment, timed = measure_data(plan, device, batch, size, options.data_root, workers, **counts)
-            entry.update(workers=workers, **timed,
-                         images_per_s_per_worker=loading.images_per_s / workers if workers else None)
-            results[mode] = {**entry, **timing_fields(loading)}
-            results["augment"] = {"size": timed["crop"], "source_size": list(size), **timing_fields(augment)}
+            timings, timed = measure_data(plan, device, batch, size, options.data_root, workers, **counts)
+            for name in ("data", "data cached"):
+                per_worker = timings[name].images_per_s / workers if workers else None
+                results[name] = {**entry, "workers": workers, **timed, "images_per_s_per_worker": per_worker,
+                                 **timing_fields(timings[name])}
+            results["augment"] = {"size": timed["crop"], "source_size": list(size), **timing_fields(timings["augment"])}
             continue
         if mode == "eval":
             timing, timed = measure_eval(spec, plan, device, project, size, options.data_root, workers, **counts)
@@ -506,9 +534,10 @@ COLUMNS = ["row", "mode", "device", "precision", "batch", "size", "img/s", "step
 
 def mode_notes(mode: str, entry: dict[str, Any], device_type: str) -> str:
     """What a mode's figures mean beyond the columns: per worker, the share of the forward rate, where it ran."""
-    if mode == "data":
+    if mode in ("data", "data cached"):
         per_worker = entry.get("images_per_s_per_worker")
-        return (f"{per_worker:.1f} img/s per worker" if per_worker else "in the main process") + ", decode only"
+        what = "decoding PNGs" if mode == "data" else "reading decoded frames (--decoded-cache)"
+        return (f"{per_worker:.1f} img/s per worker" if per_worker else "in the main process") + f", {what}"
     if mode == "augment":
         return f"on {device_type}, from {'x'.join(map(str, entry['source_size']))} frames"
     if mode == "eval":
@@ -525,8 +554,8 @@ def table_rows(record: dict[str, Any]) -> list[list[str]]:
     for mode, entry in record["modes"].items():
         plain = entry.get("plain_fp32_nchw") or {}
         rows.append([
-            record["row"], mode + (f" ({entry['workers']} workers)" if mode == "data" else ""), record["device"],
-            record["precision"] if mode not in ("data", "augment") else "-", str(entry["batch"]),
+            record["row"], mode + (f" ({entry['workers']} workers)" if mode.startswith("data") else ""), record["device"],
+            record["precision"] if mode not in ("data", "data cached", "augment") else "-", str(entry["batch"]),
             "x".join(map(str, entry["size"])),
             fmt(entry["images_per_s"], ".2f"), fmt(1000 * entry["step_s"], ".1f"), fmt(entry["peak_memory_gib"], ".2f"),
             fmt(entry["flops_per_image"] / 1e9 if "flops_per_image" in entry else None, ".1f"),

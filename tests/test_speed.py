@@ -4,6 +4,7 @@ figures agree with each other; the timing, the out-of-memory retry and the FLOP 
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -25,11 +26,12 @@ def test_speed_on_cpu_prints_every_column_and_writes_a_consistent_record(isolate
     header = lines[0]
     for column in speed.COLUMNS:
         assert column in header
-    rows = {line.split()[1]: line for line in lines[2:7]}
-    assert set(rows) == {"train", "infer", "eval", "data", "augment"}
+    rows = {re.match(r"sf_seg_v2\s+(.+?)( \(\d+ workers\))?\s{2,}", line).group(1): line for line in lines[2:8]}
+    assert set(rows) == {"train", "infer", "eval", "data", "data cached", "augment"}
     for mode in ("train", "infer"):  # every measured column filled: no "-" left but the notes
         assert " - " not in rows[mode].removesuffix(" -")
-    assert "decode only" in rows["data"] and "on cpu" in rows["augment"] and "0 workers" in rows["eval"]
+    assert "decoding PNGs" in rows["data"] and "decoded frames" in rows["data cached"]
+    assert "on cpu" in rows["augment"] and "0 workers" in rows["eval"]
 
     (path,) = (isolated_outputs / "results" / "speed").glob("*/sf_seg_v2/*.json")
     assert path.parent.parent.name == speed.device_name(torch.device("cpu"))
@@ -46,9 +48,10 @@ def test_speed_on_cpu_prints_every_column_and_writes_a_consistent_record(isolate
         assert entry["speedup_over_plain"] == pytest.approx(entry["images_per_s"] / plain["images_per_s"])
         assert entry["peak_memory_gib"] > 0
     assert record["modes"]["train"]["flops_per_image"] > 2 * record["modes"]["infer"]["flops_per_image"]
-    data, augment, evaluation = (record["modes"][m] for m in ("data", "augment", "eval"))
-    assert data["batch"] == 2 and data["workers"] == 0 and data["images_per_s"] > 0
-    assert "generated 64x32" in data["images"]
+    data, cached, augment, evaluation = (record["modes"][m] for m in ("data", "data cached", "augment", "eval"))
+    for loading in (data, cached):
+        assert loading["batch"] == 2 and loading["workers"] == 0 and loading["images_per_s"] > 0
+        assert "generated 64x32" in loading["images"] and len(loading["step_s_repeats"]) == 2
     assert augment["batch"] == 2 and augment["images_per_s"] == pytest.approx(2 / augment["step_s"])
     assert evaluation["batch"] == 1 and len(evaluation["step_s_repeats"]) == 2 and evaluation["images_per_s"] > 0
     assert "generated 64x32" in evaluation["images"] and evaluation["test_mode"] == "whole"
@@ -128,7 +131,7 @@ def test_data_mode_reads_a_given_dataset_with_workers(tmp_path, one_thread):
     record = speed.speed(speed.SpeedOptions(row="sf_seg_v2", mode="data", batch=2, device="cpu", data_root=str(root),
                                             workers=1, warmup=0, repeats=2, steps=1))
     data = record["modes"]["data"]
-    assert set(record["modes"]) == {"data", "augment"} and str(root) in data["images"]
+    assert set(record["modes"]) == {"data", "data cached", "augment"} and str(root) in data["images"]
     assert record["matmul_peak_tflops"] is None and data["workers"] == 1 and len(data["step_s_repeats"]) == 2
     assert data["images_per_s_per_worker"] == pytest.approx(data["images_per_s"])
 
