@@ -1,5 +1,10 @@
 """Evaluation the way Cityscapes scores it, one image at a time into a confusion matrix on the device.
 
+One loop (`evaluate`) serves training-time evaluation, `bench eval` and `bench predict`: images arrive decoded as
+uint8 (loader workers decode the next ones meanwhile), are resized to the test size and normalised on the device,
+predicted by one or several models (raw and EMA weights share a pass), and scored there at the ground truth's
+size; writing prediction files and panels are optional sinks of the same loop.
+
 Test modes (`TestMode`, built from a spec by `TestMode.from_spec`):
 - whole image (the default, as the table): the image at the test size, logits resized to the ground truth;
 - sliding window ("crop test"): crops of `crop_size` every `stride` pixels, overlapping logits averaged,
@@ -196,11 +201,6 @@ def infer_logits(model: nn.Module, images: torch.Tensor, out_size: tuple[int, in
                 logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
             total = logits if total is None else total.add_(logits)
     return total / mode.views if mode.views > 1 else total
-
-
-def predict_logits(model: nn.Module, image: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
-    """Whole-image logits resized to `out_size`; kept for callers of the first version."""
-    return infer_logits(model, image, out_size)
 
 
 # --- the evaluation loop -------------------------------------------------------------------------

@@ -369,7 +369,7 @@ class TrainingJob:
                                           start_new_session=True, preexec_fn=_child_setup)
         while True:
             try:
-                code = self._process.wait(timeout=2)
+                code = self._process.wait(timeout=0.5)  # notes the run folder soon after `bench run` creates it
                 break
             except subprocess.TimeoutExpired:
                 if main:

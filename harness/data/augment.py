@@ -45,11 +45,6 @@ class Draw:
     def as_tensor(self) -> torch.Tensor:
         return torch.tensor([self.height, self.width, int(self.flip), self.top, self.left], dtype=torch.int64)
 
-    @classmethod
-    def from_tensor(cls, values: torch.Tensor) -> "Draw":
-        height, width, flip, top, left = (int(v) for v in values.tolist())
-        return cls(height, width, bool(flip), top, left)
-
 
 def draw_augmentation(rng: random.Random, image_hw: tuple[int, int], crop_size: Sequence[int],
                       scale_range: Sequence[float], flip: bool) -> Draw:
