@@ -361,7 +361,7 @@ class Trainer:
             data_wait += time.perf_counter() - fetch_start
             self._step(*self.transform(raw, self.device))
             log.advance()
-            window_images += len(raw) * self.world.size
+            window_images += len(raw.images) * self.world.size
             step = self.iteration
             checkpoint_due = plan.checkpoint_every and step % plan.checkpoint_every == 0 and step != plan.iters
             eval_due = plan.eval_every and step % plan.eval_every == 0 and step != plan.iters

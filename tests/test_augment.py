@@ -109,3 +109,34 @@ def test_batches_are_the_same_on_one_and_two_processes_with_workers_and_after_a_
     resumed = pipeline_batches(samples, World(0, 1), 4, 4, 3, workers=1)  # resumed mid-epoch, decoded by a worker
     for (images, labels), (expected_images, expected_labels) in zip(resumed, single[4:]):
         assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_device_augmentation_and_a_training_step_never_wait_for_the_gpu(precision, synthetic_root: Path):
+    """The per-step path of `bench run` on a GPU: pinned raw batch -> TrainTransform -> forward, OHEM loss, backward,
+    fused SGD (with fp16 the grad scaler's inf check stays on the device), scheduler and EMA. Any host
+    synchronisation raises under CUDA's sync debug mode."""
+    from harness.models import build_model
+    from harness.runner import RunOptions, make_plan
+    from harness.spec import load_spec
+    from harness.train import Trainer
+
+    spec = load_spec("df_seg_v1-ema")
+    plan = make_plan(spec, "synthetic", 24, RunOptions(row=spec.row, synthetic=True), precision, World())
+    device = torch.device("cuda")
+    trainer = Trainer(spec, plan, build_model(spec), device, World(), lambda *a: None, Path("unused"), progress=False)
+    trainer._loss_sum = torch.zeros((), device=device)
+    trainer._first_bad = torch.zeros((), dtype=torch.long, device=device)
+    dataset = CityscapesTrain(find_samples(synthetic_root, "train")[:4], plan.crop_size, plan.scale_range, plan.flip)
+    raw = collate_raw([dataset[(i, i)] for i in range(4)])
+    raw = raw._replace(images=[t.pin_memory() for t in raw.images], labels=[t.pin_memory() for t in raw.labels])
+    trainer._step(*trainer.transform(raw, device))  # first step: cuDNN's choice, allocations, the scaler's state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            trainer._step(*trainer.transform(raw, device))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert trainer.iteration == 4 and torch.isfinite(trainer._loss_sum)

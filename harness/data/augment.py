@@ -66,9 +66,6 @@ class RawBatch(NamedTuple):
     labels: list[torch.Tensor]  # uint8 HxW trainIds, 255 ignored
     draws: torch.Tensor  # int64 (N, 5): Draw.as_tensor of each sample
 
-    def __len__(self) -> int:  # type: ignore[override]
-        return len(self.images)
-
 
 def collate_raw(items: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> RawBatch:
     images, labels, draws = zip(*items)
