@@ -6,6 +6,8 @@ A run lives in runs/<dataset>/<row>/<stamp>/: `run.json` (its MLflow run and sta
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
@@ -418,7 +420,9 @@ def _run(options: RunOptions, spec: Spec, world: World, device: torch.device, pr
                              decoded=decoded_val.subset(val_shard) if decoded_val is not None else None)
     model = build_model(spec)
     if resume_state is None:
-        starting = apply_starting_weights(model, spec, loud=dataset == "cityscapes")
+        # Every rank loads the file; rank 0 alone says what it loaded or missed.
+        with contextlib.nullcontext() if world.is_main else contextlib.redirect_stderr(io.StringIO()):
+            starting = apply_starting_weights(model, spec, loud=dataset == "cityscapes")
     else:  # a resumed run takes every tensor from its checkpoint, and keeps the status it started with
         starting = resume_state.get("starting_weights", "unknown")
 

@@ -305,6 +305,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_with_one_checkpoint_that_res
     context = f"SIGTERM to rank {rank} after iteration {at}:\n{err}"
     assert process.returncode == 128 + signal.SIGTERM, context
     assert "Traceback" not in err and err.count("stopped by SIGTERM") == 1, context
+    said = [line for line in err.splitlines() if "starts from random weights" in line or ": loaded " in line]
+    assert len(said) == 1, context  # each rank loads the starting weights; rank 0 alone says so
     (folder,) = run_dirs("pair")
     saved = checkpoint.checkpoints(folder / "checkpoints")
     assert len(saved) == 1, (saved, context)
