@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+
 from harness import checkpoint, distributed, paths, visualize
 from harness.data.cityscapes import CLASS_NAMES, CityscapesTrain, Sample, check_pairs, check_root, find_samples
 from harness.data.decoded import DecodedFrames, cached_or_built, open_cache
