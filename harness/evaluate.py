@@ -17,7 +17,6 @@ Only one image's logits exist at a time, so 500 images at 2048x1024 need the mem
 from __future__ import annotations
 
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from tqdm import tqdm
 from harness import export, visualize
 from harness.data.augment import EvalTransform
 from harness.data.cityscapes import NUM_CLASSES, Sample, load_train_ids
-from harness.data.loaders import eval_loader
+from harness.data.loaders import eval_loader, loader_workers
 from harness.errors import BenchError
 from harness.metrics import ConfusionMatrix, SegMetrics
 from harness.spec import Spec
@@ -259,13 +258,6 @@ class PanelWriter:
                                                      truth, visualize.panel_path(self.out_dir, scored.sample)))
 
 
-def _valid_pixels_index(prediction: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Ground truth x prediction cell of each pixel; ignored pixels go to one extra cell past the matrix. No
-    boolean indexing: nothing here waits for the device."""
-    cell = label.long() * num_classes + prediction
-    return torch.where(label.long() < num_classes, cell, torch.full_like(cell, num_classes * num_classes))
-
-
 @torch.no_grad()
 def evaluate(models: Mapping[str, nn.Module], loader: DataLoader, device: torch.device, transform: EvalTransform, *,
              mode: TestMode = WHOLE_IMAGE, precision: str = "fp32", num_classes: int = NUM_CLASSES,
@@ -285,8 +277,7 @@ def evaluate(models: Mapping[str, nn.Module], loader: DataLoader, device: torch.
         if unlabelled is not None:
             raise BenchError(f"no ground truth for {unlabelled.image}; evaluate a labelled split (val), "
                              "or write predictions with `bench predict`")
-    cells = num_classes * num_classes
-    counts = {name: torch.zeros(cells + 1, dtype=torch.int64, device=device) for name in models} if score else {}
+    matrices = {name: ConfusionMatrix(num_classes, device=device) for name in models} if score else {}
     with _EvalModes(list(models.values())):
         shown = progress and sys.stderr.isatty()
         for image, label, index in tqdm(loader, desc=desc, disable=not shown, leave=False, dynamic_ncols=True):
@@ -296,17 +287,13 @@ def evaluate(models: Mapping[str, nn.Module], loader: DataLoader, device: torch.
             for name, model in models.items():
                 prediction = infer_logits(model, inputs, out_size, mode, precision).argmax(1)[0]
                 if score:
-                    counts[name] += torch.bincount(_valid_pixels_index(prediction, label, num_classes).view(-1),
-                                                   minlength=cells + 1)
+                    matrices[name].update(prediction, label)
                 for sink in sinks:
                     sink(Scored(int(index), samples[int(index)], image, prediction, label))
-    results = {}
-    for name, count in counts.items():
-        matrix = count[:cells].view(num_classes, num_classes)
+    for matrix in matrices.values():
         if reduce is not None:
-            reduce(matrix)
-        results[name] = SegMetrics.from_matrix(matrix)
-    return results
+            reduce(matrix.matrix)
+    return {name: matrix.compute() for name, matrix in matrices.items()}
 
 
 def panel_indices(total: int, count: int) -> list[int]:
@@ -366,9 +353,9 @@ def predict_split(model: nn.Module, samples: Sequence[Sample], spec: Spec, devic
 
 def default_workers(device: torch.device) -> int:
     """Decoding processes for `bench eval` / `predict`: on a GPU every core but the loop's (the forward outruns
-    one decoder several times over), on the CPU two, which the model's own threads leave room for."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores - 1) if torch.device(device).type == "cuda" else min(2, max(0, cores - 1))
+    one decoder several times over), on the CPU at most two, which the model's own threads leave room for."""
+    workers = loader_workers(1)
+    return workers if torch.device(device).type == "cuda" else min(2, workers)
 
 
 def score_predictions(samples: Sequence[Sample], predictions_dir: Path, num_classes: int = NUM_CLASSES,

@@ -19,9 +19,14 @@ class ConfusionMatrix:
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
 
     def update(self, prediction: torch.Tensor, target: torch.Tensor) -> None:
-        valid = target != self.ignore_index
-        index = target[valid].long() * self.num_classes + prediction[valid].long().to(target.device)
-        self.matrix += torch.bincount(index, minlength=self.num_classes**2).reshape(self.num_classes, -1).to(self.matrix.device)
+        # Ignored pixels are counted in one cell past the matrix and dropped: no boolean indexing, whose
+        # data-dependent size would make the host wait for the device on every image.
+        cells = self.num_classes**2
+        target = target.long()
+        index = target * self.num_classes + prediction.long().to(target.device)
+        index = torch.where(target != self.ignore_index, index, torch.full_like(index, cells))
+        counts = torch.bincount(index.reshape(-1), minlength=cells + 1)[:cells]
+        self.matrix += counts.reshape(self.num_classes, self.num_classes).to(self.matrix.device)
 
     def compute(self) -> "SegMetrics":
         return SegMetrics.from_matrix(self.matrix)

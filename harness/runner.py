@@ -24,7 +24,7 @@ import torch
 from harness import checkpoint, distributed, paths, visualize
 from harness.data.cityscapes import CLASS_NAMES, CityscapesTrain, Sample, check_pairs, check_root, find_samples
 from harness.data.decoded import DecodedFrames, cached_or_built, open_cache
-from harness.data.loaders import eval_loader, train_loader as train_data_loader
+from harness.data.loaders import eval_loader, loader_workers, train_loader as train_data_loader
 from harness.data.synthetic import ensure_synthetic
 from harness.distributed import ShardedTrainSampler, World
 from harness.errors import BenchError
@@ -142,13 +142,6 @@ def make_plan(spec: Spec, dataset: str, train_images: int, options: RunOptions, 
     plan.seed, plan.precision, plan.world_size = options.seed, precision, world.size
     plan.log_every = max(1, min(plan.log_every, plan.iters))
     return plan
-
-
-def loader_workers(processes_on_this_node: int) -> int:
-    """Data-loader processes for each training process when the spec leaves it to the machine: the cores this
-    process may use, shared by the training processes of this node, one core kept for the training loop."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, processes_on_this_node) - 1)
 
 
 def pick_device(name: Optional[str], world: World) -> torch.device:

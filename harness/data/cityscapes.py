@@ -174,9 +174,9 @@ def _read_png(path: Path, mode: str) -> np.ndarray:
         raise BenchError(f"cannot read image {path}: {exc}") from None
 
 
-def _same_size(label: np.ndarray, image_hw: tuple[int, int], path: Path) -> None:
-    if tuple(label.shape[:2]) != tuple(image_hw):
-        raise BenchError(f"label {path} is {label.shape[1]}x{label.shape[0]} but its image is "
+def _same_size(label_hw: tuple[int, int], image_hw: tuple[int, int], path: Path) -> None:
+    if tuple(label_hw) != tuple(image_hw):
+        raise BenchError(f"label {path} is {label_hw[1]}x{label_hw[0]} but its image is "
                          f"{image_hw[1]}x{image_hw[0]}; each labelIds PNG must have its image's size")
 
 
@@ -201,7 +201,7 @@ def decode_pair(sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
     if sample.label is None:
         return image, torch.empty(0, dtype=torch.uint8)
     label = decode_train_ids(sample.label)
-    _same_size(label.numpy(), tuple(image.shape[:2]), sample.label)
+    _same_size(tuple(label.shape), tuple(image.shape[:2]), sample.label)
     return image, label
 
 

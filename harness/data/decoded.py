@@ -35,6 +35,14 @@ from harness.errors import BenchError
 FORMAT = 1
 
 
+class CacheUnusable(BenchError):
+    """The cache is missing, stale or damaged: `reason` says which; the message adds how to rebuild it."""
+
+    def __init__(self, reason: str, rebuild: str):
+        super().__init__(f"{reason}; {rebuild}")
+        self.reason = reason
+
+
 def _stamp(path: Path) -> list[int]:
     stat = path.stat()
     return [stat.st_size, stat.st_mtime_ns]
@@ -96,23 +104,24 @@ def open_cache(cache_dir: Path, root: Path, split: str, samples: Sequence[Sample
     frames, index = paths_for(cache_dir, split)
     rebuild = f"rebuild it with: bench data cache --data-root {root} --out {cache_dir}"
     if not index.is_file() or not frames.is_file():
-        raise BenchError(f"no decoded cache of the {split} split in {cache_dir}; {rebuild}")
+        raise CacheUnusable(f"no decoded cache of the {split} split in {cache_dir}", rebuild)
     try:
         info = json.loads(index.read_text())
     except (OSError, ValueError) as exc:
-        raise BenchError(f"decoded cache index {index} is unreadable ({exc}); {rebuild}") from None
+        raise CacheUnusable(f"decoded cache index {index} is unreadable ({exc})", rebuild) from None
     entries = info.get("samples", [])
     if info.get("format") != FORMAT or len(entries) != len(samples):
-        raise BenchError(f"decoded cache {index} holds {len(entries)} {split} frames, the dataset {len(samples)}; {rebuild}")
+        raise CacheUnusable(f"decoded cache {index} holds {len(entries)} {split} frames, the dataset {len(samples)}", rebuild)
     for entry, sample in zip(entries, samples):
         if sample.label is None:
             raise BenchError(f"{sample.image} has no ground truth; the decoded cache holds labelled splits only")
         if (entry["image"] != str(sample.image.relative_to(root)) or entry["label"] != str(sample.label.relative_to(root))
                 or entry["image_stamp"] != _stamp(sample.image) or entry["label_stamp"] != _stamp(sample.label)):
-            raise BenchError(f"decoded cache {index} is stale: {sample.image} changed or is not the file it decoded; {rebuild}")
+            raise CacheUnusable(f"decoded cache {index} is stale: {sample.image} changed or is not the file it decoded",
+                                rebuild)
     expected = sum(frame_bytes(e["height"], e["width"]) for e in entries)
     if frames.stat().st_size != expected:
-        raise BenchError(f"decoded cache {frames} is {frames.stat().st_size} bytes, its index says {expected}; {rebuild}")
+        raise CacheUnusable(f"decoded cache {frames} is {frames.stat().st_size} bytes, its index says {expected}", rebuild)
     return DecodedFrames(frames, entries)
 
 
@@ -188,8 +197,8 @@ def cached_or_built(cache_dir: Path, root: Path, split: str, samples: Sequence[S
     how fast the frames decoded)."""
     try:
         return open_cache(cache_dir, root, split, samples)
-    except BenchError as reason:
-        echo(f"decoded cache: {str(reason).split('; rebuild')[0]}; decoding {len(samples)} {split} frames now")
+    except CacheUnusable as unusable:
+        echo(f"decoded cache: {unusable.reason}; decoding {len(samples)} {split} frames now")
     bar = tqdm(total=len(samples), desc=f"decode {split}", disable=not sys.stderr.isatty(), leave=False)
     started = time.perf_counter()
 

@@ -3,6 +3,7 @@ enough batches queued that the device never waits while a worker is between file
 
 from __future__ import annotations
 
+import os
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -15,6 +16,13 @@ from harness.data.decoded import DecodedFrames
 # Batches each worker keeps ready. A batch of full frames is 8 MiB an image in shared memory, so this stays small:
 # with a worker per core the queue already spans more batches than a step's worth of decoding.
 PREFETCH_BATCHES = 2
+
+
+def loader_workers(processes_on_this_node: int) -> int:
+    """Data-loader processes for each training process when the spec leaves it to the machine: the cores this
+    process may use, shared by the training processes of this node, one core kept for the training loop."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, processes_on_this_node) - 1)
 
 
 def train_loader(dataset: CityscapesTrain, sampler: Sampler, batch_size: int, workers: int,
