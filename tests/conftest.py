@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from harness.data.synthetic import ensure_synthetic
+from harness.logs import configure_logging
 from harness.paths import PROJECT_ROOT
 
 REFERENCE = Path(os.environ.get("SEGBENCH_REFERENCE", PROJECT_ROOT.parent / "shared" / "reference"))
@@ -25,6 +26,12 @@ def reference_file(path: Path) -> Path:
             pytest.fail(f"{message}; CI must run beside ../shared/reference/")
         pytest.skip(f"{message} (a user's clone has none)")
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def diagnostics_on_stderr() -> None:
+    """The project's notes and warnings on stderr, as the `bench` command shows them, for in-process calls too."""
+    configure_logging()
 
 
 @pytest.fixture(autouse=True)

@@ -47,9 +47,9 @@ def fixed_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 def overfit_losses(row: str, steps: int = 20, lr: float = 0.01) -> list[float]:
     """The row's model trained on `fixed_batch` with its own loss (OHEM and auxiliary weights included)."""
-    from harness.losses import SegmentationLoss
+    from harness.config.spec import load_spec
+    from harness.engine.losses import SegmentationLoss
     from harness.models import build_model
-    from harness.spec import load_spec
 
     torch.manual_seed(0)
     spec = load_spec(row)
@@ -115,3 +115,17 @@ def per_image_shapes(model: torch.nn.Module, x: torch.Tensor, names) -> tuple[di
     """`traced_forward` on the named submodules, shapes without the batch dimension."""
     seen, outputs = traced_forward(model, x, {name: model.get_submodule(name) for name in names})
     return {k: [s[1:] for s in v] if isinstance(v, list) else v[1:] for k, v in seen.items()}, outputs
+
+
+def plan_at(spec, test_size=None, dataset: str = "cityscapes", **changes):
+    """The row's plan (on the official train split), at another test size (its crop test scaled to it) and with
+    `changes` to any field: what an evaluation at that size runs with."""
+    from dataclasses import replace
+
+    from harness.config.plan import make_plan, scaled_test_crop
+
+    plan = make_plan(spec, dataset, 2975)
+    if test_size is not None:
+        crop, stride = scaled_test_crop(spec, list(test_size))
+        plan = replace(plan, test_size=list(test_size), crop_test=crop, crop_stride=stride)
+    return replace(plan, **changes)

@@ -1,11 +1,12 @@
-"""Result records shaped like those `bench run` writes (harness.runner._finish), for table and verdict tests."""
+"""Result records shaped like those `bench run` writes (harness.report.finish.training_record), for table and verdict tests."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from harness.spec import load_spec
-from harness.verdicts import OFFICIAL_TRAIN_IMAGES, OFFICIAL_VAL_IMAGES, planned_iterations
+from harness.config.plan import planned_iterations
+from harness.config.spec import load_spec
+from harness.report.verdicts import OFFICIAL_TRAIN_IMAGES, OFFICIAL_VAL_IMAGES
 
 
 def full_budget_record(row: str, miou: float, **change: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Issue 11's data pipeline: workers decode and draw, the device augments. The device-side augmentation equals a
+"""The data pipeline: workers decode and draw, the device augments. The device-side augmentation equals a
 straightforward per-sample implementation on the same draws, and a sample's batch is the same for 1 and 2
 processes, any worker count and after a resume."""
 
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from harness.data.augment import Draw, EvalTransform, TrainTransform, collate_raw, draw_augmentation
 from harness.data.cityscapes import IMAGENET_MEAN, IMAGENET_STD, CityscapesTrain, decode_pair, find_samples
 from harness.data.loaders import endless_batches, train_loader
-from harness.distributed import ShardedTrainSampler, World
+from harness.engine.distributed import ShardedTrainSampler, World
 
 MEAN, STD = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
@@ -117,26 +117,26 @@ def test_device_augmentation_and_a_training_step_never_wait_for_the_gpu(precisio
     """The per-step path of `bench run` on a GPU: pinned raw batch -> TrainTransform -> forward, OHEM loss, backward,
     fused SGD (with fp16 the grad scaler's inf check stays on the device), scheduler and EMA. Any host
     synchronisation raises under CUDA's sync debug mode."""
+    from harness.config.plan import make_plan
+    from harness.config.spec import load_spec
+    from harness.engine.train import Trainer
     from harness.models import build_model
-    from harness.runner import RunOptions, make_plan
-    from harness.spec import load_spec
-    from harness.train import Trainer
 
     spec = load_spec("df_seg_v1-ema")
-    plan = make_plan(spec, "synthetic", 24, RunOptions(row=spec.row, synthetic=True), precision, World())
+    plan = make_plan(spec, "synthetic", 24, precision=precision)
     device = torch.device("cuda")
-    trainer = Trainer(spec, plan, build_model(spec), device, World(), lambda *a: None, Path("unused"), progress=False)
+    trainer = Trainer(plan, build_model(spec), device, World(), progress=False)
     trainer._loss_sum = torch.zeros((), device=device)
     trainer._first_bad = torch.zeros((), dtype=torch.long, device=device)
     dataset = CityscapesTrain(find_samples(synthetic_root, "train")[:4], plan.crop_size, plan.scale_range, plan.flip)
     raw = collate_raw([dataset[(i, i)] for i in range(4)])
     raw = raw._replace(images=[t.pin_memory() for t in raw.images], labels=[t.pin_memory() for t in raw.labels])
-    trainer._step(*trainer.transform(raw, device))  # first step: cuDNN's choice, allocations, the scaler's state
+    trainer.train_step(*trainer.transform(raw, device))  # first step: cuDNN's choice, allocations, the scaler's state
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
-            trainer._step(*trainer.transform(raw, device))
+            trainer.train_step(*trainer.transform(raw, device))
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert trainer.iteration == 4 and torch.isfinite(trainer._loss_sum)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from harness.paths import PROJECT_ROOT
-from harness.table import render
+from harness.report.table import render
 
 
 def test_committed_benchmark_md_is_regenerated_byte_for_byte(monkeypatch):

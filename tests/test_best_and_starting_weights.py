@@ -9,14 +9,14 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from harness import checkpoint
+from harness.commands.run import RunOptions, run
+from harness.config.spec import load_spec
+from harness.engine import checkpoint
 from harness.models import build_model
 from harness.models.weights import load_init_checkpoint
 from harness.paths import default_tracking_uri
-from harness.results import load_records
-from harness.runner import RunOptions, run
-from harness.spec import load_spec
-from harness.table import RANDOM_START_MARK, render
+from harness.report.records import load_records
+from harness.report.table import RANDOM_START_MARK, render
 from tests.helpers import experiments_with
 
 pytestmark = pytest.mark.slow

@@ -12,13 +12,13 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from harness.cli import main
+from harness.commands.run import RunOptions, run
+from harness.config.spec import load_spec
 from harness.data.cityscapes import TRAIN_ID_TO_LABEL_ID, find_samples
-from harness.evaluate import score_predictions
+from harness.outputs.predictions import score_predictions
 from harness.paths import default_tracking_uri
-from harness.results import load_records
-from harness.runner import RunOptions, run
-from harness.spec import load_spec
-from harness.table import table_frame
+from harness.report.records import load_records
+from harness.report.table import table_frame
 from tests.helpers import experiments_with
 from tests.test_training_resilience import TINY
 

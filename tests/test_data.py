@@ -6,8 +6,16 @@ import torch
 from PIL import Image
 
 from harness.data.augment import TrainTransform, collate_raw
-from harness.data.cityscapes import (IMAGENET_MEAN, IMAGENET_STD, CityscapesEval, CityscapesTrain, IGNORE_INDEX,
-                                     LABEL_TO_TRAIN, find_samples, label_ids_to_train_ids)
+from harness.data.cityscapes import (
+    IGNORE_INDEX,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LABEL_TO_TRAIN,
+    CityscapesEval,
+    CityscapesTrain,
+    find_samples,
+    label_ids_to_train_ids,
+)
 from harness.data.synthetic import write_synthetic
 from harness.errors import BenchError
 

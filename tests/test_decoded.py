@@ -1,4 +1,4 @@
-"""The decoded-frame cache (issue 11): a memory-mapped copy of decoded frames that reads back exactly what decoding
+"""The decoded-frame cache: a memory-mapped copy of decoded frames that reads back exactly what decoding
 gives, refuses to serve a changed dataset, and trains the same run as the PNGs do."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from harness.cli import main
 from harness.data.cityscapes import CityscapesEval, CityscapesTrain, decode_pair, find_samples
 from harness.data.decoded import build_cache, open_cache
 from harness.errors import BenchError
-from harness.results import load_records
+from harness.report.records import load_records
 from tests.helpers import experiments_with
 
 

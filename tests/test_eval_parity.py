@@ -13,11 +13,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from harness import export
+from harness.config.spec import load_spec
 from harness.data.cityscapes import CLASS_NAMES, TRAIN_ID_TO_LABEL_ID, Sample, find_samples
-from harness.evaluate import evaluate_split, score_predictions
-from harness.metrics import SegMetrics
-from harness.spec import load_spec
+from harness.engine.metrics import SegMetrics
+from harness.outputs import predictions as export
+from harness.outputs.predictions import evaluate_split, score_predictions
+from tests.helpers import plan_at
 
 pytest.importorskip("cityscapesscripts")
 
@@ -119,7 +120,7 @@ def test_evaluate_split_agrees_with_the_official_evaluator_on_its_saved_predicti
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 19, 1))
     pred_dir = tmp_path / "predictions"
     # Inference below ground-truth size, so the resize to ground truth is part of what is checked.
-    metrics = evaluate_split(model, samples, spec, torch.device("cpu"), test_size=[128, 64],
+    metrics = evaluate_split(model, samples, plan_at(spec, [128, 64]), torch.device("cpu"),
                              save_predictions_dir=pred_dir, workers=0, progress=False)
     paths = [export.prediction_path(pred_dir, s) for s in samples]
     assert all(p.is_file() for p in paths)

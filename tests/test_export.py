@@ -12,12 +12,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from harness import export, visualize
+from harness.config.spec import load_spec
 from harness.data.augment import EvalTransform
 from harness.data.cityscapes import PALETTE, TRAIN_ID_TO_LABEL_ID, decode_image, find_samples, load_train_ids
+from harness.engine.evaluate import infer_logits
 from harness.errors import BenchError
-from harness.evaluate import evaluate_split, infer_logits, predict_split, score_predictions
-from harness.spec import load_spec
+from harness.outputs import panels as visualize
+from harness.outputs import predictions as export
+from harness.outputs.predictions import evaluate_split, predict_split, score_predictions
+from tests.helpers import plan_at
 
 
 def tiny_model() -> nn.Module:
@@ -60,7 +63,7 @@ def test_test_split_export_round_trips_through_the_submission_zip(test_split: Pa
     assert samples and all(s.label is None for s in samples)
     model = tiny_model()
     out = tmp_path / "submission"
-    paths = predict_split(model, samples, spec, torch.device("cpu"), out, test_size=[128, 64], workers=0, progress=False)
+    paths = predict_split(model, samples, plan_at(spec, [128, 64]), torch.device("cpu"), out, workers=0, progress=False)
 
     # One PNG per image, named like its image, in its city's folder, at the image's full size, of labelIds.
     assert paths == [out / s.city / s.image.name for s in samples]
@@ -126,16 +129,13 @@ def test_corrupt_or_missing_prediction_files_are_one_line_errors_naming_the_path
     assert "mode RGB" in one_line_error_naming(path, lambda: score_predictions(samples, pred_dir))
     Image.fromarray(np.zeros((64, 128), np.uint8)).save(path)
     assert "ground-truth size" in one_line_error_naming(path, lambda: score_predictions(samples, pred_dir))
-    empty = tmp_path / "empty"
-    assert "missing prediction" in one_line_error_naming(export.prediction_path(empty, samples[0]),
-                                                         lambda: visualize.save_panels(samples[:1], empty, tmp_path / "panels"))
 
 
 def test_panels_show_image_ground_truth_and_prediction_in_the_palette(synthetic_root: Path, tmp_path: Path):
     spec = load_spec("deeplabv3-r50")
     samples = find_samples(synthetic_root, "val")
     pred_dir, panels = tmp_path / "preds", tmp_path / "panels"
-    evaluate_split(tiny_model(), samples, spec, torch.device("cpu"), test_size=[256, 128], save_predictions_dir=pred_dir,
+    evaluate_split(tiny_model(), samples, plan_at(spec, [256, 128]), torch.device("cpu"), save_predictions_dir=pred_dir,
                    panels_dir=panels, num_panels=3, workers=0, progress=False)
     written = sorted(panels.glob("*.png"))
     assert [p.name for p in written] == sorted(f"{samples[i].stem}_panel.png" for i in (0, 4, 7))
@@ -154,7 +154,9 @@ def test_panels_show_image_ground_truth_and_prediction_in_the_palette(synthetic_
     gt_tile = panel[visualize.CAPTION_HEIGHT:, tile + visualize.GAP : 2 * tile + visualize.GAP]
     assert (gt_tile == visualize.colorize(load_train_ids(samples[0].label).numpy())).all()
 
-    # The same panels from the saved prediction files, scaled down to a smaller tile.
-    again = visualize.save_panels(samples[:1], pred_dir, tmp_path / "again", tile_width=128)
-    with Image.open(again[0]) as img:
+    # A smaller tile scales every tile alike.
+    prediction = export.read_prediction_train_ids(export.prediction_path(pred_dir, samples[0]))
+    again = visualize.save_panel(samples[0].image, prediction, load_train_ids(samples[0].label), tmp_path / "p.png",
+                                 tile_width=128)
+    with Image.open(again) as img:
         assert img.size == (3 * 128 + 2 * visualize.GAP, 64 + visualize.CAPTION_HEIGHT)

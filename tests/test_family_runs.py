@@ -8,10 +8,10 @@ from click.testing import CliRunner
 from torch.utils.flop_counter import FlopCounterMode
 
 from harness.cli import main
+from harness.config.spec import load_all, load_ours, load_spec
 from harness.models import build_model
 from harness.models.common import count_parameters
-from harness.results import load_records
-from harness.spec import load_all, load_ours, load_spec
+from harness.report.records import load_records
 from tests.helpers import experiments_with
 
 # One row of each family; the EMA and light-seg variants share its network.

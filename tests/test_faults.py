@@ -1,4 +1,4 @@
-"""Issue 13's fault suite (values, data, filesystem, stale status, listening sockets): every fault is one line
+"""The fault suite (values, data, filesystem, stale status, listening sockets): every fault is one line
 naming the bad input, a non-zero exit, no traceback, and nothing written before it is changed."""
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from harness import checkpoint
 from harness.cli import main
+from harness.commands.run import find_resume_target
+from harness.engine import checkpoint
+from harness.engine.metrics import ConfusionMatrix
+from harness.engine.run_folder import RUN_FILE, RunFolder
 from harness.errors import BenchError
-from harness.metrics import ConfusionMatrix
 from harness.paths import runs_dir
-from harness.results import load_records, write_record
-from harness.run_folder import RUN_FILE, RunFolder
-from harness.runner import find_resume_target
+from harness.report.records import load_records, write_record
 from tests.helpers import bench, experiments_with
 
 TINY = {

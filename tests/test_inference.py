@@ -10,14 +10,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.config.precision import autocast_dtype, resolve_precision
+from harness.config.spec import load_spec
 from harness.data.augment import EvalTransform
 from harness.data.cityscapes import find_samples
 from harness.data.loaders import eval_loader
+from harness.engine.evaluate import WHOLE_IMAGE, TestMode, evaluate, infer_logits, window_starts
+from harness.engine.metrics import SegMetrics
 from harness.errors import BenchError
-from harness.evaluate import (WHOLE_IMAGE, TestMode, autocast_dtype, evaluate, evaluate_split, infer_logits,
-                              panel_indices, window_starts)
-from harness.metrics import SegMetrics
-from harness.spec import load_spec
+from harness.outputs.panels import panel_indices
+from harness.outputs.predictions import evaluate_split
+from tests.helpers import plan_at
 
 
 class Position(nn.Module):
@@ -131,15 +134,17 @@ def test_flip_scales_and_windows_combine():
     assert WHOLE_IMAGE.describe() == "whole"
 
 
-def test_mode_from_spec_defaults_to_whole_image_and_scales_the_crop_for_small_test_sizes():
+def test_mode_from_the_plan_defaults_to_whole_image_and_scales_the_crop_for_small_test_sizes():
     spec = load_spec("deeplabv3-r50")
-    assert TestMode.from_spec(spec) == WHOLE_IMAGE
+    assert TestMode.from_plan(plan_at(spec)) == WHOLE_IMAGE
     spec.columns.crop_test = [1024, 1024]
-    assert TestMode.from_spec(spec).crop_size == (1024, 1024)
-    small = TestMode.from_spec(spec, test_size=[256, 256])  # an eighth of 2048 wide, a quarter of 1024 tall
+    assert TestMode.from_plan(plan_at(spec)).crop_size == (1024, 1024)
+    small = TestMode.from_plan(plan_at(spec, test_size=[256, 256]))  # an eighth of 2048 wide, a quarter of 1024 tall
     assert small.crop_size == (128, 256) and small.stride == (86, 171)
     spec.eval.crop_stride, spec.eval.flip, spec.eval.scales = [512, 512], True, [0.75, 1.0]
-    assert TestMode.from_spec(spec) == TestMode((1024, 1024), (512, 512), True, (0.75, 1.0))
+    assert TestMode.from_plan(plan_at(spec)) == TestMode((1024, 1024), (512, 512), True, (0.75, 1.0))
+    # The synthetic plan evaluates at the synthetic test size, with the crop shrunk alike.
+    assert TestMode.from_plan(plan_at(spec, dataset="synthetic")).crop_size == (128, 128)
 
 
 @pytest.mark.parametrize("change, words", [
@@ -155,15 +160,17 @@ def test_bad_eval_settings_are_one_line_errors_naming_the_row(change: dict, word
     spec.eval.crop_stride = change.get("crop_stride")
     spec.eval.scales = change.get("scales", [1.0])
     with pytest.raises(BenchError) as err:
-        TestMode.from_spec(spec)
+        TestMode.from_plan(plan_at(spec))
     assert words in str(err.value) and "deeplabv3-r50" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_precision_is_fp32_on_cpu_and_checked():
-    assert autocast_dtype("bf16", torch.device("cpu")) is None
-    assert autocast_dtype("fp16", torch.device("cuda")) is torch.float16
+    assert autocast_dtype("fp32") is None and autocast_dtype("fp16") is torch.float16
+    assert resolve_precision(None, "cpu") == "fp32" and resolve_precision(None, "cuda") == "bf16"
+    with pytest.raises(BenchError, match="needs a GPU"):
+        resolve_precision("bf16", "cpu")
     with pytest.raises(BenchError, match="precision 'fp8'"):
-        autocast_dtype("fp8", torch.device("cpu"))
+        autocast_dtype("fp8")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -191,7 +198,7 @@ def test_one_pass_scores_several_models_as_each_alone_and_keeps_their_mode(synth
     heads = [nn.Sequential(conv_model(seed=seed), nn.Conv2d(5, 19, 1)) for seed in (2, 3)]
     heads[0].train()
     heads[1].eval()
-    alone = [evaluate_split(h, samples, spec, torch.device("cpu"), test_size=spec.synthetic.test_size, workers=0,
+    alone = [evaluate_split(h, samples, plan_at(spec, spec.synthetic.test_size), torch.device("cpu"), workers=0,
                             progress=False) for h in heads]
     assert heads[0].training and not heads[1].training
     transform = EvalTransform(tuple(spec.synthetic.test_size), tuple(spec.data.mean), tuple(spec.data.std))
@@ -201,5 +208,5 @@ def test_one_pass_scores_several_models_as_each_alone_and_keeps_their_mode(synth
     assert same_metrics(together["a"], alone[0]) and same_metrics(together["b"], alone[1])
     assert not same_metrics(alone[0], alone[1])
     # A test size below the ground truth's: logits are scored at ground-truth size all the same.
-    small = evaluate_split(heads[0], samples, spec, torch.device("cpu"), test_size=[128, 64], workers=0, progress=False)
+    small = evaluate_split(heads[0], samples, plan_at(spec, [128, 64]), torch.device("cpu"), workers=0, progress=False)
     assert not same_metrics(small, alone[0]) and len(small.iou) == 19

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from harness.metrics import ConfusionMatrix
+from harness.engine.metrics import ConfusionMatrix
 
 
 def test_confusion_matrix_matches_hand_worked_example():

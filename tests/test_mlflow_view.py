@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from harness.checkpoint_eval import EvalOptions, evaluate_checkpoint
+from harness.commands.evaluate import EvalOptions, evaluate_checkpoint
+from harness.commands.run import RunOptions, run
+from harness.config.spec import load_spec
 from harness.data.cityscapes import CLASS_NAMES
 from harness.paths import default_tracking_uri
-from harness.runner import RunOptions, run
-from harness.spec import load_spec
-from harness.table import measured_miou
-from harness.tracking import start_ui
+from harness.report.verdicts import measured_miou
+from harness.tracking.mlflow_ui import start_ui
 from tests.helpers import experiments_with
 from tests.test_training_resilience import TINY
 

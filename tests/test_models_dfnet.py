@@ -8,14 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from harness.config.spec import load_all, load_spec
 from harness.errors import BenchError
 from harness.models import build_model
-from harness.models.common import count_parameters
-from harness.models.common import PyramidPooling
+from harness.models.common import PyramidPooling, count_parameters
 from harness.models.df_seg import DFSeg
 from harness.models.dfnet import convert_imagenet_state, dfnet
 from harness.models.sizes import measure
-from harness.spec import load_all, load_spec
 from tests.helpers import assert_segmentation_outputs, experiments_with, per_image_shapes
 from tests.test_models_up_sfnet import assert_pretrain_file_loads, up_pretrain_shapes
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from harness.config.spec import load_all, load_spec
 from harness.models import build_model, implemented_families
 from harness.models.registry import TABLE_FAMILIES
 from harness.models.sizes import measure
-from harness.spec import load_all, load_spec
 from tests.helpers import assert_segmentation_outputs, overfit_losses
 
 ROWS = {family: next(s.row for s in load_all() if s.model.family == family) for family in TABLE_FAMILIES}

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from harness.losses import SegmentationLoss, ohem_keep_mask
-from harness.spec import LossSpec, load_spec
+from harness.config.spec import LossSpec, load_spec
+from harness.engine.losses import SegmentationLoss, ohem_keep_mask
 from tests.helpers import experiments_with
 
 # True-class probabilities of ten valid pixels, and three ignored pixels. The ignored ones look like
@@ -63,8 +63,7 @@ def test_loss_is_the_mean_cross_entropy_of_the_kept_pixels():
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_defaults_and_the_fast_rows_recipe():
-    assert (LossSpec().ohem_thresh, LossSpec().ohem_min_kept) == (0.7, 100_000)
+def test_the_shared_recipe_and_the_fast_rows_recipe():
     for row in ("bisenet-r18", "icnet-r50"):
         loss = load_spec(row).loss
         assert (loss.name, loss.ohem_thresh, loss.ohem_min_kept) == ("ohem", 0.7, 100_000)
@@ -175,7 +174,7 @@ def random_case(gen: torch.Generator, case: int) -> dict:
 
 
 def test_fast_selection_keeps_exactly_the_reference_pixels_on_random_probabilities():
-    from harness.losses import ohem_select
+    from harness.engine.losses import ohem_select
 
     gen = torch.Generator().manual_seed(0)
     binding = loose = 0
@@ -217,9 +216,9 @@ def test_hand_built_example_matches_the_reference():
 
 @pytest.mark.parametrize("name,group_images", [("ohem", 0), ("ohem", 1), ("ohem", 2), ("ce", 0), ("ce", 2)])
 def test_loss_and_gradient_equal_the_reference(name, group_images, monkeypatch):
-    import harness.losses
+    import harness.engine.losses
 
-    monkeypatch.setattr(harness.losses, "CHUNK_ELEMENTS", 700)  # several chunks per batch, one image each
+    monkeypatch.setattr(harness.engine.losses, "CHUNK_ELEMENTS", 700)  # several chunks per batch, one image each
     gen = torch.Generator().manual_seed(2)
     spec = LossSpec(name=name, ohem_thresh=0.6, ohem_min_kept=150, aux_weights=[0.4])
     for case in range(6):
@@ -250,7 +249,7 @@ def test_bf16_logits_match_the_fp32_reference_and_keep_their_dtype():
     gen = torch.Generator().manual_seed(3)
     main = (torch.randn(2, 5, 16, 16, generator=gen) * 2).bfloat16().requires_grad_()
     target = torch.randint(0, 5, (2, 16, 16), generator=gen)
-    spec = LossSpec(name="ce")
+    spec = LossSpec(name="ce", ohem_thresh=0.7, ohem_min_kept=100_000)
     loss = SegmentationLoss(spec)(main, target)
     assert loss.dtype == torch.float32
     (grad,) = torch.autograd.grad(loss, main)
@@ -263,10 +262,11 @@ def test_bf16_logits_match_the_fp32_reference_and_keep_their_dtype():
 def test_no_fp32_tensor_the_size_of_the_upsampled_logits_is_created(monkeypatch):
     """bf16 logits upsampled 4x: forward and backward create no fp32 tensor of a full batch's size (only
     chunk-sized fp32 temporaries and one value per pixel)."""
-    import harness.losses
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    monkeypatch.setattr(harness.losses, "CHUNK_ELEMENTS", 19 * 32 * 32)  # one image per chunk
+    import harness.engine.losses
+
+    monkeypatch.setattr(harness.engine.losses, "CHUNK_ELEMENTS", 19 * 32 * 32)  # one image per chunk
     full = 4 * 19 * 32 * 32
     largest = {}
 
@@ -281,7 +281,7 @@ def test_no_fp32_tensor_the_size_of_the_upsampled_logits_is_created(monkeypatch)
     logits = torch.randn(4, 19, 8, 8).bfloat16().requires_grad_()
     target = torch.randint(0, 19, (4, 32, 32))
     with Sizes():
-        SegmentationLoss(LossSpec(name="ohem", ohem_min_kept=500))(logits, target).backward()
+        SegmentationLoss(LossSpec(name="ohem", ohem_thresh=0.7, ohem_min_kept=500))(logits, target).backward()
     assert largest[torch.bfloat16] >= full  # the upsampled logits and their gradient, as expected
     assert 0 < largest[torch.float32] < full
 
@@ -320,7 +320,7 @@ def test_the_loss_never_reads_a_value_back_to_the_host(monkeypatch):
 
     outputs, target = loss_inputs("cpu")
     specs = [LossSpec(name="ohem", ohem_thresh=0.7, ohem_min_kept=k, aux_weights=[0.4]) for k in (0, 50, 3000, 10**6)]
-    specs.append(LossSpec(name="ce", aux_weights=[0.4]))
+    specs.append(LossSpec(name="ce", ohem_thresh=0.7, ohem_min_kept=100_000, aux_weights=[0.4]))
     with monkeypatch.context() as patch:
         for name in ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "nonzero"):
             patch.setattr(torch.Tensor, name, refuse)
@@ -339,7 +339,7 @@ def test_the_loss_never_reads_a_value_back_to_the_host(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_loss_never_synchronises_the_gpu():
     outputs, target = loss_inputs("cuda")
-    loss_fn = SegmentationLoss(LossSpec(name="ohem", ohem_min_kept=3000, aux_weights=[0.4]), group_images=2)
+    loss_fn = SegmentationLoss(LossSpec(name="ohem", ohem_thresh=0.7, ohem_min_kept=3000, aux_weights=[0.4]), group_images=2)
     loss_fn(outputs, target).backward()  # warm-up: lazy initialisation may synchronise once
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -357,7 +357,7 @@ def test_the_loss_never_synchronises_the_gpu():
 
 @pytest.mark.parametrize("size_in,size_out", [((4, 5), (16, 20)), ((7, 3), (10, 11)), ((9, 9), (4, 6)), ((1, 2), (3, 3))])
 def test_matrix_upsampling_equals_interpolate(size_in, size_out):
-    from harness.losses import upsample_logits
+    from harness.engine.losses import upsample_logits
 
     x = torch.randn(2, 3, *size_in, dtype=torch.float64, requires_grad=True)
     weights = torch.randn(2, 3, *size_out, dtype=torch.float64)
@@ -369,7 +369,7 @@ def test_matrix_upsampling_equals_interpolate(size_in, size_out):
 
 
 def test_matrix_upsampling_stays_fp32_under_autocast():
-    from harness.losses import upsample_logits
+    from harness.engine.losses import upsample_logits
 
     x = torch.randn(1, 4, 5, 6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -380,7 +380,7 @@ def test_matrix_upsampling_stays_fp32_under_autocast():
 
 def test_uint8_labels_give_the_same_loss():
     (main, aux), target = loss_inputs("cpu")
-    loss_fn = SegmentationLoss(LossSpec(name="ohem", ohem_min_kept=3000, aux_weights=[0.4]), group_images=2)
+    loss_fn = SegmentationLoss(LossSpec(name="ohem", ohem_thresh=0.7, ohem_min_kept=3000, aux_weights=[0.4]), group_images=2)
     assert loss_fn((main, aux), target.to(torch.uint8)).item() == loss_fn((main, aux), target).item()
 
 
@@ -388,7 +388,7 @@ def test_uint8_labels_give_the_same_loss():
 def test_loss_runs_and_repeats_bitwise_under_deterministic_algorithms_on_cuda(monkeypatch):
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # as `bench run --deterministic` sets it
     outputs, target = loss_inputs("cuda")
-    loss_fn = SegmentationLoss(LossSpec(name="ohem", ohem_min_kept=3000, aux_weights=[0.4]), group_images=2)
+    loss_fn = SegmentationLoss(LossSpec(name="ohem", ohem_thresh=0.7, ohem_min_kept=3000, aux_weights=[0.4]), group_images=2)
     torch.use_deterministic_algorithms(True)
     try:
         runs = []

@@ -11,12 +11,12 @@ import yaml
 from click.testing import CliRunner
 
 from harness.cli import main
+from harness.config.spec import load_all, load_ours, load_spec, our_row_ids, row_ids
 from harness.errors import BenchError
 from harness.models import build_model
 from harness.models.weights import load_backbone_checkpoint
-from harness.results import load_records
-from harness.spec import load_all, load_ours, load_spec, our_row_ids, row_ids
-from harness.table import OURS_HEADING, render
+from harness.report.records import load_records
+from harness.report.table import OURS_HEADING, render
 from tests.helpers import assert_segmentation_outputs, experiments_with
 from tests.table_fixtures import full_budget_record, line_of
 

@@ -10,14 +10,16 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from harness.cli import main
+from harness.commands.run import RunOptions, run
+from harness.config.spec import load_spec
 from harness.data.cityscapes import find_samples
-from harness.evaluate import evaluate_split
+from harness.engine.device import seed_everything
 from harness.models import build_model
+from harness.outputs.predictions import evaluate_split
 from harness.paths import benchmark_path, default_tracking_uri
-from harness.results import load_records
-from harness.runner import RunOptions, run, seed_everything
-from harness.spec import load_spec
-from harness.tracking import experiment_name
+from harness.report.records import load_records
+from harness.tracking.tracker import experiment_name
+from tests.helpers import plan_at
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +27,8 @@ pytestmark = pytest.mark.slow
 def initial_miou(row: str, root: Path) -> float:
     spec = load_spec(row)
     seed_everything(0)
-    return evaluate_split(build_model(spec), find_samples(root, "val"), spec, torch.device("cpu"),
-                          test_size=spec.synthetic.test_size, workers=0, progress=False).miou
+    return evaluate_split(build_model(spec), find_samples(root, "val"), plan_at(spec, spec.synthetic.test_size),
+                          torch.device("cpu"), workers=0, progress=False).miou
 
 
 def test_short_training_learns_and_is_tracked(synthetic_root: Path):
@@ -73,7 +75,7 @@ def test_ema_row_evaluates_both_weight_sets(synthetic_root: Path):
 
 
 def test_failed_run_is_marked_failed_and_writes_no_record(synthetic_root: Path, monkeypatch):
-    from harness.train import Trainer
+    from harness.engine.train import Trainer
 
     def broken_fit(*args, **kwargs):
         raise RuntimeError("simulated crash")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.config.spec import load_all, load_spec, row_ids
 from harness.errors import BenchError
 from harness.paths import PROJECT_ROOT
-from harness.spec import load_all, load_spec, row_ids
 from tests.conftest import SEED_TABLE, reference_file
 
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from harness import speed
 from harness.cli import main
+from harness.commands import speed
+from harness.config.spec import load_spec
 from harness.errors import BenchError
-from harness.spec import load_spec
 
 
 def test_speed_on_cpu_prints_every_column_and_writes_a_consistent_record(isolated_outputs, one_thread):
@@ -155,8 +155,8 @@ def speed_record(row: str, device: str, device_type: str, size: list[int], batch
 
 
 def test_benchmark_md_shows_the_inference_rate_at_full_size_naming_the_device(isolated_outputs):
-    from harness.results import write_record
-    from harness.table import INFER_COLUMN, NOT_MEASURED, render
+    from harness.report.records import write_record
+    from harness.report.table import INFER_COLUMN, NOT_MEASURED, render
 
     for record in [
         speed_record("sf_seg_v2", "nvidia-h100", "cuda", [2048, 1024], 1, 204.25, "2026-11-01T00:00:00Z"),

@@ -12,16 +12,19 @@ import pytest
 import timm
 import torch
 
+from harness.commands.run import RunOptions, run
+from harness.config.spec import load_spec
 from harness.errors import BenchError
 from harness.models import build_model, weights
 from harness.models.dfnet import dfnet
-from harness.models.weights import (apply_starting_weights, load_backbone_checkpoint, load_init_checkpoint,
-                                    resolve_checkpoint_path)
+from harness.models.weights import (
+    apply_starting_weights,
+    load_backbone_checkpoint,
+    load_init_checkpoint,
+    resolve_checkpoint_path,
+)
 from harness.paths import PROJECT_ROOT
-from harness.runner import RunOptions, run
-from harness.spec import load_spec
 from tests.helpers import bench, experiments_with
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -305,7 +308,7 @@ def small_budget(iters: int) -> dict:
 
 @pytest.mark.slow
 def test_mseg_row_starts_from_an_earlier_run_and_beats_scratch(tmp_path, monkeypatch, capsys, synthetic_root):
-    """Issue done-criterion: `df_seg_v1-mseg` starts from a checkpoint of an earlier synthetic run and its first
+    """`df_seg_v1-mseg` starts from a checkpoint of an earlier synthetic run and its first
     evaluation already beats training from scratch for the same steps; a mismatched checkpoint is refused."""
     few = 3
     use_rows(tmp_path, monkeypatch, {

@@ -1,4 +1,4 @@
-"""Issue 14 on CPU: `bench sweep` through submitit's local executor runs real jobs whose records reach the table,
+"""`bench sweep` on CPU, through submitit's local executor runs real jobs whose records reach the table,
 skips what is done, survives a preemption by checkpoint + requeue + resume (same weights as an uninterrupted run),
 prints the Slurm script without Slurm, and `bench sweep status` reads a sweep's state from its folder."""
 
@@ -17,10 +17,10 @@ import torch
 from click.testing import CliRunner
 
 from harness.cli import main
+from harness.commands.run import RunOptions, run
+from harness.commands.sweep import TrainingJob, read_state, sweeps_dir, write_state
 from harness.paths import runs_dir
-from harness.results import load_records
-from harness.runner import RunOptions, run
-from harness.sweep import TrainingJob, read_state, sweeps_dir, write_state
+from harness.report.records import load_records
 from tests.helpers import bench, experiments_with
 from tests.test_training_resilience import TINY, assert_same_tensors
 

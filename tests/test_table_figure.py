@@ -11,11 +11,11 @@ from PIL import Image
 
 import harness.models.sizes
 from harness.cli import main
-from harness.figure import figure_png, gflops_by_row
+from harness.config.spec import load_all, load_spec
 from harness.paths import benchmark_path
-from harness.results import write_record
-from harness.spec import load_all, load_spec
-from harness.verdicts import row_verdicts
+from harness.report.figure import figure_png, gflops_by_row
+from harness.report.records import write_record
+from harness.report.verdicts import row_verdicts
 from tests.table_fixtures import full_budget_record
 
 

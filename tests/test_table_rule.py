@@ -1,5 +1,5 @@
-"""Rule 1 of issue 12: only real reproductions reach benchmark.md's measured columns; every other record is kept
-and listed under its own heading. The rule is harness.verdicts.standing; the table applies it."""
+"""The counting rule: only real reproductions reach benchmark.md's measured columns; every other record is kept
+and listed under its own heading. The rule is harness.report.verdicts.standing; the table applies it."""
 
 from __future__ import annotations
 
@@ -7,27 +7,35 @@ from pathlib import Path
 
 import pytest
 
-from harness.distributed import World
-from harness.results import load_records
-from harness.runner import RunOptions, make_plan, run
-from harness.spec import load_all, load_spec
-from harness.table import RANDOM_START_MARK, render
-from harness.verdicts import (OFFICIAL_TRAIN_IMAGES, OTHER_DATA, PARTIAL, RANDOM_START, REPRODUCTION, SMOKE,
-                              planned_iterations, standing)
+from harness.commands.run import RunOptions, run
+from harness.config.plan import make_plan
+from harness.config.spec import load_all, load_spec
+from harness.report.records import load_records
+from harness.report.table import RANDOM_START_MARK, render
+from harness.report.verdicts import (
+    OFFICIAL_TRAIN_IMAGES,
+    OTHER_DATA,
+    PARTIAL,
+    RANDOM_START,
+    REPRODUCTION,
+    SMOKE,
+    planned_iterations,
+    standing,
+)
 from tests.table_fixtures import full_budget_record, line_of
 
 
 def test_planned_budget_is_the_runners_plan_on_the_official_train_split():
     """The rule's budget is what `bench run` plans for Cityscapes, for every row (no second formula drifting away)."""
     for spec in load_all():
-        plan = make_plan(spec, "cityscapes", OFFICIAL_TRAIN_IMAGES, RunOptions(row=spec.row), "fp32", World())
+        plan = make_plan(spec, "cityscapes", OFFICIAL_TRAIN_IMAGES)
         assert planned_iterations(spec) == plan.iters, spec.row
     assert planned_iterations(load_spec("df_seg_v1")) == 180 * 186  # 180 epochs of ceil(2975 / 16)
 
 
 @pytest.mark.parametrize("change, kind", [
     ({}, REPRODUCTION),
-    ({"iterations": 2}, SMOKE),  # the issue's example: `--iters 1`-style runs
+    ({"iterations": 2}, SMOKE),  # `--iters 1`-style runs
     ({"iterations": 180 * 186 // 2}, PARTIAL),  # half the budget
     ({"iterations": 180 * 186 + 1}, PARTIAL),  # not the planned budget either
     ({"val_images": 8, "train_images": 24}, OTHER_DATA),  # a folder that is not the official split
@@ -48,7 +56,7 @@ def test_each_kind_of_record_lands_where_the_rule_says(change, kind):
 def test_only_reproductions_reach_the_measured_columns():
     records = [
         full_budget_record("df_seg_v1", 71.50, time="2026-01-01T00:00:00Z"),
-        # the issue's example: a Cityscapes-layout synthetic folder, --iters 1, random start
+        # a Cityscapes-layout synthetic folder, --iters 1, random start
         full_budget_record("df_seg_v1", 0.01, iterations=1, val_images=8, train_images=24,
                            starting_weights="missing weights/df1_imagenet.pth", time="2026-01-02T00:00:00Z"),
         full_budget_record("df_seg_v1", 33.33, iterations=2 * 186, time="2026-01-03T00:00:00Z"),

@@ -1,4 +1,4 @@
-"""Rules 2 and 3 of issue 12: seeds, spread and verdicts per row (a light-seg row on its base row's runs), the
+"""Seeds, spread and verdicts per row (a light-seg row on its base row's runs), the
 synthetic table showing what ran, and `bench check` for CI."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from harness.cli import main
-from harness.results import load_records, write_record
-from harness.table import render
-from harness.verdicts import ABOVE, BELOW, IN_PROGRESS, NOT_RUN, REPRODUCED, judge
+from harness.report.records import load_records, write_record
+from harness.report.table import render
+from harness.report.verdicts import ABOVE, BELOW, IN_PROGRESS, NOT_RUN, REPRODUCED, judge
 from tests.table_fixtures import full_budget_record, line_of
 
 SEEDS = (72.4, 72.6, 72.8)  # three full-budget runs of sf_seg_v1 (reference 72.5; light-seg figure 72.11)
@@ -46,12 +46,13 @@ def test_a_tighter_tolerance_turns_the_lightseg_comparison_into_above():
 
 
 def test_verdicts_use_the_tolerance_or_the_references_own_spread():
-    assert judge([79.5], [79.1]) == REPRODUCED and judge([79.5], [78.9]) == BELOW and judge([79.5], [80.1]) == ABOVE
+    assert judge([79.5], [79.1], 0.5) == REPRODUCED and judge([79.5], [78.9], 0.5) == BELOW
+    assert judge([79.5], [80.1], 0.5) == ABOVE
     assert judge([79.5], [78.9], tolerance=1.0) == REPRODUCED
     # "74.6 | 75.0": a mean inside the reference's own runs is reproduced even with no tolerance at all
     assert judge([74.6, 75.0], [75.0], tolerance=0.0) == REPRODUCED
     assert judge([74.6, 75.0], [75.1], tolerance=0.0) == ABOVE
-    assert judge([79.5], []) == NOT_RUN
+    assert judge([79.5], [], 0.5) == NOT_RUN
 
 
 def test_a_running_run_shows_in_progress_for_its_row_and_light_seg_row(isolated_outputs: Path):
@@ -119,7 +120,7 @@ def test_check_exits_0_inside_the_tolerance_and_1_outside_with_parseable_json(co
 
 def test_run_of_a_lightseg_row_says_so_and_trains_the_base_row(monkeypatch):
     started = []
-    monkeypatch.setattr("harness.runner.run", lambda options: started.append(options) or {})
+    monkeypatch.setattr("harness.commands.run.train", lambda checked, seed: started.append(checked.options) or {})
     result = CliRunner().invoke(main, ["run", "--row", "sf_seg_v1-lightseg", "--synthetic"])
     assert result.exit_code == 0, result.output
     assert [o.row for o in started] == ["sf_seg_v1"]

@@ -19,10 +19,10 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from harness.cli import main
+from harness.commands.run import RunOptions, run
 from harness.paths import runs_dir
-from harness.results import load_records
-from harness.runner import RunOptions, run
-from harness.tracking import Journal
+from harness.report.records import load_records
+from harness.tracking.journal import Journal
 from tests.helpers import bench, experiments_with
 from tests.test_training_resilience import TINY
 

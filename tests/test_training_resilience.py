@@ -1,4 +1,4 @@
-"""Issue 5 on CPU: resume is exact, signals checkpoint, damaged checkpoints are skipped, divergence fails
+"""Resilience on CPU: resume is exact, signals checkpoint, damaged checkpoints are skipped, divergence fails
 cleanly, the global batch is checked before launch, and 1 or 2 processes train the same model."""
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from harness import checkpoint
 from harness.cli import main
-from harness.distributed import World
+from harness.commands.run import RunOptions, run
+from harness.engine import checkpoint
+from harness.engine.distributed import World
+from harness.engine.train import convert_norm
 from harness.errors import BenchError
 from harness.paths import default_tracking_uri, runs_dir
-from harness.results import load_records
-from harness.runner import RunOptions, run
-from harness.tracking import experiment_name
-from harness.train import convert_norm
+from harness.report.records import load_records
+from harness.tracking.tracker import experiment_name
 from tests.helpers import bench, experiments_with
 
 pytestmark = pytest.mark.slow
@@ -149,7 +149,7 @@ def test_checkpoints_are_written_through_a_rename_and_pruned(tmp_path):
 
 
 def test_resume_with_changed_spec_names_the_keys(tiny_row, tmp_path, monkeypatch):
-    from harness.train import Trainer
+    from harness.engine.train import Trainer
 
     def crash(self, loader):
         raise RuntimeError("simulated crash after the iteration-4 checkpoint")
@@ -324,7 +324,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_with_one_checkpoint_that_res
 
 
 def test_the_log_says_once_when_training_waits_for_data(capsys):
-    from harness.train import TrainLog
+    from harness.engine.train import TrainLog
 
     log = TrainLog("row", 100, 0, torch.device("cpu"), bar=False, lines=True, workers=3)
     window = {"train_loss": 1.0, "lr": 0.01, "images_per_s": 12.0}

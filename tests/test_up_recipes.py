@@ -12,11 +12,13 @@ import pytest
 import torch
 import yaml
 
+from harness.config.benchmark import UP_GPUS
+from harness.config.plan import TrainPlan, make_plan
+from harness.config.spec import Spec, load_all, load_spec
 from harness.data.cityscapes import IGNORE_INDEX
-from harness.runner import UP_GPUS, RunOptions, make_plan
-from harness.spec import Spec, load_all, load_spec
-from harness.train import ExpEMA, TrainPlan, learning_rate
-from harness.distributed import World
+from harness.engine.distributed import World
+from harness.engine.ema import ExpEMA
+from harness.engine.train import learning_rate
 from tests.conftest import REFERENCE, reference_file
 
 CONFIGS = REFERENCE / "united-perception" / "configs" / "seg"
@@ -60,7 +62,9 @@ def transform(config: dict, split: str, kind: str) -> dict | None:
 
 
 def cityscapes_plan(spec: Spec) -> TrainPlan:
-    return make_plan(spec, "cityscapes", CITYSCAPES_TRAIN_IMAGES, RunOptions(row=spec.row), "fp32", World())
+    from harness.data.loaders import loader_workers
+
+    return make_plan(spec, "cityscapes", CITYSCAPES_TRAIN_IMAGES, machine_workers=loader_workers(1))
 
 
 SPECS = {spec.row: spec for spec in load_all()}
@@ -165,13 +169,12 @@ def test_learning_rate_curve_is_ups(row):
 
 def test_scheduler_in_the_training_loop_follows_the_curve():
     """The Trainer's LambdaLR gives iteration t (0-based) the lr of learning_rate(t)."""
-    from harness.train import Trainer
+    from harness.engine.train import Trainer
 
     plan = cityscapes_plan(load_spec("df_seg_v1"))
     plan.iters, plan.warmup_iters = 40, 10
     model = torch.nn.Conv2d(3, 19, 1)
-    trainer = Trainer(load_spec("df_seg_v1"), plan, model, torch.device("cpu"), World(), lambda *a: None,
-                      Path("unused"), progress=False)
+    trainer = Trainer(plan, model, torch.device("cpu"), World(), progress=False)
     seen = []
     for _ in range(plan.iters):
         seen.append(trainer.optimizer.param_groups[0]["lr"])
@@ -209,7 +212,8 @@ def test_loader_workers_come_from_the_machine_unless_the_spec_sets_them(monkeypa
     one kept for each training loop; a spec's own number wins; the count is no part of the recipe at resume."""
     import os
 
-    from harness.runner import loader_workers, refuse_changed_recipe
+    from harness.commands.run import refuse_changed_recipe
+    from harness.data.loaders import loader_workers
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert (loader_workers(1), loader_workers(8), loader_workers(16)) == (15, 1, 1)

@@ -14,9 +14,9 @@ ImageNet statistics on 0-255 values.
 
 from __future__ import annotations
 
-import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,15 @@ import torch.nn.functional as F
 IGNORE_INDEX = 255
 
 
-def up_scale(rng: random.Random, low: float, high: float) -> float:
+class Rng(Protocol):
+    """What the draws need of a generator: a `random.Random`, or the `random` module itself (unseeded keys)."""
+
+    def random(self) -> float: ...
+
+    def randint(self, a: int, b: int) -> int: ...
+
+
+def up_scale(rng: Rng, low: float, high: float) -> float:
     """UP's seg_rand_resize draw: half the time uniform in [low, 1), half in [1, high)."""
     if rng.random() < 0.5:
         return low + (1.0 - low) * rng.random()
@@ -46,7 +54,7 @@ class Draw:
         return torch.tensor([self.height, self.width, int(self.flip), self.top, self.left], dtype=torch.int64)
 
 
-def draw_augmentation(rng: random.Random, image_hw: tuple[int, int], crop_size: Sequence[int],
+def draw_augmentation(rng: Rng, image_hw: Sequence[int], crop_size: Sequence[int],
                       scale_range: Sequence[float], flip: bool) -> Draw:
     """The draws in UP's order: scale, flip (only when flipping is on), crop top, crop left."""
     crop_w, crop_h = crop_size
@@ -83,7 +91,8 @@ def to_float_nchw(image: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class TrainTransform:
-    """A RawBatch -> (normalised float images N x 3 x crop_h x crop_w, int64 labels N x crop_h x crop_w), on `device`."""
+    """A RawBatch -> (normalised float images N x 3 x crop_h x crop_w, int64 labels N x crop_h x crop_w), on
+    `device`."""
 
     crop_size: tuple[int, int]  # [width, height]
     pad_value: int

@@ -17,12 +17,20 @@ import numpy as np
 from PIL import Image
 from tabulate import tabulate
 
-from harness.data.cityscapes import (IMAGE_SUFFIX, LABEL_MODES, LABEL_SUFFIX, LABEL_TO_TRAIN, IGNORE_INDEX,
-                                     MAX_PIXELS, check_root)
+from harness.config.benchmark import FRAME_SIZE, OFFICIAL_SPLIT_IMAGES
+from harness.data.cityscapes import (
+    IGNORE_INDEX,
+    IMAGE_SUFFIX,
+    LABEL_MODES,
+    LABEL_SUFFIX,
+    LABEL_TO_TRAIN,
+    MAX_PIXELS,
+    check_root,
+)
 from harness.errors import BenchError
 
-OFFICIAL_COUNTS = {"train": 2975, "val": 500, "test": 1525}
-OFFICIAL_SIZE = (2048, 1024)
+OFFICIAL_COUNTS = OFFICIAL_SPLIT_IMAGES
+OFFICIAL_SIZE = FRAME_SIZE
 LABELLED = ("train", "val")  # the test split's labels are withheld (placeholders): never checked
 MAX_LABEL_ID = 33  # cityscapesscripts' labels.py: ids 0-33 (-1, license plate, is never written to a PNG)
 SHOWN_DEFECTS = 50
@@ -124,10 +132,11 @@ def check_tree(data_root: Optional[str], workers: Optional[int] = None, official
     by_split = {s.split: s for s in summaries}
     # Labels decode in processes (the CPU-bound part); images need only their headers, read in threads.
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as processes:
-        label_results = processes.map(_inspect_label, [label for _, label, _ in label_jobs], chunksize=16)
+        pending_labels = processes.map(_inspect_label, [label for _, label, _ in label_jobs], chunksize=16)
         with ThreadPoolExecutor(max_workers=16) as threads:
-            image_sizes = dict(zip((p for _, p in image_jobs), threads.map(_image_header, (p for _, p in image_jobs))))
-        label_results = list(label_results)
+            image_sizes = dict(zip((p for _, p in image_jobs),
+                                   threads.map(_image_header, (p for _, p in image_jobs))))
+        label_results = list(pending_labels)
 
     for split, image in image_jobs:
         size, error = image_sizes[image]
@@ -138,22 +147,26 @@ def check_tree(data_root: Optional[str], workers: Optional[int] = None, official
         if size[0] < 1 or size[1] < 1 or size[0] * size[1] > MAX_PIXELS:
             defects.append(Defect(split, "image size", image, f"{size[0]}x{size[1]} is not a sane frame size"))
         elif official and size != OFFICIAL_SIZE:
-            defects.append(Defect(split, "image size", image, f"{size[0]}x{size[1]}, Cityscapes frames are 2048x1024"))
+            defects.append(Defect(split, "image size", image,
+                                  f"{size[0]}x{size[1]}, Cityscapes frames are {FRAME_SIZE[0]}x{FRAME_SIZE[1]}"))
 
-    for (split, label, image), (size, mode, largest, valid, error) in zip(label_jobs, label_results):
+    for (split, label, label_image), (size, mode, largest, valid, error) in zip(label_jobs, label_results):
         if error or size is None:
             defects.append(Defect(split, "unreadable", label, error))
             continue
-        image_size = image_sizes.get(image, (None, ""))[0] if image is not None else None
+        image_size = image_sizes.get(label_image, (None, ""))[0] if label_image is not None else None
         if image_size is not None and size != image_size:
-            defects.append(Defect(split, "label size", label, f"{size[0]}x{size[1]}, its image is {image_size[0]}x{image_size[1]}"))
+            defects.append(Defect(split, "label size", label,
+                                  f"{size[0]}x{size[1]}, its image is {image_size[0]}x{image_size[1]}"))
         if mode not in LABEL_MODES:
-            defects.append(Defect(split, "label mode", label, f"a {mode} image, not an 8-bit single-channel labelIds PNG"))
+            defects.append(Defect(split, "label mode", label,
+                                  f"a {mode} image, not an 8-bit single-channel labelIds PNG"))
             continue
         if largest is None:
             continue  # too large to decode: reported with its image's size
         if largest > MAX_LABEL_ID:
-            defects.append(Defect(split, "label values", label, f"labelId {largest} beyond the official 0-{MAX_LABEL_ID}"))
+            defects.append(Defect(split, "label values", label,
+                                  f"labelId {largest} beyond the official 0-{MAX_LABEL_ID}"))
         if not valid:
             defects.append(Defect(split, "no valid pixel", label, "every labelId maps to ignore (255)"))
         by_split[split].valid_pixels += valid

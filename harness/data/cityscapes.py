@@ -7,9 +7,10 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Protocol
 
 import numpy as np
 import torch
@@ -19,8 +20,6 @@ from torch.utils.data import Dataset
 from harness.data.augment import IGNORE_INDEX, draw_augmentation
 from harness.errors import BenchError
 
-if TYPE_CHECKING:
-    from harness.data.decoded import DecodedFrames
 NUM_CLASSES = 19
 
 CLASS_NAMES = (
@@ -94,11 +93,11 @@ def find_samples(root: Path, split: str, require_labels: bool = True) -> list[Sa
     for image in images:
         stem = image.name[: -len(IMAGE_SUFFIX)]
         label = root / "gtFine" / split / image.parent.name / f"{stem}{LABEL_SUFFIX}"
-        if not label.is_file():
-            if require_labels:
-                raise BenchError(f"missing ground truth {label} for image {image}; expected gtFine beside leftImg8bit")
-            label = None
-        samples.append(Sample(image, label))
+        found = label.is_file()
+        if not found and require_labels:
+            raise BenchError(f"missing ground truth {label} for image {image}; "
+                             "expected gtFine beside leftImg8bit")
+        samples.append(Sample(image, label if found else None))
     return samples
 
 
@@ -131,7 +130,8 @@ def read_header(path: Path) -> PngHeader:
 def check_image_header(path: Path, header: PngHeader) -> None:
     if header.width < 1 or header.height < 1 or header.width * header.height > MAX_PIXELS:
         raise BenchError(f"image {path} is {header.width}x{header.height}, not a sane Cityscapes frame size "
-                         f"(at most {MAX_PIXELS // 1_000_000} Mpixel; Cityscapes frames are 2048x1024); replace or remove it")
+                         f"(at most {MAX_PIXELS // 1_000_000} Mpixel; Cityscapes frames are 2048x1024); "
+                         "replace or remove it")
 
 
 def check_pair_headers(sample: Sample) -> None:
@@ -174,7 +174,7 @@ def _read_png(path: Path, mode: str) -> np.ndarray:
         raise BenchError(f"cannot read image {path}: {exc}") from None
 
 
-def _same_size(label_hw: tuple[int, int], image_hw: tuple[int, int], path: Path) -> None:
+def _same_size(label_hw: Sequence[int], image_hw: Sequence[int], path: Path) -> None:
     if tuple(label_hw) != tuple(image_hw):
         raise BenchError(f"label {path} is {label_hw[1]}x{label_hw[0]} but its image is "
                          f"{image_hw[1]}x{image_hw[0]}; each labelIds PNG must have its image's size")
@@ -205,13 +205,19 @@ def decode_pair(sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
     return image, label
 
 
+class DecodedSource(Protocol):
+    """Frames decoded beforehand (harness.data.decoded.DecodedFrames): the image and trainIds of a sample index."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 class CityscapesTrain(Dataset):
     """Training samples decoded in the loader workers, each with its augmentation draw (harness.data.augment):
     UP's random scale of the full image, horizontal flip and crop, drawn from the sample's key alone. The
     augmentation itself runs on the training device (augment.TrainTransform)."""
 
     def __init__(self, samples: list[Sample], crop_size: Sequence[int], scale_range: Sequence[float],
-                 flip: bool = True, decoded: Optional["DecodedFrames"] = None):
+                 flip: bool = True, decoded: Optional[DecodedSource] = None):
         self.samples = samples
         self.crop_size, self.scale_range, self.flip = list(crop_size), list(scale_range), flip
         self.decoded = decoded
@@ -234,7 +240,7 @@ class CityscapesEval(Dataset):
     resize to the test size and the normalisation run on the device (augment.EvalTransform), and predictions
     are scored at the ground truth's size, as the official evaluator scores."""
 
-    def __init__(self, samples: list[Sample], decoded: Optional["DecodedFrames"] = None):
+    def __init__(self, samples: list[Sample], decoded: Optional[DecodedSource] = None):
         self.samples = samples
         self.decoded = decoded
 

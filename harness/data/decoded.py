@@ -20,10 +20,11 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -49,9 +50,11 @@ def _stamp(path: Path) -> list[int]:
 
 
 def _entry(sample: Sample, root: Path, height: int, width: int, offset: int) -> dict[str, Any]:
-    return {"image": str(sample.image.relative_to(root)), "label": str(sample.label.relative_to(root)),
+    label = sample.label
+    assert label is not None  # build_cache refuses unlabelled samples before it gets here
+    return {"image": str(sample.image.relative_to(root)), "label": str(label.relative_to(root)),
             "height": height, "width": width, "offset": offset,
-            "image_stamp": _stamp(sample.image), "label_stamp": _stamp(sample.label)}
+            "image_stamp": _stamp(sample.image), "label_stamp": _stamp(label)}
 
 
 def frame_bytes(height: int, width: int) -> int:
@@ -72,7 +75,7 @@ class DecodedFrames:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def subset(self, indices: Sequence[int]) -> "DecodedFrames":
+    def subset(self, indices: Sequence[int]) -> DecodedFrames:
         """The frames at `indices`, in that order (a rank's evaluation shard)."""
         return DecodedFrames(self.frames_path, [self.entries[i] for i in indices])
 
@@ -111,17 +114,20 @@ def open_cache(cache_dir: Path, root: Path, split: str, samples: Sequence[Sample
         raise CacheUnusable(f"decoded cache index {index} is unreadable ({exc})", rebuild) from None
     entries = info.get("samples", [])
     if info.get("format") != FORMAT or len(entries) != len(samples):
-        raise CacheUnusable(f"decoded cache {index} holds {len(entries)} {split} frames, the dataset {len(samples)}", rebuild)
+        raise CacheUnusable(f"decoded cache {index} holds {len(entries)} {split} frames, the dataset {len(samples)}",
+                            rebuild)
     for entry, sample in zip(entries, samples):
         if sample.label is None:
             raise BenchError(f"{sample.image} has no ground truth; the decoded cache holds labelled splits only")
-        if (entry["image"] != str(sample.image.relative_to(root)) or entry["label"] != str(sample.label.relative_to(root))
+        if (entry["image"] != str(sample.image.relative_to(root))
+                or entry["label"] != str(sample.label.relative_to(root))
                 or entry["image_stamp"] != _stamp(sample.image) or entry["label_stamp"] != _stamp(sample.label)):
             raise CacheUnusable(f"decoded cache {index} is stale: {sample.image} changed or is not the file it decoded",
                                 rebuild)
     expected = sum(frame_bytes(e["height"], e["width"]) for e in entries)
     if frames.stat().st_size != expected:
-        raise CacheUnusable(f"decoded cache {frames} is {frames.stat().st_size} bytes, its index says {expected}", rebuild)
+        raise CacheUnusable(f"decoded cache {frames} is {frames.stat().st_size} bytes, its index says {expected}",
+                            rebuild)
     return DecodedFrames(frames, entries)
 
 

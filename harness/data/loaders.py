@@ -4,7 +4,8 @@ enough batches queued that the device never waits while a worker is between file
 from __future__ import annotations
 
 import os
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Optional, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -16,6 +17,14 @@ from harness.data.decoded import DecodedFrames
 # Batches each worker keeps ready. A batch of full frames is 8 MiB an image in shared memory, so this stays small:
 # with a worker per core the queue already spans more batches than a step's worth of decoding.
 PREFETCH_BATCHES = 2
+
+
+class EpochSampler(Protocol):
+    """A sampler whose epochs are numbered and resumable mid-epoch (distributed.ShardedTrainSampler)."""
+
+    batches_per_epoch: int
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None: ...
 
 
 def loader_workers(processes_on_this_node: int) -> int:
@@ -44,7 +53,7 @@ def eval_loader(samples: Sequence[Sample], device: torch.device, workers: int = 
                       prefetch_factor=4 if workers else None)
 
 
-def endless_batches(loader: DataLoader, sampler: Sampler, start: int) -> Iterator:
+def endless_batches(loader: DataLoader, sampler: EpochSampler, start: int) -> Iterator:
     """The loader's batches from iteration `start` on, epoch after epoch: each epoch's order and augmentation come
     from the sampler's (seed, epoch), so a resumed run continues with exactly the batches it would have had."""
     iteration = start

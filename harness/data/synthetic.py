@@ -115,7 +115,8 @@ def _draw_scene(rng: np.random.Generator, width: int, height: int) -> tuple[np.n
         else:
             lw, lh = 2 + 3 * d, 5 + 8 * d
             c.paint(c.rect(px - lw, py - pole_h - lh, px + lw, py - pole_h), LIGHT, [30, 30, 30])
-            c.paint(c.ellipse(px, py - pole_h - lh * 0.7, lw * 0.6, lw * 0.6), LIGHT, rng.choice([[230, 40, 40], [40, 220, 60]]))
+            c.paint(c.ellipse(px, py - pole_h - lh * 0.7, lw * 0.6, lw * 0.6), LIGHT,
+                    rng.choice([[230, 40, 40], [40, 220, 60]]))
 
     # People on the sidewalks, cars on the road; nearer means larger.
     for _ in range(rng.integers(1, 5)):
@@ -156,7 +157,8 @@ def write_synthetic(out: Path, seed: int = 0, train_images: int = 24, val_images
     rng = np.random.default_rng(seed)
     counts = {"train": train_images, "val": val_images}
     jobs = [(split, i) for split in SPLITS for i in range(counts[split])]
-    for split, i in tqdm(jobs, desc="synthetic cityscapes", disable=not (progress and sys.stderr.isatty()), leave=False):
+    for split, i in tqdm(jobs, desc="synthetic cityscapes", disable=not (progress and sys.stderr.isatty()),
+                         leave=False):
         cities = SPLITS[split]
         city = cities[i % len(cities)]
         stem = f"{city}_{i // len(cities):06d}_{19 + i:06d}"

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.models.registry import register
+from harness.config.spec import Spec
 from harness.models.common import upsample
+from harness.models.registry import register
 from harness.models.seg_resnet import SegResNetModel
-from harness.spec import Spec
 
 
 class CBR(nn.Sequential):

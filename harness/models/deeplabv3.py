@@ -15,15 +15,15 @@ harness.models.seg_resnet for its key layout and why UP leaves the stem random.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from harness.models.registry import register
+from harness.config.spec import Spec
 from harness.models.common import upsample
+from harness.models.registry import register
 from harness.models.seg_resnet import SegResNetModel, UPAuxHead
-from harness.spec import Spec
 
 
 def conv_bn_relu(in_ch: int, out_ch: int, kernel: int = 1, dilation: int = 1) -> list[nn.Module]:

@@ -20,14 +20,13 @@ Starting weights: `backbone` is exactly UP's encoder; `convert_backbone_state` m
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
+from harness.config.spec import Spec
 from harness.models.common import PyramidPooling, upsample
 from harness.models.dfnet import convert_imagenet_state, dfnet
 from harness.models.registry import register
-from harness.spec import Spec
 
 
 class FusionNode(nn.Module):

@@ -161,5 +161,6 @@ def dfnet(name: str, output_stride: int = OUTPUT_STRIDE) -> DFNet:
         raise BenchError(f"model.backbone '{name}' is not a DFNet; use one of {', '.join(DFNET_DEFS)}")
     if output_stride != OUTPUT_STRIDE:
         # The published networks, and the heads trained on them, are stride 32; dilating them is not in any source.
-        raise BenchError(f"model.output_stride {output_stride}: {name} has output stride {OUTPUT_STRIDE} only; set model.output_stride: {OUTPUT_STRIDE}")
+        raise BenchError(f"model.output_stride {output_stride}: {name} has output stride {OUTPUT_STRIDE} only; "
+                         f"set model.output_stride: {OUTPUT_STRIDE}")
     return DFNet(DFNET_DEFS[name])

@@ -39,14 +39,16 @@ Everything outside the ResNet (sub1, pyramid pooling, reductions, fusion, classi
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.config.spec import Spec
 from harness.models.common import ConvBNReLU, PyramidPooling, upsample
 from harness.models.registry import register
-from harness.spec import Spec
 
 UP_BACKBONE = "resnet50s"  # UP's seg_resnet50: deep stem 64-64-128
 FILE_PREFIX = "backbone.backbone."  # where UP's whole model keeps the encoder's ResNet
@@ -79,7 +81,8 @@ class ICNet(nn.Module):
         # The classification network less its classifier: its stages run on two different inputs.
         self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0, global_pool="", output_stride=8)
         self.backbone.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)  # UP's seg ResNet pools so
-        channels = {info["module"]: info["num_chs"] for info in self.backbone.feature_info}
+        feature_info = cast(list[dict[str, Any]], self.backbone.feature_info)
+        channels = {info["module"]: info["num_chs"] for info in feature_info}
         self.pyramid = PyramidPooling(channels["layer4"], 512)
         self.reduce_sub4 = ConvBNReLU(512, 256, 1)
         self.reduce_sub2 = ConvBNReLU(channels["layer2"], 256, 1)
@@ -92,7 +95,9 @@ class ICNet(nn.Module):
 
     def cascade(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every intermediate map, by name (the structure tests pin their shapes)."""
-        net = self.backbone
+        # A timm ResNet that create_model types as nn.Module; its stages are added by name (add_module), so no
+        # static type sees them.
+        net: Any = self.backbone
         out: dict[str, torch.Tensor] = {"sub1": self.sub1(x)}
         out["stem"] = net.maxpool(net.act1(net.bn1(net.conv1(rescale(x, 0.5)))))
         out["stage1"] = net.layer1(out["stem"])

@@ -14,14 +14,13 @@ The backbone file (resnet50-ebb6acbb.pth) fills `backbone` (layer1..4) only; see
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
-from harness.models.registry import register
+from harness.config.spec import Spec
 from harness.models.common import PyramidPooling, upsample
+from harness.models.registry import register
 from harness.models.seg_resnet import SegResNetModel, UPAuxHead
-from harness.spec import Spec
 
 
 class PSPNet(SegResNetModel):

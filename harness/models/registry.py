@@ -7,12 +7,12 @@ any resolution (the loss upsamples them) and match `loss.aux_weights` one to one
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
+from harness.config.spec import Spec
 from harness.errors import BenchError
-from harness.spec import Spec
 
 Builder = Callable[[Spec, int], nn.Module]
 
@@ -35,7 +35,8 @@ def check_implemented(spec: Spec) -> None:
     if family in _BUILDERS:
         return
     if family in TABLE_FAMILIES:
-        raise BenchError(f"row '{spec.row}': model family '{family}' is not implemented yet; implemented: {', '.join(sorted(_BUILDERS))}")
+        raise BenchError(f"row '{spec.row}': model family '{family}' is not implemented yet; "
+                         f"implemented: {', '.join(sorted(_BUILDERS))}")
     raise BenchError(f"row '{spec.row}': model.family '{family}' is unknown; use one of {', '.join(TABLE_FAMILIES)}")
 
 

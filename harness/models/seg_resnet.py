@@ -34,7 +34,8 @@ way, unconditionally, in `pod_resnet_convert`.)
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any, cast
 
 import timm
 import torch
@@ -105,7 +106,8 @@ class ResNetStages(nn.Module):
         out = []
         for name in STAGES:
             last = getattr(self, name)[-1]
-            out.append((last.bn3 if isinstance(last, Bottleneck) else last.bn2).num_features)
+            norm = cast(nn.BatchNorm2d, last.bn3 if isinstance(last, Bottleneck) else last.bn2)
+            out.append(norm.num_features)
         return out
 
 
@@ -124,15 +126,17 @@ def build_seg_resnet(name: str, output_stride: int = 8, multi_grid: bool = False
     depth = seg_resnet_depth(name)
     block, layers, timm_name = DEPTHS[depth]
     dilation_flags(output_stride)  # validates
-    common = dict(num_classes=0, global_pool="", output_stride=output_stride, zero_init_last=zero_init_residual)
+    common: dict[str, Any] = dict(num_classes=0, global_pool="", output_stride=output_stride,
+                                  zero_init_last=zero_init_residual)
     if timm_name:
-        net = timm.create_model(timm_name, pretrained=False, **common)
+        net = cast(ResNet, timm.create_model(timm_name, pretrained=False, **common))
     else:
-        net = ResNet(block, layers, stem_type="deep", stem_width=64, **common)
+        # timm annotates `block` as an instance (BasicBlock | Bottleneck) where it takes the class.
+        net = ResNet(block, layers, stem_type="deep", stem_width=64, **common)  # type: ignore[arg-type]
     if multi_grid:
         stage4_dilation = max(1, 32 // output_stride)
-        apply_multi_grid(net.layer4, max(1, stage4_dilation // 2), stage4_dilation, MULTI_GRID)
-    return DeepStem(net.conv1, net.bn1), ResNetStages(net)
+        apply_multi_grid(cast(nn.Sequential, net.layer4), max(1, stage4_dilation // 2), stage4_dilation, MULTI_GRID)
+    return DeepStem(net.conv1, cast(nn.BatchNorm2d, net.bn1)), ResNetStages(net)
 
 
 class UPAuxHead(nn.Sequential):

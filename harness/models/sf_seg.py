@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.config.spec import Spec
 from harness.errors import BenchError
 from harness.models.common import ConvBNReLU, PyramidPooling, upsample
 from harness.models.dfnet import convert_imagenet_state, dfnet
 from harness.models.registry import register
-from harness.spec import Spec
 
 
 def flow_warp(feature: torch.Tensor, flow: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
@@ -114,5 +114,6 @@ class SFNet(nn.Module):
 @register("sf_seg")
 def build_sf_seg(spec: Spec, num_classes: int) -> nn.Module:
     if spec.model.eval_half_resolution:
-        raise BenchError(f"row '{spec.row}': model.eval_half_resolution is DF-Seg's speed trick; sf_seg does not use it, remove it from the spec")
+        raise BenchError(f"row '{spec.row}': model.eval_half_resolution is DF-Seg's speed trick; "
+                         "sf_seg does not use it, remove it from the spec")
     return SFNet(spec.model.backbone, num_classes, spec.model.output_stride)

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from harness.config.spec import Spec
 from harness.models.registry import build_model, implemented_families
-from harness.spec import Spec
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,8 @@ def measure(model: nn.Module, height: int, width: int) -> ModelSize:
 def measure_spec(spec: Spec, num_classes: int = 19) -> ModelSize:
     """The row's network at the row's test size (`columns.test_size`, [width, height])."""
     # Starting-weight files only change values, never shapes; the meta device has nowhere to load them.
-    shapes_only = dataclasses.replace(spec, model=dataclasses.replace(spec.model, backbone_checkpoint=None, init_checkpoint=None))
+    shapes_only = dataclasses.replace(
+        spec, model=dataclasses.replace(spec.model, backbone_checkpoint=None, init_checkpoint=None))
     with torch.device("meta"):
         model = build_model(shapes_only, num_classes)
     width, height = spec.columns.test_size

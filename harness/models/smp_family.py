@@ -21,16 +21,17 @@ from __future__ import annotations
 import difflib
 import inspect
 import re
+from collections.abc import Mapping
 from functools import lru_cache
-from typing import Mapping
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.config.spec import Spec
 from harness.errors import BenchError
 from harness.models.registry import register
-from harness.spec import Spec
 
 TIMM_PREFIX = "tu-"
 # Constructor arguments segbench sets itself: the rest of the signature is what `model.kwargs` may give.
@@ -58,7 +59,7 @@ def _timm_models() -> frozenset[str]:
     return frozenset(timm.list_models())
 
 
-def accepted_kwargs(cls: type) -> list[str]:
+def accepted_kwargs(cls: type[Any]) -> list[str]:
     """The constructor keywords a row may set for architecture `cls`."""
     params = inspect.signature(cls.__init__).parameters.values()
     return [p.name for p in params if p.name != "self" and p.name not in SET_BY_SEGBENCH
@@ -87,7 +88,8 @@ def check_smp_spec(spec: Spec) -> type:
                              f"{_close(timm_name, _timm_models())}; accepted: 'tu-' + one of timm.list_models() "
                              f"({len(_timm_models())} names), or an smp encoder: {', '.join(_smp_encoders())}")
     elif m.encoder not in _smp_encoders():
-        raise BenchError(f"{where}: model.encoder {m.encoder!r} is not an smp encoder{_close(m.encoder, _smp_encoders())}; "
+        raise BenchError(f"{where}: model.encoder {m.encoder!r} is not an smp encoder"
+                         f"{_close(m.encoder, _smp_encoders())}; "
                          f"accepted: {', '.join(_smp_encoders())}, or 'tu-' + a timm model name (timm.list_models())")
     cls = archs[m.arch]
     accepted = accepted_kwargs(cls)
@@ -126,13 +128,13 @@ class SmpSegmenter(nn.Module):
     def backbone(self) -> nn.Module:
         # What harness.models.weights.load_backbone_checkpoint fills; a property, so the encoder's tensors are
         # not listed twice in the state dict.
-        return self.net.encoder
+        return cast(nn.Module, self.net.encoder)
 
     def convert_backbone_state(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The file's tensors under the encoder's own names; names the encoder lacks pass through unchanged, so
         the loader reports them as unused (a classifier's `fc.*`) or refuses another network's file."""
-        own = {}
-        for name in self.net.encoder.state_dict():
+        own: dict[str, list[str]] = {}
+        for name in self.backbone.state_dict():
             own.setdefault(_canonical(name), []).append(name)
         converted = {}
         for name, tensor in state.items():
@@ -142,7 +144,7 @@ class SmpSegmenter(nn.Module):
 
     def forward(self, x: torch.Tensor):
         height, width = x.shape[-2:]
-        stride = self.net.encoder.output_stride
+        stride = cast(int, self.backbone.output_stride)
         least = stride * self.min_feature_size
         pad_h, pad_w = max(-height % stride, least - height), max(-width % stride, least - width)
         if pad_h or pad_w:
@@ -158,6 +160,7 @@ class SmpSegmenter(nn.Module):
 def build_smp(spec: Spec, num_classes: int) -> nn.Module:
     cls = check_smp_spec(spec)
     m = spec.model
+    assert m.arch is not None  # check_smp_spec refuses a row without one
     try:
         net = cls(encoder_name=m.encoder, encoder_weights=None, classes=num_classes, **m.kwargs)
     except Exception as exc:  # smp and timm raise ValueError, KeyError, AssertionError, TypeError... for bad values

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.config.spec import Spec
 from harness.models.registry import register
-from harness.spec import Spec
 
 
 class DoubleConv(nn.Sequential):

@@ -13,18 +13,21 @@ Relative paths are read from the project root, so specs can name `weights/...`.
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from harness.checkpoint import read_torch_file
+from harness.config.spec import Spec
 from harness.errors import BenchError
+from harness.files import read_torch_file
 from harness.paths import PROJECT_ROOT
-from harness.spec import Spec
+
+log = logging.getLogger(__name__)
 
 WRAPPER_KEYS = ("model", "state_dict")  # where a state dict sits inside a larger checkpoint, in order of preference
 DDP_PREFIX = "module."
@@ -78,7 +81,8 @@ def load_matching(module: nn.Module, state: Mapping[str, torch.Tensor], label: s
     if not matched:
         example_model, example_ckpt = next(iter(own), "-"), next(iter(state), "-")
         raise BenchError(f"{label} {path}: none of its {len(state)} tensor names match the model "
-                         f"(model has e.g. '{example_model}', checkpoint '{example_ckpt}'); it is a checkpoint of another network")
+                         f"(model has e.g. '{example_model}', checkpoint '{example_ckpt}'); "
+                         "it is a checkpoint of another network")
     reinitialised = []
     for name in matched:
         theirs, mine = state[name].shape, own[name].shape
@@ -103,14 +107,15 @@ def load_matching(module: nn.Module, state: Mapping[str, torch.Tensor], label: s
     notes = []
     if reinitialised:
         classes = state[reinitialised[0]].shape[0]
-        notes.append(f"re-initialised for {num_classes} classes (the checkpoint has {classes}): {', '.join(reinitialised)}")
+        notes.append(f"re-initialised for {num_classes} classes (the checkpoint has {classes}): "
+                     f"{', '.join(reinitialised)}")
     kept = [name for name in own if name not in state]
     if kept:
         notes.append(f"{len(kept)} keep their initial values, e.g. '{kept[0]}'")
     if len(state) > len(matched) + len(reinitialised):
         notes.append(f"{len(state) - len(matched) - len(reinitialised)} checkpoint tensors unused")
-    print(f"{label} {path}: loaded {len(matched)}/{len(own)} tensors" + (f" ({'; '.join(notes)})" if notes else ""),
-          file=sys.stderr)
+    log.info("%s %s: loaded %d/%d tensors%s", label, path, len(matched), len(own),
+             f" ({'; '.join(notes)})" if notes else "")
     return len(matched)
 
 
@@ -170,12 +175,12 @@ def apply_starting_weights(model: nn.Module, spec: Spec, loud: bool = False) -> 
         names = ", ".join(str(p) for p in absent)
         if loud:
             bar = "!" * 100
-            print(f"{bar}\nWARNING: row '{spec.row}' starts from {names}, which is not there: this run trains from "
-                  f"random weights, unlike the table's, and is marked as such in the results and the table.\n"
-                  f"Put the file there (`bench weights` lists every row's files) and start again.\n{bar}", file=sys.stderr)
+            log.warning(f"{bar}\nWARNING: row '{spec.row}' starts from {names}, which is not there: this run trains "
+                        f"from random weights, unlike the table's, and is marked as such in the results and the "
+                        f"table.\nPut the file there (`bench weights` lists every row's files) and start again.\n{bar}")
         else:
-            print(f"note: {names} not found; {spec.row} starts from random weights (`bench weights` lists the files)",
-                  file=sys.stderr)
+            log.info(f"note: {names} not found; {spec.row} starts from random weights (`bench weights` lists the "
+                     "files)")
         return f"{MISSING} {names}"
     (key, path), = files
     if key == "model.init_checkpoint":

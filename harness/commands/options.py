@@ -1,0 +1,197 @@
+"""Option handling the commands share: the options of a training run, and the one place they are checked.
+
+`validate_run` checks everything a `bench run` can be refused for before anything starts (every seed, the device
+and precision, the spec, the dataset folder, the starting checkpoint, the batch over the processes, batch norm at
+one image per process, the output folders), once, and hands back what it resolved (`CheckedRun`). Training takes
+only a `CheckedRun`, so nothing trains unchecked and nothing is checked twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+from harness import paths
+from harness.config.precision import resolve_precision
+from harness.config.spec import Spec, load_spec
+from harness.data.source import check_data_options, cityscapes_root, dataset_name
+from harness.engine.device import check_device_name, default_device_type
+from harness.engine.distributed import per_rank_batch
+from harness.errors import BenchError
+from harness.models import build_model, check_implemented
+from harness.report.records import check_writable
+
+SEED_MAX = 2**32 - 1  # numpy's seed range; torch and random accept it too
+
+
+@dataclass
+class RunOptions:
+    """What `bench run` was asked for (before resolution)."""
+
+    row: str
+    synthetic: bool = False
+    data_root: Optional[str] = None
+    iters: Optional[int] = None
+    seed: int = 0
+    tracking_uri: Optional[str] = None
+    device: Optional[str] = None
+    precision: Optional[str] = None
+    resume: Optional[str] = None  # "latest", a run folder, or a checkpoint file
+    deterministic: bool = False
+    init_checkpoint: Optional[str] = None
+    eval_every: Optional[int] = None  # iterations; overrides the recipe's cadence
+    compile: bool = False  # torch.compile the model (not part of the recipe: a resumed run may change it)
+    decoded_cache: Optional[str] = None  # a folder of decoded frames (harness.data.decoded), built when missing
+    offline_tracking: bool = False  # journal locally only; `bench sync` logs the run to the store later
+    progress: bool = True
+
+    @property
+    def dataset(self) -> str:
+        return dataset_name(self.synthetic)
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """How many processes train: `gpus` per node (torchrun) on `nnodes` nodes."""
+
+    gpus: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: Optional[str] = None
+    master_port: Optional[int] = None
+
+    @property
+    def processes(self) -> int:
+        return self.gpus * self.nnodes
+
+
+@dataclass(frozen=True)
+class CheckedRun:
+    """A `bench run` that passed every check, with what the checks resolved."""
+
+    options: RunOptions
+    seeds: tuple[int, ...]
+    spec: Spec
+    device_type: str
+    precision: str
+    processes: int
+    per_rank_batch: int
+    init_checkpoint: Optional[Path]
+
+
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    if not 0 <= seed <= SEED_MAX:
+        raise BenchError(f"{flag} {seed}: accepted 0 to {SEED_MAX}")
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`--seeds 0,1,2`: distinct integers in the seed range, run in the order given."""
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise BenchError(f"--seeds {text!r}: give integers separated by commas, e.g. --seeds 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise BenchError(f"--seeds {text!r}: give distinct integers separated by commas, e.g. --seeds 0,1,2")
+    for seed in seeds:
+        check_seed(seed, f"--seeds {text}: seed")
+    return seeds
+
+
+def check_counts(iters: Optional[int], eval_every: Optional[int]) -> None:
+    if iters is not None and iters < 1:
+        raise BenchError(f"--iters must be at least 1, got {iters}")
+    if eval_every is not None and eval_every < 0:
+        raise BenchError(f"--eval-every must be 0 (only at the end) or a positive number of iterations, got "
+                         f"{eval_every}")
+
+
+def check_options(options: RunOptions, seeds: Sequence[int] = ()) -> None:
+    """Command-line values that cannot run: one line naming the option, the value and what is accepted."""
+    for seed in seeds or (options.seed,):
+        check_seed(seed)
+    check_device_name(options.device)
+    check_counts(options.iters, options.eval_every)
+    check_data_options(options.synthetic, options.data_root)
+
+
+def check_data_root(options: RunOptions) -> None:
+    """The Cityscapes folder of a non-synthetic run exists (named before any launch)."""
+    if not options.synthetic:
+        cityscapes_root(options.data_root)
+
+
+def check_output_folders(dataset: str) -> None:
+    """A read-only or missing-permission runs/ or results/ fails now, not after the training."""
+    check_writable(paths.runs_dir() / dataset, "run folder", "SEGBENCH_RUNS")
+    check_writable(paths.results_dir() / dataset, "results folder", "SEGBENCH_RESULTS")
+
+
+def check_batch_norm(spec: Spec, batch_key: str, batch: int, crop_key: str, crop: list[int], per_rank: int,
+                     processes: int, device_type: str) -> None:
+    """One image per process: a batch norm after global pooling sees one value per channel, and training fails
+    at its first step. A forward on the meta device (shapes only, no compute) finds such a layer up front.
+    SyncBatchNorm (several processes on GPUs) normalises over all processes and needs no check."""
+    if per_rank > 1 or spec.train.freeze_bn or (processes > 1 and device_type == "cuda"):
+        return
+    import torch
+
+    single: list[str] = []
+    try:
+        with torch.device("meta"):
+            model = build_model(spec)
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.register_forward_pre_hook(
+                    lambda m, args, name=name: single.append(name) if args[0].numel() == args[0].shape[1] else None)
+        model.train()(torch.empty(1, 3, crop[1], crop[0], device="meta"))
+    except Exception:  # the probe only looks for this one failure; the run itself reports anything else
+        pass
+    if single:
+        raise BenchError(
+            f"{spec.row}: 1 image per process ({batch_key} {batch} over {processes} process(es)) at {crop_key} "
+            f"{crop}: batch norm {single[0]} would see one value per channel; use fewer processes or a larger batch "
+            f"(or crop), or GPUs, whose SyncBatchNorm normalises over all processes")
+
+
+def validate_run(options: RunOptions, seeds: Sequence[int], processes: int, *, check_outputs: bool = True
+                 ) -> CheckedRun:
+    """Every check of a `bench run`, before anything starts; returns what they resolved."""
+    if processes < 1:
+        raise BenchError(f"--gpus and --nnodes must be at least 1 (got {processes} processes)")
+    check_options(options, seeds)
+    spec = load_spec(options.row)
+    check_implemented(spec)
+    check_data_root(options)
+    init_checkpoint = None
+    if options.init_checkpoint:
+        init_checkpoint = Path(options.init_checkpoint).expanduser().resolve()
+        if not init_checkpoint.is_file():
+            raise BenchError(f"--init-checkpoint {init_checkpoint} does not exist; give the path of a model "
+                             "checkpoint file")
+    device_type = default_device_type(options.device)
+    precision = resolve_precision(options.precision, device_type)
+    synthetic = options.synthetic
+    batch_key, batch = ("synthetic.batch_size", spec.synthetic.batch_size) if synthetic else \
+        ("columns.batch_size", spec.columns.batch_size)
+    crop_key, crop = ("synthetic.crop_size", spec.synthetic.crop_size) if synthetic else \
+        ("train.crop_size", spec.train.crop_size)
+    per_rank = per_rank_batch(batch, processes)
+    check_batch_norm(spec, batch_key, batch, crop_key, crop, per_rank, processes, device_type)
+    if check_outputs:
+        check_output_folders(options.dataset)
+    return CheckedRun(options, tuple(seeds), spec, device_type, precision, processes, per_rank, init_checkpoint)
+
+
+def worker_argv(options: RunOptions, seeds: Sequence[int]) -> list[str]:
+    """The `bench run` command line that trains exactly `options` for each of `seeds`, rebuilt from the parsed
+    options (a torchrun worker or a sweep job trains what this process validated, whatever spelling was typed)."""
+    argv = ["run", "--row", options.row]
+    for option in fields(RunOptions):
+        value = getattr(options, option.name)
+        if option.name in ("row", "seed", "progress") or value == option.default:
+            continue
+        flag = "--" + option.name.replace("_", "-")
+        argv += [flag] if isinstance(value, bool) else [flag, str(value)]
+    return argv + (["--seeds", ",".join(map(str, seeds))] if len(seeds) > 1 else ["--seed", str(seeds[0])])

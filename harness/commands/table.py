@@ -1,0 +1,19 @@
+"""`bench table`: regenerate benchmark.md and benchmark.png, or print another dataset's table or every record."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from harness.report.table import render, write_benchmark
+
+
+def table(dataset: str, out: Optional[Path], all_records: bool, tolerance: Optional[float]) -> tuple[str, bool]:
+    """(what to print, whether it is a message rather than the table itself)."""
+    if dataset == "cityscapes" and out is None and not all_records:
+        return f"wrote {write_benchmark(tolerance=tolerance)}", True
+    text = render(dataset, all_records=all_records, tolerance=tolerance)
+    if out is None:
+        return text, False
+    out.write_text(text)
+    return f"wrote {out}", True

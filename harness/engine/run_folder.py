@@ -1,0 +1,111 @@
+"""A run folder, runs/<dataset>/<row>/<stamp>/: its state (`run.json`) held in one object for the whole run,
+written atomically on every change, and its checkpoints beside it.
+
+run.json says which row and dataset, the MLflow run and store, the options the run was started with (so a bare
+`--resume` needs nothing else), the process that trains it, and its status: running, finished, failed or
+interrupted. A run marked running whose process is gone reads as interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from harness.errors import BenchError
+
+RUN_FILE = "run.json"
+# MLflow's run statuses and run.json's words for them.
+RUN_STATUS = {"RUNNING": "running", "FINISHED": "finished", "FAILED": "failed", "KILLED": "interrupted"}
+
+
+def process_gone(info: dict[str, Any]) -> bool:
+    """Whether the process recorded in run.json has ended (only knowable on the machine that ran it)."""
+    pid, host = info.get("pid"), info.get("host")
+    if not pid or host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    # Alive: gone only if it is this very process, which is not training that run (an in-process caller).
+    return int(pid) == os.getpid()
+
+
+class RunFolder:
+    def __init__(self, path: Path, info: dict[str, Any]):
+        self.path, self.info = path, info
+
+    @classmethod
+    def create(cls, parent: Path, **info: Any) -> RunFolder:
+        """A new, empty run folder under `parent`, named by the time, owned by this process."""
+        path = parent / time.strftime("%Y%m%d-%H%M%S")
+        while path.exists():
+            path = path.with_name(path.name + "+")
+        try:
+            path.mkdir(parents=True)
+        except OSError as exc:
+            raise BenchError(f"cannot create run folder {path} ({exc.strerror or exc}); make {parent} "
+                             "writable") from None
+        folder = cls(path, {})
+        folder.update(status=RUN_STATUS["RUNNING"], pid=os.getpid(), host=socket.gethostname(), **info)
+        return folder
+
+    @classmethod
+    def open(cls, path: Path) -> RunFolder:
+        try:
+            return cls(path, json.loads((path / RUN_FILE).read_text()))
+        except (OSError, json.JSONDecodeError):
+            raise BenchError(f"{path} is not a segbench run folder (no readable {RUN_FILE})") from None
+
+    @staticmethod
+    def is_run_folder(path: Path) -> bool:
+        return (path / RUN_FILE).is_file()
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def update(self, **changes: Any) -> None:
+        """Change the state and write run.json through a temporary file and a rename."""
+        self.info = {**self.info, **changes}
+        tmp = self.path / f".{RUN_FILE}.tmp"
+        try:
+            tmp.write_text(json.dumps(self.info, indent=2, sort_keys=True) + "\n")
+            tmp.replace(self.path / RUN_FILE)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise BenchError(f"cannot write {self.path / RUN_FILE} ({exc.strerror or exc}); free space or make "
+                             f"{self.path} writable") from None
+
+    def claim(self) -> None:
+        """This process continues the run (a resume): it is running again, here."""
+        self.update(status=RUN_STATUS["RUNNING"], pid=os.getpid(), host=socket.gethostname())
+
+    @property
+    def status(self) -> str:
+        """run.json's status, where a run still marked running whose process is gone reads "interrupted"."""
+        status = str(self.info.get("status", "unknown"))
+        if status == RUN_STATUS["RUNNING"] and process_gone(self.info):
+            return RUN_STATUS["KILLED"]
+        return status
+
+    def still_running(self) -> bool:
+        """Known to be training now: marked running, by a live process of this machine other than this one."""
+        info = self.info
+        return (info.get("status") == RUN_STATUS["RUNNING"] and info.get("host") == socket.gethostname()
+                and bool(info.get("pid")) and int(info["pid"]) != os.getpid() and not process_gone(info))
+
+    def end(self, mlflow_status: str) -> None:
+        self.update(status=RUN_STATUS[mlflow_status])
+
+
+def latest(parent: Path, pattern: str = "*") -> Optional[Path]:
+    """The newest run folder among `parent.glob(pattern)` (names are start times)."""
+    folders = [p for p in parent.glob(pattern) if RunFolder.is_run_folder(p)]
+    return max(folders, key=lambda p: (p.name, str(p.parent))) if folders else None

@@ -1,0 +1,404 @@
+"""The training loop and its one step: SGD with a per-iteration poly schedule, weighted auxiliary losses, UP's EMA,
+DDP over any number of processes, mixed precision, atomic checkpoints, exact resume.
+
+`Trainer.train_step` is the only training step in the project: `bench run` trains with it and `bench speed`
+times it, on an optimizer built by the same `make_optimizer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from harness.config.plan import TrainPlan, size_pair
+from harness.config.precision import autocast_dtype
+from harness.data.augment import EvalTransform, TrainTransform
+from harness.data.loaders import endless_batches
+from harness.engine import checkpoint
+from harness.engine.device import peak_memory_gib
+from harness.engine.distributed import ShardedTrainSampler, World, all_reduce_sum
+from harness.engine.ema import ExpEMA
+from harness.engine.evaluate import TestMode, evaluate
+from harness.engine.losses import SegmentationLoss
+from harness.engine.metrics import SegMetrics
+from harness.errors import BenchError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Score:
+    """One evaluation's mIoU and the iteration it was taken at."""
+
+    miou: float
+    iteration: int
+
+
+@dataclass
+class TrainResult:
+    metrics: SegMetrics  # final raw weights
+    ema_metrics: Optional[SegMetrics]  # final EMA weights
+    checkpoint: Optional[Path]
+    best: Optional[Score] = None  # best raw evaluation over the run
+    best_ema: Optional[Score] = None
+    best_checkpoint: Optional[Path] = None
+    history: list[dict] = field(default_factory=list)
+
+
+class Diverged(BenchError):
+    pass
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT arrived; a checkpoint was written at `iteration`."""
+
+    def __init__(self, signum: int, iteration: int, path: Optional[Path]):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at iteration {iteration}")
+        self.signum, self.iteration, self.path = signum, iteration, path
+
+
+def learning_rate(iteration: int, plan: TrainPlan) -> float:
+    """The lr of 0-based `iteration`, as UP's ChainIterLR(polylr) with linear warm-up computes it
+    (up/utils/model/lr_helper.py): linear from warmup_ratio x lr to lr over the warm-up iterations, then
+    poly decay counted from iteration 0 (not from the end of warm-up) down to min_lr at `iters`."""
+    if iteration < plan.warmup_iters:
+        start = plan.warmup_ratio * plan.lr
+        return start + (plan.lr - start) * iteration / max(1, plan.warmup_iters - 1)
+    progress = min(iteration, plan.iters) / plan.iters
+    return (plan.lr - plan.min_lr) * (1 - progress) ** plan.poly_power + plan.min_lr
+
+
+def rng_state() -> dict[str, Any]:
+    numpy_state: tuple[Any, ...] = tuple(np.random.get_state())
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+
+
+def convert_norm(model: nn.Module, world: World, device_type: str) -> nn.Module:
+    """SyncBatchNorm across GPUs: the table's recipes normalise over the global batch, not per GPU."""
+    if world.distributed and device_type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+MetricsLogger = Callable[[dict[str, float], int], None]
+
+
+def make_optimizer(model: nn.Module, plan: TrainPlan, device: torch.device, fused: Optional[bool] = None
+                   ) -> torch.optim.SGD:
+    """UP's SGD. Fused on a GPU (default): one kernel for the update, and with fp16 the grad scaler hands it the
+    inf check instead of reading it back to the host every step."""
+    return torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=plan.momentum, weight_decay=plan.weight_decay,
+                           fused=(device.type == "cuda" if fused is None else fused) or None)
+
+
+class Trainer:
+    """Trains `model` as `plan` says. `plain` runs the same step the way the torchvision references do (fp32,
+    NCHW, unfused SGD): `bench speed` compares the two."""
+
+    def __init__(self, plan: TrainPlan, model: nn.Module, device: torch.device, world: World, *,
+                 log_metrics: Optional[MetricsLogger] = None, checkpoint_dir: Optional[Path] = None,
+                 progress: bool = True, extra_state: Optional[dict[str, Any]] = None, compile_model: bool = False,
+                 plain: bool = False):
+        self.plan, self.device, self.world = plan, device, world
+        self.log_metrics = log_metrics or (lambda metrics, step: None)
+        self.checkpoint_dir, self.progress = checkpoint_dir, progress
+        self.extra_state = extra_state or {}  # saved with every checkpoint (the spec, the starting weights)
+        model = convert_norm(model, world, device.type).to(device)
+        self.channels_last = device.type == "cuda" and not plain
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model  # the unwrapped module: checkpoints, EMA and evaluation use this one
+        self.forward_model: nn.Module = (
+            DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            if world.distributed else model
+        )
+        if compile_model:
+            self.forward_model = torch.compile(self.forward_model)  # type: ignore[assignment]
+        self.autocast_dtype = None if plain else autocast_dtype(plan.precision)
+        self.criterion = SegmentationLoss(plan.loss_spec(), group_images=plan.loss_group_images)
+        # Loader batches are decoded uint8 frames; scale, flip, pad, crop and normalisation run here, on the device.
+        self.transform = TrainTransform(size_pair(plan.crop_size), plan.pad_value, tuple(plan.mean), tuple(plan.std))
+        self.eval_transform = EvalTransform(size_pair(plan.test_size), tuple(plan.mean), tuple(plan.std))
+        self.optimizer = make_optimizer(model, plan, device, fused=False if plain else None)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda it: learning_rate(it, plan) / plan.lr)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=plan.precision == "fp16" and not plain)
+        self.ema = ExpEMA(model, plan.ema_decay, plan.ema_ramp) if plan.ema else None
+        self.iteration = 0
+        self.best: Optional[Score] = None
+        self.best_ema: Optional[Score] = None
+        self.best_checkpoint: Optional[Path] = None
+        self.history: list[dict] = []
+        self._stop_signal: Optional[int] = None
+        self._loss_sum = torch.zeros((), device=device)
+        self._first_bad = torch.zeros((), dtype=torch.long, device=device)
+        self._synced_at = 0
+
+    # --- state ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "iteration": self.iteration,
+            "model": self.model.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "plan": asdict(self.plan),
+            "best": asdict(self.best) if self.best else None,
+            "best_ema": asdict(self.best_ema) if self.best_ema else None,
+            **self.extra_state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state["ema"])
+        fused = [group.get("fused") for group in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group, flag in zip(self.optimizer.param_groups, fused):  # this device's kernel, not the saver's
+            group["fused"] = flag
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.iteration = int(state["iteration"])
+        self.best = Score(**state["best"]) if state.get("best") else None
+        self.best_ema = Score(**state["best_ema"]) if state.get("best_ema") else None
+        best_file = self.checkpoint_dir / checkpoint.BEST if self.checkpoint_dir else None
+        self.best_checkpoint = best_file if best_file is not None and best_file.is_file() else None
+        set_rng_state(state["rng"])
+
+    def save_checkpoint(self, best: bool = False) -> Optional[Path]:
+        """Rank 0 writes; every rank waits so no one races ahead of a half-written file."""
+        if self.checkpoint_dir is None:
+            raise ValueError("this Trainer was built without a checkpoint folder")
+        path = None
+        if self.world.is_main:
+            path = (checkpoint.save_best(self.state_dict(), self.checkpoint_dir) if best
+                    else checkpoint.save(self.state_dict(), self.checkpoint_dir, self.iteration))
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return path
+
+    # --- evaluation ----------------------------------------------------------------------------
+
+    def evaluate(self, loader: DataLoader) -> dict[str, SegMetrics]:
+        """Raw (and EMA) weights in one pass over the data: each rank scores its shard in the plan's test mode, and
+        the confusion matrices are summed across ranks."""
+        models = {"raw": self.model, **({"ema": self.ema.module} if self.ema is not None else {})}
+        metrics = evaluate(models, loader, self.device, self.eval_transform,
+                           mode=TestMode.from_plan(self.plan), precision=self.plan.precision,
+                           reduce=all_reduce_sum, progress=self.progress and self.world.is_main,
+                           desc="eval " + " and ".join(models))
+        self.set_train_mode()
+        return metrics
+
+    def set_train_mode(self) -> None:
+        self.forward_model.train()
+        if self.plan.freeze_bn:
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+
+    def run_evaluation(self, loader: DataLoader) -> tuple[SegMetrics, Optional[SegMetrics]]:
+        """Score raw (and EMA) weights; keep the best as UP's auto_save_best did, on the weights UP evaluated
+        (the EMA weights of an EMA row, the raw weights otherwise), in checkpoints/best.pt."""
+        scored = self.evaluate(loader)
+        metrics, ema_metrics = scored["raw"], scored.get("ema")
+        logged = {"val_miou": metrics.miou, "val_pixel_accuracy": metrics.pixel_accuracy}
+        if ema_metrics is not None:
+            logged.update(val_miou_ema=ema_metrics.miou, val_pixel_accuracy_ema=ema_metrics.pixel_accuracy)
+        if self.world.is_main:
+            self.log_metrics(logged, self.iteration)
+        improved_raw = self.best is None or metrics.miou > self.best.miou
+        if improved_raw:
+            self.best = Score(metrics.miou, self.iteration)
+        improved_ema = ema_metrics is not None and (self.best_ema is None or ema_metrics.miou > self.best_ema.miou)
+        if ema_metrics is not None and improved_ema:
+            self.best_ema = Score(ema_metrics.miou, self.iteration)
+        if improved_ema if self.ema is not None else improved_raw:
+            self.best_checkpoint = self.save_checkpoint(best=True)
+        return metrics, ema_metrics
+
+    # --- training ------------------------------------------------------------------------------
+
+    def _handle_signal(self, signum: int, frame: Optional[FrameType]) -> None:
+        self._stop_signal = signum
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """One optimizer step on a batch already on the device. Nothing here waits for the device: the loss and the
+        divergence flag accumulate on it and are read at the next sync point (`_sync`)."""
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            loss = self.criterion(self.forward_model(images), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.iteration += 1
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.iteration - 1)
+        loss = loss.detach().float()
+        finite = torch.isfinite(loss)
+        self._loss_sum += torch.where(finite, loss, torch.zeros_like(loss))
+        first = ~finite & (self._first_bad == 0)
+        self._first_bad = torch.where(first, torch.full_like(self._first_bad, self.iteration), self._first_bad)
+
+    def _sync(self) -> tuple[float, bool]:
+        """The one host synchronisation, at log, checkpoint and evaluation points (the same iterations on every
+        rank): all-reduce [loss sum, first non-finite iteration, stop requested] and read them. The stop
+        decision comes from the all-reduced flag alone, so every rank stops at the same iteration, whenever the
+        signal arrived. Returns (mean loss since the last sync, stop)."""
+        status = torch.stack([self._loss_sum, (self._first_bad > 0).float(),
+                              torch.tensor(float(self._stop_signal is not None), device=self.device)])
+        all_reduce_sum(status)
+        loss_sum, diverged, stop = status.tolist()
+        steps = max(1, self.iteration - self._synced_at)
+        self._synced_at = self.iteration
+        self._loss_sum.zero_()
+        if diverged > 0:
+            first = int(self._first_bad) or self.iteration  # this rank's first non-finite loss, else another's
+            raise Diverged(
+                f"loss is not finite at iteration {first}; training diverged "
+                f"(lower train.lr_per_image; the global lr is {self.plan.lr}); the last good checkpoint is kept in "
+                f"{self.checkpoint_dir}"
+            )
+        return loss_sum / self.world.size / steps, stop > 0
+
+    def fit(self, loader: DataLoader, sampler: ShardedTrainSampler, val_loader: DataLoader) -> TrainResult:
+        self.set_train_mode()
+        previous = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            with logging_redirect_tqdm(loggers=[logging.getLogger("harness")]):  # notes above the progress bar
+                return self._fit(loader, sampler, val_loader)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _fit(self, loader: DataLoader, sampler: ShardedTrainSampler, val_loader: DataLoader) -> TrainResult:
+        plan = self.plan
+        batches = endless_batches(loader, sampler, self.iteration)
+        self._loss_sum.zero_()
+        self._first_bad.zero_()
+        self._synced_at = self.iteration
+        show = self.progress and self.world.is_main
+        # stdout redirected (a Slurm log, a file): plain lines there; a progress bar only on a terminal.
+        log = TrainLog(plan.row, plan.iters, self.iteration, self.device,
+                       bar=show and sys.stdout.isatty() and sys.stderr.isatty(), lines=show and not sys.stdout.isatty(),
+                       workers=plan.workers)
+        window_images, window_start, data_wait = 0, time.perf_counter(), 0.0
+        while self.iteration < plan.iters:
+            fetch_start = time.perf_counter()
+            raw = next(batches)
+            data_wait += time.perf_counter() - fetch_start
+            self.train_step(*self.transform(raw, self.device))
+            log.advance()
+            window_images += len(raw.images) * self.world.size
+            step = self.iteration
+            checkpoint_due = plan.checkpoint_every and step % plan.checkpoint_every == 0 and step != plan.iters
+            eval_due = plan.eval_every and step % plan.eval_every == 0 and step != plan.iters
+            if not (step % plan.log_every == 0 or step == plan.iters or checkpoint_due or eval_due):
+                continue
+            loss, stop = self._sync()
+            elapsed = time.perf_counter() - window_start
+            record = {"train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                      "images_per_s": window_images / max(elapsed, 1e-9),
+                      "data_wait_fraction": data_wait / max(elapsed, 1e-9)}
+            self.history.append({"step": step, **record})
+            if self.world.is_main:
+                self.log_metrics(record, step)
+            log.report(step, record)
+            window_images, window_start, data_wait = 0, time.perf_counter(), 0.0
+            if stop:
+                log.close()
+                raise Interrupted(self._stop_signal or signal.SIGTERM, step, self.save_checkpoint())
+            if checkpoint_due:
+                self.save_checkpoint()
+            if eval_due:
+                self.run_evaluation(val_loader)
+        log.close()
+        metrics, ema_metrics = self.run_evaluation(val_loader)
+        final = self.save_checkpoint()
+        return TrainResult(metrics, ema_metrics, final, self.best, self.best_ema, self.best_checkpoint, self.history)
+
+
+DATA_BOUND = 0.2  # share of a log window spent waiting for the loader past which the log says so, once
+
+
+class TrainLog:
+    """What a person watching sees: a progress bar on a terminal, plain lines every log interval otherwise (a
+    Slurm log, a file), with loss, lr, img/s, the share of time spent waiting for data, ETA and peak memory."""
+
+    def __init__(self, row: str, total: int, start: int, device: torch.device, bar: bool, lines: bool,
+                 workers: int = 0):
+        self.total, self.device, self.lines, self.workers = total, device, lines, workers
+        self.started, self.start_step = time.perf_counter(), start
+        self.bar = tqdm(total=total, initial=start, desc=row, dynamic_ncols=True) if bar else None
+        self.reports, self.said_data_bound = 0, False
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def report(self, step: int, record: dict[str, float]) -> None:
+        self.reports += 1
+        # The first window includes the workers' start; after it, waiting for data means decoding is the limit.
+        if self.reports > 1 and record["data_wait_fraction"] > DATA_BOUND and not self.said_data_bound:
+            self.said_data_bound = True
+            note = (f"note: training waited for data {100 * record['data_wait_fraction']:.0f}% of the time up to "
+                    f"iteration {step} ({record['images_per_s']:.1f} img/s, {self.workers} loader workers per "
+                    "process): "
+                    "decoding is the limit; give it more cores (train.workers) or read decoded frames with "
+                    "--decoded-cache DIR (`bench data cache`)")
+            if self.bar is not None or self.lines:
+                log.info(note)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                 img_s=f"{record['images_per_s']:.1f}")
+        if self.lines:
+            done = step - self.start_step
+            eta = (time.perf_counter() - self.started) / max(done, 1) * (self.total - step)
+            print(f"iter {step}/{self.total} loss {record['train_loss']:.4f} lr {record['lr']:.3e} "
+                  f"img/s {record['images_per_s']:.1f} data-wait {100 * record['data_wait_fraction']:.0f}% "
+                  f"eta {format_duration(eta)} mem {peak_memory_gib(self.device):.2f}GiB", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"

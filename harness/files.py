@@ -1,0 +1,82 @@
+"""Files written whole or not at all, and PyTorch files read without running their code.
+
+Every write goes to a temporary file of its own (a unique name beside the target, so concurrent writers never
+share one), is flushed to disk, then renamed over the target: a reader sees the old file or the new one, never
+a part. A failed write leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+from harness.errors import BenchError
+
+
+@contextmanager
+def atomic_output(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    """A file object whose contents replace `path` when the block ends without an exception."""
+    path = Path(path)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    with atomic_output(path, "wb") as f:
+        f.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    with atomic_output(path, "w") as f:
+        f.write(text)
+    return Path(path)
+
+
+def write_if_changed(path: Path, data: bytes) -> bool:
+    """Replace `path` atomically unless it already holds `data`; whether it was written."""
+    path = Path(path)
+    try:
+        if path.read_bytes() == data:
+            return False
+    except OSError:
+        pass
+    atomic_write_bytes(path, data)
+    return True
+
+
+def read_torch_file(path: Path, label: str, fix: str) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU; a missing or unusable file is a one-line BenchError
+    starting with `label` and the path (`fix` says what to do about a missing one)."""
+    import torch
+
+    if not path.is_file():
+        raise BenchError(f"{label} {path} does not exist; {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # A readable file that also pickles Python objects (a class instance, argparse.Namespace, ...).
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if not found:
+            raise BenchError(f"{label} {path} is unreadable (UnpicklingError); it may be truncated or not a "
+                             "PyTorch checkpoint") from None
+        raise BenchError(f"{label} {path} holds pickled Python objects besides tensors (e.g. {found.group(1)}), which "
+                         "weights_only loading refuses to run; if you trust the file, re-save only its state dict "
+                         "with torch.save") from None
+    except Exception as exc:  # truncated zip, foreign pickle, not a torch file: all mean "unusable"
+        raise BenchError(f"{label} {path} is unreadable ({type(exc).__name__}); it may be truncated or not a "
+                         "PyTorch checkpoint") from None

@@ -1,0 +1,73 @@
+"""Figures logged with each run (matplotlib's Agg canvas: no display on clusters and in CI): per-class IoU bars and
+the training curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from harness.data.cityscapes import PALETTE
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on clusters and in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def per_class_chart(per_class: dict[str, dict[str, float]], path: Path, title: str = "per-class IoU") -> Path:
+    """Horizontal bars of IoU per class in the Cityscapes class order, one bar per weight set
+    (`{"val_iou": {...}, "val_iou_ema": {...}}`), each class in its palette colour."""
+    plt = _pyplot()
+    groups = list(per_class.items())
+    names = list(groups[0][1])
+    fig, ax = plt.subplots(figsize=(7, 0.32 * len(names) * len(groups) + 1.2), dpi=100)
+    height = 0.8 / len(groups)
+    for g, (group, values) in enumerate(groups):
+        positions = [i + g * height for i in range(len(names))]
+        colours = [tuple(c / 255 for c in PALETTE[i]) for i in range(len(names))]
+        ax.barh(positions, [values[n] for n in names], height=height, color=colours,
+                alpha=1.0 if g == 0 else 0.55, edgecolor="black", linewidth=0.4, label=group)
+        for y, name in zip(positions, names):
+            ax.text(values[name] + 0.5, y, f"{values[name]:.1f}", va="center", fontsize=7)
+    ax.set_yticks([i + height * (len(groups) - 1) / 2 for i in range(len(names))], names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 105)
+    ax.set_xlabel("IoU (%)")
+    ax.set_title(title, fontsize=10)
+    if len(groups) > 1:
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return _save(plt, fig, path)
+
+
+def training_curves(history: dict[str, list[tuple[int, float]]], path: Path, title: str = "training") -> Path:
+    """Loss, learning rate and validation mIoU (raw and EMA) against the iteration, one panel each."""
+    plt = _pyplot()
+    panels = [("loss", ["train/loss"]), ("learning rate", ["train/lr"]), ("val mIoU", ["val/miou", "val/miou_ema"])]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), dpi=100)
+    for ax, (label, keys) in zip(axes, panels):
+        for key in keys:
+            points = sorted(dict(history.get(key, [])).items())  # a resumed step logged twice counts once
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, marker="o" if len(points) < 20 else None, markersize=3, label=key)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        if len(keys) > 1 and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: Path) -> Path:
+    """Write the figure as PNG without a Software stamp (the bytes depend only on the data) and free it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return path

@@ -1,0 +1,146 @@
+"""The one way a run ends, for `bench run` and `bench eval` alike: the tracked run and the run folder end with the
+same status; a finished run logs its headline metric, twins, per-class IoU and images and writes its record."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from harness.config.plan import TrainPlan
+from harness.config.spec import Spec
+from harness.data.cityscapes import CLASS_NAMES
+from harness.engine.run_folder import RunFolder
+from harness.engine.train import TrainResult
+from harness.outputs import plots
+from harness.report.records import package_versions, utc_now, write_record
+from harness.report.verdicts import measured_miou
+from harness.tracking.mlflow_sink import source_tags
+from harness.tracking.tracker import Tracker, class_key
+
+
+def training_params(spec: Spec, plan: TrainPlan, data_root: Path, train_images: int,
+                    device_type: str) -> dict[str, Any]:
+    """What ran: the resolved plan (the recipe after the synthetic budget and the command line), the network
+    and the data; the full spec goes in as the spec.json artifact."""
+    model = {k: v for k, v in spec.flat().items() if k.startswith("model.")}
+    return {**asdict(plan), **model, "data.root": str(data_root), "data.train_images": train_images,
+            "device": device_type}
+
+
+def run_tags(spec: Spec, dataset: str, commit: str, kind: str, entry_point: str, **extra: Any) -> dict[str, str]:
+    return {"kind": kind, "row": spec.row, "dataset": dataset,
+            "reference": " | ".join(repr(v) for v in spec.reference.miou),
+            "reference_source": spec.reference.source, **source_tags(commit, entry_point),
+            **{k: str(v) for k, v in extra.items()}}
+
+
+def end_run(folder: Optional[RunFolder], tracker: Optional[Tracker], status: str) -> Optional[str]:
+    """End the tracked run and the run folder with the same status; returns the tracker's warning, if any."""
+    warning = tracker.finish(status) if tracker is not None else None
+    if folder is not None:
+        folder.end(status)
+    return warning
+
+
+def finish_run(spec: Spec, tracker: Tracker, record: dict[str, Any], folder: Optional[RunFolder], *, headline: float,
+               metrics: dict[str, Optional[float]], step: int, per_class: dict[str, Optional[dict[str, float]]],
+               panels: list[Path]) -> dict[str, Any]:
+    """Log the headline (`miou`, the table's statistic), the reference and the delta, the twins in `metrics`,
+    per-class IoU (`val_iou/<class>`), the per-class table and chart, the training curves and the prediction
+    panels; write the record; end the MLflow run and the run folder FINISHED."""
+    # Rows outside the table may have no reference: then no reference or delta is logged (None is skipped).
+    reference = sum(spec.reference.miou) / len(spec.reference.miou) if spec.reference.miou else None
+    present = {group: values for group, values in per_class.items() if values}
+    logged = {"miou": headline, "reference_miou": reference,
+              "delta_miou": None if reference is None else headline - reference, **metrics}
+    for group, values in present.items():
+        logged.update({f"{group}/{class_key(name)}": v for name, v in values.items()})
+    tracker.log_metrics(logged, step)
+    tables = list(present.values())
+    tracker.log_text(per_class_csv(tables[0], tables[1] if len(tables) > 1 else None), "per_class_iou.csv")
+    chart = plots.per_class_chart(present, tracker.artifact_path("plots/per_class_iou.png"),
+                                  title=f"{spec.row}: per-class IoU")
+    tracker.log_artifact(chart, "plots")
+    assert tracker.journal is not None
+    history = tracker.journal.metric_history()
+    if any(key.startswith("train/") for key in history):
+        curves = plots.training_curves(history, tracker.artifact_path("plots/training_curves.png"),
+                                       title=f"{spec.row}: training curves")
+        tracker.log_artifact(curves, "plots")
+    for panel in panels:
+        tracker.log_artifact(panel, "panels")
+    record = {**record, "mlflow_run_id": tracker.run_id}
+    path = write_record(record)
+    tracker.set_tag("result_record", str(path))
+    end_run(folder, tracker, "FINISHED")
+    record["_path"] = str(path)
+    return record
+
+
+def per_class_csv(per_class: dict[str, float], ema: Optional[dict[str, float]]) -> str:
+    lines = ["class,iou" + (",iou_ema" if ema else "")]
+    for name, value in per_class.items():
+        lines.append(f"{name},{value:.4f}" + (f",{ema[name]:.4f}" if ema else ""))
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class TrainingOutcome:
+    """What a finished training produced, and what it ran on: everything its record says."""
+
+    spec: Spec
+    plan: TrainPlan
+    dataset: str
+    processes: int
+    device_type: str
+    result: TrainResult
+    wall_time_s: float
+    starting_weights: str
+    commit: str
+    train_images: int
+    val_images: int
+
+
+def training_record(outcome: TrainingOutcome) -> dict[str, Any]:
+    """The result record of a training run (before it is written)."""
+    result, plan = outcome.result, outcome.plan
+    ema = result.ema_metrics
+    assert result.best is not None
+    return {
+        "kind": "train", "row": outcome.spec.row, "dataset": outcome.dataset, "seed": plan.seed,
+        "miou": result.metrics.miou, "pixel_accuracy": result.metrics.pixel_accuracy,
+        "miou_ema": ema.miou if ema else None,
+        # UP evaluated every 5 epochs and kept the best (auto_save_best): the table reports the best, the
+        # record keeps both so nothing is hidden.
+        "miou_best": result.best.miou, "best_iteration": result.best.iteration,
+        "miou_ema_best": result.best_ema.miou if result.best_ema else None,
+        "best_iteration_ema": result.best_ema.iteration if result.best_ema else None,
+        "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
+        "starting_weights": outcome.starting_weights,
+        "per_class_iou": dict(zip(CLASS_NAMES, result.metrics.iou)),
+        "per_class_iou_ema": dict(zip(CLASS_NAMES, ema.iou)) if ema else None,
+        "iterations": plan.iters, "batch_size": plan.batch_size, "crop_size": plan.crop_size,
+        # The table counts a run only on the official split sizes (harness.report.verdicts.standing).
+        "train_images": outcome.train_images, "val_images": outcome.val_images, "devices": outcome.processes,
+        "device": outcome.device_type, "precision": plan.precision, "checkpoint": str(result.checkpoint),
+        "wall_time_s": round(outcome.wall_time_s, 1), "git_commit": outcome.commit,
+        "versions": package_versions(), "time": utc_now(),
+    }
+
+
+def finish_training(tracker: Tracker, folder: RunFolder, outcome: TrainingOutcome, panels: list[Path]
+                    ) -> dict[str, Any]:
+    """The end of a finished training: its record, headline and twins, per-class IoU and images."""
+    record = training_record(outcome)
+    ema = outcome.result.ema_metrics
+    twins = {  # raw and EMA, final and best: the same names in every training run
+        "final/miou": record["miou"], "final/pixel_accuracy": record["pixel_accuracy"],
+        "final/miou_ema": record["miou_ema"], "final/pixel_accuracy_ema": ema.pixel_accuracy if ema else None,
+        "best/miou": record["miou_best"], "best/iteration": record["best_iteration"],
+        "best/miou_ema": record["miou_ema_best"], "best/iteration_ema": record["best_iteration_ema"],
+    }
+    return finish_run(outcome.spec, tracker, record, folder, headline=measured_miou(outcome.spec, record),
+                      metrics=twins, step=outcome.plan.iters,
+                      per_class={"val_iou": record["per_class_iou"], "val_iou_ema": record["per_class_iou_ema"]},
+                      panels=panels)

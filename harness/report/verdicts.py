@@ -1,0 +1,213 @@
+"""Which records count as reproductions, and each row's verdict against the table's reference.
+
+One rule decides whether a result record is a reproduction (`standing`): the row's full planned budget,
+on Cityscapes with the official split sizes, from the row's expected starting weights. Everything else is
+kept and shown apart, never averaged into the measured column.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from harness import paths
+from harness.config.benchmark import OFFICIAL_SPLIT_IMAGES
+from harness.config.plan import planned_iterations
+from harness.config.spec import Spec, base_row, load_all, load_ours, table_tolerance
+from harness.engine.run_folder import RUN_STATUS, RunFolder
+from harness.errors import BenchError
+from harness.report.records import load_records
+
+OFFICIAL_TRAIN_IMAGES = OFFICIAL_SPLIT_IMAGES["train"]
+OFFICIAL_VAL_IMAGES = OFFICIAL_SPLIT_IMAGES["val"]
+
+# Kinds of record, in the order benchmark.md lists the ones that do not count.
+REPRODUCTION = "reproduction"
+OTHER_DATA = "other data"
+SMOKE = "smoke"
+PARTIAL = "partial"
+RANDOM_START = "random start"
+EVALUATION = "evaluation"
+NOT_COUNTED = (OTHER_DATA, SMOKE, PARTIAL, RANDOM_START)
+
+# Verdicts
+REPRODUCED = "reproduced"
+BELOW = "below"
+ABOVE = "above"
+NOT_RUN = "not run"
+IN_PROGRESS = "in progress"
+OUTSIDE = (BELOW, ABOVE)
+
+
+def measured_miou(spec: Spec, record: dict[str, Any]) -> float:
+    """A training record's headline: the statistic UP reported, the best of its evaluations every 5 epochs
+    (auto_save_best), of the EMA weights for an EMA row and of the raw weights otherwise. Records from before
+    best-keeping hold only the final evaluation."""
+    final, best = ("miou_ema", "miou_ema_best") if spec.columns.ema else ("miou", "miou_best")
+    return record[best] if record.get(best) is not None else record[final]
+
+
+@dataclass(frozen=True)
+class Standing:
+    kind: str  # REPRODUCTION or one of NOT_COUNTED (or EVALUATION for `bench eval` records)
+    reason: str  # one line: why it does not count ("" for a reproduction)
+
+    @property
+    def counts(self) -> bool:
+        return self.kind == REPRODUCTION
+
+
+def standing(spec: Spec, record: dict[str, Any]) -> Standing:
+    """The one rule: a record is a reproduction of `spec`'s row only if it trained the full planned budget on
+    Cityscapes with the official split (500 val images), from the row's expected starting weights.
+
+    The first failing condition names the kind: other data (not the official split, or split sizes not
+    recorded), smoke (less than one epoch of the plan), partial (another number of iterations), random start."""
+    if record.get("kind", "train") != "train":
+        return Standing(EVALUATION, "an evaluation of a checkpoint, not a training run")
+    if record.get("dataset") != "cityscapes":
+        return Standing(OTHER_DATA, f"dataset {record.get('dataset')!r}, not Cityscapes")
+    val, train = record.get("val_images"), record.get("train_images")
+    if val is None or train is None:
+        return Standing(OTHER_DATA, "the record does not say how many train/val images it used")
+    if val != OFFICIAL_VAL_IMAGES or train != OFFICIAL_TRAIN_IMAGES:
+        return Standing(OTHER_DATA, f"{train} train / {val} val images, not the official "
+                                    f"{OFFICIAL_TRAIN_IMAGES} / {OFFICIAL_VAL_IMAGES}")
+    planned, done = planned_iterations(spec), record.get("iterations")
+    if done != planned:
+        one_epoch = planned // spec.columns.epochs
+        kind = SMOKE if done is None or done < one_epoch else PARTIAL
+        return Standing(kind, f"{done} of the {planned} planned iterations")
+    weights = str(record.get("starting_weights", ""))
+    if weights.startswith("missing"):
+        return Standing(RANDOM_START, f"started without the row's weights ({weights})")
+    return Standing(REPRODUCTION, "")
+
+
+def runs_in_progress(row: str, dataset: str = "cityscapes") -> int:
+    """Run folders of `row` whose run.json says the run is still going."""
+    count = 0
+    for path in sorted((paths.runs_dir() / dataset / row).glob("*/")):
+        if RunFolder.is_run_folder(path):
+            try:
+                count += RunFolder.open(path).info.get("status") == RUN_STATUS["RUNNING"]
+            except BenchError:
+                continue
+    return count
+
+
+@dataclass
+class RowVerdict:
+    row: str
+    reference: list[float]  # the table's runs for this row (the light-seg figure for a light-seg row)
+    runs_of: str  # the row whose records were measured (the base row for a light-seg row)
+    tolerance: float  # mIoU points (harness.config.spec.table_tolerance)
+    values: list[float] = field(default_factory=list)  # measured mIoU of each counted run, oldest first
+    mean: Optional[float] = None
+    std: Optional[float] = None  # sample standard deviation; None below two runs
+    delta: Optional[float] = None  # mean measured - mean reference
+    in_progress: int = 0
+    verdict: str = NOT_RUN
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def outside(self) -> bool:
+        return self.verdict in OUTSIDE
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "n": self.n}
+
+
+def judge(reference: list[float], values: list[float], tolerance: float) -> str:
+    """Reproduced when the mean is within `tolerance` of the reference mean, or inside the span of the reference's
+    own runs when the table lists several; otherwise below or above."""
+    if not values:
+        return NOT_RUN
+    mean = statistics.fmean(values)
+    delta = mean - statistics.fmean(reference)
+    within_spread = len(reference) > 1 and min(reference) <= mean <= max(reference)
+    if abs(delta) <= tolerance + 1e-9 or within_spread:
+        return REPRODUCED
+    return BELOW if delta < 0 else ABOVE
+
+
+def resolve_tolerance(tolerance: Optional[float]) -> float:
+    """`--tolerance`, or the table's own (`_table.yaml`)."""
+    if tolerance is None:
+        return table_tolerance()
+    if tolerance < 0 or not math.isfinite(tolerance):
+        raise BenchError(f"--tolerance {tolerance}: give a finite number of mIoU points, 0 or more")
+    return tolerance
+
+
+def row_verdicts(specs: list[Spec], records: list[dict[str, Any]], tolerance: Optional[float] = None,
+                 dataset: str = "cityscapes") -> list[RowVerdict]:
+    """One verdict per spec, from the records that count (a light-seg row: its base row's)."""
+    tolerance = resolve_tolerance(tolerance)
+    by_row = {s.row: s for s in specs}
+    counted: dict[str, list[float]] = {}
+    for record in sorted(records, key=lambda r: (r.get("time", ""), r.get("mlflow_run_id") or "")):
+        spec = by_row.get(str(record.get("row")))
+        if spec is not None and standing(spec, record).counts:
+            counted.setdefault(base_row(spec.row), []).append(measured_miou(spec, record))
+    verdicts = []
+    for spec in specs:
+        runs_of = base_row(spec.row)
+        values = counted.get(runs_of, [])
+        v = RowVerdict(row=spec.row, reference=list(spec.reference.miou), runs_of=runs_of, values=values,
+                       tolerance=tolerance)
+        v.in_progress = runs_in_progress(runs_of, dataset)
+        if runs_of != spec.row:
+            v.in_progress += runs_in_progress(spec.row, dataset)
+        if values:
+            v.mean = statistics.fmean(values)
+            v.std = statistics.stdev(values) if len(values) > 1 else None
+            v.delta = v.mean - statistics.fmean(v.reference)
+        v.verdict = judge(v.reference, values, tolerance)
+        if not values and v.in_progress:
+            v.verdict = IN_PROGRESS
+        verdicts.append(v)
+    return verdicts
+
+
+# --- bench check ------------------------------------------------------------------------------
+
+
+def check_rows(pattern: str = "*", tolerance: Optional[float] = None) -> list[RowVerdict]:
+    """Verdicts of the rows matching the glob `pattern`, from the Cityscapes records."""
+    specs = [s for s in load_all() + load_ours() if fnmatch.fnmatch(s.row, pattern)]
+    if not specs:
+        raise BenchError(f"--rows {pattern!r} matches no row; see `bench list` for the row ids")
+    return row_verdicts(specs, load_records(dataset="cityscapes"), tolerance)
+
+
+def check_report(verdicts: list[RowVerdict], as_json: bool = False) -> str:
+    outside = [v.row for v in verdicts if v.outside]
+    if as_json:
+        return json.dumps({"tolerance": verdicts[0].tolerance if verdicts else table_tolerance(),
+                           "outside": outside, "rows": [v.to_dict() for v in verdicts]}, indent=2)
+    from tabulate import tabulate
+
+    lines = [[v.row, " | ".join(repr(x) for x in v.reference), v.n, "-" if v.mean is None else f"{v.mean:.2f}",
+              "-" if v.std is None else f"{v.std:.2f}", "" if v.delta is None else f"{v.delta:+.2f}",
+              v.verdict + (f" (+{v.in_progress} running)" if v.values and v.in_progress else "")
+              + (f" (runs of {v.runs_of})" if v.runs_of != v.row else "")]
+             for v in verdicts]
+    text = tabulate(lines, headers=["row", "reference", "runs", "mean", "std", "Δ", "verdict"], disable_numparse=True)
+    checked = sum(1 for v in verdicts if v.values)
+    tol = verdicts[0].tolerance if verdicts else table_tolerance()
+    if not checked:
+        summary = "no checked row has a Cityscapes reproduction yet (see `bench table --all` for every record)"
+    elif outside:
+        summary = (f"{len(outside)} of {checked} row(s) with results outside the tolerance ({tol:g} mIoU or the "
+                   f"reference's own span): {', '.join(outside)}")
+    else:
+        summary = f"all {checked} row(s) with results within the tolerance ({tol:g} mIoU or the reference's own span)"
+    return f"{text}\n{summary}"

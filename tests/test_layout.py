@@ -1,0 +1,74 @@
+"""The seams of the layered layout: one training step for `bench run` and `bench speed`, and a tracker whose
+store is a sink (MLflow by default, TensorBoard event files as the second)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.commands.run import RunOptions, run
+from harness.commands.speed import SpeedOptions, speed
+from harness.engine import train
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_speed_times_the_step_and_optimizer_bench_run_trains_with(monkeypatch, synthetic_root: Path,
+                                                                         one_thread):
+    steps: list[str] = []
+    optimizers: list[str] = []
+    original_step, original_optimizer = train.Trainer.train_step, train.make_optimizer
+
+    def counted_step(self, images, labels):
+        steps.append(current[0])
+        return original_step(self, images, labels)
+
+    def counted_optimizer(*args, **kwargs):
+        optimizers.append(current[0])
+        return original_optimizer(*args, **kwargs)
+
+    monkeypatch.setattr(train.Trainer, "train_step", counted_step)
+    monkeypatch.setattr(train, "make_optimizer", counted_optimizer)
+    current = ["run"]
+    record = run(RunOptions(row="df_seg_v1", synthetic=True, iters=3, offline_tracking=True, progress=False))
+    assert record["iterations"] == 3
+    current[0] = "speed"
+    measured = speed(SpeedOptions(row="df_seg_v1", mode="train", device="cpu", batch=2, warmup=0, repeats=1,
+                                  steps=2))
+    assert measured["modes"]["train"]["images_per_s"] > 0
+    # 3 training steps; 2 timed steps of the project's step and 2 of its plain fp32 twin, each on its own optimizer.
+    assert steps == ["run"] * 3 + ["speed"] * 4
+    assert optimizers == ["run", "speed", "speed"]
+
+
+def test_tensorboard_sink_writes_event_files_a_reader_opens(tmp_path: Path, synthetic_root: Path, one_thread):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from harness.report.records import load_records
+
+    logs = tmp_path / "tb"
+    record = run(RunOptions(row="df_seg_v1", synthetic=True, iters=4, tracking_uri=f"tensorboard:{logs}",
+                            progress=False))
+    events = sorted(logs.glob("segbench-synthetic/df_seg_v1/*/events.out.tfevents.*"))
+    assert len(events) == 1, sorted(p.relative_to(logs) for p in logs.rglob("*"))
+    reader = EventAccumulator(str(events[0].parent), size_guidance={"scalars": 0, "tensors": 0, "images": 0})
+    reader.Reload()
+    scalars = set(reader.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "val/miou", "miou"} <= scalars
+    assert reader.Scalars("miou")[-1].value == pytest.approx(record["miou_best"], abs=1e-4)
+    assert [e.step for e in reader.Scalars("train/loss")][-1] == 4
+    assert any(tag.startswith("plots/") for tag in reader.Tags()["images"])
+    texts = reader.Tags()["tensors"]
+    assert any(tag.startswith("status") for tag in texts) and any(tag.startswith("params") for tag in texts)
+    # The record names the run's TensorBoard folder as its tracked run, and no MLflow store was created.
+    (stored,) = load_records(dataset="synthetic")
+    assert stored["mlflow_run_id"] == str(events[0].parent.relative_to(logs))
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_tensorboard_without_a_folder_is_one_line(synthetic_root: Path):
+    from harness.errors import BenchError
+
+    with pytest.raises(BenchError, match="tensorboard:DIR"):
+        run(RunOptions(row="df_seg_v1", synthetic=True, iters=1, tracking_uri="tensorboard:", progress=False))
