@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import statistics
 import time
 import warnings
 from dataclasses import dataclass
@@ -215,10 +214,6 @@ def time_onnx(session: Any, batch: int, warmup: int, repeats: int, steps: int) -
             session.run(None, feed)
         times.append((time.perf_counter() - began) / steps)
     return times
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
 
 
 # --- safetensors ------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Figures logged with each run (matplotlib's Agg canvas: no display on clusters and in CI): per-class IoU bars and
-the training curves."""
+"""Figures (matplotlib's Agg canvas: no display on clusters and in CI): per-class IoU bars and the training curves
+logged with each run, and the per-class heatmap of `bench compare`."""
 
 from __future__ import annotations
 

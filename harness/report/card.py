@@ -12,7 +12,6 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional
 
-from harness.config.plan import TrainPlan
 from harness.config.spec import Spec
 from harness.config.up_configs import TABLE_WINS, config_name, config_path, read_config, up_base_row, up_values
 from harness.data.cityscapes import CLASS_NAMES
@@ -249,12 +248,3 @@ def reproduction_card(spec: Spec, record: dict[str, Any], *, figures: str = "", 
     lines += per_class_section(record)
     return "\n".join(lines).rstrip() + "\n"
 
-
-def plan_of(record: dict[str, Any], fallback: Optional[TrainPlan] = None) -> dict[str, Any]:
-    """The resolved plan a record holds (older records hold none: `fallback`'s, where known)."""
-    from dataclasses import asdict
-
-    plan = record.get("plan")
-    if isinstance(plan, dict):
-        return plan
-    return asdict(fallback) if fallback is not None else {}

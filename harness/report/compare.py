@@ -27,6 +27,7 @@ PLAN_FIELDS = tuple(f.name for f in fields(TrainPlan) if f.name != "row")
 RECIPE_EXTRA = ("starting_weights",)
 ENVIRONMENT_FIELDS = ("device_type", "gpu", "gpu_count", "driver", "cuda_build", "cudnn", "cpu", "os")
 MLFLOW_RUN_ID = re.compile(r"[0-9a-f]{32}")
+NOT_RECORDED = "(not recorded)"  # a field an older record, or an MLflow run without its record, does not hold
 
 
 @dataclass
@@ -208,8 +209,9 @@ def from_row(row: str, dataset: str) -> Comparable:
         row=row, dataset=dataset, headline=mean([i.headline for i in items]), miou=mean([i.miou for i in items]),
         weights=_agreed([i.weights for i in items]),
         per_class={name: mean([i.per_class[name] for i in items]) for name in CLASS_NAMES},
-        recipe={k: _agreed([i.recipe.get(k, "-") for i in items]) for k in keys("recipe")},
-        versions={k: _agreed([i.versions.get(k, "-") for i in items]) for k in keys("versions")}, runs=len(items))
+        recipe={k: _agreed([i.recipe.get(k, NOT_RECORDED) for i in items]) for k in keys("recipe")},
+        versions={k: _agreed([i.versions.get(k, NOT_RECORDED) for i in items]) for k in keys("versions")},
+        runs=len(items))
 
 
 def load_comparable(argument: str, tracking_uri: str, dataset: str = "cityscapes") -> Comparable:
@@ -237,7 +239,7 @@ def load_comparable(argument: str, tracking_uri: str, dataset: str = "cityscapes
 
 def _differences(items: list[Comparable], attr: str) -> dict[str, list[str]]:
     keys = sorted({k for item in items for k in getattr(item, attr)})
-    table = {k: [getattr(item, attr).get(k, "-") for item in items] for k in keys}
+    table = {k: [getattr(item, attr).get(k, NOT_RECORDED) for item in items] for k in keys}
     return {k: values for k, values in table.items() if len(set(values)) > 1}
 
 
