@@ -59,10 +59,12 @@ def test_finished_run_has_a_card_with_every_section_in_its_folder_and_in_mlflow(
     assert any("df1_imagenet.pth" in key and cells[-1] == "not there" for key, cells in weights.items())
     # The recipe beside UP's config, field by field, where the reference configs are beside this checkout.
     recipe = table_rows(card, "## Recipe")
-    assert recipe["iters"][:3] == ["2", "360", "synthetic budget (CPU-sized)"]
-    assert recipe["momentum"] == ["0.9", "0.9", "="] and recipe["ohem_thresh"] == ["0.7", "0.7", "="]
     if (REFERENCE / "united-perception").is_dir():
         assert "configs/seg/SF_seg/SF_seg_v1_ema.yaml" in card
+        assert recipe["iters"] == ["2", "360", "synthetic budget (CPU-sized)"]
+        assert recipe["momentum"] == ["0.9", "0.9", "="] and recipe["ohem_thresh"] == ["0.7", "0.7", "="]
+    else:  # a user's clone: the plan alone
+        assert "UP config not available" in card and recipe["momentum"] == ["0.9", "", ""]
     # Environment, time, figures (whose links resolve from the run folder) and all 19 classes with both weight sets.
     environment = table_rows(card, "## Environment")
     assert environment["torch"] == [record["versions"]["torch"]] and environment["GPU"] == ["none (CPU run)"]
