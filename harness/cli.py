@@ -274,12 +274,63 @@ def sync(run_dirs: tuple[Path, ...], tracking_uri: Optional[str], skip_damaged: 
 @click.option("--warmup", type=int, default=None, help="Untimed steps first (default: 10 on GPU, 1 on CPU).")
 @click.option("--repeats", type=int, default=None, help="Timed runs; the median is reported (default: 5 / 3).")
 @click.option("--steps", type=int, default=None, help="Steps per timed run (default: 10 / 1).")
+@click.option("--onnx", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Also time onnxruntime on this exported ONNX file, beside PyTorch's inference at its size.")
 def speed(row: str, compile_model: bool, size: Optional[str], **options: Any) -> None:
     """Time a row's training step, inference, evaluation loop and data loading; write a record, print a table."""
-    from harness.commands.speed import SpeedOptions, parse_size, render
+    from harness.commands.options import parse_size
+    from harness.commands.speed import SpeedOptions, render
     from harness.commands.speed import speed as measure_speed
 
     click.echo(render(measure_speed(SpeedOptions(row=row, compile=compile_model, size=parse_size(size), **options))))
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@click.option("--figure", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a per-class IoU heatmap (runs x classes) here, as PNG.")
+@click.option("--dataset", type=click.Choice(["cityscapes", "synthetic"]), default="cityscapes", show_default=True,
+              help="Whose records a row argument averages (Cityscapes: its counted runs).")
+@with_options((TRACKING_URI_OPTION,))
+def compare(runs: tuple[str, ...], as_json: bool, figure: Optional[Path], dataset: str,
+            tracking_uri: Optional[str]) -> None:
+    """Per-class IoU of RUNS side by side (run folders, result records, MLflow run ids or rows), largest gap first,
+    with the recipe fields and versions that differ."""
+    from harness.commands.compare import compare as compare_runs
+
+    click.echo(compare_runs(list(runs), as_json=as_json, figure=figure, tracking_uri=tracking_uri, dataset=dataset))
+
+
+@main.command()
+@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
+@with_options((TRACKING_URI_OPTION,))
+def report(run: Path, tracking_uri: Optional[str]) -> None:
+    """(Re)write the reproduction card report.md of a finished run folder and log it to its tracked run."""
+    from harness.commands.report import report as write_report
+
+    path, logged = write_report(run, tracking_uri)
+    click.echo(f"wrote {path}; {logged}")
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
+              help="A segbench checkpoint (runs/<dataset>/<row>/<stamp>/checkpoints/ckpt-*.pt or best.pt).")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "safetensors"]), required=True)
+@click.option("--weights", type=click.Choice(["ema", "raw"]), default=None,
+              help="Which weights of the checkpoint (default: ema for EMA rows, raw otherwise).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The file to write (default: beside the checkpoint, <checkpoint>-<weights>.onnx|.safetensors).")
+@click.option("--size", default=None, metavar="W,H",
+              help="ONNX image size (default: the test size the checkpoint was trained for).")
+@click.option("--row", default=None, help="Row id (default: the checkpoint's row).")
+def export(checkpoint: str, fmt: str, weights: Optional[str], out: Optional[Path], size: Optional[str],
+           row: Optional[str]) -> None:
+    """Write a checkpoint's network as ONNX (checked by onnxruntime against PyTorch) or safetensors."""
+    from harness.commands.export import export as export_model
+    from harness.commands.options import parse_size
+
+    click.echo(export_model(checkpoint, fmt, weights, out, parse_size(size), row))
 
 
 @main.group()

@@ -35,5 +35,11 @@ def runs_dir() -> Path:
     return _env_path("SEGBENCH_RUNS", PROJECT_ROOT / "runs")
 
 
+def reference_dir() -> Path:
+    """The reference material beside the checkout (UP's configs, the seed table): ../shared/reference in the
+    project's own workspace; a user's clone has none, and whatever reads it says so."""
+    return _env_path("SEGBENCH_REFERENCE", PROJECT_ROOT.parent / "shared" / "reference")
+
+
 def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"

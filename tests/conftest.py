@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -60,3 +62,33 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@dataclass
+class FinishedRun:
+    """One finished synthetic training run (an EMA row of SFNet, 2 iterations) and the outputs it wrote."""
+
+    root: Path
+    env: dict[str, str]
+    record: dict
+    folder: Path
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.env["MLFLOW_TRACKING_URI"]
+
+
+@pytest.fixture(scope="session")
+def finished_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> FinishedRun:
+    """Trained once per session, in its own results, runs and MLflow store: tests that read it point the
+    environment there (`monkeypatch.setenv(k, v) for k, v in finished_run.env.items()`) or pass its paths."""
+    from harness.commands.run import RunOptions, run
+
+    root = tmp_path_factory.mktemp("finished-run")
+    env = {"SEGBENCH_RESULTS": str(root / "results"), "SEGBENCH_RUNS": str(root / "runs"),
+           "SEGBENCH_BENCHMARK": str(root / "benchmark.md"), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    # benchmark.md and its figure (FLOPs of every row) are no output of this run that its readers look at.
+    with mock.patch.dict(os.environ, env), mock.patch("harness.commands.run.write_benchmark"):
+        record = run(RunOptions(row="sf_seg_v1-ema", synthetic=True, iters=2, progress=False))
+    folder = Path(record["checkpoint"]).parent.parent
+    return FinishedRun(root, env, record, folder)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import zipfile
 from pathlib import Path
 
@@ -60,7 +61,13 @@ def test_eval_reproduces_the_training_runs_miou_for_both_weight_sets(trained, tm
     assert eval_run.data.metrics["val/miou"] == pytest.approx(evals["raw"]["miou"])
     panels = client.list_artifacts(eval_run.info.run_id, "panels")
     assert len(panels) == 4 and all(a.path.endswith(".png") for a in panels)
-    assert "per_class_iou.csv" in {a.path for a in client.list_artifacts(eval_run.info.run_id)}
+    assert {"per_class_iou.csv", "report.md"} <= {a.path for a in client.list_artifacts(eval_run.info.run_id)}
+    # Each evaluation's reproduction card: why it does not count, and the checksum of the checkpoint it scored.
+    cards = sorted((tmp_path / "runs" / "synthetic" / "tiny" / "eval").glob("*/report.md"))
+    digest = hashlib.sha256(Path(trained["checkpoint"]).read_bytes()).hexdigest()
+    assert len(cards) == 2
+    for card in map(Path.read_text, cards):
+        assert "**Does not count** (evaluation): an evaluation of a checkpoint" in card and digest in card
 
     # Evaluations of a run's own checkpoint do not count again in the table.
     frame = table_frame([load_spec("tiny")], load_records(dataset="synthetic"))

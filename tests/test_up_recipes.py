@@ -15,6 +15,17 @@ import yaml
 from harness.config.benchmark import UP_GPUS
 from harness.config.plan import TrainPlan, make_plan
 from harness.config.spec import Spec, load_all, load_spec
+from harness.config.up_configs import (
+    BASE_CONFIG,
+    LOSS_AUX,
+    NO_STARTING_FILE,
+    TABLE_WINS,
+    config_name,
+    read_config,
+    transform,
+    up_base_row,
+    up_values,
+)
 from harness.data.cityscapes import IGNORE_INDEX
 from harness.engine.distributed import World
 from harness.engine.ema import ExpEMA
@@ -24,41 +35,12 @@ from tests.conftest import REFERENCE, reference_file
 CONFIGS = REFERENCE / "united-perception" / "configs" / "seg"
 CITYSCAPES_TRAIN_IMAGES = 2975
 
-# Each table row's UP config; "-ema" rows use the "_ema" file. light-seg rows train their base row's recipe,
-# and the MSeg row the recipe of df_seg_v1 (UP has no config of its own for it).
-BASE_CONFIG = {
-    "deeplabv3-r50": "deeplabv3/deeplabv3_r50", "deeplabv3-r101": "deeplabv3/deeplabv3_r101",
-    "pspnet-r50": "pspnet/pspnet", "bisenet-r18": "BiSeNet/BiSeNet", "icnet-r50": "icnet/icnet",
-    "unet-769": "unet/unet", "unet-1024": "unet/unet",
-    "df_seg_v1": "DF_seg/DF_seg_v1", "df_seg_v2": "DF_seg/DF_seg_v2",
-    "sf_seg_v1": "SF_seg/SF_seg_v1", "sf_seg_v2": "SF_seg/SF_seg_v2",
-}
-# Where the table's columns differ from UP's config, the table wins (each spec says why in a comment):
-# ICNet's config trains 240 epochs, the table 120; UNet (1024) is the 769 config with the row's own crop and
-# the table's 240 epochs.
-TABLE_WINS = {"icnet-r50": {"epochs": 120}, "unet-1024": {"epochs": 240, "crop": 1024}}
-# Auxiliary weights of UP's loss classes (up/tasks/seg/models/losses/seg_loss.py): seg_ohem has one aux output
-# at `aux_weight` when it is above 0; seg_bisegnet sums main + 2 aux at 1.0; seg_icnet main + 3 at 0.4.
-LOSS_AUX = {"seg_bisegnet": [1.0, 1.0], "seg_icnet": [0.4, 0.4, 0.4]}
-# UP's loader fills no UNet tensor from the ResNet-50 file its unet config names (harness/models/unet.py).
-NO_STARTING_FILE = {"unet"}
-
-
 def base_row(spec: Spec) -> str:
-    row = spec.row.removesuffix("-ema").removesuffix("-lightseg").removesuffix("-mseg")
-    return row
+    return up_base_row(spec.row)
 
 
 def up_config(spec: Spec) -> dict:
-    name = BASE_CONFIG[base_row(spec)] + ("_ema" if spec.columns.ema else "")
-    return yaml.safe_load(reference_file(CONFIGS / f"{name}.yaml").read_text())
-
-
-def transform(config: dict, split: str, kind: str) -> dict | None:
-    for step in config["dataset"][split]["dataset"]["kwargs"]["transformer"]:
-        if step["type"] == kind:
-            return step.get("kwargs", {})
-    return None
+    return yaml.safe_load(reference_file(CONFIGS / f"{config_name(spec)}.yaml").read_text())
 
 
 def cityscapes_plan(spec: Spec) -> TrainPlan:
@@ -147,6 +129,24 @@ def test_row_recipe_is_ups_config_field_by_field(row):
         assert spec.model.init_checkpoint and spec.model.backbone_checkpoint is None
     else:
         assert spec.model.backbone_checkpoint == f"weights/{pretrain}"
+
+
+def test_up_values_are_the_plan_of_every_row_but_where_the_table_wins():
+    """The values the reproduction card shows beside a run's plan (harness.config.up_configs.up_values) are the
+    Cityscapes plan of each row, field by field, except the table's own columns (TABLE_WINS)."""
+    reference_file(CONFIGS)
+    for row, spec in SPECS.items():
+        plan, theirs = asdict(cityscapes_plan(spec)), up_values(spec, read_config(spec, REFERENCE))
+        differing = {k for k, v in theirs.items() if k in plan and plan[k] != v and not (
+            isinstance(v, float) and plan[k] == pytest.approx(v))}
+        expected = {"iters"} if "epochs" in TABLE_WINS.get(base_row(spec), {}) else set()
+        if "crop" in TABLE_WINS.get(base_row(spec), {}):
+            expected.add("crop_size")
+        if not spec.columns.ema:
+            differing -= {"ema_decay", "ema_ramp"}  # UP's value is None; the plan keeps the unused default
+        assert differing == expected, row
+        starting = spec.model.backbone_checkpoint if not row.endswith("-mseg") else theirs["starting_weights"]
+        assert theirs["starting_weights"] == starting, row
 
 
 def up_learning_rate(iteration: int, target: float, warmup: int, ratio: float, iters: int, power: float) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,7 +16,7 @@ from harness.engine.run_folder import RunFolder
 from harness.engine.trained import LoadedCheckpoint, load_for_evaluation
 from harness.outputs.predictions import evaluate_split
 from harness.report.finish import end_run, finish_run, run_tags
-from harness.report.records import git_commit, package_versions, utc_now
+from harness.report.records import environment, git_commit, package_versions, utc_now
 from harness.tracking.journal import JOURNAL_DIR
 from harness.tracking.tracker import Tracker
 
@@ -78,7 +78,8 @@ def evaluate_checkpoint(options: EvalOptions) -> dict[str, Any]:
             "per_class_iou": per_class, "test_size": plan.test_size, "test_mode": mode.describe(),
             "device": loaded.device.type, "precision": plan.precision,
             "wall_time_s": round(time.perf_counter() - started, 1),
-            "git_commit": commit, "versions": package_versions(), "mlflow_run_id": run_id, "time": utc_now(),
+            "git_commit": commit, "versions": package_versions(), "environment": environment(loaded.device.type),
+            "plan": asdict(plan), "mlflow_run_id": run_id, "time": utc_now(),
         }
         return finish_run(spec, tracker, record, folder, headline=metrics.miou,
                           metrics={f"val/miou{suffix}": metrics.miou,

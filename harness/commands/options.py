@@ -8,6 +8,7 @@ only a `CheckedRun`, so nothing trains unchecked and nothing is checked twice.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -195,3 +196,13 @@ def worker_argv(options: RunOptions, seeds: Sequence[int]) -> list[str]:
         flag = "--" + option.name.replace("_", "-")
         argv += [flag] if isinstance(value, bool) else [flag, str(value)]
     return argv + (["--seeds", ",".join(map(str, seeds))] if len(seeds) > 1 else ["--seed", str(seeds[0])])
+
+
+def parse_size(text: Optional[str]) -> Optional[tuple[int, int]]:
+    """'W,H' (or WxH) -> (width, height)."""
+    if text is None:
+        return None
+    parts = re.split(r"[,x]", text.strip())
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise BenchError(f"--size {text}: give WIDTH,HEIGHT, two positive integers, e.g. --size 256,128")
+    return int(parts[0]), int(parts[1])

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
-import re
 import statistics
 import tempfile
 import time
@@ -50,6 +49,7 @@ from harness.engine.distributed import World
 from harness.engine.train import Trainer
 from harness.errors import BenchError
 from harness.models import build_model, check_implemented
+from harness.outputs.model_export import onnx_input_size, onnx_metadata, onnx_session, time_onnx
 from harness.report.records import git_commit, package_versions, utc_now, write_record
 
 MODES = ("train", "infer", "eval", "data")
@@ -72,6 +72,7 @@ class SpeedOptions:
     repeats: Optional[int] = None
     steps: Optional[int] = None  # timed units per repeat
     plain: bool = True  # also time the plain fp32 NCHW eager loop
+    onnx: Optional[str] = None  # an exported ONNX file: onnxruntime's inference beside PyTorch's, at its size
 
 
 @dataclass
@@ -365,16 +366,6 @@ def measure_eval(spec: Spec, plan: TrainPlan, device: torch.device, config: Step
 # --- the command -------------------------------------------------------------------------------------------------
 
 
-def parse_size(text: Optional[str]) -> Optional[tuple[int, int]]:
-    """'W,H' (or WxH) -> (width, height)."""
-    if text is None:
-        return None
-    parts = re.split(r"[,x]", text.strip())
-    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise BenchError(f"--size {text}: give WIDTH,HEIGHT, two positive integers, e.g. --size 256,128")
-    return int(parts[0]), int(parts[1])
-
-
 def defaults(device: torch.device) -> dict[str, int]:
     """Warm-up, repeats and timed steps: timm's benchmark counts on a GPU, a handful on the CPU."""
     if device.type == "cuda":
@@ -403,6 +394,8 @@ def check_speed_options(options: SpeedOptions) -> None:
         least = 0 if name in ("warmup", "workers") else 1
         if value is not None and value < least:
             raise BenchError(f"--{name} must be at least {least}, got {value}")
+    if options.onnx and options.mode not in ("infer", "all"):
+        raise BenchError(f"--onnx times inference: drop --mode {options.mode} (or use --mode infer)")
     if options.size is not None and (len(options.size) != 2 or min(options.size) < 1):
         raise BenchError(f"--size {options.size}: give WIDTH,HEIGHT, two positive integers")
 
@@ -496,7 +489,11 @@ def speed(options: SpeedOptions) -> dict[str, Any]:
                                      if getattr(options, k) is not None}}
     peak, peak_dtype = matmul_peak_tflops(device) if {"train", "infer"} & set(modes) else (None, None)
     bench = Bench(options, spec, plan, device, counts, peak)
-    results = measure_modes(bench, modes, resolve_sizes(spec, plan, device, options.size))
+    session = onnx_beside(options, device) if options.onnx else None
+    sizes = resolve_sizes(spec, plan, device, options.size if session is None else onnx_input_size(session))
+    results = measure_modes(bench, ("infer",) if session is not None else modes, sizes)
+    if session is not None:
+        results["infer onnxruntime"] = measure_onnx(session, results["infer"], counts)
     record = {  # write_record files a record under <dataset>/<row>/: here results/speed/<device>/<row>/
         "kind": "speed", "row": spec.row, "dataset": device_name(device), "device": device_name(device),
         "device_type": device.type, "precision": precision, "compile": options.compile,
@@ -506,6 +503,26 @@ def speed(options: SpeedOptions) -> dict[str, Any]:
     }
     record["_path"] = str(write_record(record, root=results_dir() / "speed"))
     return record
+
+
+def onnx_beside(options: SpeedOptions, device: torch.device) -> Any:
+    """The onnxruntime session of `--onnx FILE` (of the row timed: its metadata names the row it was exported from),
+    with PyTorch's thread count on the CPU."""
+    path = Path(options.onnx or "")
+    if not path.is_file():
+        raise BenchError(f"--onnx {path}: no such file; write one with `bench export --format onnx`")
+    exported = onnx_metadata(path).get("segbench.row")
+    if exported and exported != options.row:
+        raise BenchError(f"--onnx {path} was exported from {exported}, not {options.row}; pass --row {exported}")
+    return onnx_session(path, threads=torch.get_num_threads(), device=device.type)
+
+
+def measure_onnx(session: Any, pytorch: dict[str, Any], counts: dict[str, int]) -> dict[str, Any]:
+    """onnxruntime's inference at the ONNX file's size and PyTorch's batch, fp32 as exported."""
+    times = time_onnx(session, pytorch["batch"], **counts)
+    timing = Timing(pytorch["batch"], statistics.median(times), times, None)
+    return {"size": pytorch["size"], **timing_fields(timing), "providers": session.get_providers(),
+            "vs_pytorch": timing.images_per_s / pytorch["images_per_s"]}
 
 
 def timing_fields(timing: Timing) -> dict[str, Any]:
@@ -525,6 +542,8 @@ def mode_notes(mode: str, entry: dict[str, Any], device_type: str) -> str:
         return (f"{per_worker:.1f} img/s per worker" if per_worker else "in the main process") + f", {what}"
     if mode == "augment":
         return f"on {device_type}, from {'x'.join(map(str, entry['source_size']))} frames"
+    if mode == "infer onnxruntime":
+        return f"{entry['providers'][0]}, fp32; {entry['vs_pytorch']:.2f} x PyTorch's infer"
     if mode == "eval":
         share = entry.get("fraction_of_forward")
         shown = f"{100 * share:.0f}% of infer" if share is not None else "infer not timed alike"

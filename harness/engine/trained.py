@@ -43,6 +43,13 @@ def load_trained(path: str | Path, row: Optional[str] = None, weights: Optional[
                  ) -> tuple[Spec, nn.Module, str]:
     """(spec, model on the CPU in eval mode, which weights) of a checkpoint; the row defaults to the checkpoint's
     own, the weights to EMA for an EMA row and raw otherwise."""
+    spec, model, chosen, _ = load_trained_state(path, row, weights)
+    return spec, model, chosen
+
+
+def load_trained_state(path: str | Path, row: Optional[str] = None, weights: Optional[str] = None
+                       ) -> tuple[Spec, nn.Module, str, dict[str, Any]]:
+    """`load_trained`, and the checkpoint's whole state (its plan, iteration, starting weights)."""
     checkpoint_path = Path(path).expanduser()
     state = checkpoint.load(checkpoint_path)  # a bad file fails before anything else is touched
     row = row or state.get("spec", {}).get("row")
@@ -53,7 +60,7 @@ def load_trained(path: str | Path, row: Optional[str] = None, weights: Optional[
     chosen = weights or ("ema" if spec.columns.ema else "raw")
     if chosen not in WEIGHTS:
         raise BenchError(f"--weights {chosen}: use ema or raw")
-    return spec, load_weights(spec, checkpoint_path, chosen, state).eval(), chosen
+    return spec, load_weights(spec, checkpoint_path, chosen, state).eval(), chosen, state
 
 
 @dataclass

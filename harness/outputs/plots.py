@@ -1,9 +1,10 @@
-"""Figures logged with each run (matplotlib's Agg canvas: no display on clusters and in CI): per-class IoU bars and
-the training curves."""
+"""Figures (matplotlib's Agg canvas: no display on clusters and in CI): per-class IoU bars and the training curves
+logged with each run, and the per-class heatmap of `bench compare`."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from harness.data.cityscapes import PALETTE
 
@@ -71,3 +72,28 @@ def _save(plt, fig, path: Path) -> Path:
     fig.savefig(path, metadata={"Software": None})
     plt.close(fig)
     return path
+
+
+def per_class_heatmap(labels: list[str], classes: list[str], values: list[list[Optional[float]]], path: Path,
+                      title: str = "per-class IoU") -> Path:
+    """Runs (rows) x classes (columns), each cell its IoU in % on one fixed 0-100 colour scale and written in;
+    an undefined IoU is a grey cell marked "-". The same values give the same bytes."""
+    import numpy as np
+
+    plt = _pyplot()
+    grid = np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(classes), 1.2 + 0.45 * len(labels)), dpi=100)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#cccccc")
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=100, aspect="auto")
+    for r in range(grid.shape[0]):
+        for c in range(grid.shape[1]):
+            value = grid[r, c]
+            text = "-" if np.isnan(value) else f"{value:.1f}"
+            ax.text(c, r, text, ha="center", va="center", fontsize=7,
+                    color="black" if np.isnan(value) or value > 60 else "white")
+    ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, fraction=0.025, pad=0.01, label="IoU (%)")
+    fig.tight_layout()
+    return _save(plt, fig, path)

@@ -3,6 +3,7 @@ same status; a finished run logs its headline metric, twins, per-class IoU and i
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -12,11 +13,16 @@ from harness.config.spec import Spec
 from harness.data.cityscapes import CLASS_NAMES
 from harness.engine.run_folder import RunFolder
 from harness.engine.train import TrainResult
+from harness.errors import BenchError
+from harness.files import atomic_write_text
 from harness.outputs import plots
-from harness.report.records import package_versions, utc_now, write_record
+from harness.report import card
+from harness.report.records import environment, package_versions, utc_now, write_record
 from harness.report.verdicts import measured_miou
 from harness.tracking.mlflow_sink import source_tags
 from harness.tracking.tracker import Tracker, class_key
+
+log = logging.getLogger(__name__)
 
 
 def training_params(spec: Spec, plan: TrainPlan, data_root: Path, train_images: int,
@@ -70,12 +76,39 @@ def finish_run(spec: Spec, tracker: Tracker, record: dict[str, Any], folder: Opt
         tracker.log_artifact(curves, "plots")
     for panel in panels:
         tracker.log_artifact(panel, "panels")
-    record = {**record, "mlflow_run_id": tracker.run_id}
+    weights = card.weight_files(spec, record)
+    record = {**record, "mlflow_run_id": tracker.run_id,
+              "weight_files": [{k: f[k] for k in ("what", "path", "sha256")} for f in weights]}
     path = write_record(record)
-    tracker.set_tag("result_record", str(path))
-    end_run(folder, tracker, "FINISHED")
     record["_path"] = str(path)
+    tracker.set_tag("result_record", str(path))
+    try:
+        write_cards(spec, record, tracker.journal.artifacts, folder, tracker=tracker, weights=weights)
+    except (OSError, BenchError) as exc:  # the run and its record stand; the card can be written again
+        log.warning("warning: could not write the reproduction card (%s); write it later with `bench report %s`",
+                    exc, folder.path if folder else record["_path"])
+    end_run(folder, tracker, "FINISHED")
     return record
+
+
+def write_cards(spec: Spec, record: dict[str, Any], artifacts: Path, folder: Optional[RunFolder], *,
+                tracker: Optional[Tracker] = None, weights: Optional[list[dict[str, Any]]] = None) -> Path:
+    """The reproduction card in the run's artifacts (figures beside it; logged when `tracker` is given) and, with
+    the figures' paths from there, as report.md in the run folder. Returns the run folder's copy (or the
+    artifact's, for a run without a folder)."""
+    figures = tuple(name for name in (card.CURVES, card.PER_CLASS_CHART) if (artifacts / name).is_file())
+    text = card.reproduction_card(spec, record, figures="", figure_names=figures, weights=weights)
+    target = atomic_write_text(artifacts / card.CARD, text)
+    if tracker is not None:
+        tracker.log_artifact(target)
+    if folder is None:
+        return target
+    prefix = artifacts.relative_to(folder.path).as_posix() + "/" if artifacts.is_relative_to(folder.path) else \
+        artifacts.as_posix() + "/"
+    local = card.reproduction_card(spec, record, figures=prefix, figure_names=figures, weights=weights)
+    path = atomic_write_text(folder.path / card.CARD, local)
+    folder.update(record=record.get("_path"), report=str(path))
+    return path
 
 
 def per_class_csv(per_class: dict[str, float], ema: Optional[dict[str, float]]) -> str:
@@ -125,7 +158,8 @@ def training_record(outcome: TrainingOutcome) -> dict[str, Any]:
         "train_images": outcome.train_images, "val_images": outcome.val_images, "devices": outcome.processes,
         "device": outcome.device_type, "precision": plan.precision, "checkpoint": str(result.checkpoint),
         "wall_time_s": round(outcome.wall_time_s, 1), "git_commit": outcome.commit,
-        "versions": package_versions(), "time": utc_now(),
+        "versions": package_versions(), "environment": environment(outcome.device_type), "plan": asdict(plan),
+        "time": utc_now(),
     }
 
 

@@ -17,7 +17,8 @@ from typing import Any, Optional
 from harness.errors import BenchError
 from harness.paths import PROJECT_ROOT, results_dir
 
-PACKAGES = ("torch", "torchvision", "timm", "segmentation-models-pytorch", "mlflow", "numpy", "segbench")
+PACKAGES = ("torch", "torchvision", "timm", "segmentation-models-pytorch", "mlflow", "numpy", "pillow",
+            "onnx", "onnxruntime", "segbench")
 
 
 def git_commit() -> str:
@@ -39,6 +40,41 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _driver_version() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout.split()
+        return out[0] if out else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device_type: str) -> dict[str, Any]:
+    """What a run ran on beyond the package versions: the GPUs of this machine (model and count), the NVIDIA
+    driver, the CUDA and cuDNN PyTorch uses, the CPU and the OS."""
+    import torch
+
+    env: dict[str, Any] = {"device_type": device_type, "os": platform.platform(), "cpu": _cpu_model(),
+                           "cpu_count": os.cpu_count(), "cuda_build": torch.version.cuda,
+                           "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
+    if device_type == "cuda" and torch.cuda.is_available():
+        env.update(gpu=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count(),
+                   driver=_driver_version())
+    else:
+        env.update(gpu=None, gpu_count=0, driver=None)
+    return env
 
 
 def utc_now() -> str:

@@ -235,3 +235,25 @@ def sync_journal(journal_dir: Path, tracking_uri: Optional[str] = None) -> tuple
     finally:
         sink.close()
     return journal.run_id(uri), sent
+
+
+def log_artifact_later(journal_dir: Path, relative: str, tracking_uri: Optional[str] = None) -> str:
+    """Log a file already in a run's artifact folder to the run after it ended (e.g. a card written afterwards):
+    journalled like any artifact, then sent at once when the store has everything else of the run; otherwise it
+    waits, with the rest, for `bench sync`. Returns a line saying which."""
+    journal = Journal(journal_dir)
+    header = journal.header()
+    if not header:
+        raise BenchError(f"{journal_dir} holds no tracking journal; give a run folder written by `bench run` or "
+                         "`bench eval`")
+    uri = tracking_uri or header["tracking_uri"]
+    waiting = journal.pending(uri)
+    journal.append({"op": "artifact", "path": relative})
+    if waiting:
+        return (f"{relative} journalled; the run has {len(waiting)} entries {uri} lacks: send them with `bench sync "
+                f"{journal_dir.parent}`")
+    try:
+        sync_journal(journal_dir, uri)
+    except BenchError as exc:
+        return f"{relative} journalled, not sent ({exc}); send it later with `bench sync {journal_dir.parent}`"
+    return f"{relative} logged to the run in {uri}"
