@@ -2,8 +2,8 @@
 
 `validate_run` checks everything a `bench run` can be refused for before anything starts (every seed, the device
 and precision, the spec, the dataset folder, the starting checkpoint, the batch over the processes, batch norm at
-one image per process, the output folders), once, and hands back what it resolved (`CheckedRun`). Training takes
-only a `CheckedRun`, so nothing trains unchecked and nothing is checked twice.
+one image per process or group, the output folders), once, and hands back what it resolved (`CheckedRun`). Training
+takes only a `CheckedRun`, so nothing trains unchecked and nothing is checked twice.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from harness import paths
+from harness.config.plan import loss_group_images
 from harness.config.precision import resolve_precision
 from harness.config.spec import Spec, load_spec
 from harness.data.source import check_data_options, cityscapes_root, dataset_name
@@ -129,30 +130,43 @@ def check_output_folders(dataset: str) -> None:
 
 
 def check_batch_norm(spec: Spec, batch_key: str, batch: int, crop_key: str, crop: list[int], per_rank: int,
-                     processes: int, device_type: str) -> None:
+                     processes: int, device_type: str, group_images: int) -> None:
     """One image per process: a batch norm after global pooling sees one value per channel, and training fails
     at its first step. A forward on the meta device (shapes only, no compute) finds such a layer up front.
-    SyncBatchNorm (several processes on GPUs) normalises over all processes and needs no check."""
-    if per_rank > 1 or spec.train.freeze_bn or (processes > 1 and device_type == "cuda"):
+    SyncBatchNorm (several processes on GPUs) normalises over all processes; the layers UP normalised per GPU
+    (GroupedBatchNorm2d) normalise over groups of `group_images` of a process's images, whatever the device."""
+    from harness.models.common import GroupedBatchNorm2d
+
+    per_group = group_images if group_images and per_rank // group_images > 1 else per_rank
+    plain_single = per_rank == 1 and not (processes > 1 and device_type == "cuda")
+    if spec.train.freeze_bn or not (plain_single or per_group == 1):
         return
     import torch
 
-    single: list[str] = []
+    single: list[tuple[str, bool]] = []  # (layer, normalised per UP GPU group)
     try:
         with torch.device("meta"):
             model = build_model(spec)
         for name, module in model.named_modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.register_forward_pre_hook(
-                    lambda m, args, name=name: single.append(name) if args[0].numel() == args[0].shape[1] else None)
+            if not isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                continue
+            if not (per_group == 1 if isinstance(module, GroupedBatchNorm2d) else plain_single):
+                continue
+            module.register_forward_pre_hook(
+                lambda m, args, name=name: single.append((name, isinstance(m, GroupedBatchNorm2d)))
+                if args[0].numel() == args[0].shape[1] else None)
         model.train()(torch.empty(1, 3, crop[1], crop[0], device="meta"))
     except Exception:  # the probe only looks for this one failure; the run itself reports anything else
         pass
     if single:
+        layer, grouped = single[0]
+        where = f"({batch_key} {batch} over {processes} process(es)) at {crop_key} {crop}: batch norm {layer}"
+        if grouped:
+            raise BenchError(f"{spec.row}: 1 image per group {where}, which UP normalised per GPU (its {group_images} "
+                             "image(s)), would see one value per channel; use fewer processes or a larger batch")
         raise BenchError(
-            f"{spec.row}: 1 image per process ({batch_key} {batch} over {processes} process(es)) at {crop_key} "
-            f"{crop}: batch norm {single[0]} would see one value per channel; use fewer processes or a larger batch "
-            f"(or crop), or GPUs, whose SyncBatchNorm normalises over all processes")
+            f"{spec.row}: 1 image per process {where} would see one value per channel; use fewer processes or a larger "
+            f"batch (or crop), or GPUs, whose SyncBatchNorm normalises over all processes")
 
 
 def validate_run(options: RunOptions, seeds: Sequence[int], processes: int, *, check_outputs: bool = True
@@ -178,7 +192,8 @@ def validate_run(options: RunOptions, seeds: Sequence[int], processes: int, *, c
     crop_key, crop = ("synthetic.crop_size", spec.synthetic.crop_size) if synthetic else \
         ("train.crop_size", spec.train.crop_size)
     per_rank = per_rank_batch(batch, processes)
-    check_batch_norm(spec, batch_key, batch, crop_key, crop, per_rank, processes, device_type)
+    check_batch_norm(spec, batch_key, batch, crop_key, crop, per_rank, processes, device_type,
+                     loss_group_images(spec, synthetic))
     if check_outputs:
         check_output_folders(options.dataset)
     return CheckedRun(options, tuple(seeds), spec, device_type, precision, processes, per_rank, init_checkpoint)
