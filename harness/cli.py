@@ -145,15 +145,24 @@ def run(row: str, seed: int, seeds_text: Optional[str], gpus: int, nnodes: int, 
 
 @main.command()
 @click.option("--rows", "pattern", default="*", show_default=True, help="Rows to list (a glob).")
-def weights(pattern: str) -> None:
-    """The starting-weight files each row expects, where, and whether they are present."""
+@click.option("--verify", is_flag=True, help="Hash the present files against their published SHA-1; exit 1 on a "
+                                            "mismatch.")
+def weights(pattern: str, verify: bool) -> None:
+    """Each starting-weight file the rows expect, once: its rows, where it comes from, and its status."""
     from harness.commands.weights import weights as list_weights
 
-    text, missing = list_weights(pattern)
-    click.echo(text)
-    if missing:
-        click.echo(f"{missing} file(s) missing: bring them (nothing is downloaded); relative paths are read from "
-                   f"the project root, or from $SEGBENCH_WEIGHTS for weights/...", err=True)
+    report = list_weights(pattern, verify)
+    click.echo(report.text)
+    if report.missing:
+        click.echo(f"{report.missing} file(s) missing: bring them from the source shown (nothing is downloaded); "
+                   f"relative paths are read from the project root, or from $SEGBENCH_WEIGHTS for weights/...",
+                   err=True)
+    for checked in report.mismatched:
+        click.echo(f"error: {checked.path}: {checked.describe()}; it is not the file the rows expect, and a run on "
+                   f"it does not count: fetch it again from {checked.source.where if checked.source else '?'}",
+                   err=True)
+    if report.mismatched:
+        sys.exit(1)
 
 
 @main.command()

@@ -1,15 +1,16 @@
 """Option handling the commands share: the options of a training run, and the one place they are checked.
 
 `validate_run` checks everything a `bench run` can be refused for before anything starts (every seed, the device
-and precision, the spec, the dataset folder, the starting checkpoint, the batch over the processes, batch norm at
-one image per process or group, the output folders), once, and hands back what it resolved (`CheckedRun`). Training
-takes only a `CheckedRun`, so nothing trains unchecked and nothing is checked twice.
+and precision, the spec, the dataset folder, the starting checkpoint, a starting-weight file whose SHA-1 is not the
+published one in a run that could count, the batch over the processes, batch norm at one image per process or group, the
+output folders), once, and hands back what it resolved (`CheckedRun`). Training takes
+only a `CheckedRun`, so nothing trains unchecked and nothing is checked twice.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -22,6 +23,8 @@ from harness.engine.device import check_device_name, default_device_type
 from harness.engine.distributed import per_rank_batch
 from harness.errors import BenchError
 from harness.models import build_model, check_implemented
+from harness.models.provenance import check_file
+from harness.models.weights import expected_files
 from harness.report.records import check_writable
 
 SEED_MAX = 2**32 - 1  # numpy's seed range; torch and random accept it too
@@ -169,6 +172,21 @@ def check_batch_norm(spec: Spec, batch_key: str, batch: int, crop_key: str, crop
             f"batch (or crop), or GPUs, whose SyncBatchNorm normalises over all processes")
 
 
+def check_starting_weights(spec: Spec, options: RunOptions, init_checkpoint: Optional[Path]) -> None:
+    """A run that could count (Cityscapes, the full budget, a new run) refuses a starting-weight file whose SHA-1 is
+    not the published one: it would train for days and then not count."""
+    if options.synthetic or options.iters is not None or options.resume:
+        return
+    if init_checkpoint is not None:
+        spec = replace(spec, model=replace(spec.model, init_checkpoint=str(init_checkpoint)))
+    for _, path in expected_files(spec):
+        checked = check_file(path)
+        if checked.mismatch and checked.source is not None:
+            raise BenchError(f"{path}: {checked.describe()}, not the file {spec.row} expects ({checked.source.where}); "
+                             "a counted run refuses it: fetch the published file (`bench weights --verify`), or pass "
+                             "--iters N to train on it anyway (recorded as other starting weights)")
+
+
 def validate_run(options: RunOptions, seeds: Sequence[int], processes: int, *, check_outputs: bool = True
                  ) -> CheckedRun:
     """Every check of a `bench run`, before anything starts; returns what they resolved."""
@@ -184,6 +202,7 @@ def validate_run(options: RunOptions, seeds: Sequence[int], processes: int, *, c
         if not init_checkpoint.is_file():
             raise BenchError(f"--init-checkpoint {init_checkpoint} does not exist; give the path of a model "
                              "checkpoint file")
+    check_starting_weights(spec, options, init_checkpoint)
     device_type = default_device_type(options.device)
     precision = resolve_precision(options.precision, device_type)
     synthetic = options.synthetic
