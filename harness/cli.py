@@ -270,7 +270,11 @@ def sync(run_dirs: tuple[Path, ...], tracking_uri: Optional[str], skip_damaged: 
 
 
 @main.command()
-@click.option("--row", required=True, help="Row id (see `bench list`).")
+@click.option("--row", default=None, help="Row id (see `bench list`).")
+@click.option("--rows", "rows_pattern", default=None, metavar="GLOB[,GLOB]",
+              help="Several rows one after another ('all': every row; a light-seg row is its base row's network).")
+@click.option("--budget-s", type=float, default=None,
+              help="With --rows: start no row that would end past this many seconds; list the rows not reached.")
 @click.option("--mode", type=click.Choice(["train", "infer", "eval", "data", "all"]), default="all", show_default=True)
 @click.option("--batch", type=int, default=None, help="Images per step (default: the row's batch; 1 for infer).")
 @with_options(DEVICE_OPTIONS)
@@ -283,12 +287,21 @@ def sync(run_dirs: tuple[Path, ...], tracking_uri: Optional[str], skip_damaged: 
 @click.option("--warmup", type=int, default=None, help="Untimed steps first (default: 10 on GPU, 1 on CPU).")
 @click.option("--repeats", type=int, default=None, help="Timed runs; the median is reported (default: 5 / 3).")
 @click.option("--steps", type=int, default=None, help="Steps per timed run (default: 10 / 1).")
-def speed(row: str, compile_model: bool, size: Optional[str], **options: Any) -> None:
+def speed(row: Optional[str], rows_pattern: Optional[str], budget_s: Optional[float], compile_model: bool,
+          size: Optional[str], **options: Any) -> None:
     """Time a row's training step, inference, evaluation loop and data loading; write a record, print a table."""
-    from harness.commands.speed import SpeedOptions, parse_size, render
+    from harness.commands.speed import SpeedOptions, parse_size, render, rows_summary, speed_rows
     from harness.commands.speed import speed as measure_speed
 
-    click.echo(render(measure_speed(SpeedOptions(row=row, compile=compile_model, size=parse_size(size), **options))))
+    if (row is None) == (rows_pattern is None):
+        raise BenchError("bench speed needs --row ROW or --rows GLOB (e.g. --rows 'df_seg*' or --rows all), not both")
+    if budget_s is not None and rows_pattern is None:
+        raise BenchError("--budget-s limits a --rows measurement; give --rows GLOB (or drop --budget-s)")
+    speed_options = SpeedOptions(row=row or "", compile=compile_model, size=parse_size(size), **options)
+    if row is not None:
+        click.echo(render(measure_speed(speed_options)))
+        return
+    click.echo(rows_summary(speed_rows(rows_pattern or "", speed_options, budget_s, echo=click.echo)))
 
 
 @main.group()
