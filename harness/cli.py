@@ -304,6 +304,48 @@ def speed(row: Optional[str], rows_pattern: Optional[str], budget_s: Optional[fl
     click.echo(rows_summary(speed_rows(rows_pattern or "", speed_options, budget_s, echo=click.echo)))
 
 
+@main.command("doctor")
+@click.option("--row", required=True, help="Row id (see `bench list`).")
+@click.option("--gpus", type=int, default=1, show_default=True, help="Processes (GPUs) per node the run will use.")
+@click.option("--nodes", type=int, default=1, show_default=True, help="Nodes the run will use.")
+@with_options(DATA_OPTIONS, (TRACKING_URI_OPTION, ITERS_OPTION))
+@click.option("--device", default=None,
+              help="The GPU the run will use, as `bench speed` names it in results/speed/ (default: this machine's).")
+@click.option("--writers", type=int, default=1, show_default=True,
+              help="Processes that will write to the tracking store at once (a sweep's concurrent jobs).")
+@click.option("--probe/--no-probe", default=True, show_default=True,
+              help="Without a speed record, measure one training step on this machine's GPU for the memory check.")
+def doctor_command(**options: Any) -> None:
+    """Go / no-go checks before an expensive run: dataset, starting weights, batch, GPU memory, disk, tracking store,
+    wall time; exit 1 on any no-go."""
+    from harness.commands.doctor import doctor
+    from harness.report.readiness import DoctorOptions
+
+    if options["gpus"] < 1 or options["nodes"] < 1 or options["writers"] < 1:
+        raise BenchError(f"--gpus, --nodes and --writers must be at least 1 (got {options['gpus']}, "
+                         f"{options['nodes']}, {options['writers']})")
+    if options["synthetic"] and options["data_root"]:
+        raise BenchError("--synthetic and --data-root exclude each other; pass one")
+    text, checks = doctor(DoctorOptions(**options))
+    click.echo(text)
+    sys.exit(1 if any(c.no_go for c in checks) else 0)
+
+
+@main.command("plan")
+@click.option("--rows", "pattern", default="*", show_default=True, metavar="GLOB[,GLOB]",
+              help="Rows to plan (globs; 'all': every row).")
+@click.option("--gpus", type=int, default=8, show_default=True, help="GPUs per run (the table's rows used 8).")
+@click.option("--seeds", type=int, default=1, show_default=True, help="Runs per row.")
+@click.option("--device", default=None,
+              help="The device the figures are for, as `bench speed` names it in results/speed/ (e.g. nvidia-h200); "
+                   "default: this machine's GPU, else the GPU with speed records, else this CPU.")
+def plan_command(pattern: str, gpus: int, seeds: int, device: Optional[str]) -> None:
+    """Iterations, images, GPU-hours and wall time per row and in total, from `bench speed` records or estimated."""
+    from harness.commands.plan import plan
+
+    click.echo(plan(pattern, gpus, seeds, device))
+
+
 @main.group()
 def data() -> None:
     """Dataset utilities."""
