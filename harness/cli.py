@@ -145,15 +145,24 @@ def run(row: str, seed: int, seeds_text: Optional[str], gpus: int, nnodes: int, 
 
 @main.command()
 @click.option("--rows", "pattern", default="*", show_default=True, help="Rows to list (a glob).")
-def weights(pattern: str) -> None:
-    """The starting-weight files each row expects, where, and whether they are present."""
+@click.option("--verify", is_flag=True, help="Hash the present files against their published SHA-1; exit 1 on a "
+                                            "mismatch.")
+def weights(pattern: str, verify: bool) -> None:
+    """Each starting-weight file the rows expect, once: its rows, where it comes from, and its status."""
     from harness.commands.weights import weights as list_weights
 
-    text, missing = list_weights(pattern)
-    click.echo(text)
-    if missing:
-        click.echo(f"{missing} file(s) missing: bring them (nothing is downloaded); relative paths are read from "
-                   f"the project root, or from $SEGBENCH_WEIGHTS for weights/...", err=True)
+    report = list_weights(pattern, verify)
+    click.echo(report.text)
+    if report.missing:
+        click.echo(f"{report.missing} file(s) missing: bring them from the source shown (nothing is downloaded); "
+                   f"relative paths are read from the project root, or from $SEGBENCH_WEIGHTS for weights/...",
+                   err=True)
+    for checked in report.mismatched:
+        click.echo(f"error: {checked.path}: {checked.describe()}; it is not the file the rows expect, and a run on "
+                   f"it does not count: fetch it again from {checked.source.where if checked.source else '?'}",
+                   err=True)
+    if report.mismatched:
+        sys.exit(1)
 
 
 @main.command()
@@ -261,7 +270,11 @@ def sync(run_dirs: tuple[Path, ...], tracking_uri: Optional[str], skip_damaged: 
 
 
 @main.command()
-@click.option("--row", required=True, help="Row id (see `bench list`).")
+@click.option("--row", default=None, help="Row id (see `bench list`).")
+@click.option("--rows", "rows_pattern", default=None, metavar="GLOB[,GLOB]",
+              help="Several rows one after another ('all': every row; a light-seg row is its base row's network).")
+@click.option("--budget-s", type=float, default=None,
+              help="With --rows: start no row that would end past this many seconds; list the rows not reached.")
 @click.option("--mode", type=click.Choice(["train", "infer", "eval", "data", "all"]), default="all", show_default=True)
 @click.option("--batch", type=int, default=None, help="Images per step (default: the row's batch; 1 for infer).")
 @with_options(DEVICE_OPTIONS)
@@ -276,13 +289,64 @@ def sync(run_dirs: tuple[Path, ...], tracking_uri: Optional[str], skip_damaged: 
 @click.option("--steps", type=int, default=None, help="Steps per timed run (default: 10 / 1).")
 @click.option("--onnx", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Also time onnxruntime on this exported ONNX file, beside PyTorch's inference at its size.")
-def speed(row: str, compile_model: bool, size: Optional[str], **options: Any) -> None:
+def speed(row: Optional[str], rows_pattern: Optional[str], budget_s: Optional[float], compile_model: bool,
+          size: Optional[str], **options: Any) -> None:
     """Time a row's training step, inference, evaluation loop and data loading; write a record, print a table."""
     from harness.commands.options import parse_size
-    from harness.commands.speed import SpeedOptions, render
+    from harness.commands.speed import SpeedOptions, render, rows_summary, speed_rows
     from harness.commands.speed import speed as measure_speed
 
-    click.echo(render(measure_speed(SpeedOptions(row=row, compile=compile_model, size=parse_size(size), **options))))
+    if (row is None) == (rows_pattern is None):
+        raise BenchError("bench speed needs --row ROW or --rows GLOB (e.g. --rows 'df_seg*' or --rows all), not both")
+    if budget_s is not None and rows_pattern is None:
+        raise BenchError("--budget-s limits a --rows measurement; give --rows GLOB (or drop --budget-s)")
+    speed_options = SpeedOptions(row=row or "", compile=compile_model, size=parse_size(size), **options)
+    if row is not None:
+        click.echo(render(measure_speed(speed_options)))
+        return
+    click.echo(rows_summary(speed_rows(rows_pattern or "", speed_options, budget_s, echo=click.echo)))
+
+
+@main.command("doctor")
+@click.option("--row", required=True, help="Row id (see `bench list`).")
+@click.option("--gpus", type=int, default=1, show_default=True, help="Processes (GPUs) per node the run will use.")
+@click.option("--nodes", type=int, default=1, show_default=True, help="Nodes the run will use.")
+@with_options(DATA_OPTIONS, (TRACKING_URI_OPTION, ITERS_OPTION))
+@click.option("--device", default=None,
+              help="The GPU the run will use, as `bench speed` names it in results/speed/ (default: this machine's).")
+@click.option("--writers", type=int, default=1, show_default=True,
+              help="Processes that will write to the tracking store at once (a sweep's concurrent jobs).")
+@click.option("--probe/--no-probe", default=True, show_default=True,
+              help="Without a speed record, measure one training step on this machine's GPU for the memory check.")
+def doctor_command(**options: Any) -> None:
+    """Go / no-go checks before an expensive run: dataset, starting weights, batch, GPU memory, disk, tracking store,
+    wall time; exit 1 on any no-go."""
+    from harness.commands.doctor import doctor
+    from harness.report.readiness import DoctorOptions
+
+    if options["gpus"] < 1 or options["nodes"] < 1 or options["writers"] < 1:
+        raise BenchError(f"--gpus, --nodes and --writers must be at least 1 (got {options['gpus']}, "
+                         f"{options['nodes']}, {options['writers']})")
+    if options["synthetic"] and options["data_root"]:
+        raise BenchError("--synthetic and --data-root exclude each other; pass one")
+    text, checks = doctor(DoctorOptions(**options))
+    click.echo(text)
+    sys.exit(1 if any(c.no_go for c in checks) else 0)
+
+
+@main.command("plan")
+@click.option("--rows", "pattern", default="*", show_default=True, metavar="GLOB[,GLOB]",
+              help="Rows to plan (globs; 'all': every row).")
+@click.option("--gpus", type=int, default=8, show_default=True, help="GPUs per run (the table's rows used 8).")
+@click.option("--seeds", type=int, default=1, show_default=True, help="Runs per row.")
+@click.option("--device", default=None,
+              help="The device the figures are for, as `bench speed` names it in results/speed/ (e.g. nvidia-h200); "
+                   "default: this machine's GPU, else the GPU with speed records, else this CPU.")
+def plan_command(pattern: str, gpus: int, seeds: int, device: Optional[str]) -> None:
+    """Iterations, images, GPU-hours and wall time per row and in total, from `bench speed` records or estimated."""
+    from harness.commands.plan import plan
+
+    click.echo(plan(pattern, gpus, seeds, device))
 
 
 @main.command()

@@ -129,3 +129,24 @@ def plan_at(spec, test_size=None, dataset: str = "cityscapes", **changes):
         crop, stride = scaled_test_crop(spec, list(test_size))
         plan = replace(plan, test_size=list(test_size), crop_test=crop, crop_stride=stride)
     return replace(plan, **changes)
+
+
+def official_tree(root: Path, skip_city: str | None = None) -> Path:
+    """A Cityscapes tree of empty files with the official names: every split's official count and cities, a label
+    beside each train/val image (the file names are all `bench doctor`'s dataset check reads)."""
+    from harness.config.benchmark import OFFICIAL_CITIES, OFFICIAL_SPLIT_IMAGES
+
+    for split, cities in OFFICIAL_CITIES.items():
+        total = OFFICIAL_SPLIT_IMAGES[split]
+        for index, city in enumerate(cities):
+            count = total // len(cities) + (1 if index < total % len(cities) else 0)
+            if city == skip_city:
+                continue
+            images, labels = root / "leftImg8bit" / split / city, root / "gtFine" / split / city
+            images.mkdir(parents=True)
+            labels.mkdir(parents=True)
+            for i in range(count):
+                (images / f"{city}_{i:06d}_000019_leftImg8bit.png").touch()
+                if split != "test":
+                    (labels / f"{city}_{i:06d}_000019_gtFine_labelIds.png").touch()
+    return root

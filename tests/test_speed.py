@@ -68,8 +68,10 @@ def test_infer_flops_are_the_bench_list_sizes_figure():
 def test_training_flops_count_forward_and_backward(monkeypatch):
     """A 1x1 convolution: forward 2 x 3 x 19 FLOPs per pixel; backward computes only the weight gradient (the
     images need none), as many again."""
-    monkeypatch.setattr(speed, "meta_model", lambda spec: torch.nn.Conv2d(3, 19, 1, bias=False).to("meta"))
-    assert speed.training_flops(None, 8, 4) == 2 * (2 * 3 * 19 * 8 * 4)
+    from harness.models import sizes
+
+    monkeypatch.setattr(sizes, "meta_model", lambda spec: torch.nn.Conv2d(3, 19, 1, bias=False).to("meta"))
+    assert sizes.training_flops(None, 8, 4) == 2 * (2 * 3 * 19 * 8 * 4)
 
 
 def test_timing_takes_the_median_after_the_warm_up():
@@ -174,3 +176,27 @@ def test_benchmark_md_shows_the_inference_rate_at_full_size_naming_the_device(is
     assert cells["sf_seg_v2"] == "204.2 (nvidia-h100, bf16)"
     assert cells["sf_seg_v2-lightseg"] == cells["sf_seg_v2"]  # the base row's network
     assert cells["df_seg_v2"] == cells["pspnet-r50"] == cells["deeplabv3-r50"] == NOT_MEASURED
+
+
+def test_many_rows_in_one_call_stop_at_the_budget_and_list_the_rest(isolated_outputs, one_thread):
+    """`--rows` measures rows one after another, a record each; a row that would end past `--budget-s` (the time
+    spent plus the mean time of the rows measured) is not started, and the summary names every such row."""
+    readings = iter(range(0, 1000, 10))  # each reading 10 s after the last: every row measured "takes" 10 s
+    options = speed.SpeedOptions(row="", mode="infer", device="cpu", size=(32, 32), warmup=0, repeats=1, steps=1)
+    shown: list[str] = []
+    outcome = speed.speed_rows("df_seg*", options, budget_s=25, echo=shown.append,
+                               clock=lambda: float(next(readings)))
+    rows = [spec.row for spec in speed.select_rows("df_seg*")]
+    assert rows == ["df_seg_v1", "df_seg_v1-mseg", "df_seg_v1-ema", "df_seg_v2", "df_seg_v2-ema"]  # light-seg: once
+    # rows started at 0 and 10 (10 s each, so 10 s expected of the next): a third would end at 30, past 25
+    assert [r["row"] for r in outcome.records] == rows[:2] and outcome.not_reached == rows[2:]
+    assert len(shown) == 2 and all(f"record {r['_path']}" in text for r, text in zip(outcome.records, shown))
+    written = sorted(p.parent.name for p in (isolated_outputs / "results" / "speed").glob("*/*/*.json"))
+    assert written == sorted(rows[:2])
+    assert speed.rows_summary(outcome).endswith("not reached within --budget-s 25 (3): " + ", ".join(rows[2:]))
+
+
+def test_row_and_rows_are_one_or_the_other():
+    for args in ([], ["--row", "df_seg_v1", "--rows", "df_seg*"], ["--row", "df_seg_v1", "--budget-s", "9"]):
+        result = CliRunner().invoke(main, ["speed", "--device", "cpu", *args])
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output

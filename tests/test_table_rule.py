@@ -15,6 +15,7 @@ from harness.report.table import RANDOM_START_MARK, render
 from harness.report.verdicts import (
     OFFICIAL_TRAIN_IMAGES,
     OTHER_DATA,
+    OTHER_WEIGHTS,
     PARTIAL,
     RANDOM_START,
     REPRODUCTION,
@@ -43,6 +44,8 @@ def test_planned_budget_is_the_runners_plan_on_the_official_train_split():
     ({"val_images": None, "train_images": None}, OTHER_DATA),  # a record that cannot say
     ({"dataset": "synthetic"}, OTHER_DATA),
     ({"starting_weights": "missing /w/df1_imagenet.pth"}, RANDOM_START),
+    ({"starting_weights": "other /w/resnet50-ebb6acbb.pth (checksum mismatch (SHA-1 0123456789ab, the published is "
+                          "ebb6acbbd1d1))"}, OTHER_WEIGHTS),
 ])
 def test_each_kind_of_record_lands_where_the_rule_says(change, kind):
     spec = load_spec("df_seg_v1")

@@ -1,8 +1,9 @@
 """Option handling the commands share: the options of a training run, and the one place they are checked.
 
 `validate_run` checks everything a `bench run` can be refused for before anything starts (every seed, the device
-and precision, the spec, the dataset folder, the starting checkpoint, the batch over the processes, batch norm at
-one image per process, the output folders), once, and hands back what it resolved (`CheckedRun`). Training takes
+and precision, the spec, the dataset folder, the starting checkpoint, a starting-weight file whose SHA-1 is not the
+published one in a run that could count, the batch over the processes, batch norm at one image per process or group, the
+output folders), once, and hands back what it resolved (`CheckedRun`). Training takes
 only a `CheckedRun`, so nothing trains unchecked and nothing is checked twice.
 """
 
@@ -10,11 +11,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Optional
 
 from harness import paths
+from harness.config.plan import loss_group_images
 from harness.config.precision import resolve_precision
 from harness.config.spec import Spec, load_spec
 from harness.data.source import check_data_options, cityscapes_root, dataset_name
@@ -22,6 +24,8 @@ from harness.engine.device import check_device_name, default_device_type
 from harness.engine.distributed import per_rank_batch
 from harness.errors import BenchError
 from harness.models import build_model, check_implemented
+from harness.models.provenance import check_file
+from harness.models.weights import expected_files
 from harness.report.records import check_writable
 
 SEED_MAX = 2**32 - 1  # numpy's seed range; torch and random accept it too
@@ -130,30 +134,58 @@ def check_output_folders(dataset: str) -> None:
 
 
 def check_batch_norm(spec: Spec, batch_key: str, batch: int, crop_key: str, crop: list[int], per_rank: int,
-                     processes: int, device_type: str) -> None:
+                     processes: int, device_type: str, group_images: int) -> None:
     """One image per process: a batch norm after global pooling sees one value per channel, and training fails
     at its first step. A forward on the meta device (shapes only, no compute) finds such a layer up front.
-    SyncBatchNorm (several processes on GPUs) normalises over all processes and needs no check."""
-    if per_rank > 1 or spec.train.freeze_bn or (processes > 1 and device_type == "cuda"):
+    SyncBatchNorm (several processes on GPUs) normalises over all processes; the layers UP normalised per GPU
+    (GroupedBatchNorm2d) normalise over groups of `group_images` of a process's images, whatever the device."""
+    from harness.models.common import GroupedBatchNorm2d
+
+    per_group = group_images if group_images and per_rank // group_images > 1 else per_rank
+    plain_single = per_rank == 1 and not (processes > 1 and device_type == "cuda")
+    if spec.train.freeze_bn or not (plain_single or per_group == 1):
         return
     import torch
 
-    single: list[str] = []
+    single: list[tuple[str, bool]] = []  # (layer, normalised per UP GPU group)
     try:
         with torch.device("meta"):
             model = build_model(spec)
         for name, module in model.named_modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.register_forward_pre_hook(
-                    lambda m, args, name=name: single.append(name) if args[0].numel() == args[0].shape[1] else None)
+            if not isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                continue
+            if not (per_group == 1 if isinstance(module, GroupedBatchNorm2d) else plain_single):
+                continue
+            module.register_forward_pre_hook(
+                lambda m, args, name=name: single.append((name, isinstance(m, GroupedBatchNorm2d)))
+                if args[0].numel() == args[0].shape[1] else None)
         model.train()(torch.empty(1, 3, crop[1], crop[0], device="meta"))
     except Exception:  # the probe only looks for this one failure; the run itself reports anything else
         pass
     if single:
+        layer, grouped = single[0]
+        where = f"({batch_key} {batch} over {processes} process(es)) at {crop_key} {crop}: batch norm {layer}"
+        if grouped:
+            raise BenchError(f"{spec.row}: 1 image per group {where}, which UP normalised per GPU (its {group_images} "
+                             "image(s)), would see one value per channel; use fewer processes or a larger batch")
         raise BenchError(
-            f"{spec.row}: 1 image per process ({batch_key} {batch} over {processes} process(es)) at {crop_key} "
-            f"{crop}: batch norm {single[0]} would see one value per channel; use fewer processes or a larger batch "
-            f"(or crop), or GPUs, whose SyncBatchNorm normalises over all processes")
+            f"{spec.row}: 1 image per process {where} would see one value per channel; use fewer processes or a larger "
+            f"batch (or crop), or GPUs, whose SyncBatchNorm normalises over all processes")
+
+
+def check_starting_weights(spec: Spec, options: RunOptions, init_checkpoint: Optional[Path]) -> None:
+    """A run that could count (Cityscapes, the full budget, a new run) refuses a starting-weight file whose SHA-1 is
+    not the published one: it would train for days and then not count."""
+    if options.synthetic or options.iters is not None or options.resume:
+        return
+    if init_checkpoint is not None:
+        spec = replace(spec, model=replace(spec.model, init_checkpoint=str(init_checkpoint)))
+    for _, path in expected_files(spec):
+        checked = check_file(path)
+        if checked.mismatch and checked.source is not None:
+            raise BenchError(f"{path}: {checked.describe()}, not the file {spec.row} expects ({checked.source.where}); "
+                             "a counted run refuses it: fetch the published file (`bench weights --verify`), or pass "
+                             "--iters N to train on it anyway (recorded as other starting weights)")
 
 
 def validate_run(options: RunOptions, seeds: Sequence[int], processes: int, *, check_outputs: bool = True
@@ -171,6 +203,7 @@ def validate_run(options: RunOptions, seeds: Sequence[int], processes: int, *, c
         if not init_checkpoint.is_file():
             raise BenchError(f"--init-checkpoint {init_checkpoint} does not exist; give the path of a model "
                              "checkpoint file")
+    check_starting_weights(spec, options, init_checkpoint)
     device_type = default_device_type(options.device)
     precision = resolve_precision(options.precision, device_type)
     synthetic = options.synthetic
@@ -179,7 +212,8 @@ def validate_run(options: RunOptions, seeds: Sequence[int], processes: int, *, c
     crop_key, crop = ("synthetic.crop_size", spec.synthetic.crop_size) if synthetic else \
         ("train.crop_size", spec.train.crop_size)
     per_rank = per_rank_batch(batch, processes)
-    check_batch_norm(spec, batch_key, batch, crop_key, crop, per_rank, processes, device_type)
+    check_batch_norm(spec, batch_key, batch, crop_key, crop, per_rank, processes, device_type,
+                     loss_group_images(spec, synthetic))
     if check_outputs:
         check_output_folders(options.dataset)
     return CheckedRun(options, tuple(seeds), spec, device_type, precision, processes, per_rank, init_checkpoint)

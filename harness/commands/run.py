@@ -329,6 +329,26 @@ def closing_line(record: dict[str, Any]) -> str:
             f"{record['wall_time_s']:.0f} s; record {record['_path']}")
 
 
+def check_readiness(checked: CheckedRun, launch: LaunchOptions) -> None:
+    """A Cityscapes run asks `bench doctor`'s quick checks before it starts, quietly: too little disk for its
+    checkpoints is refused (the run would fail at its first checkpoint); a dataset that cannot count, or a crop that
+    a speed record says will not fit, is a one-line warning each (a subset or a short run may be meant)."""
+    from harness.report.readiness import DoctorOptions, run_checks
+
+    options = checked.options
+    checks = run_checks(DoctorOptions(row=checked.spec.row, gpus=launch.gpus, nodes=launch.nnodes,
+                                      data_root=options.data_root, iters=options.iters), quick=True)
+    could_count = options.iters is None and not options.resume
+    for check in checks:
+        if not check.no_go or (check.name == "GPU memory" and checked.device_type != "cuda"):
+            continue
+        if check.name == "disk":
+            raise BenchError(check.line())
+        if check.name == "dataset" and not could_count:
+            continue  # a short run or a resume is not a reproduction anyway
+        log.warning("warning: %s", check.line())
+
+
 def main(options: RunOptions, seeds: Sequence[int], launch: LaunchOptions,
          echo: Callable[[str], None] = print) -> int:
     """`bench run`: check everything once, then train each seed here or start torchrun's workers; the exit code."""
@@ -342,6 +362,8 @@ def main(options: RunOptions, seeds: Sequence[int], launch: LaunchOptions,
     is_worker = "WORLD_SIZE" in os.environ  # a torchrun worker: the launcher started this process
     processes = world.size if is_worker else launch.processes
     checked = validate_run(options, seeds, processes, check_outputs=world.is_main)
+    if not options.synthetic and not is_worker:
+        check_readiness(checked, launch)
     if launch.processes > 1 and not is_worker:
         if options.device != "cpu" and torch.cuda.device_count() < launch.gpus:
             raise BenchError(f"--gpus {launch.gpus}: this machine has {torch.cuda.device_count()} CUDA devices; "

@@ -37,18 +37,26 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from harness.config.benchmark import FRAME_SIZE, OFFICIAL_SPLIT_IMAGES
 from harness.config.plan import TrainPlan, make_plan, scaled_test_crop, size_pair
 from harness.config.precision import autocast_dtype, resolve_precision
 from harness.config.spec import Spec, load_spec
 from harness.data.loaders import loader_workers
-from harness.engine.device import device_name, peak_memory_gib, pick_device, reset_peak_memory, synchronize
+from harness.engine.device import (
+    device_memory_gib,
+    device_name,
+    matmul_peak_tflops,
+    peak_memory_gib,
+    pick_device,
+    reset_peak_memory,
+    time_steps,
+)
 from harness.engine.distributed import World
 from harness.engine.train import Trainer
 from harness.errors import BenchError
 from harness.models import build_model, check_implemented
+from harness.models.sizes import inference_flops, training_flops
 from harness.outputs.model_export import onnx_input_size, onnx_metadata, onnx_session, time_onnx
 from harness.report.records import git_commit, package_versions, utc_now, write_record
 
@@ -90,30 +98,6 @@ class Timing:
 # --- timing -----------------------------------------------------------------------------------------------------
 
 
-def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, repeats: int, steps: int) -> list[float]:
-    """Seconds per call of `step`, one figure per repeat of `steps` calls, after `warmup` calls; on a GPU the
-    calls are timed with CUDA events around the work queued, not the host's time to queue it."""
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(steps):
-                step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000 / steps)
-        else:
-            began = time.perf_counter()
-            for _ in range(steps):
-                step()
-            times.append((time.perf_counter() - began) / steps)
-    return times
-
-
 def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
 
@@ -133,52 +117,6 @@ def with_batch_retry(measure: Callable[[int], Timing], batch: int, device: torch
             torch.cuda.empty_cache()
         batch = decay_batch_step(batch)
     raise BenchError("--batch: not even one image fits in the device's memory; use a smaller --size")
-
-
-# --- FLOPs and the device's peak -----------------------------------------------------------------------------------
-
-
-def meta_model(spec: Spec) -> nn.Module:
-    """The row's network on the meta device (shapes only, as harness.models.sizes counts it)."""
-    shapes_only = dataclasses.replace(spec, model=dataclasses.replace(spec.model, backbone_checkpoint=None,
-                                                                       init_checkpoint=None))
-    with torch.device("meta"):
-        return build_model(shapes_only, 19)
-
-
-def inference_flops(spec: Spec, width: int, height: int) -> int:
-    """One eval-mode forward of one image: the figure `bench list --sizes` reports at the test size."""
-    from harness.models.sizes import measure
-
-    return measure(meta_model(spec), height, width).flops
-
-
-def training_flops(spec: Spec, width: int, height: int) -> int:
-    """Forward and backward of one image in train mode (auxiliary heads included), counted by the same
-    torch.utils.flop_counter on the meta device; two images are pushed so batch norm sees a batch."""
-    model = meta_model(spec).train()
-    images = torch.zeros(2, 3, height, width, device="meta")
-    with FlopCounterMode(display=False) as counter:
-        outputs = model(images)
-        outputs = (outputs,) if isinstance(outputs, torch.Tensor) else outputs
-        torch.stack([o.float().sum() for o in outputs]).sum().backward()
-    return counter.get_total_flops() // 2
-
-
-_PEAKS: dict[tuple[str, str], float] = {}
-
-
-def matmul_peak_tflops(device: torch.device) -> tuple[float, str]:
-    """The best of repeated square matrix multiplies on `device`: bf16 on a GPU, fp32 on the CPU (TFLOP/s)."""
-    dtype, n, reps = (torch.bfloat16, 8192, 20) if device.type == "cuda" else (torch.float32, 2048, 3)
-    key = (str(device), str(dtype))
-    if key not in _PEAKS:
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        times = time_steps(lambda: torch.mm(a, b), device, warmup=1, repeats=reps, steps=1)
-        _PEAKS[key] = 2 * n**3 / min(times) / 1e12
-        del a, b
-    return _PEAKS[key], str(dtype).removeprefix("torch.")
 
 
 # --- the three modes ---------------------------------------------------------------------------------------------
@@ -496,7 +434,8 @@ def speed(options: SpeedOptions) -> dict[str, Any]:
         results["infer onnxruntime"] = measure_onnx(session, results["infer"], counts)
     record = {  # write_record files a record under <dataset>/<row>/: here results/speed/<device>/<row>/
         "kind": "speed", "row": spec.row, "dataset": device_name(device), "device": device_name(device),
-        "device_type": device.type, "precision": precision, "compile": options.compile,
+        "device_type": device.type, "device_memory_gib": device_memory_gib(device), "precision": precision,
+        "compile": options.compile,
         "channels_last": device.type == "cuda", "cpu_threads": torch.get_num_threads(),
         "matmul_peak_tflops": peak, "matmul_peak_dtype": peak_dtype, **counts, "modes": results,
         "git_commit": git_commit(), "versions": package_versions(), "time": utc_now(),
@@ -523,6 +462,54 @@ def measure_onnx(session: Any, pytorch: dict[str, Any], counts: dict[str, int]) 
     timing = Timing(pytorch["batch"], statistics.median(times), times, None)
     return {"size": pytorch["size"], **timing_fields(timing), "providers": session.get_providers(),
             "vs_pytorch": timing.images_per_s / pytorch["images_per_s"]}
+
+
+def select_rows(pattern: str) -> list[Spec]:
+    """The rows the globs name (`all`: every row); a light-seg row is its base row's network and recipe, measured
+    once under the base row's name."""
+    from harness.config.spec import base_row, match_rows
+
+    return [spec for spec in match_rows(pattern) if base_row(spec.row) == spec.row]
+
+
+@dataclass
+class RowsOutcome:
+    records: list[dict[str, Any]]
+    not_reached: list[str]  # rows not started: the budget would have been exceeded
+    elapsed_s: float
+    budget_s: Optional[float]
+
+
+def speed_rows(pattern: str, options: SpeedOptions, budget_s: Optional[float] = None,
+               echo: Callable[[str], None] = print, clock: Callable[[], float] = time.perf_counter) -> RowsOutcome:
+    """Measure several rows one after another, each as `speed` does (a record each). With `budget_s`, a row is not
+    started when the time spent plus the mean time of the rows measured so far would pass the budget: one short
+    lease of a GPU yields what fits, and the rest is named."""
+    if budget_s is not None and budget_s <= 0:
+        raise BenchError(f"--budget-s {budget_s}: give a positive number of seconds")
+    specs = select_rows(pattern)
+    check_speed_options(options)
+    began = now = clock()
+    durations: list[float] = []
+    records: list[dict[str, Any]] = []
+    for index, spec in enumerate(specs):
+        if budget_s is not None and durations and now - began + statistics.fmean(durations) > budget_s:
+            return RowsOutcome(records, [s.row for s in specs[index:]], now - began, budget_s)
+        record = speed(dataclasses.replace(options, row=spec.row))
+        finished = clock()
+        durations.append(finished - now)
+        now = finished
+        records.append(record)
+        echo(render(record))
+    return RowsOutcome(records, [], now - began, budget_s)
+
+
+def rows_summary(outcome: RowsOutcome) -> str:
+    line = f"measured {len(outcome.records)} row(s) in {outcome.elapsed_s:.0f} s"
+    if outcome.not_reached:
+        line += (f"; not reached within --budget-s {outcome.budget_s:g} ({len(outcome.not_reached)}): "
+                 + ", ".join(outcome.not_reached))
+    return line
 
 
 def timing_fields(timing: Timing) -> dict[str, Any]:

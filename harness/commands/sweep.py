@@ -16,6 +16,7 @@ import ctypes
 import fnmatch
 import json
 import logging
+import math
 import os
 import re
 import shlex
@@ -489,6 +490,68 @@ def make_executor(options: SweepOptions, folder: Path):
     return slurm
 
 
+# --- time limit and readiness (bench plan, bench doctor) ---------------------------------------------------------
+
+TIME_MARGIN = 1.25  # a chosen --time: the longest job's estimated wall time times this, in whole quarter hours
+TIME_MAX_MIN = 48 * 60  # ... at most this (a longer job is stopped at the limit, requeued and resumed)
+
+
+def slurm_time(minutes: int) -> str:
+    return f"{minutes // 60}:{minutes % 60:02d}:00"
+
+
+def choose_time(options: SweepOptions, job_specs: list[Spec], echo=print) -> SweepOptions:
+    """Slurm's --time from `bench plan` when none is given; a given one shorter than a job's estimate is a warning
+    (that job will reach the limit, be requeued and resume from its checkpoint)."""
+    if options.synthetic or options.executor != "slurm" or not job_specs:
+        return options
+    from harness.report.estimates import Rates, choose_device, hours, row_cost
+
+    rates = Rates(choose_device(None), measure_peak=False)
+    costs = [row_cost(spec, rates, options.gpus * options.nodes, iterations=target_iterations(spec, options))
+             for spec in {spec.row: spec for spec in job_specs}.values()]
+    known = [c for c in costs if c.wall_hours is not None]
+    if not known:
+        echo(f"note: no `bench speed` record or matmul peak of {rates.device} to estimate the jobs' wall time; "
+             f"--time is {options.time or slurm_time(24 * 60)} (run `bench speed --rows ...` on the GPU, then "
+             "`bench plan`)")
+        return options
+    longest = max(known, key=lambda c: c.wall_hours or 0.0)
+    if options.time:
+        limit = parse_time(options.time)
+        short = [c for c in known if (c.wall_hours or 0.0) * 60 > limit]
+        if short:
+            echo(f"warning: --time {options.time} is shorter than the estimated wall time of {len(short)} job(s) ("
+                 + ", ".join(f"{c.row} {hours(c.wall_hours)}" for c in short)
+                 + "): each will be stopped at the limit and requeued, resuming from its checkpoint "
+                   f"(at most --max-requeues {options.max_requeues} times)")
+        return options
+    estimate = math.ceil((longest.wall_hours or 0.0) * 60)
+    minutes = min(TIME_MAX_MIN, 15 * math.ceil(estimate * TIME_MARGIN / 15))
+    capped = f", capped at {slurm_time(TIME_MAX_MIN)} (longer jobs requeue and resume)" \
+        if minutes == TIME_MAX_MIN else ""
+    echo(f"--time {slurm_time(minutes)} chosen by `bench plan`: the longest job, {longest.row}, is estimated at "
+         f"{hours(longest.wall_hours)} on {options.gpus * options.nodes} GPU(s) ({longest.label}), "
+         f"x{TIME_MARGIN:g}{capped}")
+    return replace(options, time=slurm_time(minutes))
+
+
+def readiness(options: SweepOptions, job_specs: list[Spec], echo=print) -> list[str]:
+    """`bench doctor`'s no-go lines for the jobs about to be submitted (Cityscapes sweeps): on Slurm every job may
+    write to the tracking store at once."""
+    if options.synthetic or not job_specs:
+        return []
+    from harness.report.readiness import DoctorOptions, sweep_checks
+
+    doctor = DoctorOptions(row=job_specs[0].row, gpus=options.gpus, nodes=options.nodes, data_root=options.data_root,
+                           tracking_uri=options.tracking_uri, iters=options.iters,
+                           writers=len(job_specs) if options.executor == "slurm" else 1)
+    problems = list(dict.fromkeys(check.line() for check in sweep_checks(job_specs, doctor) if check.no_go))
+    for line in problems:
+        echo(f"no-go: {line}")
+    return problems
+
+
 def sweep(options: SweepOptions, echo=print) -> Optional[Path]:
     """Plan, print and submit the sweep; returns its folder (None when nothing was submitted)."""
     check_sweep_options(options)
@@ -499,6 +562,12 @@ def sweep(options: SweepOptions, echo=print) -> Optional[Path]:
                   disable_numparse=True))
     to_submit = [t for t in tasks if t.action == "submit"]
     specs = {s.row: s for s in select_specs(options.rows)}
+    job_specs = [specs[t.row] for t in to_submit]
+    options = choose_time(options, job_specs, echo)
+    problems = readiness(options, job_specs, echo)
+    if problems and not options.dry_run:
+        raise BenchError(f"{len(problems)} no-go check(s) above: nothing submitted; fix them (`bench doctor --row ROW` "
+                         "shows one row's checks)")
     if options.dry_run:
         folder = sweeps_dir() / "<stamp>" / SUBMITIT_DIR
         if options.executor == "slurm":
@@ -509,7 +578,8 @@ def sweep(options: SweepOptions, echo=print) -> Optional[Path]:
             argv = job_argv(run_options, options.gpus, options.nodes, "$SLURM_NODEID",
                             "<first host of $SLURM_JOB_NODELIST>", "<20000 + job id % 20000>")
             echo(f"{task.row} seed {task.seed}: {shlex.join(argv)}")
-        echo(f"dry run: {len(to_submit)} job(s) would be submitted, {len(tasks) - len(to_submit)} skipped")
+        echo(f"dry run: {len(to_submit)} job(s) would be submitted, {len(tasks) - len(to_submit)} skipped"
+             + (f"; {len(problems)} no-go check(s) above would stop the submission" if problems else ""))
         return None
     if not to_submit:
         echo("nothing to submit: every (row, seed) is done or running")

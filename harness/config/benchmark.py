@@ -8,3 +8,11 @@ from __future__ import annotations
 OFFICIAL_SPLIT_IMAGES = {"train": 2975, "val": 500, "test": 1525}
 FRAME_SIZE = (2048, 1024)  # a Cityscapes frame, [width, height]
 UP_GPUS = 8  # every United-Perception row trained on 8 GPUs (pt_sync_bn group_size 8)
+# The cities of each split of Cityscapes' gtFine_trainvaltest / leftImg8bit_trainvaltest packages (the folder names
+# under <split>/): 18 train, 3 val, 6 test.
+OFFICIAL_CITIES = {
+    "train": ("aachen", "bochum", "bremen", "cologne", "darmstadt", "dusseldorf", "erfurt", "hamburg", "hanover",
+              "jena", "krefeld", "monchengladbach", "strasbourg", "stuttgart", "tubingen", "ulm", "weimar", "zurich"),
+    "val": ("frankfurt", "lindau", "munster"),
+    "test": ("berlin", "bielefeld", "bonn", "leverkusen", "mainz", "munich"),
+}

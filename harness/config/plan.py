@@ -87,6 +87,14 @@ def planned_iterations(spec: Spec, train_images: int = OFFICIAL_SPLIT_IMAGES["tr
     return spec.columns.epochs * iterations_per_epoch(train_images, spec.columns.batch_size)
 
 
+def loss_group_images(spec: Spec, synthetic: bool = False) -> int:
+    """UP's per-GPU batch, the group the loss (and SFNet's head batch norms) work on: the global batch over UP's 8
+    GPUs; a synthetic batch keeps two such groups."""
+    if synthetic:
+        return max(1, spec.synthetic.batch_size // SYNTHETIC_LOSS_GROUPS)
+    return max(1, spec.columns.batch_size // UP_GPUS)
+
+
 @dataclass(frozen=True)
 class Budget:
     """What differs between the table's recipe on Cityscapes and a row's CPU-sized synthetic budget."""
@@ -118,7 +126,7 @@ def table_budget(spec: Spec, train_images: int, machine_workers: int) -> Budget:
                   crop_size=t.crop_size, test_size=spec.columns.test_size, scale_range=t.scale_range,
                   lr=t.lr_per_image * batch, warmup_iters=t.warmup_iters, ema_decay=t.ema_decay,
                   ema_ramp=t.ema_ramp, ohem_min_kept=spec.loss.ohem_min_kept,
-                  loss_group_images=max(1, batch // UP_GPUS), eval_every=t.eval_every_epochs * per_epoch,
+                  loss_group_images=loss_group_images(spec), eval_every=t.eval_every_epochs * per_epoch,
                   log_every=t.log_every, checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
                   workers=t.workers if t.workers is not None else machine_workers)
 
@@ -129,7 +137,7 @@ def synthetic_budget(spec: Spec, train_images: int) -> Budget:
     return Budget(iters=s.iters, iters_per_epoch=iterations_per_epoch(train_images, s.batch_size),
                   batch_size=s.batch_size, crop_size=s.crop_size, test_size=s.test_size, scale_range=s.scale_range,
                   lr=s.lr, warmup_iters=s.warmup_iters, ema_decay=s.ema_decay, ema_ramp=s.ema_ramp,
-                  ohem_min_kept=s.ohem_min_kept, loss_group_images=max(1, s.batch_size // SYNTHETIC_LOSS_GROUPS),
+                  ohem_min_kept=s.ohem_min_kept, loss_group_images=loss_group_images(spec, synthetic=True),
                   eval_every=s.eval_every, log_every=s.log_every, checkpoint_every=s.checkpoint_every,
                   keep_checkpoints=spec.train.keep_checkpoints, workers=s.workers)
 

@@ -428,6 +428,24 @@ def load_ours(root: Optional[Path] = None) -> list[Spec]:
     return [load_spec(row, root) for row in our_row_ids(root)]
 
 
+ALL_ROWS = "all"  # --rows all: every row, the table's and ours
+
+
+def match_rows(patterns: str, root: Optional[Path] = None) -> list[Spec]:
+    """The rows comma-separated globs name (`all`: every row), table order then ours, each once; a glob matching
+    nothing is a one-line error."""
+    import fnmatch
+
+    specs = load_all(root) + load_ours(root)
+    chosen: dict[str, Spec] = {}
+    for glob in [g.strip() for g in patterns.split(",") if g.strip()] or [""]:
+        matched = [s for s in specs if fnmatch.fnmatch(s.row, "*" if glob == ALL_ROWS else glob)]
+        if not matched:
+            raise BenchError(f"--rows {glob!r} matches no row; see `bench list` for the row ids (or --rows all)")
+        chosen.update((s.row, s) for s in matched if s.row not in chosen)
+    return list(chosen.values())
+
+
 def unknown_row_message(row: str, root: Path) -> str:
     known = sorted(p.stem for p in root.glob("*.yaml") if not p.name.startswith("_"))
     close = difflib.get_close_matches(row, known, n=3, cutoff=0.4)

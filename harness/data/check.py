@@ -1,6 +1,7 @@
 """`bench data check`: validate a whole Cityscapes tree before an expensive run.
 
-Pairs, counts per split against the official 2975 / 500 / 1525, image sizes (from PNG headers only, in
+Pairs, counts per split against the official 2975 / 500 / 1525 and the official cities (`list_tree`, file names
+only: the fast part, which `bench doctor` runs), image sizes (from PNG headers only, in
 threads), label modes and labelId ranges (decoding labels, in a process pool), unreadable files. Every
 defect is one line naming the file; the exit code says whether there was any.
 """
@@ -17,7 +18,7 @@ import numpy as np
 from PIL import Image
 from tabulate import tabulate
 
-from harness.config.benchmark import FRAME_SIZE, OFFICIAL_SPLIT_IMAGES
+from harness.config.benchmark import FRAME_SIZE, OFFICIAL_CITIES, OFFICIAL_SPLIT_IMAGES
 from harness.data.cityscapes import (
     IGNORE_INDEX,
     IMAGE_SUFFIX,
@@ -92,16 +93,27 @@ def _inspect_label(path: Path) -> tuple[Optional[tuple[int, int]], str, Optional
     return size, mode, int(ids.max()) if ids.size else 0, valid, ""
 
 
-def check_tree(data_root: Optional[str], workers: Optional[int] = None, official: bool = True) -> Report:
-    """Every defect of the tree at `data_root` (default: $CITYSCAPES_DATASET). `official`: also require the
-    official split sizes and 2048x1024 frames (off for a subset or the synthetic dataset)."""
+@dataclass
+class Listing:
+    """What the file names alone say about a tree: the fast part of the check, no file opened."""
+
+    report: Report
+    image_jobs: list[tuple[str, Path]]  # (split, image)
+    label_jobs: list[tuple[str, Path, Optional[Path]]]  # (split, label, its image)
+
+
+def resolve_root(data_root: Optional[str]) -> Path:
     root_text = data_root or os.environ.get("CITYSCAPES_DATASET")
     if not root_text:
         raise BenchError("no dataset given: pass --data-root DIR (or set CITYSCAPES_DATASET)")
-    root = check_root(Path(root_text).expanduser())
+    return check_root(Path(root_text).expanduser())
+
+
+def list_tree(root: Path, official: bool = True) -> Listing:
+    """Pairs, counts per split and (with `official`) the official counts and cities, from the file names alone."""
     defects: list[Defect] = []
     summaries = []
-    label_jobs: list[tuple[str, Path, Optional[Path]]] = []  # (split, label, its image)
+    label_jobs: list[tuple[str, Path, Optional[Path]]] = []
     image_jobs: list[tuple[str, Path]] = []
     for split in OFFICIAL_COUNTS:
         summary = SplitSummary(split, expected=OFFICIAL_COUNTS[split] if official else None)
@@ -117,6 +129,12 @@ def check_tree(data_root: Optional[str], workers: Optional[int] = None, official
         if official and images and len(images) != OFFICIAL_COUNTS[split]:
             defects.append(Defect(split, "count", image_dir,
                                   f"{len(images)} images, the official {split} split has {OFFICIAL_COUNTS[split]}"))
+        if official and images:
+            present = {stem.split("/", 1)[0] for stem in images}
+            for city in OFFICIAL_CITIES[split]:
+                if city not in present:
+                    defects.append(Defect(split, "missing city", image_dir / city,
+                                          f"no images of {city}, one of the official {split} cities"))
         image_jobs += [(split, p) for p in images.values()]
         if split not in LABELLED:
             continue
@@ -128,6 +146,16 @@ def check_tree(data_root: Optional[str], workers: Optional[int] = None, official
             if stem not in images:
                 defects.append(Defect(split, "orphan label", label, f"no image {stem}{IMAGE_SUFFIX} in {image_dir}"))
             label_jobs.append((split, label, images.get(stem)))
+    return Listing(Report(root, summaries, defects), image_jobs, label_jobs)
+
+
+def check_tree(data_root: Optional[str], workers: Optional[int] = None, official: bool = True) -> Report:
+    """Every defect of the tree at `data_root` (default: $CITYSCAPES_DATASET). `official`: also require the
+    official split sizes, cities and 2048x1024 frames (off for a subset or the synthetic dataset)."""
+    root = resolve_root(data_root)
+    listing = list_tree(root, official)
+    summaries, defects = listing.report.splits, listing.report.defects
+    image_jobs, label_jobs = listing.image_jobs, listing.label_jobs
 
     by_split = {s.split: s for s in summaries}
     # Labels decode in processes (the CPU-bound part); images need only their headers, read in threads.

@@ -1,5 +1,5 @@
-"""The device a process computes on: which one, how it is seeded and made deterministic, what it is called, and
-how much memory the process has used on it."""
+"""The device a process computes on: which one, how it is seeded and made deterministic, what it is called, how
+much memory it has and the process has used on it, how long work on it takes, and its matrix-multiply peak."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import platform
 import random
 import re
 import resource
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -89,3 +91,50 @@ def device_name(device: torch.device) -> str:
         except OSError:
             pass
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or device.type
+
+
+def device_memory_gib(device: torch.device) -> Optional[float]:
+    """The device's total memory (a GPU's; None for the CPU, whose limit is the machine's)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory / 2**30
+
+
+def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, repeats: int, steps: int) -> list[float]:
+    """Seconds per call of `step`, one figure per repeat of `steps` calls, after `warmup` calls; on a GPU the
+    calls are timed with CUDA events around the work queued, not the host's time to queue it."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000 / steps)
+        else:
+            began = time.perf_counter()
+            for _ in range(steps):
+                step()
+            times.append((time.perf_counter() - began) / steps)
+    return times
+
+
+_PEAKS: dict[tuple[str, str], float] = {}
+
+
+def matmul_peak_tflops(device: torch.device) -> tuple[float, str]:
+    """The best of repeated square matrix multiplies on `device`: bf16 on a GPU, fp32 on the CPU (TFLOP/s)."""
+    dtype, n, reps = (torch.bfloat16, 8192, 20) if device.type == "cuda" else (torch.float32, 2048, 3)
+    key = (str(device), str(dtype))
+    if key not in _PEAKS:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        times = time_steps(lambda: torch.mm(a, b), device, warmup=1, repeats=reps, steps=1)
+        _PEAKS[key] = 2 * n**3 / min(times) / 1e12
+        del a, b
+    return _PEAKS[key], str(dtype).removeprefix("torch.")

@@ -65,6 +65,18 @@ def all_reduce_sum(tensor: torch.Tensor) -> None:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
+def broadcast_tensors(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
+    """Overwrite `tensors` (same dtype and device) with `src`'s, in place, in one collective."""
+    if not dist.is_initialized() or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.broadcast(flat, src=src)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def broadcast_object(value, src: int = 0):
     if not dist.is_initialized():
         return value

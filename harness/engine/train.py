@@ -32,12 +32,13 @@ from harness.data.augment import EvalTransform, TrainTransform
 from harness.data.loaders import endless_batches
 from harness.engine import checkpoint
 from harness.engine.device import peak_memory_gib
-from harness.engine.distributed import ShardedTrainSampler, World, all_reduce_sum
+from harness.engine.distributed import ShardedTrainSampler, World, all_reduce_sum, broadcast_tensors
 from harness.engine.ema import ExpEMA
 from harness.engine.evaluate import TestMode, evaluate
 from harness.engine.losses import SegmentationLoss
 from harness.engine.metrics import SegMetrics
 from harness.errors import BenchError
+from harness.models.common import GroupedBatchNorm2d, set_norm_groups
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +105,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def convert_norm(model: nn.Module, world: World, device_type: str) -> nn.Module:
-    """SyncBatchNorm across GPUs: the table's recipes normalise over the global batch, not per GPU."""
-    if world.distributed and device_type == "cuda":
+    """SyncBatchNorm across GPUs: the table's recipes normalise over the global batch, not per GPU. Layers UP
+    normalised per GPU (GroupedBatchNorm2d, SFNet's head) stay per process: they group UP's per-GPU batches."""
+    if not (world.distributed and device_type == "cuda"):
+        return model
+    if isinstance(model, nn.modules.batchnorm._BatchNorm) and not isinstance(model, GroupedBatchNorm2d):
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if not isinstance(child, GroupedBatchNorm2d):
+            setattr(model, name, convert_norm(child, world, device_type))
     return model
+
+
+def grouped_running_stats(model: nn.Module) -> list[torch.Tensor]:
+    """The running statistics of the per-GPU-batch layers, which each process updates from its own first group."""
+    return [t for m in model.modules() if isinstance(m, GroupedBatchNorm2d)
+            for t in (m.running_mean, m.running_var) if t is not None]
 
 
 MetricsLogger = Callable[[dict[str, float], int], None]
@@ -134,9 +147,12 @@ class Trainer:
         self.checkpoint_dir, self.progress = checkpoint_dir, progress
         self.extra_state = extra_state or {}  # saved with every checkpoint (the spec, the starting weights)
         model = convert_norm(model, world, device.type).to(device)
+        set_norm_groups(model, plan.loss_group_images)
         self.channels_last = device.type == "cuda" and not plain
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        # Group 0 of the global batch is rank 0's: its statistics are UP's rank-0 running statistics, for all.
+        self._rank0_stats = grouped_running_stats(model) if world.distributed else []
         self.model = model  # the unwrapped module: checkpoints, EMA and evaluation use this one
         self.forward_model: nn.Module = (
             DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -267,6 +283,8 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.iteration += 1
+        if self._rank0_stats:
+            broadcast_tensors(self._rank0_stats)
         if self.ema is not None:
             self.ema.update(self.model, step=self.iteration - 1)
         loss = loss.detach().float()

@@ -10,6 +10,11 @@ finest level, concatenated finest first, fused by a 1x1 conv-BN-ReLU (384 -> 128
 by a 1x1 conv (with bias); the logits are upsampled (align_corners=True) to the input size.
 19 classes: 8,587,059 parameters (DFNet1) / 18,041,139 (DFNet2), UP's count.
 
+Batch norm: UP builds the head (`AlignHead`: the pyramid pooling, the laterals, the level and fusion ConvBnRelus,
+10 batch norms) with `solo_bn` whatever the config says, i.e. per GPU over UP's 2 images, while the encoder
+uses SyncBN over the global batch. Those 10 layers are `GroupedBatchNorm2d` (harness.models.common): groups of UP's
+per-GPU batch on any number of processes, never SyncBatchNorm, running statistics of group 0 as UP's rank 0 kept.
+
 Training returns the main logits only: UP's SFNet decoder has no deep-supervision heads, and its loss is
 OHEM on the main output (`seg_ohem`, aux_weight 0), so `loss.aux_weights` is [].
 
@@ -25,7 +30,7 @@ from torch import nn
 
 from harness.config.spec import Spec
 from harness.errors import BenchError
-from harness.models.common import ConvBNReLU, PyramidPooling, upsample
+from harness.models.common import ConvBNReLU, PyramidPooling, group_batch_norms, upsample
 from harness.models.dfnet import convert_imagenet_state, dfnet
 from harness.models.registry import register
 
@@ -90,6 +95,8 @@ class SFNet(nn.Module):
         self.smooth = nn.ModuleList(ConvBNReLU(width, width, 1) for _ in shallower)
         self.fuse = ConvBNReLU((len(shallower) + 1) * width, width, 1)
         self.classifier = nn.Conv2d(width, num_classes, 1)
+        for head in (self.context, self.laterals, self.smooth, self.fuse):  # UP's solo_bn AlignHead
+            group_batch_norms(head)
 
     def forward(self, x: torch.Tensor):
         *shallower, deepest = self.backbone(x)

@@ -1,5 +1,5 @@
-"""Model sizes, measured rather than typed in: parameters, and FLOPs counted by
-`torch.utils.flop_counter` on one eval-mode forward at the row's test size.
+"""Model sizes, measured rather than typed in: parameters, state bytes, and FLOPs counted by
+`torch.utils.flop_counter` on one eval-mode forward at the row's test size (and a training step's).
 
 The model is built on the meta device, so nothing is allocated or computed: a 2048x1024 forward of
 a ResNet-50 network is counted in a fraction of a second. The counter counts a multiply-add as two
@@ -72,3 +72,34 @@ def measure_rows(specs: list[Spec]) -> dict[str, ModelSize]:
             cache[key] = measure_spec(spec)
         sizes[spec.row] = cache[key]
     return sizes
+
+
+def meta_model(spec: Spec) -> nn.Module:
+    """The row's network on the meta device (shapes only; starting-weight files change values, never shapes)."""
+    shapes_only = dataclasses.replace(spec, model=dataclasses.replace(spec.model, backbone_checkpoint=None,
+                                                                       init_checkpoint=None))
+    with torch.device("meta"):
+        return build_model(shapes_only, 19)
+
+
+def inference_flops(spec: Spec, width: int, height: int) -> int:
+    """One eval-mode forward of one image: the figure `bench list --sizes` reports at the test size."""
+    return measure(meta_model(spec), height, width).flops
+
+
+def training_flops(spec: Spec, width: int, height: int) -> int:
+    """Forward and backward of one image in train mode (auxiliary heads included), counted by the same
+    torch.utils.flop_counter on the meta device; two images are pushed so batch norm sees a batch."""
+    model = meta_model(spec).train()
+    images = torch.zeros(2, 3, height, width, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        outputs = model(images)
+        outputs = (outputs,) if isinstance(outputs, torch.Tensor) else outputs
+        torch.stack([o.float().sum() for o in outputs]).sum().backward()
+    return counter.get_total_flops() // 2
+
+
+def state_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of the state dict, bytes of the parameters) of a model, meta or not."""
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return state, sum(p.numel() * p.element_size() for p in model.parameters())

@@ -25,6 +25,7 @@ from torch import nn
 from harness.config.spec import Spec
 from harness.errors import BenchError
 from harness.files import read_torch_file
+from harness.models.provenance import CHECKSUM_OK, check_file
 from harness.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
@@ -155,15 +156,18 @@ def expected_files(spec: Spec) -> list[tuple[str, Path]]:
 
 
 MISSING = "missing"
+OTHER = "other"  # a file of the expected name whose checksum is not the published one
 
 
 def apply_starting_weights(model: nn.Module, spec: Spec, loud: bool = False) -> str:
     """Fill `model` from the file the spec names (`expected_files`).
 
     Returns the run's starting-weights status for its record and MLflow tags: "random (none expected)",
-    "loaded <files>", or "missing <files>". A named file that is absent does not stop the run (users
-    bring the files, and pipeline checks run without them), but with `loud` (a Cityscapes run) it prints
-    a prominent warning: such a run is no reproduction of the row, and the table marks it.
+    "loaded <file>" (with " (checksum ok)" where a checksum is published and matches), "other <file> (...)" (a
+    published checksum that does not match: the run is recorded as other starting weights), or "missing <files>".
+    A named file that is absent does not stop the run (users bring the files, and pipeline checks run without
+    them), but with `loud` (a Cityscapes run) it prints a prominent warning: such a run is no reproduction of the
+    row, and the table marks it.
     """
     if any(p.is_meta for p in model.parameters()):
         return "meta"  # a meta-device model only measures shapes (harness.models.sizes); it has no storage to fill
@@ -187,4 +191,9 @@ def apply_starting_weights(model: nn.Module, spec: Spec, loud: bool = False) -> 
         load_init_checkpoint(model, path)
     else:
         load_backbone_checkpoint(model, path, spec.row)
-    return f"loaded {path}"
+    checked = check_file(path)
+    if checked.mismatch:
+        log.warning("warning: %s is not the file the row expects: %s; this run is recorded as other starting "
+                    "weights and does not count (`bench weights --verify`)", path, checked.describe())
+        return f"{OTHER} {path} ({checked.describe()})"
+    return f"loaded {path}" + (" (checksum ok)" if checked.status == CHECKSUM_OK else "")

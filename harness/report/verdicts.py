@@ -20,6 +20,7 @@ from harness.config.plan import planned_iterations
 from harness.config.spec import Spec, base_row, load_all, load_ours, table_tolerance
 from harness.engine.run_folder import RUN_STATUS, RunFolder
 from harness.errors import BenchError
+from harness.models.weights import OTHER
 from harness.report.records import load_records
 
 OFFICIAL_TRAIN_IMAGES = OFFICIAL_SPLIT_IMAGES["train"]
@@ -31,8 +32,9 @@ OTHER_DATA = "other data"
 SMOKE = "smoke"
 PARTIAL = "partial"
 RANDOM_START = "random start"
+OTHER_WEIGHTS = "other starting weights"
 EVALUATION = "evaluation"
-NOT_COUNTED = (OTHER_DATA, SMOKE, PARTIAL, RANDOM_START)
+NOT_COUNTED = (OTHER_DATA, SMOKE, PARTIAL, RANDOM_START, OTHER_WEIGHTS)
 
 # Verdicts
 REPRODUCED = "reproduced"
@@ -66,7 +68,8 @@ def standing(spec: Spec, record: dict[str, Any]) -> Standing:
     Cityscapes with the official split (500 val images), from the row's expected starting weights.
 
     The first failing condition names the kind: other data (not the official split, or split sizes not
-    recorded), smoke (less than one epoch of the plan), partial (another number of iterations), random start."""
+    recorded), smoke (less than one epoch of the plan), partial (another number of iterations), random start,
+    other starting weights (a file of the expected name whose checksum is not the published one)."""
     if record.get("kind", "train") != "train":
         return Standing(EVALUATION, "an evaluation of a checkpoint, not a training run")
     if record.get("dataset") != "cityscapes":
@@ -85,6 +88,9 @@ def standing(spec: Spec, record: dict[str, Any]) -> Standing:
     weights = str(record.get("starting_weights", ""))
     if weights.startswith("missing"):
         return Standing(RANDOM_START, f"started without the row's weights ({weights})")
+    if weights.startswith(f"{OTHER} "):
+        return Standing(OTHER_WEIGHTS, f"started from another file than the published one "
+                                       f"({weights[len(OTHER) + 1:]})")
     return Standing(REPRODUCTION, "")
 
 
