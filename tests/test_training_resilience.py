@@ -131,8 +131,8 @@ def test_log_lines_without_a_terminal_and_a_bare_resume_keeps_the_original_optio
 
 def test_truncated_checkpoint_falls_back_to_previous_with_warning(tmp_path, capsys):
     folder = tmp_path / "checkpoints"
-    checkpoint.save({"iteration": 4, "w": torch.ones(3)}, folder, 4)
-    newest = checkpoint.save({"iteration": 8, "w": torch.zeros(1000)}, folder, 8)
+    checkpoint.save({"iteration": 4, "w": torch.ones(3)}, folder, 4, keep=2)
+    newest = checkpoint.save({"iteration": 8, "w": torch.zeros(1000)}, folder, 8, keep=2)
     newest.write_bytes(newest.read_bytes()[: len(newest.read_bytes()) // 2])
     state, path = checkpoint.load_latest(folder)
     assert state["iteration"] == 4 and path.name == "ckpt-00000004.pt"
@@ -143,7 +143,7 @@ def test_truncated_checkpoint_falls_back_to_previous_with_warning(tmp_path, caps
 def test_checkpoints_are_written_through_a_rename_and_pruned(tmp_path):
     folder = tmp_path / "checkpoints"
     for it in (2, 4, 6):
-        checkpoint.save({"iteration": it}, folder, it)
+        checkpoint.save({"iteration": it}, folder, it, keep=2)
     assert [p.name for p in checkpoint.checkpoints(folder)] == ["ckpt-00000006.pt", "ckpt-00000004.pt"]
     assert not list(folder.glob(".*.tmp"))
 

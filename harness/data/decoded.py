@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from harness.data.cityscapes import Sample, decode_pair, read_header
 from harness.errors import BenchError
+from harness.files import format_bytes
 
 FORMAT = 1
 
@@ -161,9 +162,13 @@ def build_cache(cache_dir: Path, root: Path, split: str, samples: Sequence[Sampl
         offset += frame_bytes(header.height, header.width)
     free = _free_bytes(cache_dir)
     if free is not None and free < offset:
-        raise BenchError(f"the decoded {split} split needs {offset / 2**30:.1f} GiB in {cache_dir}, which has "
-                         f"{free / 2**30:.1f} GiB free; free space or choose another --decoded-cache folder")
-    fd, tmp = tempfile.mkstemp(prefix=f".{split}-", suffix=".frames.tmp", dir=cache_dir)
+        raise BenchError(f"the decoded {split} split needs {format_bytes(offset)} in {cache_dir}, which has "
+                         f"{format_bytes(free)} free; free space or choose another --decoded-cache folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{split}-", suffix=".frames.tmp", dir=cache_dir)
+    except OSError as exc:
+        raise BenchError(f"cannot write the decoded cache in {cache_dir} ({exc.strerror or exc}); make it writable "
+                         "or choose another folder") from None
     try:
         os.ftruncate(fd, offset)
         os.close(fd)
@@ -189,6 +194,17 @@ def build_cache(cache_dir: Path, root: Path, split: str, samples: Sequence[Sampl
     return open_cache(cache_dir, root, split, samples)
 
 
+def check_cache_folder(cache_dir: Path) -> None:
+    """The cache folder exists (or can be made) and takes new files; else one line naming it."""
+    try:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=".write-check-", dir=cache_dir):
+            pass
+    except OSError as exc:
+        raise BenchError(f"the decoded cache folder {cache_dir} is not writable ({exc.strerror or exc}); make it "
+                         "writable or choose another folder (--out / --decoded-cache)") from None
+
+
 def _free_bytes(folder: Path) -> Optional[int]:
     try:
         stat = os.statvfs(folder)
@@ -204,6 +220,7 @@ def cached_or_built(cache_dir: Path, root: Path, split: str, samples: Sequence[S
     try:
         return open_cache(cache_dir, root, split, samples)
     except CacheUnusable as unusable:
+        check_cache_folder(cache_dir)  # before saying it decodes: a folder it cannot write fails in one line now
         echo(f"decoded cache: {unusable.reason}; decoding {len(samples)} {split} frames now")
     bar = tqdm(total=len(samples), desc=f"decode {split}", disable=not sys.stderr.isatty(), leave=False)
     started = time.perf_counter()
