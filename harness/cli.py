@@ -257,11 +257,13 @@ def sync(run_dirs: tuple[Path, ...], tracking_uri: Optional[str], skip_damaged: 
     report = sync_runs(list(run_dirs), tracking_uri)
     for line in report.lines:
         click.echo(line)
-    for damaged in report.damaged:
-        click.echo(f"{'warning' if skip_damaged else 'error'}: damaged journal line not sent: {damaged}", err=True)
+    for damaged in report.damaged:  # one line each, naming the file, the line and the fix
+        if skip_damaged:
+            click.echo(f"warning: damaged journal line not sent (accepted with --skip-damaged): {damaged}", err=True)
+        else:
+            click.echo(f"error: damaged journal line not sent: {damaged}; the rest was sent; fix or delete the line "
+                       "and sync again, or pass --skip-damaged to accept its loss", err=True)
     if report.damaged and not skip_damaged:
-        click.echo(f"{len(report.damaged)} damaged journal line(s) could not be sent; fix or delete them, or pass "
-                   "--skip-damaged to accept the loss", err=True)
         sys.exit(1)
 
 
