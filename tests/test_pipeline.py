@@ -61,7 +61,10 @@ def test_short_training_learns_and_is_tracked(synthetic_root: Path):
     line = next(l for l in synthetic_table.splitlines() if l.startswith("| df_seg_v2 "))
     assert f"{record['miou']:.2f}" in line
 
-    # benchmark.md counts Cityscapes only, and regenerating it without new results changes no byte.
+    # benchmark.md counts Cityscapes only: a synthetic run leaves it alone; regenerating it shows the row not run,
+    # and again without new results changes no byte.
+    assert not benchmark_path().exists()
+    assert CliRunner().invoke(main, ["table"]).exit_code == 0
     text = benchmark_path().read_text()
     cityscapes_line = next(l for l in text.splitlines() if l.startswith("| df_seg_v2 "))
     assert "not run" in cityscapes_line and f"{record['miou']:.2f}" not in text

@@ -549,7 +549,7 @@ def sweep(options: SweepOptions, echo=print) -> Optional[Path]:
                   if r["state"] != "done"]
         if failed:
             raise JobsFailed(f"{len(failed)} of {len(submitted)} job(s) did not finish: {'; '.join(failed)}; "
-                             f"fix the cause and run the same `bench sweep` again (done jobs are skipped)")
+                             "fix the cause and run the same `bench sweep` again (done jobs are skipped)")
     else:
         echo("not waiting for the jobs: this exit code says only that they were submitted; "
              f"`bench sweep status {sweep_dir}` says how they end")
