@@ -24,7 +24,7 @@ class BenchGroup(click.Group):
 
             if not record_worker_error(str(exc)):  # a torchrun worker's error is reported once, by the launcher
                 click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
+            sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
@@ -91,7 +91,9 @@ def new_row_command(name: str, arch: str, encoder: str, source: str) -> None:
     """Write experiments/NAME.yaml: one of our rows, ARCH on ENCODER with a table row's recipe."""
     from harness.commands.new_row import new_row
 
-    path = new_row(name, arch, encoder, source)
+    path, notes = new_row(name, arch, encoder, source)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {path}; try it with: bench run --row {name} --synthetic")
 
 
@@ -166,13 +168,15 @@ def weights(pattern: str, verify: bool) -> None:
 
 
 @main.command()
-@click.option("--dataset", type=click.Choice(["cityscapes", "synthetic"]), default="cityscapes", show_default=True)
+@click.option("--dataset", type=click.Choice(["cityscapes", "synthetic"]), default=None,
+              help="The dataset's table (default: cityscapes; with --all and no --dataset: every dataset).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write here instead (synthetic tables are only printed unless --out is given).")
 @click.option("--all", "all_records", is_flag=True,
-              help="Print the table with every record of the dataset and its kind (reproduction, smoke, ...).")
+              help="List every record (of every dataset, or of --dataset's table) with its kind and why it does or "
+                   "does not count.")
 @with_options((TOLERANCE_OPTION,))
-def table(dataset: str, out: Optional[Path], all_records: bool, tolerance: Optional[float]) -> None:
+def table(dataset: Optional[str], out: Optional[Path], all_records: bool, tolerance: Optional[float]) -> None:
     """Regenerate benchmark.md and benchmark.png from experiments/ and results/ (Cityscapes reproductions only)."""
     from harness.commands.table import table as make_table
 
@@ -237,15 +241,16 @@ def predict_command(out: Path, zip_path: Optional[Path], row: Optional[str], che
 
 
 @main.command()
-@click.option("--dataset", type=click.Choice(["cityscapes", "synthetic"]), default="cityscapes", show_default=True)
+@click.option("--dataset", type=click.Choice(["cityscapes", "synthetic"]), default=None,
+              help="Open this dataset's experiment (default: the newest training run's).")
 @with_options((TRACKING_URI_OPTION,))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (loopback unless told).")
 @click.option("--port", type=int, default=5000, show_default=True)
-def ui(dataset: str, tracking_uri: Optional[str], host: str, port: int) -> None:
+def ui(dataset: Optional[str], tracking_uri: Optional[str], host: str, port: int) -> None:
     """Serve the MLflow UI on the project's store and print the URL of the training runs table."""
     from harness.commands.ui import ui as serve
 
-    serve(dataset, tracking_uri, host, port)
+    sys.exit(serve(dataset, tracking_uri, host, port, echo=click.echo))
 
 
 @main.command()
@@ -261,11 +266,13 @@ def sync(run_dirs: tuple[Path, ...], tracking_uri: Optional[str], skip_damaged: 
     report = sync_runs(list(run_dirs), tracking_uri)
     for line in report.lines:
         click.echo(line)
-    for damaged in report.damaged:
-        click.echo(f"{'warning' if skip_damaged else 'error'}: damaged journal line not sent: {damaged}", err=True)
+    for damaged in report.damaged:  # one line each, naming the file, the line and the fix
+        if skip_damaged:
+            click.echo(f"warning: damaged journal line not sent (accepted with --skip-damaged): {damaged}", err=True)
+        else:
+            click.echo(f"error: damaged journal line not sent: {damaged}; the rest was sent; fix or delete the line "
+                       "and sync again, or pass --skip-damaged to accept its loss", err=True)
     if report.damaged and not skip_damaged:
-        click.echo(f"{len(report.damaged)} damaged journal line(s) could not be sent; fix or delete them, or pass "
-                   "--skip-damaged to accept the loss", err=True)
         sys.exit(1)
 
 
@@ -427,17 +434,19 @@ def data_cache(data_root: Optional[str], out: Path, splits: str) -> None:
 
 
 @data.command("check")
-@with_options((DATA_ROOT_OPTION,))
+@with_options(DATA_OPTIONS)
 @click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Processes decoding labels (default: the CPU count).")
+              help="Processes decoding labels (and images with --full) (default: the CPU count).")
 @click.option("--subset", is_flag=True,
-              help="A subset or another frame size (e.g. the synthetic dataset): skip the official counts and "
-                   "2048x1024.")
-def data_check(data_root: Optional[str], workers: Optional[int], subset: bool) -> None:
+              help="A subset or another frame size: skip the official counts and 2048x1024 (the synthetic dataset "
+                   "is recognised and checked by its own rule).")
+@click.option("--full", is_flag=True,
+              help="Decode every image, not only its header: finds files cut short behind an intact header.")
+def data_check(synthetic: bool, data_root: Optional[str], workers: Optional[int], subset: bool, full: bool) -> None:
     """Validate a whole Cityscapes tree before an expensive run; exits 1 on any defect."""
     from harness.commands.data import check as check_tree
 
-    text, code = check_tree(data_root, workers, subset)
+    text, code = check_tree(data_root, workers, subset, full, synthetic)
     click.echo(text)
     sys.exit(code)
 

@@ -2,4 +2,7 @@
 
 
 class BenchError(Exception):
-    """A user-facing error: the message names the bad input and says how to fix it."""
+    """A user-facing error: the message names the bad input and says how to fix it. The CLI exits with
+    `exit_code`: 2 (bad input, the default) or 1 (the work itself failed, e.g. a sweep's job)."""
+
+    exit_code = 2

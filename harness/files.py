@@ -59,6 +59,15 @@ def write_if_changed(path: Path, data: bytes) -> bool:
     return True
 
 
+def format_bytes(size: float) -> str:
+    """A size for people: '712 KiB', '217 MiB', '2.5 GiB' (binary units, as `du -h` counts)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size) < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" or abs(size) >= 100 else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
 def read_torch_file(path: Path, label: str, fix: str) -> Any:
     """`torch.load(path, weights_only=True)` on the CPU; a missing or unusable file is a one-line BenchError
     starting with `label` and the path (`fix` says what to do about a missing one)."""

@@ -33,12 +33,49 @@ def test_clean_synthetic_tree_passes_as_a_subset(synthetic_root):
     assert table["train"][1:3] == ["24", "24"] and table["val"][1:3] == ["8", "8"]
 
 
-def test_official_counts_and_frame_size_are_checked(synthetic_root):
-    result = check(synthetic_root)
+def test_official_counts_and_frame_size_are_checked_with_identical_findings_grouped(synthetic_root, tmp_path):
+    root = tmp_path / "cityscapes"
+    shutil.copytree(synthetic_root, root)
+    (root / "synthetic.json").unlink()  # no longer the generated dataset: Cityscapes' own rule applies
+    (root / ".complete").unlink()
+    result = check(root)
     assert result.exit_code == 1
     assert "24 images, the official train split has 2975" in result.output
     assert "8 images, the official val split has 500" in result.output
-    assert "256x128, Cityscapes frames are 2048x1024" in result.output
+    sizes = [line for line in result.output.splitlines() if "256x128, Cityscapes frames are 2048x1024" in line]
+    # one line per split, with the count and examples, instead of one per image
+    assert [line.split(":")[0] for line in sizes] == ["train", "val"], result.output
+    assert "image size: 24 files (" in sizes[0] and ", ...)" in sizes[0] and "image size: 8 files (" in sizes[1]
+    assert "35 defect(s)" in result.output  # the missing test split, 2 counts, 24 + 8 sizes: each still counted
+
+
+def test_the_synthetic_dataset_passes_by_its_own_rule_with_grouped_notes(synthetic_root):
+    result = check(synthetic_root)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0].startswith(f"synthetic dataset {synthetic_root} (checked against the "
+                                                    "synthetic dataset: its generated counts and frame size")
+    notes = [line for line in result.output.splitlines() if line.startswith("note: ")]
+    assert any("train: image size: 24 files (" in n and "256x128 (synthetic; Cityscapes frames are 2048x1024)" in n
+               for n in notes), result.output
+    assert any("train: count" in n and "24 images (synthetic; the official train split has 2975)" in n
+               for n in notes), result.output
+    assert len(notes) <= 6 and "no defects" in result.output
+
+
+def test_full_mode_decodes_the_pixels_that_the_header_mode_does_not(synthetic_root, tmp_path):
+    root = tmp_path / "synthetic"
+    shutil.copytree(synthetic_root, root)
+    cut = images(root, "train")[3]
+    cut.write_bytes(cut.read_bytes()[:3000])  # the header is intact: only decoding finds the damage
+    quick = check(root)
+    assert quick.exit_code == 0, quick.output
+    assert "images read from their headers only, pixels not decoded (--full decodes them)" in quick.output
+    full = check(root, "--full")
+    assert full.exit_code == 1, full.output
+    assert "every image and label decoded" in full.output
+    defects = [line for line in full.output.splitlines() if line.startswith("train: ")]
+    assert len(defects) == 1 and f"unreadable: {cut}: " in defects[0] and "truncated" in defects[0], full.output
+    assert "1 defect(s)" in full.output
 
 
 def test_damaged_tree_reports_each_defect_and_exits_non_zero(synthetic_root, tmp_path):

@@ -263,10 +263,10 @@ def test_read_only_sqlite_store_is_refused_in_one_line(tmp_path, rows, synthetic
 def test_full_disk_while_checkpointing_keeps_earlier_checkpoints_and_leaves_no_partial_file(tmp_path):
     with tmpfs(tmp_path / "small", "2m") as small:
         folder = small / "checkpoints"
-        first = checkpoint.save({"iteration": 1, "w": torch.ones(10)}, folder, 1)
+        first = checkpoint.save({"iteration": 1, "w": torch.ones(10)}, folder, 1, keep=2)
         before = first.read_bytes()
         with pytest.raises(BenchError, match=r"cannot write checkpoint .*ckpt-00000002.pt: No space left on device"):
-            checkpoint.save({"iteration": 2, "w": torch.zeros(1_000_000)}, folder, 2)
+            checkpoint.save({"iteration": 2, "w": torch.zeros(1_000_000)}, folder, 2, keep=2)
         assert sorted(p.name for p in folder.iterdir()) == [first.name] and first.read_bytes() == before
 
 
@@ -303,7 +303,7 @@ def test_running_status_of_a_dead_process_reads_interrupted_and_a_live_one_is_no
     monkeypatch.setenv("SEGBENCH_RUNS", str(tmp_path / "runs"))
     run_dir = tmp_path / "runs" / "synthetic" / "tiny" / "20260101-000000"
     (run_dir / "checkpoints").mkdir(parents=True)
-    checkpoint.save({"iteration": 1}, run_dir / "checkpoints", 1)
+    checkpoint.save({"iteration": 1}, run_dir / "checkpoints", 1, keep=2)
     dead = subprocess.Popen(["true"])
     dead.wait()
     info = {"row": "tiny", "dataset": "synthetic", "status": "running", "pid": dead.pid, "host": socket.gethostname()}

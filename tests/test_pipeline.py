@@ -45,7 +45,10 @@ def test_short_training_learns_and_is_tracked(synthetic_root: Path):
     assert mlflow_run.data.params["lr"] == "0.01" and mlflow_run.data.params["iters"] == "40"
     assert mlflow_run.data.tags["row"] == "df_seg_v2" and mlflow_run.data.tags["reference"] == "74.6 | 75.0"
     assert mlflow_run.data.tags["dataset"] == "synthetic" and mlflow_run.data.tags["mlflow.source.git.commit"]
-    assert abs(mlflow_run.data.metrics["val/miou"] - record["miou"]) < 1e-6
+    # the last evaluation is the final raw figure; the headline `miou` is the best (here the same evaluation)
+    assert mlflow_run.data.metrics["val/miou"] == pytest.approx(record["miou_final"], abs=1e-4)
+    assert mlflow_run.data.metrics["miou"] == pytest.approx(record["miou"], abs=1e-4)
+    assert "reference_miou" not in mlflow_run.data.metrics and "delta_miou" not in mlflow_run.data.metrics
     assert len(client.get_metric_history(mlflow_run.info.run_id, "train/loss")) >= 2
     artifacts = {a.path for a in client.list_artifacts(mlflow_run.info.run_id)}
     assert {"spec.json", "per_class_iou.csv"} <= artifacts
@@ -58,7 +61,10 @@ def test_short_training_learns_and_is_tracked(synthetic_root: Path):
     line = next(l for l in synthetic_table.splitlines() if l.startswith("| df_seg_v2 "))
     assert f"{record['miou']:.2f}" in line
 
-    # benchmark.md counts Cityscapes only, and regenerating it without new results changes no byte.
+    # benchmark.md counts Cityscapes only: a synthetic run leaves it alone; regenerating it shows the row not run,
+    # and again without new results changes no byte.
+    assert not benchmark_path().exists()
+    assert CliRunner().invoke(main, ["table"]).exit_code == 0
     text = benchmark_path().read_text()
     cityscapes_line = next(l for l in text.splitlines() if l.startswith("| df_seg_v2 "))
     assert "not run" in cityscapes_line and f"{record['miou']:.2f}" not in text

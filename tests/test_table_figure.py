@@ -62,3 +62,43 @@ def test_figure_bytes_depend_only_on_the_inputs():
     png = figure_png(specs, verdicts, gflops)
     assert png.startswith(b"\x89PNG") and figure_png(specs, verdicts, gflops) == png
     assert figure_png(specs, row_verdicts(specs, []), gflops) != png
+
+
+def test_figure_marks_rows_not_run_lists_only_the_markers_drawn_and_its_labels_do_not_overlap():
+    from harness.report.figure import NOT_RUN_COLOUR, _network_label, build_figure
+    from harness.report.verdicts import REPRODUCED
+
+    specs = load_all()
+    gflops = gflops_by_row(specs)
+
+    def drawn(records):
+        verdicts = row_verdicts(specs, records)
+        fig = build_figure(specs, verdicts, gflops)
+        fig.canvas.draw()
+        return fig, verdicts
+
+    fig, verdicts = drawn([])
+    left, right = fig.axes[:2]
+    assert [t.get_text() for t in left.get_legend().get_texts()] == ["reference run(s)", "span of the reference runs"]
+    assert [t.get_text() for t in left.texts] == ["not run"] * len(specs)
+    assert all(label.get_color() == NOT_RUN_COLOUR for label in left.get_yticklabels())
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in right.texts if t.get_text()]
+    assert sorted(t.get_text() for t in labels) == sorted({_network_label(s.row) for s in specs if s.row in gflops})
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    frame = fig.bbox
+    for i, box in enumerate(boxes):
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, labels[i]
+        for j, other in enumerate(boxes[i + 1:], start=i + 1):
+            assert not box.overlaps(other), (labels[i].get_text(), labels[j].get_text())
+
+    fig, verdicts = drawn([full_budget_record("sf_seg_v1", v) for v in (72.4, 72.6)])
+    left = fig.axes[0]
+    measured = [v for v in verdicts if v.values]
+    expected = ["reference run(s)", "span of the reference runs", "measured runs"]
+    expected += ["measured mean: reproduced"] * any(v.verdict == REPRODUCED for v in measured)
+    expected += ["measured mean: below / above"] * any(v.verdict != REPRODUCED for v in measured)
+    assert [t.get_text() for t in left.get_legend().get_texts()] == expected
+    assert len(left.texts) == len(specs) - len(measured)
+    shown = {label.get_text() for label in left.get_yticklabels() if label.get_color() != NOT_RUN_COLOUR}
+    assert shown == {v.row for v in measured} and "sf_seg_v1" in shown

@@ -74,7 +74,7 @@ def test_offline_run_is_synced_later(tiny_row, tmp_path, one_thread):
     mlflow_run = client.get_run(run_id)
     assert mlflow_run.info.status == "FINISHED" and mlflow_run.data.tags["kind"] == "train"
     assert {m.step for m in client.get_metric_history(run_id, "train/loss")} == set(range(1, 5))
-    assert mlflow_run.data.metrics["miou"] == pytest.approx(record["miou_ema_best"])
+    assert mlflow_run.data.metrics["miou"] == pytest.approx(record["miou_ema_best"], abs=1e-4)
     assert {a.path for a in client.list_artifacts(run_id, "plots")} >= {"plots/training_curves.png"}
     again = CliRunner().invoke(main, ["sync", str(run_dir)])  # nothing left: sends nothing twice
     assert again.exit_code == 0 and "already complete" in again.output
@@ -147,7 +147,7 @@ def test_server_killed_mid_run_training_finishes_and_sync_completes_it(tiny_row,
             logged = {m.step for m in client.get_metric_history(run_id, key)}
             assert logged == journal_steps(run_dir, key), key
         assert {m.step for m in client.get_metric_history(run_id, "train/loss")} == set(range(1, 61))
-        assert mlflow_run.data.metrics["miou"] == pytest.approx(record["miou_ema_best"])
+        assert mlflow_run.data.metrics["miou"] == pytest.approx(record["miou_ema_best"], abs=1e-4)
         assert mlflow_run.data.tags["result_record"] == record["_path"]
         assert {a.path for a in client.list_artifacts(run_id, "plots")} >= {"plots/training_curves.png"}
     finally:

@@ -131,8 +131,8 @@ def test_log_lines_without_a_terminal_and_a_bare_resume_keeps_the_original_optio
 
 def test_truncated_checkpoint_falls_back_to_previous_with_warning(tmp_path, capsys):
     folder = tmp_path / "checkpoints"
-    checkpoint.save({"iteration": 4, "w": torch.ones(3)}, folder, 4)
-    newest = checkpoint.save({"iteration": 8, "w": torch.zeros(1000)}, folder, 8)
+    checkpoint.save({"iteration": 4, "w": torch.ones(3)}, folder, 4, keep=2)
+    newest = checkpoint.save({"iteration": 8, "w": torch.zeros(1000)}, folder, 8, keep=2)
     newest.write_bytes(newest.read_bytes()[: len(newest.read_bytes()) // 2])
     state, path = checkpoint.load_latest(folder)
     assert state["iteration"] == 4 and path.name == "ckpt-00000004.pt"
@@ -143,7 +143,7 @@ def test_truncated_checkpoint_falls_back_to_previous_with_warning(tmp_path, caps
 def test_checkpoints_are_written_through_a_rename_and_pruned(tmp_path):
     folder = tmp_path / "checkpoints"
     for it in (2, 4, 6):
-        checkpoint.save({"iteration": it}, folder, it)
+        checkpoint.save({"iteration": it}, folder, it, keep=2)
     assert [p.name for p in checkpoint.checkpoints(folder)] == ["ckpt-00000006.pt", "ckpt-00000004.pt"]
     assert not list(folder.glob(".*.tmp"))
 
@@ -336,3 +336,88 @@ def test_the_log_says_once_when_training_waits_for_data(capsys):
     err = capsys.readouterr().err
     assert err.count("note: training waited for data 60% of the time up to iteration 30") == 1
     assert "3 loader workers" in err and "--decoded-cache" in err
+
+
+def test_five_periodic_checkpoints_keep_the_last_k_and_best_pt_is_a_link_not_a_copy(tmp_path, monkeypatch,
+                                                                                   synthetic_root, one_thread):
+    """`train.keep_checkpoints` (3 here, not the default) is what the run keeps; best.pt (the final evaluation) is
+    the newest checkpoint's file under a second name; the run's folder size is printed once per file."""
+    row = {**TINY, "train": {"keep_checkpoints": 3},
+           "synthetic": {**TINY["synthetic"], "iters": 10, "checkpoint_every": 2}}
+    monkeypatch.setenv("SEGBENCH_EXPERIMENTS", str(experiments_with(tmp_path, {"keeper": row})))
+    result = CliRunner().invoke(main, ["run", "--row", "keeper", "--synthetic"])
+    assert result.exit_code == 0, result.output
+    (folder,) = run_dirs("keeper")
+    names = sorted(p.name for p in (folder / "checkpoints").iterdir())
+    # written at 2, 4, 6, 8 and 10 (five), the three newest kept, nothing half-written left
+    assert names == ["best.pt", "ckpt-00000006.pt", "ckpt-00000008.pt", "ckpt-00000010.pt"], names
+    best, newest = folder / "checkpoints" / "best.pt", folder / "checkpoints" / "ckpt-00000010.pt"
+    assert best.samefile(newest) and best.stat().st_nlink == 2
+    assert checkpoint.load(best)["iteration"] == 10
+    size_line = next(line for line in result.output.splitlines() if line.startswith("run folder "))
+    assert "(checkpoints: best.pt = ckpt-00000010.pt, ckpt-00000006.pt, ckpt-00000008.pt, ckpt-00000010.pt)" \
+        in size_line
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    once = sum(p.stat().st_blocks * 512 for p in files) - best.stat().st_blocks * 512
+    shown = float(size_line.split(": ")[1].split(" MiB")[0])
+    assert abs(shown - once / 2**20) < 0.6, (shown, once / 2**20)  # the linked file counted once
+
+
+def test_best_pt_is_a_copy_where_the_filesystem_has_no_hard_links(tmp_path, monkeypatch):
+    folder = tmp_path / "checkpoints"
+    first = checkpoint.save({"iteration": 2, "w": torch.ones(10)}, folder, 2, keep=2)
+    checkpoint.mark_best(first)
+    newer = checkpoint.save({"iteration": 4, "w": torch.zeros(10)}, folder, 4, keep=2)
+
+    def no_links(source, target):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    best = checkpoint.mark_best(newer)
+    assert not best.samefile(newer) and best.read_bytes() == newer.read_bytes()
+    assert checkpoint.load(best)["iteration"] == 4
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "ckpt-00000002.pt", "ckpt-00000004.pt"]
+
+
+def test_ctrl_c_answers_at_once_and_a_second_one_stops_now_keeping_the_last_checkpoint(tmp_path, monkeypatch,
+                                                                                       synthetic_root):
+    """Checkpoints every 20 iterations: after the first one, Ctrl-C is acknowledged within a second naming the
+    iteration it will stop at; Ctrl-C again stops at once, without writing, leaving the iteration-20 checkpoint
+    whole and the run marked interrupted in run.json and in MLflow."""
+    import threading
+
+    row = {**TINY, "synthetic": {**TINY["synthetic"], "iters": 4000, "checkpoint_every": 20, "log_every": 20}}
+    monkeypatch.setenv("SEGBENCH_EXPERIMENTS", str(experiments_with(tmp_path, {"patient": row})))
+    process = bench("run", "--row", "patient", "--synthetic", env={"OMP_NUM_THREADS": "1"})  # see `one_thread`
+    lines: list[tuple[float, str]] = []
+    assert process.stderr is not None
+    reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), l) for l in process.stderr), daemon=True)
+    reader.start()
+    wait_for(lambda: [p for d in run_dirs("patient") for p in d.glob("checkpoints/ckpt-00000020.pt")], process)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    deadline = sent + 5
+    while not any("Ctrl-C again" in line for _, line in lines) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    ack = next(((at, line) for at, line in lines if "Ctrl-C again" in line), None)
+    assert ack is not None, lines
+    assert ack[0] - sent < 1.0, ack[0] - sent
+    assert ack[1].strip() == "stopping at iteration 40 (the next log point); Ctrl-C again to stop now without a " \
+                             "checkpoint", ack[1]
+    process.send_signal(signal.SIGINT)
+    again = time.monotonic()
+    process.wait(timeout=60)
+    reader.join(timeout=10)
+    err = "".join(line for _, line in lines)
+    assert time.monotonic() - again < 30 and process.returncode == 128 + signal.SIGINT, (process.returncode, err)
+    assert "stopped at once by a second SIGINT at iteration" in err and "without a checkpoint" in err, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    (folder,) = run_dirs("patient")
+    assert f"the last checkpoint is {folder / 'checkpoints' / 'ckpt-00000020.pt'}" in err, err
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["ckpt-00000020.pt"]
+    state, _ = checkpoint.load_latest(folder / "checkpoints")
+    assert state["iteration"] == 20
+    assert json.loads((folder / "run.json").read_text())["status"] == "interrupted"
+    client = MlflowClient(default_tracking_uri())
+    (tracked,) = client.search_runs([client.get_experiment_by_name(experiment_name("synthetic")).experiment_id])
+    assert tracked.info.status == "KILLED"

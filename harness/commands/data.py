@@ -9,7 +9,7 @@ from typing import Optional
 from harness.data.check import check_tree, format_report
 from harness.data.cityscapes import find_samples
 from harness.data.decoded import cached_or_built
-from harness.data.source import cityscapes_root
+from harness.data.source import check_data_options, cityscapes_root, synthetic_root
 from harness.data.synthetic import write_synthetic
 from harness.errors import BenchError
 
@@ -29,6 +29,10 @@ def cache(data_root: Optional[str], out: Path, splits: str) -> None:
         cached_or_built(out, root, split, find_samples(root, split), echo=log.info)
 
 
-def check(data_root: Optional[str], workers: Optional[int], subset: bool) -> tuple[str, int]:
-    report = check_tree(data_root, workers=workers, official=not subset)
+def check(data_root: Optional[str], workers: Optional[int], subset: bool, full: bool = False,
+          synthetic: bool = False) -> tuple[str, int]:
+    if synthetic:
+        check_data_options(synthetic, data_root)
+        data_root = str(synthetic_root(progress=False))
+    report = check_tree(data_root, workers=workers, official=not subset, full=full)
     return format_report(report), 0 if report.ok else 1

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from harness import paths
 from harness.commands.options import CheckedRun, LaunchOptions, RunOptions, validate_run, worker_argv
+from harness.config.benchmark import REFERENCE_DATASET
 from harness.config.plan import MACHINE_FIELDS, TrainPlan, make_plan
 from harness.config.spec import Spec, flatten, training_row
 from harness.data.cityscapes import CityscapesTrain, Sample, check_pairs, find_samples
@@ -31,9 +32,10 @@ from harness.data.source import cityscapes_root, synthetic_root
 from harness.engine import checkpoint, distributed
 from harness.engine.device import pick_device, seed_everything, set_deterministic
 from harness.engine.distributed import ShardedTrainSampler, World, world_from_env
-from harness.engine.run_folder import RUN_FILE, RUN_STATUS, RunFolder, latest
+from harness.engine.run_folder import RUN_FILE, RUN_STATUS, RunFolder, disk_usage, latest
 from harness.engine.train import Interrupted, Trainer
 from harness.errors import BenchError
+from harness.files import format_bytes
 from harness.models import build_model
 from harness.models.weights import apply_starting_weights
 from harness.outputs.panels import prediction_panels
@@ -46,7 +48,8 @@ from harness.tracking.tracker import Tracker
 log = logging.getLogger(__name__)
 
 # Spec and plan keys a resume may change: machine-dependent or disk policy, never a sample or a step.
-NOT_RECIPE = {f"plan.{name}" for name in (*MACHINE_FIELDS, "keep_checkpoints")} | {"spec.train.keep_checkpoints"}
+NOT_RECIPE = ({f"plan.{name}" for name in (*MACHINE_FIELDS, "keep_checkpoints")}
+              | {"spec.train.keep_checkpoints", "spec.synthetic.expected_s"})
 
 
 # --- resume ---------------------------------------------------------------------------------------
@@ -279,7 +282,8 @@ def _train(checked: CheckedRun, options: RunOptions, spec: Spec, world: World, d
     except BaseException:
         end_run(folder, tracker, "FAILED")
         raise
-    write_benchmark()
+    if data.dataset == REFERENCE_DATASET:  # benchmark.md shows Cityscapes runs only: other runs leave it as it is
+        write_benchmark()
     return record
 
 
@@ -306,6 +310,10 @@ def log_start(spec: Spec, plan: TrainPlan, data: Data, world: World, device: tor
     print(f"segbench: {spec.row} on {data.dataset} ({data.root}); {world.size} process(es) on {device.type}, "
           f"{plan.precision}; {plan.iters} iterations of batch {plan.batch_size}; run folder {folder.path}; {where}",
           flush=True)
+    expected = spec.synthetic.expected_s
+    if data.dataset == "synthetic" and expected and plan.iters == spec.synthetic.iters and world.size == 1:
+        print(f"expected duration: about {expected:.0f} s on a quiet 2-core CPU (up to twice that on a slow or busy "
+              "one); the ETA on the log lines says how this machine does", flush=True)
 
 
 def run(options: RunOptions) -> dict[str, Any]:
@@ -322,11 +330,27 @@ def exit_code_for(interrupt: Interrupted) -> int:
 
 
 def closing_line(record: dict[str, Any]) -> str:
-    ema = (f", EMA {record['miou_ema']:.2f} (best {record['miou_ema_best']:.2f} at {record['best_iteration_ema']})"
-           if record["miou_ema"] is not None else "")
-    return (f"{record['row']} seed {record['seed']} on {record['dataset']}: mIoU {record['miou']:.2f} (best "
-            f"{record['miou_best']:.2f} at {record['best_iteration']}){ema}; {record['iterations']} iterations, "
-            f"{record['wall_time_s']:.0f} s; record {record['_path']}")
+    """'sf_seg_v2-ema seed 0 on synthetic: mIoU 54.62 (EMA, best at 400); raw 56.20; ...': the headline the record,
+    MLflow and the tables hold, named, then the other weights' figure beside it."""
+    weights = record.get("miou_weights", "raw")
+    named = f"{'EMA, ' if weights == 'ema' else ''}best at {record['miou_iteration']}"
+    if weights == "ema":
+        at = record["best_iteration"]
+        other = f"; raw {record['miou_best']:.2f}" + ("" if at == record["miou_iteration"] else f" (best at {at})")
+    else:
+        other = "" if record["best_iteration"] == record["iterations"] else f"; final {record['miou_final']:.2f}"
+    return (f"{record['row']} seed {record['seed']} on {record['dataset']}: mIoU {record['miou']:.2f} ({named})"
+            f"{other}; {record['iterations']} iterations, {record['wall_time_s']:.0f} s; record {record['_path']}")
+
+
+def folder_line(path: Path) -> str:
+    """'run folder runs/...: 436 MB on disk (checkpoints: ckpt-00000300.pt, ckpt-00000400.pt, best.pt = ...)'."""
+    names = [p.name for p in checkpoint.checkpoints(path / "checkpoints")]
+    best = path / "checkpoints" / checkpoint.BEST
+    if best.is_file():
+        twin = next((n for n in names if os.path.samefile(path / "checkpoints" / n, best)), None)
+        names.append(f"{checkpoint.BEST} = {twin}" if twin else checkpoint.BEST)
+    return f"run folder {path}: {format_bytes(disk_usage(path))} on disk (checkpoints: {', '.join(sorted(names))})"
 
 
 def check_readiness(checked: CheckedRun, launch: LaunchOptions) -> None:
@@ -375,14 +399,21 @@ def main(options: RunOptions, seeds: Sequence[int], launch: LaunchOptions,
             record = train(checked, seed)
         except Interrupted as stop:
             if world.is_main:  # every rank stopped at the same iteration; one says so
-                where = f"; checkpoint {stop.path}" if stop.path else ""
-                log.warning("%s%s; continue with: bench run --row %s --resume", stop, where, row)
+                if stop.at_once:
+                    where = (f"; the last checkpoint is {stop.path}" if stop.path else
+                             "; no checkpoint had been written yet")
+                else:
+                    where = f"; checkpoint {stop.path}" if stop.path else ""
+                then = (f"continue with: bench run --row {row} --resume" if stop.path else
+                        f"start it again with: bench run --row {row}")
+                log.warning("%s%s; %s", stop, where, then)
                 if seeds[index + 1:]:
                     log.warning("seeds not started: %s", ",".join(map(str, seeds[index + 1:])))
             return exit_code_for(stop)
         if not record:
             continue  # a non-zero rank of a distributed run
         echo(closing_line(record))
+        echo(folder_line(Path(record["checkpoint"]).parent.parent))
         if record["dataset"] != "synthetic" and record["starting_weights"].startswith("missing"):
             log.warning("warning: started from random weights (%s); see `bench weights`", record["starting_weights"])
     return 0

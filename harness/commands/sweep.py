@@ -615,7 +615,21 @@ def sweep(options: SweepOptions, echo=print) -> Optional[Path]:
         while not all(job.done() for job in submitted):
             time.sleep(1)
         echo(render_status(sweep_dir))
+        failed = [f"{r['row']} seed {r['seed']} ({r['last_line']})" for r in status_rows(sweep_dir)[1]
+                  if r["state"] != "done"]
+        if failed:
+            raise JobsFailed(f"{len(failed)} of {len(submitted)} job(s) did not finish: {'; '.join(failed)}; "
+                             "fix the cause and run the same `bench sweep` again (done jobs are skipped)")
+    else:
+        echo("not waiting for the jobs: this exit code says only that they were submitted; "
+             f"`bench sweep status {sweep_dir}` says how they end")
     return sweep_dir
+
+
+class JobsFailed(BenchError):
+    """A sweep that waited for its jobs, some of which failed: exit 1, not the 2 of bad input."""
+
+    exit_code = 1
 
 
 def _write_meta(sweep_dir: Path, meta: dict[str, Any]) -> None:

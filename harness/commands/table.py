@@ -5,14 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from harness.report.table import render, write_benchmark
+from harness.report.table import render, render_every_record, write_benchmark
 
 
-def table(dataset: str, out: Optional[Path], all_records: bool, tolerance: Optional[float]) -> tuple[str, bool]:
-    """(what to print, whether it is a message rather than the table itself)."""
-    if dataset == "cityscapes" and out is None and not all_records:
+def table(dataset: Optional[str], out: Optional[Path], all_records: bool, tolerance: Optional[float]
+          ) -> tuple[str, bool]:
+    """(what to print, whether it is a message rather than the table itself). `--all` without `--dataset` lists
+    every record of every dataset."""
+    if all_records and dataset is None:
+        text = render_every_record()
+    elif (dataset or "cityscapes") == "cityscapes" and out is None and not all_records:
         return f"wrote {write_benchmark(tolerance=tolerance)}", True
-    text = render(dataset, all_records=all_records, tolerance=tolerance)
+    else:
+        text = render(dataset or "cityscapes", all_records=all_records, tolerance=tolerance)
     if out is None:
         return text, False
     out.write_text(text)

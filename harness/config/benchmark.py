@@ -7,6 +7,7 @@ from __future__ import annotations
 # are withheld.
 OFFICIAL_SPLIT_IMAGES = {"train": 2975, "val": 500, "test": 1525}
 FRAME_SIZE = (2048, 1024)  # a Cityscapes frame, [width, height]
+REFERENCE_DATASET = "cityscapes"  # the data the table's reference mIoU was measured on
 UP_GPUS = 8  # every United-Perception row trained on 8 GPUs (pt_sync_bn group_size 8)
 # The cities of each split of Cityscapes' gtFine_trainvaltest / leftImg8bit_trainvaltest packages (the folder names
 # under <split>/): 18 train, 3 val, 6 test.

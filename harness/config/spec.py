@@ -140,6 +140,9 @@ class SyntheticBudget:
     ohem_min_kept: int
     workers: int
     checkpoint_every: int
+    # Wall time of `bench run --row ROW --synthetic` from a fresh clone on a quiet 2-core CPU host, printed at the
+    # start of such a run so that nobody waits blind; None where nobody measured it.
+    expected_s: Optional[float] = None
 
 
 @dataclass
@@ -181,6 +184,8 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = _deep_merge(merged[key], value)
+        elif value is None and isinstance(merged.get(key), dict):  # `key: null` drops an inherited mapping
+            merged[key] = {}
         else:
             merged[key] = copy.deepcopy(value)
     return merged

@@ -1,9 +1,11 @@
 """`bench data check`: validate a whole Cityscapes tree before an expensive run.
 
 Pairs, counts per split against the official 2975 / 500 / 1525 and the official cities (`list_tree`, file names
-only: the fast part, which `bench doctor` runs), image sizes (from PNG headers only, in
-threads), label modes and labelId ranges (decoding labels, in a process pool), unreadable files. Every
-defect is one line naming the file; the exit code says whether there was any.
+only: the fast part, which `bench doctor` runs), image sizes, label modes and labelId ranges (decoding labels, in a
+process pool), unreadable files. Images are read from their headers only (in threads), or
+with `--full` decoded whole (in the process pool), which finds a file cut short behind an intact header. The
+synthetic dataset (`synthetic.json` at its root) is checked by its own rule: its generated counts and frame size.
+Identical findings are one line with a count and examples; the exit code says whether there was any defect.
 """
 
 from __future__ import annotations
@@ -28,13 +30,15 @@ from harness.data.cityscapes import (
     MAX_PIXELS,
     check_root,
 )
+from harness.data.synthetic import read_manifest
 from harness.errors import BenchError
 
 OFFICIAL_COUNTS = OFFICIAL_SPLIT_IMAGES
 OFFICIAL_SIZE = FRAME_SIZE
 LABELLED = ("train", "val")  # the test split's labels are withheld (placeholders): never checked
 MAX_LABEL_ID = 33  # cityscapesscripts' labels.py: ids 0-33 (-1, license plate, is never written to a PNG)
-SHOWN_DEFECTS = 50
+SHOWN_FINDINGS = 50  # lines of grouped findings
+EXAMPLES = 2  # files named on a grouped line
 
 
 @dataclass
@@ -60,6 +64,9 @@ class Report:
     root: Path
     splits: list[SplitSummary]
     defects: list[Defect]
+    notes: list[Defect] = field(default_factory=list)  # findings that are not defects under the tree's rule
+    rule: str = "official"  # "official", "subset" or "synthetic"
+    full: bool = False  # every image decoded, not only its header read
 
     @property
     def ok(self) -> bool:
@@ -74,6 +81,18 @@ def _image_header(path: Path) -> tuple[Optional[tuple[int, int]], str]:
     except Image.DecompressionBombError:
         return None, "beyond PIL's decompression limit"
     except (OSError, ValueError) as exc:
+        return None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _decode_image(path: Path) -> tuple[Optional[tuple[int, int]], str]:
+    """(width, height) after decoding every pixel, or None and why it cannot be decoded (a worker process)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.size, ""
+    except Image.DecompressionBombError:
+        return None, "beyond PIL's decompression limit"
+    except (OSError, ValueError, SyntaxError) as exc:
         return None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
@@ -100,20 +119,29 @@ class Listing:
     report: Report
     image_jobs: list[tuple[str, Path]]  # (split, image)
     label_jobs: list[tuple[str, Path, Optional[Path]]]  # (split, label, its image)
+    frame: Optional[tuple[int, ...]] = None  # the synthetic dataset's frame size, from its manifest
 
 
 def resolve_root(data_root: Optional[str]) -> Path:
     root_text = data_root or os.environ.get("CITYSCAPES_DATASET")
     if not root_text:
-        raise BenchError("no dataset given: pass --data-root DIR (or set CITYSCAPES_DATASET)")
+        raise BenchError("no dataset given: pass --data-root DIR (or set CITYSCAPES_DATASET), or --synthetic")
     return check_root(Path(root_text).expanduser())
 
 
 def list_tree(root: Path, official: bool = True) -> Listing:
-    """Pairs, counts per split and (with `official`) the official counts and cities, from the file names alone."""
+    """Pairs, counts per split and (with `official`) the official counts and cities, from the file names alone. The
+    synthetic dataset (its manifest at the root) is held to its generated counts instead, what differs from
+    Cityscapes kept as notes."""
+    manifest = read_manifest(root)
+    rule = "synthetic" if manifest is not None else "official" if official else "subset"
+    official = rule == "official"
+    notes: list[Defect] = []
+    generated = (manifest or {}).get("counts") or {}
+    frame = tuple((manifest or {}).get("size") or ()) or None
     defects: list[Defect] = []
     summaries = []
-    label_jobs: list[tuple[str, Path, Optional[Path]]] = []
+    label_jobs: list[tuple[str, Path, Optional[Path]]] = []  # (split, label, its image)
     image_jobs: list[tuple[str, Path]] = []
     for split in OFFICIAL_COUNTS:
         summary = SplitSummary(split, expected=OFFICIAL_COUNTS[split] if official else None)
@@ -129,6 +157,16 @@ def list_tree(root: Path, official: bool = True) -> Listing:
         if official and images and len(images) != OFFICIAL_COUNTS[split]:
             defects.append(Defect(split, "count", image_dir,
                                   f"{len(images)} images, the official {split} split has {OFFICIAL_COUNTS[split]}"))
+        if rule == "synthetic":
+            if split in generated and len(images) != generated[split]:
+                defects.append(Defect(split, "count", image_dir,
+                                      f"{len(images)} images, the synthetic dataset was generated with "
+                                      f"{generated[split]}"))
+            elif images:
+                notes.append(Defect(split, "count", image_dir, f"{len(images)} images (synthetic; the official "
+                                                               f"{split} split has {OFFICIAL_COUNTS[split]})"))
+            elif split not in LABELLED:
+                notes.append(Defect(split, "no split", image_dir, "the synthetic dataset has no test split"))
         if official and images:
             present = {stem.split("/", 1)[0] for stem in images}
             for city in OFFICIAL_CITIES[split]:
@@ -146,25 +184,35 @@ def list_tree(root: Path, official: bool = True) -> Listing:
             if stem not in images:
                 defects.append(Defect(split, "orphan label", label, f"no image {stem}{IMAGE_SUFFIX} in {image_dir}"))
             label_jobs.append((split, label, images.get(stem)))
-    return Listing(Report(root, summaries, defects), image_jobs, label_jobs)
+    return Listing(Report(root, summaries, defects, notes, rule), image_jobs, label_jobs, frame)
 
 
-def check_tree(data_root: Optional[str], workers: Optional[int] = None, official: bool = True) -> Report:
+def check_tree(data_root: Optional[str], workers: Optional[int] = None, official: bool = True,
+               full: bool = False) -> Report:
     """Every defect of the tree at `data_root` (default: $CITYSCAPES_DATASET). `official`: also require the
-    official split sizes, cities and 2048x1024 frames (off for a subset or the synthetic dataset)."""
-    root = resolve_root(data_root)
-    listing = list_tree(root, official)
-    summaries, defects = listing.report.splits, listing.report.defects
+    official split sizes, cities and 2048x1024 frames (off for a subset); the synthetic dataset is held to its own
+    counts and frame size instead, what differs from Cityscapes reported as notes. `full`: decode every image."""
+    listing = list_tree(resolve_root(data_root), official)
+    root, rule, frame = listing.report.root, listing.report.rule, listing.frame
+    summaries, defects, notes = listing.report.splits, listing.report.defects, listing.report.notes
     image_jobs, label_jobs = listing.image_jobs, listing.label_jobs
+    official = rule == "official"
 
     by_split = {s.split: s for s in summaries}
-    # Labels decode in processes (the CPU-bound part); images need only their headers, read in threads.
+    # Labels decode in processes (the CPU-bound part); images are decoded there too with `full`, else only their
+    # headers are read, in threads.
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as processes:
         pending_labels = processes.map(_inspect_label, [label for _, label, _ in label_jobs], chunksize=16)
-        with ThreadPoolExecutor(max_workers=16) as threads:
-            image_sizes = dict(zip((p for _, p in image_jobs),
-                                   threads.map(_image_header, (p for _, p in image_jobs))))
+        image_paths = [p for _, p in image_jobs]
+        if full:
+            image_sizes = dict(zip(image_paths, processes.map(_decode_image, image_paths, chunksize=16)))
+        else:
+            with ThreadPoolExecutor(max_workers=16) as threads:
+                image_sizes = dict(zip(image_paths, threads.map(_image_header, image_paths)))
         label_results = list(pending_labels)
+    if rule == "synthetic" and frame is None:  # a tree from before the manifest: its most common size
+        sizes = [size for size, _ in image_sizes.values() if size is not None]
+        frame = max(set(sizes), key=sizes.count) if sizes else None
 
     for split, image in image_jobs:
         size, error = image_sizes[image]
@@ -177,6 +225,12 @@ def check_tree(data_root: Optional[str], workers: Optional[int] = None, official
         elif official and size != OFFICIAL_SIZE:
             defects.append(Defect(split, "image size", image,
                                   f"{size[0]}x{size[1]}, Cityscapes frames are {FRAME_SIZE[0]}x{FRAME_SIZE[1]}"))
+        elif rule == "synthetic" and frame is not None and size != frame:
+            defects.append(Defect(split, "image size", image,
+                                  f"{size[0]}x{size[1]}, the synthetic dataset's frames are {frame[0]}x{frame[1]}"))
+        elif rule == "synthetic" and size != OFFICIAL_SIZE:
+            notes.append(Defect(split, "image size", image, f"{size[0]}x{size[1]} (synthetic; Cityscapes frames "
+                                                            f"are {FRAME_SIZE[0]}x{FRAME_SIZE[1]})"))
 
     for (split, label, label_image), (size, mode, largest, valid, error) in zip(label_jobs, label_results):
         if error or size is None:
@@ -202,7 +256,29 @@ def check_tree(data_root: Optional[str], workers: Optional[int] = None, official
         if summary.split in LABELLED and summary.labels and not summary.valid_pixels:
             defects.append(Defect(summary.split, "no valid pixel", root / "gtFine" / summary.split,
                                   "no label of the split holds a valid pixel: nothing to train on or score"))
-    return Report(root, summaries, defects)
+    return Report(root, summaries, defects, notes, rule, full)
+
+
+def group(findings: list[Defect]) -> list[tuple[Defect, list[Path]]]:
+    """Identical findings (same split, kind and detail) as one: (the first, every file it names), in order."""
+    groups: dict[tuple[str, str, str], tuple[Defect, list[Path]]] = {}
+    for finding in findings:
+        groups.setdefault((finding.split, finding.kind, finding.detail), (finding, []))[1].append(finding.path)
+    return list(groups.values())
+
+
+def _finding_line(prefix: str, finding: Defect, files: list[Path]) -> str:
+    if len(files) == 1:
+        return f"{prefix}{finding.split}: {finding.kind}: {files[0]}: {finding.detail}"
+    shown = ", ".join(str(p) for p in files[:EXAMPLES]) + (", ..." if len(files) > EXAMPLES else "")
+    return f"{prefix}{finding.split}: {finding.kind}: {len(files)} files ({shown}): {finding.detail}"
+
+
+RULES = {
+    "official": "the official Cityscapes counts and 2048x1024 frames",
+    "subset": "a subset: any counts, any sane frame size",
+    "synthetic": "the synthetic dataset: its generated counts and frame size",
+}
 
 
 def format_report(report: Report) -> str:
@@ -212,12 +288,19 @@ def format_report(report: Report) -> str:
         defects = sum(1 for d in report.defects if d.split == s.split)
         rows.append([s.split, s.images, s.labels if s.split in LABELLED else "-",
                      s.expected if s.expected is not None else "-", sizes, defects])
-    lines = [f"Cityscapes tree {report.root}",
+    kind = "synthetic dataset" if report.rule == "synthetic" else "Cityscapes tree"
+    decoded = ("every image and label decoded" if report.full else
+               "labels decoded; images read from their headers only, pixels not decoded (--full decodes them)")
+    lines = [f"{kind} {report.root} (checked against {RULES[report.rule]}; {decoded})",
              tabulate(rows, headers=["split", "images", "labels", "official", "image sizes", "defects"],
                       disable_numparse=True)]
-    for defect in report.defects[:SHOWN_DEFECTS]:
-        lines.append(f"{defect.split}: {defect.kind}: {defect.path}: {defect.detail}")
-    if len(report.defects) > SHOWN_DEFECTS:
-        lines.append(f"... and {len(report.defects) - SHOWN_DEFECTS} more defects")
+    grouped = group(report.defects)
+    for finding, files in grouped[:SHOWN_FINDINGS]:
+        lines.append(_finding_line("", finding, files))
+    if len(grouped) > SHOWN_FINDINGS:
+        rest = sum(len(files) for _, files in grouped[SHOWN_FINDINGS:])
+        lines.append(f"... and {rest} more defects")
+    for finding, files in group(report.notes):
+        lines.append(_finding_line("note: ", finding, files))
     lines.append(f"{len(report.defects)} defect(s)" if report.defects else "no defects")
     return "\n".join(lines)

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from harness.data.cityscapes import Sample, decode_pair, read_header
 from harness.errors import BenchError
+from harness.files import format_bytes
 
 FORMAT = 1
 
@@ -142,6 +143,25 @@ def _decode_into(job: tuple[Sample, str, int]) -> None:
     del mapped
 
 
+def layout(root: Path, samples: Sequence[Sample]) -> tuple[list[dict[str, Any]], int]:
+    """The index entries of `samples` in one frames file, from their headers, and the file's size in bytes."""
+    entries, offset = [], 0
+    for sample in samples:
+        if sample.label is None:
+            raise BenchError(f"{sample.image} has no ground truth; the decoded cache holds labelled splits only")
+        header = read_header(sample.image)
+        entries.append(_entry(sample, root, header.height, header.width, offset))
+        offset += frame_bytes(header.height, header.width)
+    return entries, offset
+
+
+def check_space(cache_dir: Path, split: str, needed: int) -> None:
+    free = _free_bytes(cache_dir)
+    if free is not None and free < needed:
+        raise BenchError(f"the decoded {split} split needs {format_bytes(needed)} in {cache_dir}, which has "
+                         f"{format_bytes(free)} free; free space or choose another --decoded-cache folder")
+
+
 def build_cache(cache_dir: Path, root: Path, split: str, samples: Sequence[Sample], workers: Optional[int] = None,
                 progress: Optional[Callable[[int, int], None]] = None) -> DecodedFrames:
     """Decode every pair of `samples` (in `workers` processes) into `cache_dir`; returns the opened cache."""
@@ -152,18 +172,13 @@ def build_cache(cache_dir: Path, root: Path, split: str, samples: Sequence[Sampl
         raise BenchError(f"cannot create the decoded cache folder {cache_dir} ({exc.strerror or exc}); "
                          "choose a writable folder with --decoded-cache") from None
     frames, index = paths_for(cache_dir, split)
-    entries, offset = [], 0
-    for sample in samples:
-        if sample.label is None:
-            raise BenchError(f"{sample.image} has no ground truth; the decoded cache holds labelled splits only")
-        header = read_header(sample.image)
-        entries.append(_entry(sample, root, header.height, header.width, offset))
-        offset += frame_bytes(header.height, header.width)
-    free = _free_bytes(cache_dir)
-    if free is not None and free < offset:
-        raise BenchError(f"the decoded {split} split needs {offset / 2**30:.1f} GiB in {cache_dir}, which has "
-                         f"{free / 2**30:.1f} GiB free; free space or choose another --decoded-cache folder")
-    fd, tmp = tempfile.mkstemp(prefix=f".{split}-", suffix=".frames.tmp", dir=cache_dir)
+    entries, offset = layout(root, samples)
+    check_space(cache_dir, split, offset)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{split}-", suffix=".frames.tmp", dir=cache_dir)
+    except OSError as exc:
+        raise BenchError(f"cannot write the decoded cache in {cache_dir} ({exc.strerror or exc}); make it writable "
+                         "or choose another folder") from None
     try:
         os.ftruncate(fd, offset)
         os.close(fd)
@@ -189,6 +204,17 @@ def build_cache(cache_dir: Path, root: Path, split: str, samples: Sequence[Sampl
     return open_cache(cache_dir, root, split, samples)
 
 
+def check_cache_folder(cache_dir: Path) -> None:
+    """The cache folder exists (or can be made) and takes new files; else one line naming it."""
+    try:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=".write-check-", dir=cache_dir):
+            pass
+    except OSError as exc:
+        raise BenchError(f"the decoded cache folder {cache_dir} is not writable ({exc.strerror or exc}); make it "
+                         "writable or choose another folder (--out / --decoded-cache)") from None
+
+
 def _free_bytes(folder: Path) -> Optional[int]:
     try:
         stat = os.statvfs(folder)
@@ -204,6 +230,9 @@ def cached_or_built(cache_dir: Path, root: Path, split: str, samples: Sequence[S
     try:
         return open_cache(cache_dir, root, split, samples)
     except CacheUnusable as unusable:
+        # Before saying it decodes: a folder it cannot write, or too small, fails in one line now.
+        check_cache_folder(cache_dir)
+        check_space(cache_dir, split, layout(root, samples)[1])
         echo(f"decoded cache: {unusable.reason}; decoding {len(samples)} {split} frames now")
     bar = tqdm(total=len(samples), desc=f"decode {split}", disable=not sys.stderr.isatty(), leave=False)
     started = time.perf_counter()

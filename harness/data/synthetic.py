@@ -10,11 +10,13 @@ Everything is drawn from one seeded generator: the same seed writes the same fil
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 from PIL import Image
@@ -28,6 +30,7 @@ EGO_VEHICLE, STATIC = 1, 4
 
 SPLITS = {"train": ("synthtown", "synthville"), "val": ("synthburg",)}
 COMPLETE_MARKER = ".complete"
+MANIFEST = "synthetic.json"  # what was generated: lets `bench data check` apply the synthetic dataset's own rule
 
 
 class _Canvas:
@@ -167,7 +170,23 @@ def write_synthetic(out: Path, seed: int = 0, train_images: int = 24, val_images
             folder = out / kind / split / city
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(array).save(folder / name)
+    (out / MANIFEST).write_text(json.dumps({"dataset": "segbench synthetic", "seed": seed, "size": list(size),
+                                            "counts": counts}, indent=2) + "\n")
     return out
+
+
+def read_manifest(root: Path) -> Optional[dict[str, Any]]:
+    """What `write_synthetic` generated at `root` ({"size": [w, h], "counts": {split: n}}), or None for a tree it did
+    not write. A cached tree from before the manifest (marked complete) has unknown size and counts."""
+    try:
+        manifest = json.loads((Path(root) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if isinstance(manifest, dict) and manifest.get("dataset") == "segbench synthetic":
+        return manifest
+    if (Path(root) / COMPLETE_MARKER).is_file():
+        return {"dataset": "segbench synthetic", "size": None, "counts": None}
+    return None
 
 
 def ensure_synthetic(cache: Path, seed: int = 0, **kwargs) -> Path:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,10 +20,11 @@ PREFIX = "ckpt-"
 BEST = "best.pt"  # the best evaluation so far (UP's auto_save_best); never pruned
 
 
-def save(state: dict[str, Any], folder: Path, iteration: int, keep: int = 2) -> Path:
-    """Write `state` as ckpt-<iteration>.pt through a temporary file and a rename, then prune old ones.
+def save(state: dict[str, Any], folder: Path, iteration: int, keep: int) -> Path:
+    """Write `state` as ckpt-<iteration>.pt through a temporary file and a rename, then keep the `keep` newest.
 
-    A crash mid-write leaves only a stray temporary file: the previous checkpoints are untouched.
+    A crash mid-write leaves only a stray temporary file: the previous checkpoints are untouched. best.pt, a link
+    to the file it equals, keeps that file's data when its name is pruned.
     """
     path = _write(state, folder / f"{PREFIX}{iteration:08d}.pt")
     for old in checkpoints(folder)[keep:]:
@@ -29,9 +32,24 @@ def save(state: dict[str, Any], folder: Path, iteration: int, keep: int = 2) -> 
     return path
 
 
-def save_best(state: dict[str, Any], folder: Path) -> Path:
-    """Write `state` as best.pt, atomically, replacing the previous best."""
-    return _write(state, folder / BEST)
+def mark_best(path: Path) -> Path:
+    """Make best.pt (beside `path`) the checkpoint `path` without writing it again: a hard link, or a copy where the
+    filesystem has no hard links. Replaced atomically: best.pt is always the previous best or this one."""
+    best = path.parent / BEST
+    tmp = path.parent / f".{BEST}.{os.getpid()}.link"
+    try:
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)
+        except OSError:  # no hard links here (some network and FUSE filesystems): one copy, flushed
+            with atomic_output(tmp) as f, open(path, "rb") as source:
+                shutil.copyfileobj(source, f)
+        os.replace(tmp, best)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise BenchError(f"cannot write checkpoint {best}: {exc.strerror or exc}; free space or make {best.parent} "
+                         "writable (or set SEGBENCH_RUNS to another folder); earlier checkpoints are kept") from None
+    return best
 
 
 def _write(state: dict[str, Any], path: Path) -> Path:

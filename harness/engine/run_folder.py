@@ -109,3 +109,18 @@ def latest(parent: Path, pattern: str = "*") -> Optional[Path]:
     """The newest run folder among `parent.glob(pattern)` (names are start times)."""
     folders = [p for p in parent.glob(pattern) if RunFolder.is_run_folder(p)]
     return max(folders, key=lambda p: (p.name, str(p.parent))) if folders else None
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes the files under `path` hold on disk, each file once however many names link to it (best.pt)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for file in path.rglob("*"):
+        try:
+            stat = file.lstat()
+        except OSError:
+            continue
+        if file.is_file() and (stat.st_dev, stat.st_ino) not in seen:
+            seen.add((stat.st_dev, stat.st_ino))
+            total += stat.st_blocks * 512 if hasattr(stat, "st_blocks") else stat.st_size
+    return total

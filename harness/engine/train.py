@@ -8,6 +8,7 @@ times it, on an optimizer built by the same `make_optimizer`.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
 import sys
@@ -67,11 +68,14 @@ class Diverged(BenchError):
 
 
 class Interrupted(Exception):
-    """SIGTERM or SIGINT arrived; a checkpoint was written at `iteration`."""
+    """SIGTERM or SIGINT arrived: a checkpoint was written at `iteration` (`path`), or, after a second SIGINT, the
+    run stopped at once and `path` is the last checkpoint written before (None if there was none)."""
 
-    def __init__(self, signum: int, iteration: int, path: Optional[Path]):
-        super().__init__(f"stopped by {signal.Signals(signum).name} at iteration {iteration}")
-        self.signum, self.iteration, self.path = signum, iteration, path
+    def __init__(self, signum: int, iteration: int, path: Optional[Path], at_once: bool = False):
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped at once by a second {name} at iteration {iteration}, without a checkpoint"
+                         if at_once else f"stopped by {name} at iteration {iteration}")
+        self.signum, self.iteration, self.path, self.at_once = signum, iteration, path, at_once
 
 
 def learning_rate(iteration: int, plan: TrainPlan) -> float:
@@ -174,8 +178,12 @@ class Trainer:
         self.best: Optional[Score] = None
         self.best_ema: Optional[Score] = None
         self.best_checkpoint: Optional[Path] = None
+        self.last_checkpoint: Optional[Path] = None  # the newest checkpoint of this run
+        self._saved_at: Optional[int] = None  # the iteration of the checkpoint this process last wrote
         self.history: list[dict] = []
         self._stop_signal: Optional[int] = None
+        self._writing = False  # a checkpoint is being written: a second Ctrl-C waits for the file to be whole
+        self._stop_now: Optional[int] = None
         self._loss_sum = torch.zeros((), device=device)
         self._first_bad = torch.zeros((), dtype=torch.long, device=device)
         self._synced_at = 0
@@ -212,19 +220,44 @@ class Trainer:
         self.best_ema = Score(**state["best_ema"]) if state.get("best_ema") else None
         best_file = self.checkpoint_dir / checkpoint.BEST if self.checkpoint_dir else None
         self.best_checkpoint = best_file if best_file is not None and best_file.is_file() else None
+        if self.checkpoint_dir is not None:
+            self.last_checkpoint = next(iter(checkpoint.checkpoints(self.checkpoint_dir)), None)
         set_rng_state(state["rng"])
 
-    def save_checkpoint(self, best: bool = False) -> Optional[Path]:
-        """Rank 0 writes; every rank waits so no one races ahead of a half-written file."""
+    def save_checkpoint(self) -> Optional[Path]:
+        """Write this iteration's checkpoint (once: a second call at the same iteration returns the same file) and
+        keep the plan's `keep_checkpoints` newest. Rank 0 writes; every rank waits so no one races ahead of a
+        half-written file."""
         if self.checkpoint_dir is None:
             raise ValueError("this Trainer was built without a checkpoint folder")
+        if self._saved_at == self.iteration:
+            return self.last_checkpoint
         path = None
         if self.world.is_main:
-            path = (checkpoint.save_best(self.state_dict(), self.checkpoint_dir) if best
-                    else checkpoint.save(self.state_dict(), self.checkpoint_dir, self.iteration))
+            self._writing = True
+            try:
+                path = checkpoint.save(self.state_dict(), self.checkpoint_dir, self.iteration,
+                                       keep=self.plan.keep_checkpoints)
+            finally:
+                self._writing = False
+            self.last_checkpoint = path
+        self._saved_at = self.iteration
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
+        self._stop_if_asked()
         return path
+
+    def save_best(self) -> Optional[Path]:
+        """best.pt: this iteration's checkpoint, linked (not written a second time)."""
+        path = self.save_checkpoint()
+        if path is None:  # not rank 0
+            return None
+        self._writing = True
+        try:
+            return checkpoint.mark_best(path)
+        finally:
+            self._writing = False
+            self._stop_if_asked()
 
     # --- evaluation ----------------------------------------------------------------------------
 
@@ -263,13 +296,57 @@ class Trainer:
         if ema_metrics is not None and improved_ema:
             self.best_ema = Score(ema_metrics.miou, self.iteration)
         if improved_ema if self.ema is not None else improved_raw:
-            self.best_checkpoint = self.save_checkpoint(best=True)
+            self.best_checkpoint = self.save_best()
         return metrics, ema_metrics
 
     # --- training ------------------------------------------------------------------------------
 
     def _handle_signal(self, signum: int, frame: Optional[FrameType]) -> None:
-        self._stop_signal = signum
+        """The first signal asks for a checkpoint at the next log point, said at once; a second SIGINT (Ctrl-C
+        again) stops now without one, once any checkpoint being written is whole. A SIGTERM never stops at once:
+        torchrun and Slurm send it after (or besides) a SIGINT, and their stop must keep its checkpoint."""
+        if self._stop_signal is None:
+            self._stop_signal = signum
+            if self.world.is_main:
+                self._say(self._stop_message(signum))
+            return
+        if signum != signal.SIGINT:
+            return
+        if self._writing:
+            self._stop_now = signum
+            return
+        raise Interrupted(signum, self.iteration, self.last_checkpoint, at_once=True)
+
+    def _stop_if_asked(self) -> None:
+        if self._stop_now is not None:
+            raise Interrupted(self._stop_now, self.iteration, self.last_checkpoint, at_once=True)
+
+    def _next_log_point(self) -> int:
+        """The iteration of the next sync (`_fit`'s log, checkpoint and evaluation points), where a stop is taken."""
+        plan = self.plan
+        step = self.iteration if self._synced_at != self.iteration else self.iteration + 1
+        while step < plan.iters and not (
+                step % plan.log_every == 0 or (plan.checkpoint_every and step % plan.checkpoint_every == 0)
+                or (plan.eval_every and step % plan.eval_every == 0)):
+            step += 1
+        return step
+
+    def _stop_message(self, signum: int) -> str:
+        if self.iteration >= self.plan.iters:
+            what = "the training is done; the final evaluation and record follow"
+        else:
+            what = f"stopping at iteration {self._next_log_point()} (the next log point)"
+        if signum == signal.SIGINT:
+            return f"{what}; Ctrl-C again to stop now without a checkpoint"
+        return f"{signal.Signals(signum).name}: {what}, with a checkpoint"
+
+    @staticmethod
+    def _say(line: str) -> None:
+        # os.write, not print: a signal handler may interrupt a print to the same stream.
+        try:
+            os.write(sys.stderr.fileno(), (line + "\n").encode())
+        except (OSError, ValueError):
+            pass
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """One optimizer step on a batch already on the device. Nothing here waits for the device: the loss and the
@@ -361,10 +438,12 @@ class Trainer:
             if stop:
                 log.close()
                 raise Interrupted(self._stop_signal or signal.SIGTERM, step, self.save_checkpoint())
-            if checkpoint_due:
-                self.save_checkpoint()
+            # Evaluate first: a checkpoint taken at the same iteration then holds that evaluation's best, and one
+            # the evaluation wrote for best.pt is not written again.
             if eval_due:
                 self.run_evaluation(val_loader)
+            if checkpoint_due:
+                self.save_checkpoint()
         log.close()
         metrics, ema_metrics = self.run_evaluation(val_loader)
         final = self.save_checkpoint()

@@ -62,8 +62,54 @@ def _network_label(row: str) -> str:
     return re.sub(r"-(ema|mseg|lightseg)$", "", row)
 
 
-def figure_png(specs: list[Spec], verdicts: list[RowVerdict], gflops: dict[str, float]) -> bytes:
-    """The PNG bytes of the two panels, rows in table order."""
+NOT_RUN_COLOUR = "0.55"
+
+
+def _overlaps(box, boxes) -> bool:
+    return any(box.x0 < b.x1 and b.x0 < box.x1 and box.y0 < b.y1 and b.y0 < box.y1 for b in boxes)
+
+
+def _label_networks(fig, axes, networks: dict[str, tuple[float, list[float]]]) -> None:
+    """One label per network, right of its highest point (left of it where the frame ends), moved up or down (with a
+    thin line back to the point) until it overlaps no other label and no point. The layout is fixed first, so that
+    measured positions stay true."""
+    from matplotlib.transforms import Bbox
+
+    fig.draw_without_rendering()
+    fig.set_layout_engine("none")
+    renderer = fig.canvas.get_renderer()
+    frame = axes.get_window_extent(renderer)
+    radius = 5.0  # pixels around a marker's centre that a label keeps clear of
+    placed: list[Bbox] = []
+    for g, values in networks.values():
+        for value in values:
+            x, y = axes.transData.transform((g, value))
+            placed.append(Bbox.from_extents(x - radius, y - radius, x + radius, y + radius))
+    for name, (g, values) in sorted(networks.items(), key=lambda item: (item[1][0], -max(item[1][1]))):
+        top = max(values)
+        text = axes.annotate(name, (g, top), xytext=(7, 0), textcoords="offset points", va="center", fontsize=8,
+                             annotation_clip=False)
+        if text.get_window_extent(renderer).x1 > frame.x1:  # no room on the right: the label goes left
+            text.set_horizontalalignment("right")
+        side = 7 if text.get_horizontalalignment() == "left" else -7
+        height = text.get_window_extent(renderer).height
+        for step in range(80):  # 0, +1, -1, +2, -2, ... label heights away from the point
+            shift = (step + 1) // 2 * (1 if step % 2 else -1) * height * 1.15
+            text.set_position((side, shift * 72 / fig.dpi))
+            box = text.get_window_extent(renderer)
+            if not _overlaps(box, placed) and frame.y0 <= box.y0 and box.y1 <= frame.y1:
+                break
+        if step:  # moved away from its point: joined to it by a thin line
+            offset, align = text.get_position(), text.get_horizontalalignment()
+            text.remove()
+            axes.annotate(name, (g, top), xytext=offset, textcoords="offset points", va="center", ha=align,
+                          fontsize=8, annotation_clip=False,
+                          arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6, "shrinkA": 0, "shrinkB": 4})
+        placed.append(box.padded(1))
+
+
+def build_figure(specs: list[Spec], verdicts: list[RowVerdict], gflops: dict[str, float]):
+    """The figure of the two panels, rows in table order (a matplotlib Figure on an Agg canvas)."""
     import matplotlib.style
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -75,52 +121,88 @@ def figure_png(specs: list[Spec], verdicts: list[RowVerdict], gflops: dict[str, 
         left, right = fig.subplots(1, 2, width_ratios=[1.1, 1])
 
         ys = list(range(len(specs)))[::-1]  # first row at the top, as in benchmark.md
+        shown: set[str] = set()
+        right_edge = max((x for v in verdicts for x in [*v.reference, *v.values]), default=100.0) + 0.5
         for y, v in zip(ys, verdicts):
-            left.plot([min(v.reference), max(v.reference)], [y, y], color="0.7", lw=7, solid_capstyle="butt")
+            if len(v.reference) > 1:
+                left.plot([min(v.reference), max(v.reference)], [y, y], color="0.7", lw=7, solid_capstyle="butt")
+                shown.add("span")
             left.plot(v.reference, [y] * len(v.reference), "kx", ms=6)
+            shown.add("reference")
             if v.values:
-                colour = REPRODUCED_COLOUR if v.verdict == REPRODUCED else OUTSIDE_COLOUR
+                outside = v.verdict != REPRODUCED
+                colour = OUTSIDE_COLOUR if outside else REPRODUCED_COLOUR
                 left.plot(v.values, [y - 0.2] * len(v.values), ".", color=colour, ms=4, alpha=0.6)
                 left.errorbar([v.mean], [y], xerr=[[v.std or 0.0], [v.std or 0.0]], fmt="o", color=colour,
                               ms=6, capsize=3)
+                shown.update({"runs", "outside" if outside else "reproduced"})
+            else:  # said in words at the row, so that an empty row cannot pass for a measured one
+                left.annotate(v.verdict, (right_edge, y), xytext=(4, 0), textcoords="offset points", va="center",
+                              fontsize=7, color=NOT_RUN_COLOUR, style="italic")
         left.set_yticks(ys, [s.row for s in specs], fontsize=8)
+        for label, v in zip(left.get_yticklabels()[::-1][::-1], verdicts):
+            if not v.values:
+                label.set_color(NOT_RUN_COLOUR)
         left.set_ylim(-1, len(specs))
+        low, high = left.get_xlim()
+        left.set_xlim(low, max(high, right_edge + 0.09 * (right_edge - low)))  # room for the words at the right
         left.set_xlabel("mIoU (%)")
-        left.set_title("measured mean ± std (dots: runs) vs reference (x, grey: its runs' span)", fontsize=10)
+        not_run = sum(1 for v in verdicts if not v.values)
+        left.set_title(f"measured mean ± std vs reference; {not_run} of {len(verdicts)} rows without a counted run "
+                       "(grey)", fontsize=10)
         left.grid(axis="x", alpha=0.3)
-        left.legend(handles=[
-            Line2D([], [], marker="x", ls="none", color="k", label="reference run(s)"),
-            Line2D([], [], marker="o", ls="none", color=REPRODUCED_COLOUR, label="measured: reproduced"),
-            Line2D([], [], marker="o", ls="none", color=OUTSIDE_COLOUR, label="measured: below / above"),
-        ], loc="lower left", fontsize=8)
+        handles = {
+            "reference": Line2D([], [], marker="x", ls="none", color="k", label="reference run(s)"),
+            "span": Line2D([], [], color="0.7", lw=7, label="span of the reference runs"),
+            "runs": Line2D([], [], marker=".", ls="none", color="0.3", label="measured runs"),
+            "reproduced": Line2D([], [], marker="o", ls="none", color=REPRODUCED_COLOUR,
+                                 label="measured mean: reproduced"),
+            "outside": Line2D([], [], marker="o", ls="none", color=OUTSIDE_COLOUR,
+                              label="measured mean: below / above"),
+        }
+        if shown:
+            left.legend(handles=[h for key, h in handles.items() if key in shown], loc="best", fontsize=8)
 
-        groups: dict[float, list[str]] = {}
+        # One label per network (a row and its -ema / -lightseg variants share it), in a column right of the points,
+        # spread apart and joined to its highest point by a thin line.
+        networks: dict[str, tuple[float, list[float]]] = {}
+        measured_any = False
         for spec, v in zip(specs, verdicts):
             g = gflops.get(spec.row)
             if g is None:
                 continue
-            groups.setdefault(round(g, 1), []).append(spec.row)
             ref = sum(v.reference) / len(v.reference)
             right.plot([g], [ref], "o", mfc="none", mec="0.4", ms=7)
+            name = _network_label(spec.row)
+            point = networks.setdefault(name, (g, []))
+            point[1].append(ref)
             if v.values:
+                measured_any = True
                 colour = REPRODUCED_COLOUR if v.verdict == REPRODUCED else OUTSIDE_COLOUR
                 right.errorbar([g], [v.mean], yerr=[[v.std or 0.0], [v.std or 0.0]], fmt="o", color=colour,
                                ms=6, capsize=3)
-        for i, (g, rows) in enumerate(sorted(groups.items())):
-            refs = [x for s, v in zip(specs, verdicts) if s.row in rows for x in v.reference]
-            label = " / ".join(dict.fromkeys(_network_label(r) for r in rows))
-            # neighbours on the log axis alternate above and below their points so the labels stay apart
-            above = i % 2 == 0
-            right.annotate(label, (g, max(refs) if above else min(refs)), textcoords="offset points",
-                           xytext=(4, 6 if above else -14), fontsize=8)
+                point[1].append(v.mean if v.mean is not None else ref)
         right.set_xscale("log")
         right.set_xlabel("GFLOPs at the row's test size (one forward, multiply-add = 2)")
         right.set_ylabel("mIoU (%)")
-        right.set_title("mIoU against GFLOPs: reference (hollow) and measured mean ± std", fontsize=10)
+        what = ("reference (hollow) and measured mean ± std" if measured_any else
+                "reference (hollow); nothing measured yet")
+        right.set_title(f"mIoU against GFLOPs: {what}", fontsize=10)
         right.grid(alpha=0.3, which="both")
+        if networks:
+            low, high = right.get_xlim()
+            right.set_xlim(low, high * 1.6)  # room for the labels of the right-most networks (a log axis)
+            _label_networks(fig, right, networks)
+    return fig
 
+
+def figure_png(specs: list[Spec], verdicts: list[RowVerdict], gflops: dict[str, float]) -> bytes:
+    """The PNG bytes of the two panels."""
+    import matplotlib.style
+
+    with matplotlib.style.context("default"):
         buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", metadata={"Software": None})
+        build_figure(specs, verdicts, gflops).savefig(buffer, format="png", metadata={"Software": None})
     return buffer.getvalue()
 
 

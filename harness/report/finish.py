@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from harness.config.benchmark import REFERENCE_DATASET
 from harness.config.plan import TrainPlan
 from harness.config.spec import Spec
 from harness.data.cityscapes import CLASS_NAMES
@@ -43,20 +44,18 @@ def run_tags(spec: Spec, dataset: str, commit: str, kind: str, entry_point: str,
 
 def end_run(folder: Optional[RunFolder], tracker: Optional[Tracker], status: str) -> Optional[str]:
     """End the tracked run and the run folder with the same status; returns the tracker's warning, if any."""
-    warning = tracker.finish(status) if tracker is not None else None
-    if folder is not None:
+    if folder is not None:  # first: the run folder says how the run ended even if the store takes its time
         folder.end(status)
-    return warning
+    return tracker.finish(status) if tracker is not None else None
 
 
 def finish_run(spec: Spec, tracker: Tracker, record: dict[str, Any], folder: Optional[RunFolder], *, headline: float,
                metrics: dict[str, Optional[float]], step: int, per_class: dict[str, Optional[dict[str, float]]],
                panels: list[Path]) -> dict[str, Any]:
-    """Log the headline (`miou`, the table's statistic), the reference and the delta, the twins in `metrics`,
-    per-class IoU (`val_iou/<class>`), the per-class table and chart, the training curves and the prediction
-    panels; write the record; end the MLflow run and the run folder FINISHED."""
-    # Rows outside the table may have no reference: then no reference or delta is logged (None is skipped).
-    reference = sum(spec.reference.miou) / len(spec.reference.miou) if spec.reference.miou else None
+    """Log the headline (`miou`, the table's statistic), on Cityscapes the reference and the delta, the twins in
+    `metrics`, per-class IoU (`val_iou/<class>`), the per-class table and chart, the training curves and the
+    prediction panels; write the record; end the MLflow run and the run folder FINISHED."""
+    reference = reference_miou(spec, record["dataset"])  # None (not logged) off Cityscapes or without a reference
     present = {group: values for group, values in per_class.items() if values}
     logged = {"miou": headline, "reference_miou": reference,
               "delta_miou": None if reference is None else headline - reference, **metrics}
@@ -111,6 +110,14 @@ def write_cards(spec: Spec, record: dict[str, Any], artifacts: Path, folder: Opt
     return path
 
 
+def reference_miou(spec: Spec, dataset: str) -> Optional[float]:
+    """The mean of the row's reference runs where it applies: the table measured Cityscapes, so a run on any other
+    data (the synthetic set) has no reference and no delta; a row outside the table may have none at all."""
+    if dataset != REFERENCE_DATASET or not spec.reference.miou:
+        return None
+    return sum(spec.reference.miou) / len(spec.reference.miou)
+
+
 def per_class_csv(per_class: dict[str, float], ema: Optional[dict[str, float]]) -> str:
     lines = ["class,iou" + (",iou_ema" if ema else "")]
     for name, value in per_class.items():
@@ -140,15 +147,23 @@ def training_record(outcome: TrainingOutcome) -> dict[str, Any]:
     result, plan = outcome.result, outcome.plan
     ema = result.ema_metrics
     assert result.best is not None
-    return {
-        "kind": "train", "row": outcome.spec.row, "dataset": outcome.dataset, "seed": plan.seed,
-        "miou": result.metrics.miou, "pixel_accuracy": result.metrics.pixel_accuracy,
+    figures = {
+        "miou_final": result.metrics.miou, "pixel_accuracy": result.metrics.pixel_accuracy,
         "miou_ema": ema.miou if ema else None,
         # UP evaluated every 5 epochs and kept the best (auto_save_best): the table reports the best, the
         # record keeps both so nothing is hidden.
         "miou_best": result.best.miou, "best_iteration": result.best.iteration,
         "miou_ema_best": result.best_ema.miou if result.best_ema else None,
         "best_iteration_ema": result.best_ema.iteration if result.best_ema else None,
+    }
+    use_ema = outcome.spec.columns.ema and figures["miou_ema_best"] is not None
+    return {
+        "kind": "train", "row": outcome.spec.row, "dataset": outcome.dataset, "seed": plan.seed,
+        # The one headline, the row's statistic (harness.report.verdicts.measured_miou): what MLflow's `miou`, the
+        # closing line and both tables show. The raw final figure is `miou_final`.
+        "miou": measured_miou(outcome.spec, figures), "miou_weights": "ema" if use_ema else "raw",
+        "miou_iteration": figures["best_iteration_ema" if use_ema else "best_iteration"],
+        **figures,
         "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
         "starting_weights": outcome.starting_weights,
         "per_class_iou": dict(zip(CLASS_NAMES, result.metrics.iou)),
@@ -169,12 +184,12 @@ def finish_training(tracker: Tracker, folder: RunFolder, outcome: TrainingOutcom
     record = training_record(outcome)
     ema = outcome.result.ema_metrics
     twins = {  # raw and EMA, final and best: the same names in every training run
-        "final/miou": record["miou"], "final/pixel_accuracy": record["pixel_accuracy"],
-        "final/miou_ema": record["miou_ema"], "final/pixel_accuracy_ema": ema.pixel_accuracy if ema else None,
-        "best/miou": record["miou_best"], "best/iteration": record["best_iteration"],
-        "best/miou_ema": record["miou_ema_best"], "best/iteration_ema": record["best_iteration_ema"],
+        "final_miou": record["miou_final"], "final_pixel_accuracy": record["pixel_accuracy"],
+        "final_miou_ema": record["miou_ema"], "final_pixel_accuracy_ema": ema.pixel_accuracy if ema else None,
+        "best_miou": record["miou_best"], "best_iteration": record["best_iteration"],
+        "best_miou_ema": record["miou_ema_best"], "best_iteration_ema": record["best_iteration_ema"],
     }
-    return finish_run(outcome.spec, tracker, record, folder, headline=measured_miou(outcome.spec, record),
+    return finish_run(outcome.spec, tracker, record, folder, headline=record["miou"],
                       metrics=twins, step=outcome.plan.iters,
                       per_class={"val_iou": record["per_class_iou"], "val_iou_ema": record["per_class_iou_ema"]},
                       panels=panels)

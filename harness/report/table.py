@@ -79,6 +79,7 @@ def _verdict_cell(v: RowVerdict) -> str:
 INFER_SIZE = list(FRAME_SIZE)  # the Cityscapes frame: the inference column's unit of work, one image at a time
 INFER_COLUMN = f"infer img/s ({FRAME_SIZE[0]}x{FRAME_SIZE[1]})"
 NOT_MEASURED = "not measured"
+INFER_COMMAND = "bench speed --row {row} --mode infer --size " + f"{FRAME_SIZE[0]},{FRAME_SIZE[1]}"
 
 
 def infer_speeds(speed_records: list[dict[str, Any]]) -> dict[str, tuple[float, str, str]]:
@@ -95,17 +96,39 @@ def infer_speeds(speed_records: list[dict[str, Any]]) -> dict[str, tuple[float, 
     return {row: figures for row, (_, figures) in best.items()}
 
 
-def _infer_cell(spec: Spec, v: RowVerdict, speeds: dict[str, tuple[float, str, str]]) -> str:
+def unusable_speeds(speed_records: list[dict[str, Any]]) -> dict[str, str]:
+    """Per row with `bench speed` records none of which the column can show: why, from the newest of them (e.g.
+    a CPU run, which times small images unless given --size 2048,1024)."""
+    why: dict[str, tuple[str, str]] = {}
+    for record in speed_records:
+        entry = (record.get("modes") or {}).get("infer")
+        if entry and entry.get("size") == INFER_SIZE and entry.get("batch") == 1:
+            continue
+        if not entry:
+            reason = f"its record on {record.get('device')} has no infer mode"
+        else:
+            size = "x".join(map(str, entry.get("size") or [])) or "?"
+            reason = f"its record on {record.get('device')} timed {size}, batch {entry.get('batch')}"
+        stamp = str(record.get("time", ""))
+        if record.get("row") not in why or stamp > why[record["row"]][0]:
+            why[str(record.get("row"))] = (stamp, reason)
+    return {row: reason for row, (_, reason) in why.items()}
+
+
+def _infer_cell(spec: Spec, v: RowVerdict, speeds: dict[str, tuple[float, str, str]],
+                unusable: Optional[dict[str, str]] = None) -> str:
     figures = speeds.get(spec.row) or speeds.get(v.runs_of)  # a light-seg row is its base row's network
     if figures is None:
-        return NOT_MEASURED
+        reason = (unusable or {}).get(spec.row) or (unusable or {}).get(v.runs_of)
+        return f"{NOT_MEASURED} ({reason}; `{INFER_COMMAND.format(row=v.runs_of)}`)" if reason else NOT_MEASURED
     images_per_s, device, precision = figures
     return f"{images_per_s:.1f} ({device}, {precision})"
 
 
 def verdict_frame(specs: list[Spec], verdicts: list[RowVerdict],
                   speed_records: Optional[list[dict[str, Any]]] = None) -> pd.DataFrame:
-    speeds = infer_speeds(speed_records if speed_records is not None else load_speed_records())
+    speed_records = speed_records if speed_records is not None else load_speed_records()
+    speeds, unusable = infer_speeds(speed_records), unusable_speeds(speed_records)
     rows = []
     for spec, v in zip(specs, verdicts):
         c = spec.columns
@@ -125,7 +148,7 @@ def verdict_frame(specs: list[Spec], verdicts: list[RowVerdict],
             "std": _fmt(v.std),
             "Δ": _fmt(v.delta, "+.2f", ""),
             "verdict": _verdict_cell(v),
-            INFER_COLUMN: _infer_cell(spec, v, speeds),
+            INFER_COLUMN: _infer_cell(spec, v, speeds, unusable),
         })
     return pd.DataFrame(rows)
 
@@ -231,6 +254,52 @@ def records_frame(specs: list[Spec], records: list[dict[str, Any]],
     columns = ["kind", "row", "mIoU", "iterations", "train / val images", "seed", "time", "why it does not count",
                "record"]
     return pd.DataFrame(rows, columns=columns)
+
+
+UNKNOWN_ROW = "unknown row"
+
+
+def every_record_frame(specs: list[Spec], records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Every record of every dataset, table rows and ours, with its kind and why it does or does not count; a
+    record of a row no spec defines any more is listed too."""
+    by_row = {s.row: s for s in specs}
+    order = {s.row: i for i, s in enumerate(specs)}
+    rows = []
+    for r in sorted(records, key=lambda r: (str(r.get("dataset")), order.get(str(r.get("row")), len(order)),
+                                            str(r.get("time", "")))):
+        spec = by_row.get(str(r.get("row")))
+        if spec is None:
+            kind, why, miou = UNKNOWN_ROW, f"no spec experiments/{r.get('row')}.yaml defines its row", r.get("miou")
+        else:
+            s = standing(spec, r)
+            kind, why = s.kind, s.reason or "counts: the full budget on the official split from the row's weights"
+            miou = measured_miou(spec, r) if r.get("kind", "train") == "train" else r.get("miou")
+        rows.append({
+            "dataset": str(r.get("dataset", "-")), "kind": kind, "row": str(r.get("row", "-")),
+            "mIoU": _fmt(miou if isinstance(miou, (int, float)) else None),
+            "iterations": str(r.get("iterations", "-")),
+            "train / val images": f"{r.get('train_images', '?')} / {r.get('val_images', '?')}",
+            "seed": str(r.get("seed", "-")), "time": str(r.get("time", "-")),
+            "why it does or does not count": why,
+            "record": Path(r["_path"]).name if r.get("_path") else "-",
+        })
+    columns = ["dataset", "kind", "row", "mIoU", "iterations", "train / val images", "seed", "time",
+               "why it does or does not count", "record"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def render_every_record() -> str:
+    """`bench table --all`: every record under results/ (speed records aside), whatever its dataset."""
+    specs = load_all() + load_ours()
+    by_row = {s.row: s for s in specs}
+    records = load_records()
+    counted = sum(1 for r in records if r.get("row") in by_row and standing(by_row[r["row"]], r).counts)
+    text = (f"# Every record under {results_dir()}\n\n{len(records)} record(s), {counted} of them counted in "
+            "benchmark.md (a Cityscapes reproduction: the row's full budget on the official split, from its "
+            "starting weights); every other record, synthetic runs included, says why it does not count.\n")
+    if records:
+        text += f"\n{_markdown(every_record_frame(specs, records))}\n"
+    return text
 
 
 def _markdown(frame: pd.DataFrame) -> str:

@@ -28,6 +28,9 @@ EXPERIMENT_PREFIX = "segbench"
 _QUEUE_SIZE = 10000  # entries waiting for the sender; beyond that they stay journalled for `bench sync`
 FLUSH_TIMEOUT_S = 30.0  # how long the end of a run waits for a slow store before leaving the rest to `bench sync`
 HEADLINE = ("miou", "reference_miou", "delta_miou")  # one per run, ungrouped, so the runs table shows them first
+# Single-point summaries, ungrouped too: MLflow's run page charts grouped metrics (the curves) first, ungrouped last.
+SUMMARY_PREFIXES = ("best_", "final_")
+SIGNIFICANT_DIGITS = 6  # what a metric is logged with: 54.6212, not 54.62123870849609
 
 __all__ = ["JOURNAL_DIR", "Journal", "Tracker", "open_store", "sync_journal"]
 
@@ -39,12 +42,18 @@ def experiment_name(dataset: str) -> str:
 def metric_name(key: str) -> str:
     """The training loop's keys grouped as trackers chart them: `val_miou` -> `val/miou`, `train_loss` ->
     `train/loss`, anything else of the loop (`lr`, `images_per_s`) under `train/`; grouped names pass."""
-    if "/" in key or key in HEADLINE:
+    if "/" in key or key in HEADLINE or key.startswith(SUMMARY_PREFIXES):
         return key
     for group in ("val", "train"):
         if key.startswith(group + "_"):
             return f"{group}/{key[len(group) + 1:]}"
     return f"train/{key}"
+
+
+def metric_value(value: float) -> float:
+    """A logged value: integers exact, anything else to SIGNIFICANT_DIGITS (float32 noise is no information)."""
+    value = float(value)
+    return value if value.is_integer() else float(f"{value:.{SIGNIFICANT_DIGITS}g}")
 
 
 def class_key(name: str) -> str:
@@ -155,7 +164,8 @@ class Tracker:
     # --- logging ------------------------------------------------------------------------------
 
     def log_metrics(self, metrics: Mapping[str, Optional[float]], step: int) -> None:
-        clean = {metric_name(k): float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        clean = {metric_name(k): metric_value(v) for k, v in metrics.items()
+                 if v is not None and math.isfinite(float(v))}
         if clean:
             self._submit({"op": "metrics", "metrics": clean, "step": int(step), "time": _now_ms()})
 
