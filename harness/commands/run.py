@@ -24,9 +24,10 @@ from harness import paths
 from harness.commands.options import CheckedRun, LaunchOptions, RunOptions, validate_run, worker_argv
 from harness.config.plan import MACHINE_FIELDS, TrainPlan, make_plan
 from harness.config.spec import Spec, flatten, training_row
+from harness.cores import intra_op_threads, loader_workers
 from harness.data.cityscapes import CityscapesTrain, Sample, check_pairs, find_samples
 from harness.data.decoded import DecodedFrames, cached_or_built, open_cache
-from harness.data.loaders import eval_loader, loader_workers, train_loader
+from harness.data.loaders import eval_loader, train_loader
 from harness.data.source import cityscapes_root, synthetic_root
 from harness.engine import checkpoint, distributed
 from harness.engine.device import pick_device, seed_everything, set_deterministic
@@ -216,9 +217,14 @@ def train(checked: CheckedRun, seed: int) -> dict[str, Any]:
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its fastest kernels once
     distributed.init(world, device.type)
+    threads = torch.get_num_threads()
+    # This process's share of the cores: several runs side by side each starting threads for the whole machine
+    # slow every one of them far beyond its share.
+    torch.set_num_threads(intra_op_threads(world.local_size))
     try:
         return _train(checked, options, spec, world, device)
     finally:
+        torch.set_num_threads(threads)
         distributed.shutdown()
 
 
@@ -279,7 +285,7 @@ def _train(checked: CheckedRun, options: RunOptions, spec: Spec, world: World, d
     except BaseException:
         end_run(folder, tracker, "FAILED")
         raise
-    write_benchmark()
+    write_benchmark(after_record=True)
     return record
 
 
@@ -303,9 +309,9 @@ def log_start(spec: Spec, plan: TrainPlan, data: Data, world: World, device: tor
     """The startup line: what trains where, and where its folder and tracked run are."""
     where = (f"{tracker.store_kind} run {run_id} at {tracker.tracking_uri}" if run_id else
              "tracking offline (journalled in the run folder; `bench sync` sends it to the store later)")
-    print(f"segbench: {spec.row} on {data.dataset} ({data.root}); {world.size} process(es) on {device.type}, "
-          f"{plan.precision}; {plan.iters} iterations of batch {plan.batch_size}; run folder {folder.path}; {where}",
-          flush=True)
+    print(f"segbench: {spec.row} on {data.dataset} ({data.root}); {world.size} process(es) on {device.type} "
+          f"({torch.get_num_threads()} thread(s), {plan.workers} loader worker(s) each), {plan.precision}; "
+          f"{plan.iters} iterations of batch {plan.batch_size}; run folder {folder.path}; {where}", flush=True)
 
 
 def run(options: RunOptions) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from harness.config.benchmark import FRAME_SIZE, OFFICIAL_SPLIT_IMAGES
 from harness.config.plan import TrainPlan, make_plan, scaled_test_crop, size_pair
 from harness.config.precision import autocast_dtype, resolve_precision
 from harness.config.spec import Spec, load_spec
-from harness.data.loaders import loader_workers
+from harness.cores import loader_workers
 from harness.engine.device import device_name, peak_memory_gib, pick_device, reset_peak_memory, synchronize
 from harness.engine.distributed import World
 from harness.engine.train import Trainer

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from harness.files import atomic_write_text
 from harness.report.table import render, write_benchmark
 
 
@@ -15,5 +16,5 @@ def table(dataset: str, out: Optional[Path], all_records: bool, tolerance: Optio
     text = render(dataset, all_records=all_records, tolerance=tolerance)
     if out is None:
         return text, False
-    out.write_text(text)
+    atomic_write_text(out, text)
     return f"wrote {out}", True

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from harness.cores import process_cores
 from harness.errors import BenchError
 
 log = logging.getLogger(__name__)
@@ -182,9 +183,13 @@ def launch(argv: Sequence[str], nproc_per_node: int, nnodes: int = 1, node_rank:
         port, store = _bind_store(host, master_port)
     else:
         port = master_port or 29500
-    saved = {k: os.environ.get(k) for k in (WORKER_ERRORS, "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
+    saved = {k: os.environ.get(k) for k in (WORKER_ERRORS, "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME",
+                                            "OMP_NUM_THREADS")}
     errors = tempfile.mkdtemp(prefix="segbench-workers-")
     os.environ[WORKER_ERRORS] = errors
+    # Each worker's share of this node's cores (torchrun would give every worker one thread, whatever the cores);
+    # a value the user set stands.
+    os.environ.setdefault("OMP_NUM_THREADS", str(process_cores(nproc_per_node)))
     loopback = _loopback_interface()
     if nnodes == 1 and loopback:  # gloo and NCCL otherwise listen on the interface of the host name
         os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
