@@ -154,10 +154,9 @@ def test_four_jobs_at_once_log_to_bench_server_on_postgresql(tiny_rows, tracking
     table = CliRunner().invoke(main, ["table", "--dataset", "synthetic"])
     assert table.exit_code == 0, table.output
     for row in tiny_rows:
-        line = next(line for line in table.output.splitlines() if line.startswith(f"| {row} "))
-        cells = [c.strip() for c in line.strip("|").split("|")]
+        line = line_of(table.output, row)
         values = [measured_miou(load_spec(row), r) for r in records if r["row"] == row]
-        assert cells[6] == "2" and cells[8] == f"{sum(values) / 2:.2f}", line
+        assert line["runs"] == "2" and line["mean"] == f"{sum(values) / 2:.2f}", line
     check = CliRunner().invoke(main, ["check", "--rows", "tiny*", "--json"])
     assert check.exit_code == 0, check.output
     verdicts = {v["row"]: v for v in json.loads(check.output)["rows"]}
