@@ -312,7 +312,7 @@ def tracking_server(postgres_uri: str) -> Iterator[BenchServer]:
     """`bench server` on the PostgreSQL cluster, on a free port of 127.0.0.1."""
     artifacts = Path(tempfile.mkdtemp(prefix="segbench-artifacts-"))
     server = start_bench_server("--backend-store-uri", postgres_uri, "--artifacts", str(artifacts),
-                                "--port", str(free_port()), "--workers", "2")
+                                "--port", str(free_port()), "--workers", "1")
     try:
         yield server
     finally:

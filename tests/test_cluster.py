@@ -198,7 +198,7 @@ def test_sweep_on_a_real_slurm_submits_requeues_resumes_and_cancels(tiny_rows, s
     without interruption; `bench sweep cancel` cancels through scancel."""
     common = ["--executor", "slurm", "--gpus-per-node", "0", "--partition", "debug", "--time", "00:20:00",
               "--slurm-arg", "cpus-per-task=1", "--synthetic", "--deterministic", "--tracking-uri", tracking_server.uri]
-    result = CliRunner().invoke(main, ["sweep", "--rows", "tiny,tiny2", "--seeds", "0,1", "--iters", "24", *common])
+    result = CliRunner().invoke(main, ["sweep", "--rows", "tiny,tiny2", "--seeds", "0,1", "--iters", "16", *common])
     assert result.exit_code == 0, result.output
     (sweep,) = sweep_folders()
     meta = json.loads((sweep / "sweep.json").read_text())
@@ -236,13 +236,13 @@ def test_sweep_on_a_real_slurm_submits_requeues_resumes_and_cancels(tiny_rows, s
     assert len(seed0) == 1  # resumed, not restarted
     a, b = (torch.load(records[(row, 0)]["checkpoint"], map_location="cpu", weights_only=True)
             for row in ("tiny", "tiny2"))
-    assert a["iteration"] == b["iteration"] == 24
+    assert a["iteration"] == b["iteration"] == 16
     assert_same_tensors(a["model"], b["model"])
     assert_same_tensors(a["ema"], b["ema"])
     runs = MlflowClient(tracking_server.uri)
     assert all(runs.get_run(r["mlflow_run_id"]).info.status == "FINISHED" for r in records.values())
 
-    result = CliRunner().invoke(main, ["sweep", "--rows", "tiny", "--seeds", "2", "--iters", "24", *common])
+    result = CliRunner().invoke(main, ["sweep", "--rows", "tiny", "--seeds", "2", "--iters", "16", *common])
     assert result.exit_code == 0, result.output
     newest = sweep_folders()[-1]
     (job,) = json.loads((newest / "sweep.json").read_text())["jobs"]

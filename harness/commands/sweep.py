@@ -151,7 +151,6 @@ def check_sweep_options(options: SweepOptions) -> None:
     if not options.synthetic and not (options.data_root or os.environ.get("CITYSCAPES_DATASET")):
         raise BenchError("no dataset given: pass --data-root DIR (or set CITYSCAPES_DATASET), or --synthetic")
     check_data_root(RunOptions(row="-", synthetic=options.synthetic, data_root=options.data_root))
-    check_shared_store(options)
 
 
 def check_shared_store(options: SweepOptions) -> None:
@@ -535,6 +534,7 @@ def sweep(options: SweepOptions, echo=print) -> Optional[Path]:
     """Plan, print and submit the sweep; returns its folder (None when nothing was submitted)."""
     check_sweep_options(options)
     tasks = plan_tasks(options)
+    check_shared_store(options)
     from tabulate import tabulate
 
     echo(tabulate([[t.row, t.seed, t.action, t.reason] for t in tasks], headers=["row", "seed", "action", "why"],
