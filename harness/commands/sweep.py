@@ -752,7 +752,7 @@ def status_rows(sweep_dir: Optional[Path] = None) -> tuple[Path, list[dict[str, 
     for job in meta["jobs"]:
         word, why = job_status(meta, job)
         state = read_state(Path(job["state_file"]))
-        rows.append({"row": job["row"], "seed": job["seed"], "state": word, "job_id": job["job_id"],
+        rows.append({"row": job["row"], "seed": job["seed"], "state": word, "job_id": job["job_id"] or "-",
                      "progress": progress(state.get("run_folder")), "last_line": why or last_line(job["log"]),
                      "log": job["log"], "run_folder": state.get("run_folder")})
     return sweep_dir, rows

@@ -6,6 +6,7 @@ environment torchrun sets. The global batch stays the spec's, whatever the world
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import random
@@ -143,6 +144,13 @@ def _loopback_interface() -> Optional[str]:
         return None
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
 def _bind_store(host: str, port: Optional[int]) -> tuple[int, dist.TCPStore]:
     """The rendezvous store's server, listening on `host` only.
 
@@ -191,7 +199,9 @@ def launch(argv: Sequence[str], nproc_per_node: int, nnodes: int = 1, node_rank:
     # a value the user set stands.
     os.environ.setdefault("OMP_NUM_THREADS", str(process_cores(nproc_per_node)))
     loopback = _loopback_interface()
-    if nnodes == 1 and loopback:  # gloo and NCCL otherwise listen on the interface of the host name
+    # One node, or "nodes" that all rendezvous on a loopback address (so all on this machine): gloo and NCCL
+    # otherwise listen on the interface of the host name.
+    if (nnodes == 1 or _is_loopback(host)) and loopback:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
         os.environ.setdefault("NCCL_SOCKET_IFNAME", loopback)
     args = [f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}", f"--node-rank={node_rank}",
