@@ -254,6 +254,23 @@ def ui(dataset: Optional[str], tracking_uri: Optional[str], host: str, port: int
 
 
 @main.command()
+@click.option("--backend-store-uri", default=None, metavar="URI",
+              help="Database the server keeps runs in: postgresql://user@host/db for a cluster (pip install "
+                   "'segbench[cluster]'), sqlite:///path.db for one machine (default: the project's store).")
+@click.option("--artifacts", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for run artifacts, served by the server (default: ./mlartifacts).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on (loopback unless told; 0.0.0.0 for jobs on other nodes).")
+@click.option("--port", type=int, default=5000, show_default=True)
+@click.option("--workers", type=int, default=4, show_default=True, help="Server processes answering the jobs.")
+def server(backend_store_uri: Optional[str], artifacts: Optional[Path], host: str, port: int, workers: int) -> None:
+    """Serve an MLflow tracking server many jobs can log to at once, and print the URI they should use."""
+    from harness.commands.server import server as serve
+
+    serve(backend_store_uri, artifacts, host, port, workers, echo=click.echo)
+
+
+@main.command()
 @click.argument("run_dirs", nargs=-1, type=click.Path(file_okay=False, path_type=Path))
 @with_options((TRACKING_URI_OPTION,))
 @click.option("--skip-damaged", is_flag=True,
@@ -458,7 +475,9 @@ def data_check(synthetic: bool, data_root: Optional[str], workers: Optional[int]
 @click.option("--executor", type=click.Choice(["slurm", "local"]), default="slurm", show_default=True,
               help="Slurm through submitit, or submitit's local executor (this machine).")
 @click.option("--gpus-per-node", type=int, default=None,
-              help="GPUs (torchrun processes) per node (default: 8 on Slurm, 1 locally).")
+              help="GPUs (torchrun processes) per node (default: 8 on Slurm, 1 locally); 0: CPU-only nodes.")
+@click.option("--max-parallel", type=int, default=None,
+              help="Local executor: jobs at once, each given its share of the cores (default: from the cores).")
 @click.option("--nodes", type=int, default=1, show_default=True, help="Nodes per job.")
 @click.option("--partition", default=None, help="Slurm partition.")
 @click.option("--time", "time_limit", default=None, metavar="HH:MM:SS",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -13,6 +14,9 @@ import torch
 from harness.data.synthetic import ensure_synthetic
 from harness.logs import configure_logging
 from harness.paths import PROJECT_ROOT
+from harness.report.records import load_records
+from tests.cluster import postgres_uri, slurm_cluster, tracking_server  # noqa: F401  (session services)
+from tests.helpers import PAIR, bench, experiments_with
 
 REFERENCE = Path(os.environ.get("SEGBENCH_REFERENCE", PROJECT_ROOT.parent / "shared" / "reference"))
 SEED_TABLE = Path(os.environ.get("SEGBENCH_SEED_TABLE", REFERENCE / "seed-table.md"))
@@ -92,3 +96,32 @@ def finished_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory)
         record = run(RunOptions(row="sf_seg_v1-ema", synthetic=True, iters=2, progress=False))
     folder = Path(record["checkpoint"]).parent.parent
     return FinishedRun(root, env, record, folder)
+
+
+@dataclass
+class PairRun:
+    """One training of the PAIR row: its record, final checkpoint and logged losses."""
+
+    record: dict[str, Any]
+    state: dict[str, Any]
+    losses: list[float]
+
+
+@pytest.fixture(scope="session")
+def pair_reference(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path) -> PairRun:
+    """PAIR trained once per session by one node of two gloo processes (`bench run --gpus 2 --device cpu`), one
+    intra-op thread each: what one process, two nodes of one process and a Slurm job of two tasks must match."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("pair")
+    env = {"SEGBENCH_EXPERIMENTS": str(experiments_with(root, {"pair": PAIR})),
+           "SEGBENCH_RESULTS": str(root / "results"), "SEGBENCH_RUNS": str(root / "runs"),
+           "SEGBENCH_BENCHMARK": str(root / "benchmark.md"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
+    process = bench("run", "--row", "pair", "--synthetic", "--device", "cpu", "--gpus", "2", env=env)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    (record,) = load_records(root / "results", dataset="synthetic")
+    history = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_metric_history(record["mlflow_run_id"], "train/loss")
+    state = torch.load(record["checkpoint"], map_location="cpu", weights_only=True)
+    return PairRun(record, state, [m.value for m in sorted(history, key=lambda m: m.step)])

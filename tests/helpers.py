@@ -13,6 +13,15 @@ import yaml
 
 from harness.paths import PROJECT_ROOT
 
+# A row two CPU processes train exactly as one does (up to float summation order): UNet (no dropout) with frozen
+# batch norm (per-process batch statistics legitimately differ without SyncBN, which needs GPUs) and plain
+# cross-entropy (OHEM's hard threshold can flip a pixel on a float-rounding difference). Its crops are larger than
+# the scaled images: padded with ignored pixels, a different number per sample, so per-process means would differ
+# from the global one.
+PAIR = {"inherit": "unet-769", "reference": {"miou": [1.0]}, "train": {"freeze_bn": True}, "loss": {"name": "ce"},
+        "synthetic": {"iters": 3, "batch_size": 4, "crop_size": [160, 160], "scale_range": [0.5, 1.0],
+                      "test_size": [128, 64], "log_every": 1}}
+
 
 def experiments_with(tmp_path: Path, rows: dict[str, dict]) -> Path:
     """Copy experiments/ under tmp_path and add `rows` (row id -> spec mapping) to it and its table."""

@@ -26,6 +26,7 @@ ELSEWHERE = {
     "bench list --sizes": "builds all 36 networks (20 s); tests/test_family_runs.py and tests/test_our_rows.py run it",
     "bench speed --rows all --budget-s 780": "times all 36 networks at full size, a GPU's job; "
                                              "tests/test_speed.py runs --rows and --budget-s on a few rows",
+    "bench server": "serves until stopped; tests/test_cluster.py starts it on SQLite and on PostgreSQL",
     "bench ui": "serves until stopped; tests/test_mlflow_view.py starts it, opens it in Chromium and stops it",
 }
 # Lines whose honest answer on a fresh clone is "no-go" (exit 1): the reason they must name.

@@ -1,6 +1,7 @@
-"""`bench sweep` on CPU, through submitit's local executor runs real jobs whose records reach the table,
-skips what is done, survives a preemption by checkpoint + requeue + resume (same weights as an uninterrupted run),
-prints the Slurm script without Slurm, and `bench sweep status` reads a sweep's state from its folder."""
+"""`bench sweep` on CPU, through submitit's local executor: survives a preemption by checkpoint + requeue + resume
+(same weights as an uninterrupted run), prints the Slurm script without Slurm, and `bench sweep status` reads a
+sweep's state from its folder. Local jobs reaching the table and a second sweep skipping them: tests/test_cluster.py
+(with a tracking server); a real Slurm: tests/test_cluster.py too."""
 
 from __future__ import annotations
 
@@ -37,28 +38,6 @@ def tiny_rows(tmp_path, monkeypatch, synthetic_root):
 
 def sweep_folders() -> list[Path]:
     return sorted(p.parent for p in sweeps_dir().glob("*/sweep.json"))
-
-
-def test_local_sweep_runs_every_row_and_seed_then_submits_nothing(tiny_rows):
-    process = bench("sweep", "--rows", "tiny,tiny2", "--seeds", "0,1", "--executor", "local", "--synthetic",
-                    "--iters", "4")
-    out, err = process.communicate(timeout=600)
-    assert process.returncode == 0, out + err
-    records = load_records(dataset="synthetic")
-    assert sorted((r["row"], r["seed"], r["iterations"]) for r in records) == [
-        ("tiny", 0, 4), ("tiny", 1, 4), ("tiny2", 0, 4), ("tiny2", 1, 4)]
-    (sweep,) = sweep_folders()
-    assert [line.split()[2] for line in out.splitlines() if line.startswith(("tiny ", "tiny2 "))][-4:] == ["done"] * 4
-    table = CliRunner().invoke(main, ["table", "--dataset", "synthetic", "--all"])
-    assert table.exit_code == 0, table.output
-    assert all(row in table.output for row in tiny_rows)
-
-    again = bench("sweep", "--rows", "tiny,tiny2", "--seeds", "0,1", "--executor", "local", "--synthetic",
-                  "--iters", "4")
-    out, err = again.communicate(timeout=300)
-    assert again.returncode == 0, err
-    assert "nothing to submit" in out and out.count("done: ") == 4
-    assert sweep_folders() == [sweep] and len(load_records(dataset="synthetic")) == 4
 
 
 def wait_until(condition, process, timeout=300.0):
@@ -116,7 +95,7 @@ def test_slurm_dry_run_prints_the_sbatch_script_and_torchrun_command(tiny_rows):
     result = CliRunner().invoke(main, ["sweep", "--rows", "tiny", "--seeds", "0,1", "--executor", "slurm", "--dry-run",
                                        "--nodes", "2", "--gpus-per-node", "4", "--time", "12:30:00",
                                        "--partition", "big", "--account", "lab", "--slurm-arg", "constraint=a100",
-                                       "--synthetic"])
+                                       "--synthetic", "--tracking-uri", "http://tracking.lab:5000"])
     assert result.exit_code == 0, result.output
     out = result.output
     for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=4", "#SBATCH --time=750", "#SBATCH --partition=big",
@@ -129,6 +108,7 @@ def test_slurm_dry_run_prints_the_sbatch_script_and_torchrun_command(tiny_rows):
     for seed, line in enumerate(commands):
         assert "run --row tiny --synthetic" in line and f"--seed {seed} --gpus 4 --nnodes 2 --node-rank" in line
         assert "$SLURM_NODEID" in line and "--master-addr" in line and "SLURM_JOB_NODELIST" in line
+        assert "--tracking-uri http://tracking.lab:5000" in line
     assert "2 job(s) would be submitted" in out and not sweeps_dir().exists()
 
 

@@ -24,7 +24,7 @@ from harness.errors import BenchError
 from harness.paths import default_tracking_uri, runs_dir
 from harness.report.records import load_records
 from harness.tracking.tracker import experiment_name
-from tests.helpers import bench, experiments_with
+from tests.helpers import PAIR, bench, experiments_with
 
 pytestmark = pytest.mark.slow
 
@@ -212,34 +212,23 @@ def test_precision_on_cpu_is_fp32(tmp_path):
     assert result.exit_code != 0 and "needs a GPU" in result.stderr
 
 
-def test_two_gloo_processes_equal_one_process(tmp_path, monkeypatch, synthetic_root):
-    """Same global batch and seed on 1 and 2 CPU processes: same losses, same weights.
-
-    Batch norm is frozen (per-process batch statistics legitimately differ without SyncBN, which needs
-    GPUs) and UNet has no dropout, so the two runs must agree up to float summation order.
-    """
-    # Plain cross-entropy: OHEM's hard threshold can flip a pixel on a float-rounding difference.
-    row = {"inherit": "unet-769", "reference": {"miou": [1.0]}, "train": {"freeze_bn": True}, "loss": {"name": "ce"},
-           # Crops larger than the scaled images: padded with ignored pixels, a different number per
-           # sample, so per-process means would differ from the global one.
-           "synthetic": {"iters": 3, "batch_size": 4, "crop_size": [160, 160], "scale_range": [0.5, 1.0],
-                         "test_size": [128, 64], "log_every": 1}}
-    root = experiments_with(tmp_path, {"pair": row})
-    env = {"SEGBENCH_EXPERIMENTS": str(root)}
-    single = bench("run", "--row", "pair", "--synthetic", "--device", "cpu", env=env)
+def test_two_gloo_processes_equal_one_process(tmp_path, monkeypatch, synthetic_root, pair_reference):
+    """Same global batch and seed on 1 and 2 CPU processes (PAIR: no dropout, frozen batch norm, plain
+    cross-entropy, padded crops): same losses, same weights, up to float summation order."""
+    root = experiments_with(tmp_path, {"pair": PAIR})
+    single = bench("run", "--row", "pair", "--synthetic", "--device", "cpu",
+                   env={"SEGBENCH_EXPERIMENTS": str(root), "OMP_NUM_THREADS": "1"})
     out, err = single.communicate(timeout=600)
     assert single.returncode == 0, err
-    double = bench("run", "--row", "pair", "--synthetic", "--device", "cpu", "--gpus", "2", env=env)
-    out, err = double.communicate(timeout=600)
-    assert double.returncode == 0, err
 
-    one, two = sorted(load_records(dataset="synthetic"), key=lambda r: r["devices"])
+    (one,) = load_records(dataset="synthetic")
+    two = pair_reference.record
     assert (one["devices"], two["devices"]) == (1, 2) and one["batch_size"] == two["batch_size"] == 4
     client = MlflowClient(default_tracking_uri())
-    losses = [[m.value for m in sorted(client.get_metric_history(r["mlflow_run_id"], "train/loss"), key=lambda m: m.step)]
-              for r in (one, two)]
-    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-4)
-    a, b = final_state(one)["model"], final_state(two)["model"]
+    history = client.get_metric_history(one["mlflow_run_id"], "train/loss")
+    losses = [m.value for m in sorted(history, key=lambda m: m.step)]
+    assert len(losses) == 3 and losses == pytest.approx(pair_reference.losses, rel=1e-4)
+    a, b = final_state(one)["model"], pair_reference.state["model"]
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), rtol=1e-4, atol=1e-5), key
     assert two["miou"] == pytest.approx(one["miou"], abs=0.5)

@@ -44,7 +44,7 @@ def up_config(spec: Spec) -> dict:
 
 
 def cityscapes_plan(spec: Spec) -> TrainPlan:
-    from harness.data.loaders import loader_workers
+    from harness.cores import loader_workers
 
     return make_plan(spec, "cityscapes", CITYSCAPES_TRAIN_IMAGES, machine_workers=loader_workers(1))
 
@@ -213,9 +213,11 @@ def test_loader_workers_come_from_the_machine_unless_the_spec_sets_them(monkeypa
     import os
 
     from harness.commands.run import refuse_changed_recipe
-    from harness.data.loaders import loader_workers
+    from harness.cores import loader_workers
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    for given in ("SEGBENCH_CORES", "SLURM_CPUS_PER_TASK"):
+        monkeypatch.delenv(given, raising=False)
     assert (loader_workers(1), loader_workers(8), loader_workers(16)) == (15, 1, 1)
     spec = load_spec("sf_seg_v2")
     assert spec.train.workers is None and cityscapes_plan(spec).workers == 15

@@ -25,9 +25,10 @@ from harness.commands.options import CheckedRun, LaunchOptions, RunOptions, vali
 from harness.config.benchmark import REFERENCE_DATASET
 from harness.config.plan import MACHINE_FIELDS, TrainPlan, make_plan
 from harness.config.spec import Spec, flatten, training_row
+from harness.cores import intra_op_threads, loader_workers
 from harness.data.cityscapes import CityscapesTrain, Sample, check_pairs, find_samples
 from harness.data.decoded import DecodedFrames, cached_or_built, open_cache
-from harness.data.loaders import eval_loader, loader_workers, train_loader
+from harness.data.loaders import eval_loader, train_loader
 from harness.data.source import cityscapes_root, synthetic_root
 from harness.engine import checkpoint, distributed
 from harness.engine.device import pick_device, seed_everything, set_deterministic
@@ -219,9 +220,14 @@ def train(checked: CheckedRun, seed: int) -> dict[str, Any]:
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its fastest kernels once
     distributed.init(world, device.type)
+    threads = torch.get_num_threads()
+    # This process's share of the cores: several runs side by side each starting threads for the whole machine
+    # slow every one of them far beyond its share.
+    torch.set_num_threads(intra_op_threads(world.local_size))
     try:
         return _train(checked, options, spec, world, device)
     finally:
+        torch.set_num_threads(threads)
         distributed.shutdown()
 
 
@@ -283,7 +289,7 @@ def _train(checked: CheckedRun, options: RunOptions, spec: Spec, world: World, d
         end_run(folder, tracker, "FAILED")
         raise
     if data.dataset == REFERENCE_DATASET:  # benchmark.md shows Cityscapes runs only: other runs leave it as it is
-        write_benchmark()
+        write_benchmark(after_record=True)
     return record
 
 
@@ -307,9 +313,9 @@ def log_start(spec: Spec, plan: TrainPlan, data: Data, world: World, device: tor
     """The startup line: what trains where, and where its folder and tracked run are."""
     where = (f"{tracker.store_kind} run {run_id} at {tracker.tracking_uri}" if run_id else
              "tracking offline (journalled in the run folder; `bench sync` sends it to the store later)")
-    print(f"segbench: {spec.row} on {data.dataset} ({data.root}); {world.size} process(es) on {device.type}, "
-          f"{plan.precision}; {plan.iters} iterations of batch {plan.batch_size}; run folder {folder.path}; {where}",
-          flush=True)
+    print(f"segbench: {spec.row} on {data.dataset} ({data.root}); {world.size} process(es) on {device.type} "
+          f"({torch.get_num_threads()} thread(s), {plan.workers} loader worker(s) each), {plan.precision}; "
+          f"{plan.iters} iterations of batch {plan.batch_size}; run folder {folder.path}; {where}", flush=True)
     expected = spec.synthetic.expected_s
     if data.dataset == "synthetic" and expected and plan.iters == spec.synthetic.iters and world.size == 1:
         print(f"expected duration: about {expected:.0f} s on a quiet 2-core CPU (up to twice that on a slow or busy "

@@ -42,7 +42,7 @@ from harness.config.benchmark import FRAME_SIZE, OFFICIAL_SPLIT_IMAGES
 from harness.config.plan import TrainPlan, make_plan, scaled_test_crop, size_pair
 from harness.config.precision import autocast_dtype, resolve_precision
 from harness.config.spec import Spec, load_spec
-from harness.data.loaders import loader_workers
+from harness.cores import loader_workers
 from harness.engine.device import (
     device_memory_gib,
     device_name,

@@ -38,9 +38,11 @@ from harness import paths
 from harness.commands.options import RunOptions, check_data_root, check_options, worker_argv
 from harness.config.plan import planned_iterations
 from harness.config.spec import Spec, load_all, training_row
+from harness.cores import CORES_ENV, job_cores
 from harness.engine import checkpoint
 from harness.engine.run_folder import RUN_STATUS, RunFolder
 from harness.errors import BenchError
+from harness.files import atomic_write_text
 from harness.logs import configure_logging
 from harness.report.records import load_records
 from harness.report.verdicts import standing
@@ -53,6 +55,7 @@ SUBMITIT_DIR = "submitit"
 STATE_DIR = "jobs"
 EXECUTORS = ("slurm", "local")
 DEFAULT_GPUS = {"slurm": 8, "local": 1}  # every table row trained on 8 GPUs; a local machine is for small runs
+CORES_PER_LOCAL_JOB = 2  # the default --max-parallel leaves each local job a core for its loop and one to spare
 DEFAULT_MAX_REQUEUES = 20  # a 89k-iteration row may cross many time limits; preemptions count too
 SIGNAL_DELAY_S = 180  # Slurm's warning before the limit: time to reach the next sync point and checkpoint
 LOCAL_TIME_MIN = 7 * 24 * 60
@@ -84,6 +87,7 @@ class SweepOptions:
     deterministic: bool = False
     max_requeues: int = DEFAULT_MAX_REQUEUES
     wait: Optional[bool] = None  # default: wait for local jobs, return at once on Slurm
+    max_parallel: Optional[int] = None  # local jobs at once (default: from this machine's cores and GPUs)
 
     @property
     def dataset(self) -> str:
@@ -91,7 +95,13 @@ class SweepOptions:
 
     @property
     def gpus(self) -> int:
+        """GPUs per node; 0 for CPU-only nodes (one training process per node, on the CPU)."""
         return self.gpus_per_node if self.gpus_per_node is not None else DEFAULT_GPUS[self.executor]
+
+    @property
+    def processes(self) -> int:
+        """Training processes per node."""
+        return max(1, self.gpus)
 
 
 # --- option parsing ---------------------------------------------------------------------------------
@@ -123,10 +133,17 @@ def parse_time(text: str) -> int:
 def check_sweep_options(options: SweepOptions) -> None:
     if options.executor not in EXECUTORS:
         raise BenchError(f"--executor {options.executor}: use one of {', '.join(EXECUTORS)}")
-    if options.gpus < 1 or options.nodes < 1:
-        raise BenchError(f"--gpus-per-node and --nodes must be at least 1 (got {options.gpus}, {options.nodes})")
+    if options.gpus < 0 or options.nodes < 1:
+        raise BenchError(f"--gpus-per-node must be 0 (CPU only) or more and --nodes at least 1 (got {options.gpus}, "
+                         f"{options.nodes})")
     if options.executor == "local" and options.nodes > 1:
         raise BenchError(f"--nodes {options.nodes}: the local executor runs on this machine only; use --executor slurm")
+    if options.max_parallel is not None:
+        if options.executor != "local":
+            raise BenchError("--max-parallel limits the local executor; on Slurm the scheduler decides what runs at "
+                             "once (drop --max-parallel)")
+        if options.max_parallel < 1:
+            raise BenchError(f"--max-parallel {options.max_parallel}: give 1 or more")
     if options.max_requeues < 0:
         raise BenchError(f"--max-requeues {options.max_requeues}: give 0 or more")
     if options.time:
@@ -135,6 +152,16 @@ def check_sweep_options(options: SweepOptions) -> None:
     if not options.synthetic and not (options.data_root or os.environ.get("CITYSCAPES_DATASET")):
         raise BenchError("no dataset given: pass --data-root DIR (or set CITYSCAPES_DATASET), or --synthetic")
     check_data_root(RunOptions(row="-", synthetic=options.synthetic, data_root=options.data_root))
+
+
+def check_shared_store(options: SweepOptions) -> None:
+    """Slurm may run any two jobs on different nodes at once: one SQLite file cannot take their writes (on a
+    network filesystem it locks up or corrupts), a tracking server on a real database can."""
+    uri = options.tracking_uri or paths.default_tracking_uri()
+    if options.executor == "slurm" and uri.startswith("sqlite:"):
+        raise BenchError(f"tracking URI {uri}: Slurm jobs run on several nodes at once and one SQLite file cannot take "
+                         "their writes; start a tracking server (`bench server --backend-store-uri "
+                         "postgresql://...`) and pass the URI it prints with --tracking-uri")
 
 
 # --- which (row, seed) to run -------------------------------------------------------------------------
@@ -225,7 +252,8 @@ def base_run_options(spec: Spec, seed: int, options: SweepOptions) -> RunOptions
         data_root = str(Path(options.data_root or os.environ["CITYSCAPES_DATASET"]).expanduser().resolve())
     return RunOptions(row=spec.row, synthetic=options.synthetic, data_root=data_root, iters=options.iters,
                       seed=seed, tracking_uri=options.tracking_uri or paths.default_tracking_uri(),
-                      precision=options.precision, deterministic=options.deterministic, progress=False)
+                      device="cpu" if options.gpus == 0 else None, precision=options.precision,
+                      deterministic=options.deterministic, progress=False)
 
 
 def plan_tasks(options: SweepOptions) -> list[Task]:
@@ -269,11 +297,11 @@ def _child_setup() -> None:
 
 def job_argv(run_options: RunOptions, gpus: int, nodes: int, node_rank: str, master_addr: str,
              master_port: str) -> list[str]:
-    """The `bench run` command line of a job on one node: torchrun (one process per GPU) through `bench run --gpus`,
-    several nodes rendezvousing on the first node of the allocation."""
+    """The `bench run` command line of a job on one node: torchrun (one process per GPU, one on a CPU-only node)
+    through `bench run --gpus`, several nodes rendezvousing on the first node of the allocation."""
     argv = worker_argv(run_options, [run_options.seed])
     if gpus > 1 or nodes > 1:
-        argv += ["--gpus", str(gpus)]
+        argv += ["--gpus", str(max(1, gpus))]
     if nodes > 1:
         argv += ["--nnodes", str(nodes), "--node-rank", node_rank, "--master-addr", master_addr,
                  "--master-port", master_port]
@@ -294,9 +322,7 @@ def write_state(path: Path, **changes: Any) -> dict[str, Any]:
         return state
     state = {**state, **changes, "updated": time.time()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(state, indent=2, sort_keys=True) + "\n")
     return state
 
 
@@ -366,7 +392,8 @@ class TrainingJob:
             run_options = replace(run_options, resume=read_state(state_path).get("resume"))
         hosts = env.hostnames
         port = str(20000 + int(re.sub(r"\D", "", env.job_id) or 0) % 20000)
-        command = job_argv(run_options, self.gpus, self.nodes, str(env.node), hosts[0], port)
+        # One task per node: a task's rank is its node's rank (and two tasks on one node can stand in for two nodes).
+        command = job_argv(run_options, self.gpus, self.nodes, str(env.global_rank), hosts[0], port)
         log.info("segbench sweep: %s", shlex.join(command))
         self._before = {str(f.path) for f in run_folders(run_options.row, self.dataset)}
         self._process = subprocess.Popen(command, env={**os.environ, **self.env}, cwd=paths.PROJECT_ROOT,
@@ -439,11 +466,14 @@ def job_env() -> dict[str, str]:
 
 
 def slurm_parameters(options: SweepOptions) -> dict[str, Any]:
-    """sbatch parameters (submitit's names): one task per node, the node's GPUs to that task."""
+    """sbatch parameters (submitit's names): one task per node, the node's GPUs to that task (none asked for on
+    CPU-only nodes, --gpus-per-node 0)."""
     params: dict[str, Any] = {
-        "job_name": "segbench", "nodes": options.nodes, "ntasks_per_node": 1, "gpus_per_node": options.gpus,
+        "job_name": "segbench", "nodes": options.nodes, "ntasks_per_node": 1,
         "time": parse_time(options.time) if options.time else 24 * 60, "signal_delay_s": SIGNAL_DELAY_S,
     }
+    if options.gpus:
+        params["gpus_per_node"] = options.gpus
     for name in ("partition", "account", "qos"):
         if getattr(options, name):
             params[name] = getattr(options, name)
@@ -460,8 +490,19 @@ def sbatch_script(options: SweepOptions, folder: Path) -> str:
     return _make_sbatch_string(command=command, folder=folder, **slurm_parameters(options))
 
 
-def create_store(uri: str) -> None:
-    """A new SQLite store gets its tables here, once: jobs starting together would race to create them."""
+def prepare_store(uri: str) -> None:
+    """A tracking server must answer before jobs are queued for it; a new SQLite store gets its tables here, once
+    (jobs starting together would race to create them)."""
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=10).raise_for_status()
+        except requests.RequestException as exc:
+            reason = str(exc).splitlines()[0][:160]
+            raise BenchError(f"tracking server {uri} does not answer ({reason}); start it with `bench server` (it "
+                             "prints the URI to use), or fix --tracking-uri") from None
+        return
     if not uri.startswith("sqlite:"):
         return
     from mlflow.tracking import MlflowClient
@@ -556,6 +597,7 @@ def sweep(options: SweepOptions, echo=print) -> Optional[Path]:
     """Plan, print and submit the sweep; returns its folder (None when nothing was submitted)."""
     check_sweep_options(options)
     tasks = plan_tasks(options)
+    check_shared_store(options)
     from tabulate import tabulate
 
     echo(tabulate([[t.row, t.seed, t.action, t.reason] for t in tasks], headers=["row", "seed", "action", "why"],
@@ -589,29 +631,49 @@ def sweep(options: SweepOptions, echo=print) -> Optional[Path]:
         sweep_dir = sweep_dir.with_name(sweep_dir.name + "+")
     (sweep_dir / STATE_DIR).mkdir(parents=True)
     executor = make_executor(options, sweep_dir / SUBMITIT_DIR)
-    create_store(options.tracking_uri or paths.default_tracking_uri())
+    prepare_store(options.tracking_uri or paths.default_tracking_uri())
     env = job_env()
+    parallel = len(to_submit)
+    if options.executor == "local":
+        parallel = options.max_parallel or default_max_parallel(options.gpus)
+        env[CORES_ENV] = str(max(1, job_cores() // min(parallel, len(to_submit))))  # each job's share
     meta: dict[str, Any] = {"created": time.time(), "executor": options.executor, "host": socket.gethostname(),
-            "dataset": options.dataset, "options": asdict(options), "submitit_folder": str(sweep_dir / SUBMITIT_DIR),
-            "jobs": []}
-    submitted = []
+                            "pid": os.getpid(), "dataset": options.dataset, "options": asdict(options),
+                            "submitit_folder": str(sweep_dir / SUBMITIT_DIR), "jobs": []}
+    queue: list[tuple[dict[str, Any], TrainingJob]] = []
     for task in to_submit:
         spec = specs[task.row]
         state_file = sweep_dir / STATE_DIR / f"{task.row}-seed{task.seed}.json"
         run_options = replace(base_run_options(spec, task.seed, options), resume=task.resume)
-        write_state(state_file, state="submitted")  # before the job can start and say more
-        job = executor.submit(TrainingJob(run_options, options.gpus, options.nodes, env, str(state_file),
-                                          options.max_requeues))
-        log = str(job.paths.stderr)
+        write_state(state_file, state="queued")
+        entry: dict[str, Any] = {"row": task.row, "seed": task.seed, "iterations": target_iterations(spec, options),
+                                 "job_id": None, "state_file": str(state_file), "log": None, "stdout": None,
+                                 "resume": task.resume}
+        meta["jobs"].append(entry)
+        queue.append((entry, TrainingJob(run_options, options.gpus, options.nodes, env, str(state_file),
+                                         options.max_requeues)))
+    _write_meta(sweep_dir, meta)
+    wait = options.wait if options.wait is not None else options.executor == "local"
+    submitted: list[Any] = []
+    while queue:
+        if sum(not job.done() for job in submitted) >= parallel:
+            time.sleep(1)
+            continue
+        entry, training_job = queue.pop(0)
+        state_file = Path(entry["state_file"])
+        # Before the job can start and say more; a job `bench sweep cancel` cancelled while it waited stays so.
+        if write_state(state_file, state="submitted").get("state") == "cancelled":
+            continue
+        job = executor.submit(training_job)
         submitted.append(job)
-        meta["jobs"].append({"row": task.row, "seed": task.seed, "iterations": target_iterations(spec, options),
-                             "job_id": job.job_id, "state_file": str(state_file), "log": log,
-                             "stdout": str(job.paths.stdout), "resume": task.resume})
-        write_state(state_file, job_id=job.job_id, log=log)
+        entry.update(job_id=job.job_id, log=str(job.paths.stderr), stdout=str(job.paths.stdout))
+        write_state(state_file, job_id=job.job_id, log=entry["log"])
         _write_meta(sweep_dir, meta)  # after each job: a crash mid-submission still leaves the jobs findable
-    echo(f"submitted {len(submitted)} job(s) to {options.executor}; sweep folder {sweep_dir}; "
-         f"watch with: bench sweep status {sweep_dir}")
-    if options.wait if options.wait is not None else options.executor == "local":
+        if len(submitted) == parallel or not queue:
+            echo(f"submitted {len(submitted)} of {len(to_submit)} job(s) to {options.executor}"
+                 + (f" ({parallel} at once)" if parallel < len(to_submit) else "")
+                 + f"; sweep folder {sweep_dir}; watch with: bench sweep status {sweep_dir}")
+    if wait:
         while not all(job.done() for job in submitted):
             time.sleep(1)
         echo(render_status(sweep_dir))
@@ -632,10 +694,19 @@ class JobsFailed(BenchError):
     exit_code = 1
 
 
+def default_max_parallel(gpus: int) -> int:
+    """Local jobs at once: a couple of cores each (more jobs than that only slow every one of them down), and on a
+    GPU machine no more than its GPUs hold."""
+    parallel = max(1, job_cores() // CORES_PER_LOCAL_JOB)
+    import torch
+
+    if gpus and torch.cuda.is_available():
+        parallel = min(parallel, max(1, torch.cuda.device_count() // gpus))
+    return parallel
+
+
 def _write_meta(sweep_dir: Path, meta: dict[str, Any]) -> None:
-    tmp = sweep_dir / f".{SWEEP_FILE}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.replace(sweep_dir / SWEEP_FILE)
+    atomic_write_text(sweep_dir / SWEEP_FILE, json.dumps(meta, indent=2) + "\n")
 
 
 # --- status and cancel -----------------------------------------------------------------------------------
@@ -655,24 +726,55 @@ def load_sweep(sweep_dir: Optional[Path]) -> tuple[Path, dict[str, Any]]:
                          "runs/sweeps/<stamp>") from None
 
 
-def scheduler_state(meta: dict[str, Any], job: dict[str, Any]) -> str:
-    """The scheduler's word for the job: sacct's state on Slurm; locally RUNNING while its controller lives."""
-    if meta.get("executor") == "local":
-        if meta.get("host") != socket.gethostname():
-            return "UNKNOWN"
-        try:
-            os.kill(int(job["job_id"]), 0)
-        except ProcessLookupError:
-            return "FINISHED"
-        except (PermissionError, ValueError):
-            return "UNKNOWN"
-        return "RUNNING"
-    if shutil.which("sacct") is None:
+def _process_state(pid: Any, host: Optional[str]) -> str:
+    """RUNNING while process `pid` of this machine lives, FINISHED once it is gone."""
+    if host != socket.gethostname():
         return "UNKNOWN"
     try:
-        return str(submitit.SlurmJob(folder=meta["submitit_folder"], job_id=str(job["job_id"])).state).split()[0]
-    except Exception:  # sacct unreachable: say unknown, never guess
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return "FINISHED"
+    except (PermissionError, ValueError, TypeError):
         return "UNKNOWN"
+    return "RUNNING"
+
+
+def _first_word(command: list[str]) -> Optional[str]:
+    """The first word `command` prints; "" when it answers with nothing, None when it cannot answer."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    words = done.stdout.split()
+    if words:
+        return words[0]
+    return "" if done.returncode == 0 or "Invalid job id" in done.stderr else None
+
+
+def slurm_state(job_id: str) -> str:
+    """Slurm's word for a job: the controller's (squeue, which keeps ended jobs for a few minutes), else the
+    accounting database's (sacct); ENDED when the controller no longer knows it and there is no accounting."""
+    queued = _first_word(["squeue", "--noheader", "--states=all", "--jobs", job_id, "--format=%T"]) \
+        if shutil.which("squeue") else None
+    if queued:
+        return queued
+    accounted = _first_word(["sacct", "--noheader", "--allocations", "--parsable2", "--jobs", job_id,
+                             "--format=State"]) if shutil.which("sacct") else None
+    if accounted:
+        return accounted.split("|")[0]
+    return "ENDED" if queued == "" else "UNKNOWN"
+
+
+def scheduler_state(meta: dict[str, Any], job: dict[str, Any]) -> str:
+    """The scheduler's word for the job: Slurm's (slurm_state); locally RUNNING while its controller lives, and
+    PENDING while a job not yet started waits for the sweep that will start it."""
+    if meta.get("executor") == "local":
+        if job.get("job_id") is None:
+            return "PENDING" if _process_state(meta.get("pid"), meta.get("host")) == "RUNNING" else "ENDED"
+        return _process_state(job["job_id"], meta.get("host"))
+    if job.get("job_id") is None:
+        return "ENDED"  # the sweep stopped before submitting it
+    return slurm_state(str(job["job_id"]))
 
 
 def job_status(meta: dict[str, Any], job: dict[str, Any]) -> tuple[str, str]:
@@ -683,6 +785,9 @@ def job_status(meta: dict[str, Any], job: dict[str, Any]) -> tuple[str, str]:
         return word, state.get("reason", "")
     scheduler = scheduler_state(meta, job)
     alive = scheduler in ALIVE
+    if word == "queued":
+        return ("pending", "") if alive else ("failed", "never submitted: the sweep stopped first; `bench sweep` "
+                                                        "again submits it")
     if word == "submitted":
         return ("pending", "") if alive else ("failed", f"the job ended ({scheduler}) before it started; see its log")
     if word in ("requeued", "interrupted"):
@@ -711,7 +816,9 @@ def progress(run_dir: Optional[str]) -> str:
     return f"{step if step is not None else 0}/{total if total is not None else '?'}"
 
 
-def last_line(log: str) -> str:
+def last_line(log: Optional[str]) -> str:
+    if not log:
+        return "-"
     try:
         with open(log, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -729,7 +836,7 @@ def status_rows(sweep_dir: Optional[Path] = None) -> tuple[Path, list[dict[str, 
     for job in meta["jobs"]:
         word, why = job_status(meta, job)
         state = read_state(Path(job["state_file"]))
-        rows.append({"row": job["row"], "seed": job["seed"], "state": word, "job_id": job["job_id"],
+        rows.append({"row": job["row"], "seed": job["seed"], "state": word, "job_id": job["job_id"] or "-",
                      "progress": progress(state.get("run_folder")), "last_line": why or last_line(job["log"]),
                      "log": job["log"], "run_folder": state.get("run_folder")})
     return sweep_dir, rows
@@ -775,10 +882,15 @@ def cancel(sweep_dir: Optional[Path] = None) -> list[str]:
         if word not in ("pending", "running", "requeued"):
             continue
         if meta.get("executor") == "local":
-            try:
-                os.kill(int(job["job_id"]), signal.SIGINT)  # the controller stops its task, which stops bench run
-            except ProcessLookupError:
-                pass
+            if job.get("job_id") is None:  # not started yet: the sweep skips it
+                write_state(Path(job["state_file"]), state="cancelled", reason="cancelled by `bench sweep cancel`")
+                _, meta = load_sweep(sweep_dir)  # unless it was started meanwhile
+                job = next(j for j in meta["jobs"] if j["state_file"] == job["state_file"])
+            if job.get("job_id") is not None:
+                try:
+                    os.kill(int(job["job_id"]), signal.SIGINT)  # the controller stops its task, which stops bench run
+                except ProcessLookupError:
+                    pass
         else:
             if shutil.which("scancel") is None:
                 raise BenchError("no scancel on this machine; cancel from a Slurm login node")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from harness.files import atomic_write_text
 from harness.report.table import render, render_every_record, write_benchmark
 
 
@@ -20,5 +21,5 @@ def table(dataset: Optional[str], out: Optional[Path], all_records: bool, tolera
         text = render(dataset or "cityscapes", all_records=all_records, tolerance=tolerance)
     if out is None:
         return text, False
-    out.write_text(text)
+    atomic_write_text(out, text)
     return f"wrote {out}", True

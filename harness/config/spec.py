@@ -191,6 +191,11 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     return merged
 
 
+# libyaml's safe loader where PyYAML has it: every finishing run reads every spec, and the pure-Python parser takes
+# seconds of a core for them.
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_bytes().decode("utf-8")
@@ -202,7 +207,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise BenchError(f"{path}: cannot be read ({exc.strerror or exc}); check the file and its "
                          "permissions") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=SAFE_LOADER)
     except yaml.YAMLError as exc:
         raise BenchError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from None
     if data is None:

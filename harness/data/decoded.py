@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from harness.data.cityscapes import Sample, decode_pair, read_header
 from harness.errors import BenchError
-from harness.files import format_bytes
+from harness.files import atomic_write_text, format_bytes
 
 FORMAT = 1
 
@@ -198,9 +198,7 @@ def build_cache(cache_dir: Path, root: Path, split: str, samples: Sequence[Sampl
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    index_tmp = index.with_suffix(".json.tmp")
-    index_tmp.write_text(json.dumps({"format": FORMAT, "root": str(root), "split": split, "samples": entries}))
-    os.replace(index_tmp, index)
+    atomic_write_text(index, json.dumps({"format": FORMAT, "root": str(root), "split": split, "samples": entries}))
     return open_cache(cache_dir, root, split, samples)
 
 

@@ -3,7 +3,6 @@ enough batches queued that the device never waits while a worker is between file
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from typing import Optional, Protocol
 
@@ -25,13 +24,6 @@ class EpochSampler(Protocol):
     batches_per_epoch: int
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None: ...
-
-
-def loader_workers(processes_on_this_node: int) -> int:
-    """Data-loader processes for each training process when the spec leaves it to the machine: the cores this
-    process may use, shared by the training processes of this node, one core kept for the training loop."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, processes_on_this_node) - 1)
 
 
 def train_loader(dataset: CityscapesTrain, sampler: Sampler, batch_size: int, workers: int,

@@ -6,6 +6,7 @@ environment torchrun sets. The global batch stays the spec's, whatever the world
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import random
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from harness.cores import process_cores
 from harness.errors import BenchError
 
 log = logging.getLogger(__name__)
@@ -154,6 +156,13 @@ def _loopback_interface() -> Optional[str]:
         return None
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
 def _bind_store(host: str, port: Optional[int]) -> tuple[int, dist.TCPStore]:
     """The rendezvous store's server, listening on `host` only.
 
@@ -194,11 +203,17 @@ def launch(argv: Sequence[str], nproc_per_node: int, nnodes: int = 1, node_rank:
         port, store = _bind_store(host, master_port)
     else:
         port = master_port or 29500
-    saved = {k: os.environ.get(k) for k in (WORKER_ERRORS, "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
+    saved = {k: os.environ.get(k) for k in (WORKER_ERRORS, "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME",
+                                            "OMP_NUM_THREADS")}
     errors = tempfile.mkdtemp(prefix="segbench-workers-")
     os.environ[WORKER_ERRORS] = errors
+    # Each worker's share of this node's cores (torchrun would give every worker one thread, whatever the cores);
+    # a value the user set stands.
+    os.environ.setdefault("OMP_NUM_THREADS", str(process_cores(nproc_per_node)))
     loopback = _loopback_interface()
-    if nnodes == 1 and loopback:  # gloo and NCCL otherwise listen on the interface of the host name
+    # One node, or "nodes" that all rendezvous on a loopback address (so all on this machine): gloo and NCCL
+    # otherwise listen on the interface of the host name.
+    if (nnodes == 1 or _is_loopback(host)) and loopback:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
         os.environ.setdefault("NCCL_SOCKET_IFNAME", loopback)
     args = [f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}", f"--node-rank={node_rank}",

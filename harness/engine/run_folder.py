@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from harness.errors import BenchError
+from harness.files import atomic_write_text
 
 RUN_FILE = "run.json"
 # MLflow's run statuses and run.json's words for them.
@@ -74,12 +75,9 @@ class RunFolder:
     def update(self, **changes: Any) -> None:
         """Change the state and write run.json through a temporary file and a rename."""
         self.info = {**self.info, **changes}
-        tmp = self.path / f".{RUN_FILE}.tmp"
         try:
-            tmp.write_text(json.dumps(self.info, indent=2, sort_keys=True) + "\n")
-            tmp.replace(self.path / RUN_FILE)
+            atomic_write_text(self.path / RUN_FILE, json.dumps(self.info, indent=2, sort_keys=True) + "\n")
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise BenchError(f"cannot write {self.path / RUN_FILE} ({exc.strerror or exc}); free space or make "
                              f"{self.path} writable") from None
 

@@ -28,12 +28,14 @@ import torch
 from PIL import Image
 
 from harness.config.plan import TrainPlan, size_pair
+from harness.cores import loader_workers
 from harness.data.augment import EvalTransform
 from harness.data.cityscapes import LABEL_TO_TRAIN, NUM_CLASSES, Sample, load_train_ids, train_ids_to_label_ids
-from harness.data.loaders import eval_loader, loader_workers
+from harness.data.loaders import eval_loader
 from harness.engine.evaluate import Reduce, Scored, Sink, TestMode, evaluate
 from harness.engine.metrics import ConfusionMatrix, SegMetrics
 from harness.errors import BenchError
+from harness.files import atomic_output
 from harness.outputs.panels import PanelWriter, panel_indices
 
 
@@ -135,12 +137,10 @@ def make_submission_zip(folder: Path, zip_path: Path, samples: Optional[Sequence
             raise BenchError(f"two predictions for image {key} ({seen[key]} and {path}); keep one")
         seen[key] = path
     zip_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = zip_path.with_name(f".tmp-{zip_path.name}")
     # PNGs are already compressed: storing them is as small and much faster than deflating again.
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+    with atomic_output(zip_path) as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as archive:
         for path in files:
             archive.write(path, path.relative_to(folder).as_posix())
-    os.replace(tmp, zip_path)
     return zip_path
 
 

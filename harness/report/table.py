@@ -11,6 +11,8 @@ dataset, they follow it under "Our rows", by the same rule; a row without a refe
 from __future__ import annotations
 
 import fcntl
+import json
+import os
 import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -382,15 +384,29 @@ def _ours_section(dataset: str, ours: list[Spec], records: list[dict[str, Any]],
     return text
 
 
-def write_benchmark(path: Optional[Path] = None, tolerance: Optional[float] = None) -> Path:
+def write_benchmark(path: Optional[Path] = None, tolerance: Optional[float] = None, *,
+                    after_record: bool = False) -> Path:
     """Regenerate benchmark.md (Cityscapes results only) and its figure; unchanged inputs give byte-identical files.
 
     Every finishing run calls this, so several may at once: the records are read and both files written under one
-    lock beside them, so the last writer renders every record written before it, and no reader sees a part."""
+    lock beside them (each file through a temporary file of its own), so the last writer renders every record
+    written before it, and no reader sees a part. A run that has just written its record (`after_record`) first
+    takes a ticket under the lock; it skips rendering when a rendering that started after its ticket was taken has
+    already been written, since that one read its record: runs finishing together render once or twice, not once
+    each."""
     from harness.report.figure import write_figure
 
     path = path or benchmark_path()
-    with exclusive_lock(path.with_name(f".{path.name}.lock")):
+    lock = path.with_name(f".{path.name}.lock")
+    ticket = None
+    if after_record:
+        with exclusive_lock(lock) as counters:
+            ticket = counters["registered"] = counters.get("registered", 0) + 1
+    with exclusive_lock(lock) as counters:
+        rendered = path.is_file() and path.with_name(FIGURE_NAME).is_file()
+        if ticket is not None and rendered and counters.get("rendered", 0) >= ticket:
+            return path
+        counters["rendered"] = counters.get("registered", 0)  # every ticket so far: their records are on disk
         specs, ours = load_all(), load_ours()
         all_records = load_records(dataset="cityscapes")
         records = [r for r in all_records if r.get("row") in {s.row for s in specs}]
@@ -400,12 +416,24 @@ def write_benchmark(path: Optional[Path] = None, tolerance: Optional[float] = No
 
 
 @contextmanager
-def exclusive_lock(lock_path: Path) -> Iterator[None]:
-    """An advisory lock (flock) on `lock_path`, held for the block; works across processes on one filesystem."""
+def exclusive_lock(lock_path: Path) -> Iterator[dict[str, int]]:
+    """An advisory lock (flock) on `lock_path`, held for the block; works across processes on one filesystem. The
+    block gets the counters the lock file keeps (tickets taken, tickets rendered), saved when it ends without an
+    exception; an unreadable file counts as none taken, which only ever costs an extra rendering."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
+    with os.fdopen(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644), "r+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            try:
+                counters = {k: int(v) for k, v in json.loads(handle.read() or "{}").items()}
+            except (ValueError, TypeError, AttributeError):
+                counters = {}
+            before = dict(counters)
+            yield counters
+            if counters != before:
+                handle.seek(0)
+                handle.truncate()
+                handle.write(json.dumps(counters, sort_keys=True))
+                handle.flush()
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)

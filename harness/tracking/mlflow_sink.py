@@ -77,10 +77,19 @@ def connect(tracking_uri: str) -> Any:
 
 
 def ensure_experiment(client: Any, name: str, tracking_uri: str) -> str:
+    """The experiment's id, created when missing. Jobs starting together on a shared store race to create it: the
+    losers take the winner's."""
+    from mlflow.exceptions import MlflowException
+
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        return str(client.create_experiment(name, artifact_location=artifact_location(tracking_uri),
-                                            tags=EXPERIMENT_TAGS))
+        try:
+            return str(client.create_experiment(name, artifact_location=artifact_location(tracking_uri),
+                                                tags=EXPERIMENT_TAGS))
+        except MlflowException as exc:
+            experiment = client.get_experiment_by_name(name)
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS" or experiment is None:
+                raise
     for key, value in EXPERIMENT_TAGS.items():
         if experiment.tags.get(key) != value:
             client.set_experiment_tag(experiment.experiment_id, key, value)
