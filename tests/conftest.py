@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,19 @@ from tests.helpers import PAIR, bench, experiments_with
 
 REFERENCE = Path(os.environ.get("SEGBENCH_REFERENCE", PROJECT_ROOT.parent / "shared" / "reference"))
 SEED_TABLE = Path(os.environ.get("SEGBENCH_SEED_TABLE", REFERENCE / "seed-table.md"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests run in parallel workers (pytest-xdist): each worker, and every `bench` process it starts, takes its
+    share of the cores, as `bench sweep` gives each of its local jobs; two workers that each started threads for
+    the whole machine would oversubscribe it many times over."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        from harness.cores import CORES_ENV, machine_cores
+
+        share = max(1, machine_cores() // int(workers))
+        os.environ.setdefault(CORES_ENV, str(share))
+        torch.set_num_threads(int(os.environ[CORES_ENV]))
 
 
 def reference_file(path: Path) -> Path:
@@ -40,8 +57,21 @@ def diagnostics_on_stderr() -> None:
     configure_logging()
 
 
+@pytest.fixture(scope="session")
+def empty_mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow SQLite store with MLflow's schema and nothing else, made once: creating the schema takes seconds
+    (tens of migrations), and every test starts from its own copy."""
+    with built_once(tmp_path_factory, "mlflow-store") as (folder, built):
+        if not built:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+    return folder / "mlflow.db"
+
+
 @pytest.fixture(autouse=True)
-def isolated_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def isolated_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_mlflow_store: Path) -> Path:
+    shutil.copyfile(empty_mlflow_store, tmp_path / "mlflow.db")
     monkeypatch.setenv("SEGBENCH_RESULTS", str(tmp_path / "results"))
     monkeypatch.setenv("SEGBENCH_BENCHMARK", str(tmp_path / "benchmark.md"))
     monkeypatch.setenv("SEGBENCH_RUNS", str(tmp_path / "runs"))
@@ -50,12 +80,31 @@ def isolated_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+@contextmanager
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[tuple[Path, bool]]:
+    """A session's folder shared by its parallel workers: (the folder, whether it is already built). The first
+    worker to get here builds it while the others wait on the lock, then reads what it built; a build that fails
+    leaves it unbuilt, for the next to try."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the temporary folder every worker of this session shares
+    folder, done = base / name, base / name / ".built"
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        built = done.exists()
+        if not built:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+        yield folder, built
+        done.touch()
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One synthetic dataset for the whole session, also used as the --synthetic cache."""
-    cache = tmp_path_factory.mktemp("cache")
-    os.environ["SEGBENCH_CACHE"] = str(cache)
-    return ensure_synthetic(cache, seed=0, progress=False)
+    with built_once(tmp_path_factory, "cache") as (cache, _):
+        os.environ["SEGBENCH_CACHE"] = str(cache)
+        return ensure_synthetic(cache, seed=0, progress=False)
 
 
 @pytest.fixture
@@ -88,12 +137,15 @@ def finished_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory)
     environment there (`monkeypatch.setenv(k, v) for k, v in finished_run.env.items()`) or pass its paths."""
     from harness.commands.run import RunOptions, run
 
-    root = tmp_path_factory.mktemp("finished-run")
-    env = {"SEGBENCH_RESULTS": str(root / "results"), "SEGBENCH_RUNS": str(root / "runs"),
-           "SEGBENCH_BENCHMARK": str(root / "benchmark.md"), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
-    # benchmark.md and its figure (FLOPs of every row) are no output of this run that its readers look at.
-    with mock.patch.dict(os.environ, env), mock.patch("harness.commands.run.write_benchmark"):
-        record = run(RunOptions(row="sf_seg_v1-ema", synthetic=True, iters=2, progress=False))
+    with built_once(tmp_path_factory, "finished-run") as (root, built):
+        env = {"SEGBENCH_RESULTS": str(root / "results"), "SEGBENCH_RUNS": str(root / "runs"),
+               "SEGBENCH_BENCHMARK": str(root / "benchmark.md"),
+               "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+        if not built:
+            # benchmark.md and its figure (FLOPs of every row) are no output of this run that its readers look at.
+            with mock.patch.dict(os.environ, env), mock.patch("harness.commands.run.write_benchmark"):
+                run(RunOptions(row="sf_seg_v1-ema", synthetic=True, iters=2, progress=False))
+    (record,) = load_records(root / "results", dataset="synthetic")
     folder = Path(record["checkpoint"]).parent.parent
     return FinishedRun(root, env, record, folder)
 
@@ -113,14 +165,15 @@ def pair_reference(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Pat
     intra-op thread each: what one process, two nodes of one process and a Slurm job of two tasks must match."""
     from mlflow.tracking import MlflowClient
 
-    root = tmp_path_factory.mktemp("pair")
-    env = {"SEGBENCH_EXPERIMENTS": str(experiments_with(root, {"pair": PAIR})),
-           "SEGBENCH_RESULTS": str(root / "results"), "SEGBENCH_RUNS": str(root / "runs"),
-           "SEGBENCH_BENCHMARK": str(root / "benchmark.md"),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
-    process = bench("run", "--row", "pair", "--synthetic", "--device", "cpu", "--gpus", "2", env=env)
-    out, err = process.communicate(timeout=600)
-    assert process.returncode == 0, err
+    with built_once(tmp_path_factory, "pair") as (root, built):
+        env = {"SEGBENCH_RESULTS": str(root / "results"), "SEGBENCH_RUNS": str(root / "runs"),
+               "SEGBENCH_BENCHMARK": str(root / "benchmark.md"),
+               "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
+        if not built:
+            env["SEGBENCH_EXPERIMENTS"] = str(experiments_with(root, {"pair": PAIR}))
+            process = bench("run", "--row", "pair", "--synthetic", "--device", "cpu", "--gpus", "2", env=env)
+            out, err = process.communicate(timeout=600)
+            assert process.returncode == 0, err
     (record,) = load_records(root / "results", dataset="synthetic")
     history = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_metric_history(record["mlflow_run_id"], "train/loss")
     state = torch.load(record["checkpoint"], map_location="cpu", weights_only=True)

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from harness.cli import main
+from harness.config.benchmark import OFFICIAL_CITIES
 
 
 def check(root: Path, *extra: str):
@@ -46,7 +47,10 @@ def test_official_counts_and_frame_size_are_checked_with_identical_findings_grou
     # one line per split, with the count and examples, instead of one per image
     assert [line.split(":")[0] for line in sizes] == ["train", "val"], result.output
     assert "image size: 24 files (" in sizes[0] and ", ...)" in sizes[0] and "image size: 8 files (" in sizes[1]
-    assert "35 defect(s)" in result.output  # the missing test split, 2 counts, 24 + 8 sizes: each still counted
+    missing_cities = [line for line in result.output.splitlines() if ": missing city: " in line]
+    assert len(missing_cities) == len(OFFICIAL_CITIES["train"]) + len(OFFICIAL_CITIES["val"]), result.output
+    # the missing test split, 2 counts, the official cities, 24 + 8 sizes: each still counted
+    assert f"{35 + len(missing_cities)} defect(s)" in result.output
 
 
 def test_the_synthetic_dataset_passes_by_its_own_rule_with_grouped_notes(synthetic_root):

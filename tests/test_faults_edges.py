@@ -175,11 +175,11 @@ def test_data_cache_short_of_space_says_so_in_mib(tmp_path, synthetic_root, monk
 
 @pytest.mark.slow
 def test_local_sweep_whose_job_fails_exits_non_zero_naming_it(tmp_path, monkeypatch, synthetic_root):
-    monkeypatch.setenv("SEGBENCH_EXPERIMENTS", str(experiments_with(tmp_path, {"tiny": TINY})))
+    # Every check before submission passes; the job's `bench run` diverges at its first step and fails.
+    exploding = {**TINY, "synthetic": {**TINY["synthetic"], "lr": 1.0e30}}
+    monkeypatch.setenv("SEGBENCH_EXPERIMENTS", str(experiments_with(tmp_path, {"tiny": exploding})))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    empty = tmp_path / "no-images"
-    empty.mkdir()  # exists (the sweep's checks pass); the job's `bench run` finds no images and fails
-    result = invoke("sweep", "--rows", "tiny", "--executor", "local", "--data-root", str(empty))
+    result = invoke("sweep", "--rows", "tiny", "--executor", "local", "--synthetic")
     assert result.exit_code == 1, result.output
     (line,) = [l for l in result.stderr.splitlines() if l.startswith("error:")]
     assert line.startswith("error: 1 of 1 job(s) did not finish: tiny seed 0 (bench run exited with 2; see ") \

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from harness.commands.run import RunOptions, run
 from harness.commands.speed import SpeedOptions, speed
@@ -61,10 +62,12 @@ def test_tensorboard_sink_writes_event_files_a_reader_opens(tmp_path: Path, synt
     assert any(tag.startswith("plots/") for tag in reader.Tags()["images"])
     texts = reader.Tags()["tensors"]
     assert any(tag.startswith("status") for tag in texts) and any(tag.startswith("params") for tag in texts)
-    # The record names the run's TensorBoard folder as its tracked run, and no MLflow store was created.
+    # The record names the run's TensorBoard folder as its tracked run, and the MLflow store got nothing.
     (stored,) = load_records(dataset="synthetic")
     assert stored["mlflow_run_id"] == str(events[0].parent.relative_to(logs))
-    assert not (tmp_path / "mlflow.db").exists()
+    store = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [e.name for e in store.search_experiments()] == ["Default"]
+    assert not store.search_runs([e.experiment_id for e in store.search_experiments()])
 
 
 def test_tensorboard_without_a_folder_is_one_line(synthetic_root: Path):

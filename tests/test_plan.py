@@ -93,7 +93,8 @@ def test_doctor_checks_gpu_memory_against_the_record(fixture_record, tmp_path):
 def test_sweep_dry_run_chooses_time_from_the_plan_and_warns_on_a_short_one(fixture_record, tmp_path):
     root = tmp_path / "cityscapes"
     root.mkdir()
-    args = ["sweep", "--rows", "df_seg_v1", "--data-root", str(root), "--executor", "slurm", "--dry-run"]
+    args = ["sweep", "--rows", "df_seg_v1", "--data-root", str(root), "--executor", "slurm", "--dry-run",
+            "--tracking-uri", "http://127.0.0.1:9"]  # a shared server's URI: only a dry run, never reached
     chosen = CliRunner().invoke(main, args)
     assert chosen.exit_code == 0, chosen.output
     wall = math.ceil(measured_gpu_hours() / 8 * 60)

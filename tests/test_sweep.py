@@ -52,8 +52,8 @@ def wait_until(condition, process, timeout=300.0):
 
 
 def test_preempted_local_job_is_requeued_and_resumes_to_the_same_weights(tiny_rows):
-    # 40 iterations: after the checkpoint at 4, enough left that the signal lands while the job still trains.
-    process = bench("sweep", "--rows", "tiny", "--seeds", "0", "--executor", "local", "--synthetic", "--iters", "40",
+    # 20 iterations: after the checkpoint at 4, enough left that the signal lands while the job still trains.
+    process = bench("sweep", "--rows", "tiny", "--seeds", "0", "--executor", "local", "--synthetic", "--iters", "20",
                     "--deterministic")
     state_file = wait_until(lambda: next(iter(sweeps_dir().glob("*/jobs/tiny-seed0.json")), None), process)
 
@@ -81,12 +81,12 @@ def test_preempted_local_job_is_requeued_and_resumes_to_the_same_weights(tiny_ro
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        reference = run(RunOptions(row="tiny", synthetic=True, iters=40, deterministic=True, progress=False))
+        reference = run(RunOptions(row="tiny", synthetic=True, iters=20, deterministic=True, progress=False))
     finally:
         torch.set_num_threads(threads)
     a = torch.load(reference["checkpoint"], map_location="cpu", weights_only=True)
     b = torch.load(swept["checkpoint"], map_location="cpu", weights_only=True)
-    assert a["iteration"] == b["iteration"] == 40
+    assert a["iteration"] == b["iteration"] == 20
     assert_same_tensors(a["model"], b["model"])
     assert_same_tensors(a["ema"], b["ema"])
 

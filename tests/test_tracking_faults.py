@@ -108,7 +108,7 @@ def test_server_killed_mid_run_training_finishes_and_sync_completes_it(tiny_row,
     db, artifacts = tmp_path / "server.db", tmp_path / "server-artifacts"
     server = start_server(db, artifacts, port)
     try:
-        training = bench("run", "--row", tiny_row, "--synthetic", "--iters", "60", "--tracking-uri", uri,
+        training = bench("run", "--row", tiny_row, "--synthetic", "--iters", "30", "--tracking-uri", uri,
                          env={"OMP_NUM_THREADS": "1"})
         # Kill the server once training is under way and MLflow has received some of its metrics.
         deadline = time.monotonic() + 300
@@ -130,7 +130,7 @@ def test_server_killed_mid_run_training_finishes_and_sync_completes_it(tiny_row,
     assert "Traceback" not in err
     assert "warning: not logged to MLflow" in err and "bench sync" in err, err
     (record,) = load_records(dataset="synthetic")
-    assert record["iterations"] == 60 and Path(record["checkpoint"]).name == "ckpt-00000060.pt"
+    assert record["iterations"] == 30 and Path(record["checkpoint"]).name == "ckpt-00000030.pt"
     run_dir = Path(record["checkpoint"]).parent.parent
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
 

@@ -611,27 +611,51 @@ def sweep(options: SweepOptions, echo=print) -> Optional[Path]:
         raise BenchError(f"{len(problems)} no-go check(s) above: nothing submitted; fix them (`bench doctor --row ROW` "
                          "shows one row's checks)")
     if options.dry_run:
-        folder = sweeps_dir() / "<stamp>" / SUBMITIT_DIR
-        if options.executor == "slurm":
-            echo("\n# sbatch script submitit submits for each job:\n" + sbatch_script(options, folder))
-        echo("# each job runs (bench run --gpus N starts torchrun, one process per GPU):")
-        for task in to_submit:
-            run_options = replace(base_run_options(specs[task.row], task.seed, options), resume=task.resume)
-            argv = job_argv(run_options, options.gpus, options.nodes, "$SLURM_NODEID",
-                            "<first host of $SLURM_JOB_NODELIST>", "<20000 + job id % 20000>")
-            echo(f"{task.row} seed {task.seed}: {shlex.join(argv)}")
-        echo(f"dry run: {len(to_submit)} job(s) would be submitted, {len(tasks) - len(to_submit)} skipped"
-             + (f"; {len(problems)} no-go check(s) above would stop the submission" if problems else ""))
+        print_dry_run(options, tasks, specs, len(problems), echo)
         return None
     if not to_submit:
         echo("nothing to submit: every (row, seed) is done or running")
         return None
+    sweep_dir = new_sweep_folder()
+    executor = make_executor(options, sweep_dir / SUBMITIT_DIR)
+    prepare_store(options.tracking_uri or paths.default_tracking_uri())
+    submitted = submit_jobs(options, to_submit, specs, executor, sweep_dir, echo)
+    if options.wait if options.wait is not None else options.executor == "local":
+        wait_for_jobs(sweep_dir, submitted, echo)
+    else:
+        echo("not waiting for the jobs: this exit code says only that they were submitted; "
+             f"`bench sweep status {sweep_dir}` says how they end")
+    return sweep_dir
+
+
+def print_dry_run(options: SweepOptions, tasks: list[Task], specs: dict[str, Spec], problems: int, echo) -> None:
+    """The sbatch script and each job's command line, without submitting anything."""
+    to_submit = [t for t in tasks if t.action == "submit"]
+    folder = sweeps_dir() / "<stamp>" / SUBMITIT_DIR
+    if options.executor == "slurm":
+        echo("\n# sbatch script submitit submits for each job:\n" + sbatch_script(options, folder))
+    echo("# each job runs (bench run --gpus N starts torchrun, one process per GPU):")
+    for task in to_submit:
+        run_options = replace(base_run_options(specs[task.row], task.seed, options), resume=task.resume)
+        argv = job_argv(run_options, options.gpus, options.nodes, "$SLURM_NODEID",
+                        "<first host of $SLURM_JOB_NODELIST>", "<20000 + job id % 20000>")
+        echo(f"{task.row} seed {task.seed}: {shlex.join(argv)}")
+    echo(f"dry run: {len(to_submit)} job(s) would be submitted, {len(tasks) - len(to_submit)} skipped"
+         + (f"; {problems} no-go check(s) above would stop the submission" if problems else ""))
+
+
+def new_sweep_folder() -> Path:
     sweep_dir = sweeps_dir() / time.strftime("%Y%m%d-%H%M%S")
     while sweep_dir.exists():
         sweep_dir = sweep_dir.with_name(sweep_dir.name + "+")
     (sweep_dir / STATE_DIR).mkdir(parents=True)
-    executor = make_executor(options, sweep_dir / SUBMITIT_DIR)
-    prepare_store(options.tracking_uri or paths.default_tracking_uri())
+    return sweep_dir
+
+
+def submit_jobs(options: SweepOptions, to_submit: list[Task], specs: dict[str, Spec], executor, sweep_dir: Path,
+                echo) -> list[Any]:
+    """Every task as a job, recorded in sweep.json as it goes; the local executor runs at most --max-parallel at
+    once, each given its share of the cores."""
     env = job_env()
     parallel = len(to_submit)
     if options.executor == "local":
@@ -653,7 +677,6 @@ def sweep(options: SweepOptions, echo=print) -> Optional[Path]:
         queue.append((entry, TrainingJob(run_options, options.gpus, options.nodes, env, str(state_file),
                                          options.max_requeues)))
     _write_meta(sweep_dir, meta)
-    wait = options.wait if options.wait is not None else options.executor == "local"
     submitted: list[Any] = []
     while queue:
         if sum(not job.done() for job in submitted) >= parallel:
@@ -673,19 +696,19 @@ def sweep(options: SweepOptions, echo=print) -> Optional[Path]:
             echo(f"submitted {len(submitted)} of {len(to_submit)} job(s) to {options.executor}"
                  + (f" ({parallel} at once)" if parallel < len(to_submit) else "")
                  + f"; sweep folder {sweep_dir}; watch with: bench sweep status {sweep_dir}")
-    if wait:
-        while not all(job.done() for job in submitted):
-            time.sleep(1)
-        echo(render_status(sweep_dir))
-        failed = [f"{r['row']} seed {r['seed']} ({r['last_line']})" for r in status_rows(sweep_dir)[1]
-                  if r["state"] != "done"]
-        if failed:
-            raise JobsFailed(f"{len(failed)} of {len(submitted)} job(s) did not finish: {'; '.join(failed)}; "
-                             "fix the cause and run the same `bench sweep` again (done jobs are skipped)")
-    else:
-        echo("not waiting for the jobs: this exit code says only that they were submitted; "
-             f"`bench sweep status {sweep_dir}` says how they end")
-    return sweep_dir
+    return submitted
+
+
+def wait_for_jobs(sweep_dir: Path, submitted: list[Any], echo) -> None:
+    """Until every job ends; then their states, and exit 1 naming each job that did not finish."""
+    while not all(job.done() for job in submitted):
+        time.sleep(1)
+    echo(render_status(sweep_dir))
+    failed = [f"{r['row']} seed {r['seed']} ({r['last_line']})" for r in status_rows(sweep_dir)[1]
+              if r["state"] != "done"]
+    if failed:
+        raise JobsFailed(f"{len(failed)} of {len(submitted)} job(s) did not finish: {'; '.join(failed)}; "
+                         "fix the cause and run the same `bench sweep` again (done jobs are skipped)")
 
 
 class JobsFailed(BenchError):
