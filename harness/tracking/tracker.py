@@ -226,14 +226,19 @@ class Tracker:
         return message
 
 
-def sync_journal(journal_dir: Path, tracking_uri: Optional[str] = None) -> tuple[Optional[str], int]:
-    """Replay a run's journal into a store: (run id there, entries sent). The URI defaults to the one the run used."""
+def _run_journal(journal_dir: Path, tracking_uri: Optional[str]) -> tuple[Journal, str]:
+    """A run's journal and the store to send it to (by default the one the run used)."""
     journal = Journal(journal_dir)
     header = journal.header()
     if not header:
         raise BenchError(f"{journal_dir} holds no tracking journal; give a run folder written by `bench run` or "
                          "`bench eval`")
-    uri = tracking_uri or header["tracking_uri"]
+    return journal, tracking_uri or header["tracking_uri"]
+
+
+def sync_journal(journal_dir: Path, tracking_uri: Optional[str] = None) -> tuple[Optional[str], int]:
+    """Replay a run's journal into a store: (run id there, entries sent). The URI defaults to the one the run used."""
+    journal, uri = _run_journal(journal_dir, tracking_uri)
     sink = open_store(uri)
     try:
         sent = replay(journal, sink)
@@ -251,12 +256,7 @@ def log_artifact_later(journal_dir: Path, relative: str, tracking_uri: Optional[
     """Log a file already in a run's artifact folder to the run after it ended (e.g. a card written afterwards):
     journalled like any artifact, then sent at once when the store has everything else of the run; otherwise it
     waits, with the rest, for `bench sync`. Returns a line saying which."""
-    journal = Journal(journal_dir)
-    header = journal.header()
-    if not header:
-        raise BenchError(f"{journal_dir} holds no tracking journal; give a run folder written by `bench run` or "
-                         "`bench eval`")
-    uri = tracking_uri or header["tracking_uri"]
+    journal, uri = _run_journal(journal_dir, tracking_uri)
     waiting = journal.pending(uri)
     journal.append({"op": "artifact", "path": relative})
     if waiting:
