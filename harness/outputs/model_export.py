@@ -22,6 +22,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -140,7 +142,10 @@ def export_onnx(model: nn.Module, path: Path, size: tuple[int, int], metadata: O
     model = model.eval()
     x = check_batch(size, check)
     began = time.perf_counter()
-    tmp = path.with_name(f".{path.name}.tmp")
+    # A name of this export's own: two exports to one path at once never write into each other's file.
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    tmp = Path(name)
     try:
         with warnings.catch_warnings():
             # The TorchScript exporter announces its deprecation and traces shapes as constants on purpose: the
