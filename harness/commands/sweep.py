@@ -620,7 +620,8 @@ def sweep(options: SweepOptions, echo=print) -> Optional[Path]:
     executor = make_executor(options, sweep_dir / SUBMITIT_DIR)
     prepare_store(options.tracking_uri or paths.default_tracking_uri())
     submitted = submit_jobs(options, to_submit, specs, executor, sweep_dir, echo)
-    if options.wait if options.wait is not None else options.executor == "local":
+    wait = options.wait if options.wait is not None else options.executor == "local"
+    if wait:
         wait_for_jobs(sweep_dir, submitted, echo)
     else:
         echo("not waiting for the jobs: this exit code says only that they were submitted; "
