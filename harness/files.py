@@ -19,11 +19,37 @@ from typing import IO, Any
 from harness.errors import BenchError
 
 
+def _default_file_mode() -> int:
+    """The mode `open()` gives a new file: 0o666 less the umask. Linux shows the umask in /proc; elsewhere it can
+    only be read by setting it (briefly, which another thread creating a file at that instant would see)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        umask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+def new_temporary_file(directory: Path, prefix: str, suffix: str) -> tuple[int, str]:
+    """A new file of a unique name in `directory` (descriptor, path) with the mode any new file would get: mkstemp
+    alone makes it 0600, which a record, table or cache renamed into place would keep, unreadable to the rest of a
+    team sharing the results folder."""
+    handle, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
+    try:
+        os.fchmod(handle, _default_file_mode())
+    except BaseException:
+        os.close(handle)
+        os.unlink(name)
+        raise
+    return handle, name
+
+
 @contextmanager
 def atomic_output(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
     """A file object whose contents replace `path` when the block ends without an exception."""
     path = Path(path)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, tmp = new_temporary_file(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, mode) as f:
             yield f

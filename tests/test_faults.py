@@ -281,6 +281,30 @@ def test_full_disk_while_writing_a_record_leaves_no_partial_file(tmp_path):
         assert list((small / "cityscapes" / "r").iterdir()) == []
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_files_renamed_into_place_get_the_mode_of_any_new_file(tmp_path, umask):
+    """Records, tables, checkpoints and predictions are written to a unique temporary file first; they end up with
+    the mode the umask gives a new file (readable by the team sharing a results folder), not mkstemp's 0600."""
+    import numpy as np
+
+    from harness.files import atomic_write_text
+    from harness.outputs.predictions import save_prediction
+
+    before = os.umask(umask)
+    try:
+        written = [
+            write_record({"dataset": "cityscapes", "row": "r", "time": "2026-01-01T00:00:00Z", "miou": 1.0},
+                         tmp_path / "results"),
+            atomic_write_text(tmp_path / "benchmark.md", "table\n"),
+            checkpoint.save({"iteration": 1, "w": torch.ones(3)}, tmp_path / "checkpoints", 1, keep=2),
+            save_prediction(np.zeros((4, 8), dtype=np.uint8), tmp_path / "pred" / "a.png"),
+        ]
+    finally:
+        os.umask(before)
+    assert {path.name: oct(path.stat().st_mode & 0o777) for path in written} == \
+        {path.name: oct(0o666 & ~umask) for path in written}
+
+
 @pytest.mark.slow
 def test_full_runs_folder_fails_the_run_in_one_line_and_run_json_says_failed(tmp_path, rows, synthetic_root):
     rows({"tiny": TINY})

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from harness.data.cityscapes import Sample, decode_pair, read_header
 from harness.errors import BenchError
-from harness.files import atomic_write_text, format_bytes
+from harness.files import atomic_write_text, format_bytes, new_temporary_file
 
 FORMAT = 1
 
@@ -175,7 +175,7 @@ def build_cache(cache_dir: Path, root: Path, split: str, samples: Sequence[Sampl
     entries, offset = layout(root, samples)
     check_space(cache_dir, split, offset)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{split}-", suffix=".frames.tmp", dir=cache_dir)
+        fd, tmp = new_temporary_file(cache_dir, prefix=f".{split}-", suffix=".frames.tmp")
     except OSError as exc:
         raise BenchError(f"cannot write the decoded cache in {cache_dir} ({exc.strerror or exc}); make it writable "
                          "or choose another folder") from None

@@ -23,7 +23,6 @@ import copy
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ import torch
 from torch import nn
 
 from harness.errors import BenchError
-from harness.files import atomic_output
+from harness.files import atomic_output, new_temporary_file
 
 OPSET = 17
 INPUT, OUTPUT = "image", "logits"
@@ -143,7 +142,7 @@ def export_onnx(model: nn.Module, path: Path, size: tuple[int, int], metadata: O
     x = check_batch(size, check)
     began = time.perf_counter()
     # A name of this export's own: two exports to one path at once never write into each other's file.
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, name = new_temporary_file(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     tmp = Path(name)
     try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +34,7 @@ from harness.data.loaders import eval_loader
 from harness.engine.evaluate import Reduce, Scored, Sink, TestMode, evaluate
 from harness.engine.metrics import ConfusionMatrix, SegMetrics
 from harness.errors import BenchError
-from harness.files import atomic_output
+from harness.files import atomic_output, new_temporary_file
 from harness.outputs.panels import PanelWriter, panel_indices
 
 
@@ -58,7 +57,7 @@ def save_prediction(train_ids: np.ndarray | torch.Tensor, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target, then rename: an interrupted run never leaves a truncated PNG that
     # a later zip or evaluation would pick up as a prediction.
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
+    fd, tmp = new_temporary_file(path.parent, prefix=".tmp-", suffix=".png")
     try:
         with os.fdopen(fd, "wb") as handle:
             Image.fromarray(label_ids).save(handle, format="PNG")

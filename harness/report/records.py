@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from harness.errors import BenchError
+from harness.files import new_temporary_file
 from harness.paths import PROJECT_ROOT, results_dir
 
 PACKAGES = ("torch", "torchvision", "timm", "segmentation-models-pytorch", "mlflow", "numpy", "pillow",
@@ -111,7 +112,7 @@ def write_record(record: dict[str, Any], root: Optional[Path] = None) -> Path:
     tmp = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+        handle, tmp = new_temporary_file(folder, prefix=".tmp-", suffix=".json")
         with os.fdopen(handle, "w") as f:
             json.dump(record, f, indent=2, sort_keys=True, allow_nan=False)
             f.write("\n")
