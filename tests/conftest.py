@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
+import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +24,7 @@ from harness.logs import configure_logging
 from harness.paths import PROJECT_ROOT
 from harness.report.records import load_records
 from tests.cluster import postgres_uri, slurm_cluster, tracking_server  # noqa: F401  (session services)
-from tests.helpers import PAIR, bench, experiments_with
+from tests.helpers import PAIR, bench, experiments_with, listening_addresses, process_tree
 
 REFERENCE = Path(os.environ.get("SEGBENCH_REFERENCE", PROJECT_ROOT.parent / "shared" / "reference"))
 SEED_TABLE = Path(os.environ.get("SEGBENCH_SEED_TABLE", REFERENCE / "seed-table.md"))
@@ -157,6 +161,7 @@ class PairRun:
     record: dict[str, Any]
     state: dict[str, Any]
     losses: list[float]
+    listening: set[str]  # local addresses its processes listened on (/proc/net/tcp's hex), seen while it trained
 
 
 @pytest.fixture(scope="session")
@@ -172,9 +177,27 @@ def pair_reference(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Pat
         if not built:
             env["SEGBENCH_EXPERIMENTS"] = str(experiments_with(root, {"pair": PAIR}))
             process = bench("run", "--row", "pair", "--synthetic", "--device", "cpu", "--gpus", "2", env=env)
+            listening = watch_listening_sockets(process)
             out, err = process.communicate(timeout=600)
+            listening.join()
             assert process.returncode == 0, err
+            (root / "listening.json").write_text(json.dumps(sorted(listening.seen)))
     (record,) = load_records(root / "results", dataset="synthetic")
     history = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_metric_history(record["mlflow_run_id"], "train/loss")
     state = torch.load(record["checkpoint"], map_location="cpu", weights_only=True)
-    return PairRun(record, state, [m.value for m in sorted(history, key=lambda m: m.step)])
+    listening = set(json.loads((root / "listening.json").read_text()))
+    return PairRun(record, state, [m.value for m in sorted(history, key=lambda m: m.step)], listening)
+
+
+class watch_listening_sockets(threading.Thread):
+    """Collects, until the process ends, the addresses its process tree listens on (polled every 0.2 s)."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        super().__init__(daemon=True)
+        self.process, self.seen = process, set()
+        self.start()
+
+    def run(self) -> None:
+        while self.process.poll() is None:
+            self.seen |= listening_addresses(process_tree(self.process.pid))
+            time.sleep(0.2)

@@ -159,3 +159,43 @@ def official_tree(root: Path, skip_city: str | None = None) -> Path:
                 if split != "test":
                     (labels / f"{city}_{i:06d}_000019_gtFine_labelIds.png").touch()
     return root
+
+
+def process_tree(pid: int) -> set[int]:
+    found = {pid}
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                for child in f.read().split():
+                    found |= process_tree(int(child))
+    except OSError:
+        pass
+    return found
+
+
+def listening_addresses(pids: set[int]) -> set[str]:
+    """Local addresses of the TCP sockets in LISTEN state that these processes hold (by socket inode)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if link.startswith("socket:["):
+                    inodes.add(link[len("socket:["):-1])
+        except OSError:
+            continue
+    addresses = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                addresses.add(fields[1].split(":")[0])
+    return addresses
+
+
+LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1 and ::1 as /proc/net writes them

@@ -10,7 +10,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import time
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +27,7 @@ from harness.engine.run_folder import RUN_FILE, RunFolder
 from harness.errors import BenchError
 from harness.paths import runs_dir
 from harness.report.records import load_records, write_record
-from tests.helpers import bench, experiments_with
+from tests.helpers import LOOPBACK, bench, experiments_with
 
 TINY = {
     "inherit": "df_seg_v1-ema",
@@ -349,57 +348,11 @@ def test_running_status_of_a_dead_process_reads_interrupted_and_a_live_one_is_no
 # --- listening sockets ---------------------------------------------------------------------------
 
 
-def process_tree(pid: int) -> set[int]:
-    found = {pid}
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                for child in f.read().split():
-                    found |= process_tree(int(child))
-    except OSError:
-        pass
-    return found
-
-
-def listening_addresses(pids: set[int]) -> set[str]:
-    """Local addresses of the TCP sockets in LISTEN state that these processes hold (by socket inode)."""
-    inodes = set()
-    for pid in pids:
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                try:
-                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                except OSError:
-                    continue
-                if link.startswith("socket:["):
-                    inodes.add(link[len("socket:["):-1])
-        except OSError:
-            continue
-    addresses = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        if not os.path.exists(table):
-            continue
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-                addresses.add(fields[1].split(":")[0])
-    return addresses
-
-
-LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1 and ::1 as /proc/net writes them
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux's /proc/net/tcp to read sockets")
-def test_two_process_run_on_one_node_listens_on_loopback_only(tmp_path, rows, synthetic_root):
-    rows({"pair": {"inherit": "unet-769", "reference": {"miou": [1.0]},
-                   "synthetic": {"iters": 2, "batch_size": 4, "crop_size": [64, 64], "test_size": [128, 64]}}})
-    process = bench("run", "--row", "pair", "--synthetic", "--device", "cpu", "--gpus", "2")
-    seen: set[str] = set()
-    while process.poll() is None:
-        seen |= listening_addresses(process_tree(process.pid))
-        time.sleep(0.2)
-    out, err = process.communicate()
-    assert process.returncode == 0, err
+def test_two_process_run_on_one_node_listens_on_loopback_only(pair_reference):
+    """The rendezvous and gloo sockets of `bench run --gpus 2` (watched in the launcher's whole process tree while the
+    session's two-process run trained) listen on loopback only, never on every interface."""
+    seen = pair_reference.listening
     assert seen, "no listening socket observed: the check saw nothing"
     assert seen <= LOOPBACK, f"listening beyond loopback: {seen - LOOPBACK}"

@@ -25,10 +25,9 @@ from harness.paths import runs_dir
 from harness.report.records import load_records, write_record
 from harness.tracking.journal import JOURNAL_DIR
 from harness.tracking.tracker import Tracker
-from tests.helpers import bench, experiments_with
+from tests.helpers import experiments_with
 from tests.table_fixtures import full_budget_record
 from tests.test_faults import TINY, invoke, nothing_started, one_line, rows, tmpfs  # noqa: F401 (rows: a fixture)
-
 
 MLFLOW_NOTES = tuple(f"{year}/" for year in range(2020, 2100))  # MLflow's own dated INFO lines (a new store)
 
@@ -119,7 +118,7 @@ def test_sync_completeness_is_per_store(tmp_path):
     own_id = json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
     elsewhere = invoke("sync", str(run_dir), "--tracking-uri", other)
     assert elsewhere.exit_code == 0, elsewhere.output
-    assert "already complete" not in elsewhere.output and f"entries sent to run " in elsewhere.output
+    assert "already complete" not in elsewhere.output and "entries sent to run " in elsewhere.output
     (copied,) = MlflowClient(other).search_runs([MlflowClient(other).get_experiment_by_name(
         "segbench-synthetic").experiment_id])
     assert copied.info.status == "FINISHED" and copied.data.metrics["miou"] == 12.5

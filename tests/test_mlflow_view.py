@@ -16,17 +16,16 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
-
 from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
 
 import harness.tracking.mlflow_ui as mlflow_ui
 from harness.cli import main
 from harness.commands.evaluate import EvalOptions, evaluate_checkpoint
 from harness.commands.run import RunOptions, closing_line, run
-from harness.errors import BenchError
 from harness.config.spec import load_spec
 from harness.data.cityscapes import CLASS_NAMES
+from harness.errors import BenchError
 from harness.paths import default_tracking_uri
 from harness.report.verdicts import measured_miou
 from harness.tracking.tracker import metric_value
