@@ -75,3 +75,30 @@ def test_tensorboard_without_a_folder_is_one_line(synthetic_root: Path):
 
     with pytest.raises(BenchError, match="tensorboard:DIR"):
         run(RunOptions(row="df_seg_v1", synthetic=True, iters=1, tracking_uri="tensorboard:", progress=False))
+
+
+REPORT_ONLY = """
+import sys
+from harness.cli import main
+try:
+    main(sys.argv[1:], standalone_mode=False)
+except SystemExit as exit:
+    assert not exit.code, exit.code
+heavy = sorted(name for name in ("torch", "timm", "torchvision", "mlflow") if name in sys.modules)
+print("imported:", " ".join(heavy) or "-")
+"""
+
+
+@pytest.mark.parametrize("args", [["table", "--dataset", "synthetic"], ["check", "--rows", "bisenet*"]])
+def test_the_report_commands_read_records_without_pytorch_or_mlflow(args, isolated_outputs):
+    """`bench table` and `bench check` (run after every finished job of a sweep, and by hand) read records and specs
+    only: they start without importing PyTorch, timm or MLflow, which take seconds to load."""
+    import subprocess
+    import sys
+
+    from harness.paths import PROJECT_ROOT
+
+    done = subprocess.run([sys.executable, "-c", REPORT_ONLY, *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "imported: -", done.stdout[-2000:]

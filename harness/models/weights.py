@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from harness.config.spec import Spec
+from harness.config.starting_weights import LOADED, META, MISSING, OTHER, RANDOM
 from harness.errors import BenchError
 from harness.files import read_torch_file
 from harness.models.provenance import CHECKSUM_OK, check_file
@@ -155,10 +156,6 @@ def expected_files(spec: Spec) -> list[tuple[str, Path]]:
     return []
 
 
-MISSING = "missing"
-OTHER = "other"  # a file of the expected name whose checksum is not the published one
-
-
 def apply_starting_weights(model: nn.Module, spec: Spec, loud: bool = False) -> str:
     """Fill `model` from the file the spec names (`expected_files`).
 
@@ -170,10 +167,10 @@ def apply_starting_weights(model: nn.Module, spec: Spec, loud: bool = False) -> 
     row, and the table marks it.
     """
     if any(p.is_meta for p in model.parameters()):
-        return "meta"  # a meta-device model only measures shapes (harness.models.sizes); it has no storage to fill
+        return META  # a meta-device model only measures shapes (harness.models.sizes); it has no storage to fill
     files = expected_files(spec)
     if not files:
-        return "random (none expected)"
+        return RANDOM
     absent = [path for _, path in files if not path.is_file()]
     if absent:
         names = ", ".join(str(p) for p in absent)
@@ -196,4 +193,4 @@ def apply_starting_weights(model: nn.Module, spec: Spec, loud: bool = False) -> 
         log.warning("warning: %s is not the file the row expects: %s; this run is recorded as other starting "
                     "weights and does not count (`bench weights --verify`)", path, checked.describe())
         return f"{OTHER} {path} ({checked.describe()})"
-    return f"loaded {path}" + (" (checksum ok)" if checked.status == CHECKSUM_OK else "")
+    return f"{LOADED} {path}" + (" (checksum ok)" if checked.status == CHECKSUM_OK else "")

@@ -25,6 +25,7 @@ from tabulate import tabulate
 from harness.config.benchmark import FRAME_SIZE, OFFICIAL_SPLIT_IMAGES
 from harness.config.plan import planned_iterations
 from harness.config.spec import Spec, load_all, load_ours, table_title
+from harness.config.starting_weights import MISSING
 from harness.errors import BenchError
 from harness.files import write_if_changed
 from harness.paths import benchmark_path, results_dir
@@ -60,7 +61,7 @@ def reference_cell(spec: Spec) -> str:
 def random_start(record: dict[str, Any]) -> bool:
     """A Cityscapes run lacked the starting weights its row names: not the table's experiment. (Synthetic runs
     prove the pipeline and usually have no weights; they are never reproductions anyway.)"""
-    return record.get("dataset") != "synthetic" and str(record.get("starting_weights", "")).startswith("missing")
+    return record.get("dataset") != "synthetic" and str(record.get("starting_weights", "")).startswith(MISSING)
 
 
 def _fmt(value: Optional[float], spec: str = ".2f", empty: str = "-") -> str:

@@ -18,9 +18,9 @@ from harness import paths
 from harness.config.benchmark import OFFICIAL_SPLIT_IMAGES
 from harness.config.plan import planned_iterations
 from harness.config.spec import Spec, base_row, load_all, load_ours, table_tolerance
+from harness.config.starting_weights import MISSING, OTHER
 from harness.engine.run_folder import RUN_STATUS, RunFolder
 from harness.errors import BenchError
-from harness.models.weights import OTHER
 from harness.report.records import load_records
 
 OFFICIAL_TRAIN_IMAGES = OFFICIAL_SPLIT_IMAGES["train"]
@@ -86,7 +86,7 @@ def standing(spec: Spec, record: dict[str, Any]) -> Standing:
         kind = SMOKE if done is None or done < one_epoch else PARTIAL
         return Standing(kind, f"{done} of the {planned} planned iterations")
     weights = str(record.get("starting_weights", ""))
-    if weights.startswith("missing"):
+    if weights.startswith(MISSING):
         return Standing(RANDOM_START, f"started without the row's weights ({weights})")
     if weights.startswith(f"{OTHER} "):
         return Standing(OTHER_WEIGHTS, f"started from another file than the published one "
