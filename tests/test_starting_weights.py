@@ -312,7 +312,7 @@ def test_mseg_row_starts_from_an_earlier_run_and_beats_scratch(tmp_path, monkeyp
     evaluation already beats training from scratch for the same steps; a mismatched checkpoint is refused."""
     few = 3
     use_rows(tmp_path, monkeypatch, {
-        "df-pretrain": {"inherit": "df_seg_v1", "reference": {"miou": [1.0]}, "synthetic": small_budget(150)},
+        "df-pretrain": {"inherit": "df_seg_v1", "reference": {"miou": [1.0]}, "synthetic": small_budget(80)},
         "df-scratch": {"inherit": "df_seg_v1", "reference": {"miou": [1.0]}, "synthetic": small_budget(few)},
         # The real MSeg row's chain: its model.init_checkpoint (weights/df_seg_v1_mseg.pth) is what --init-checkpoint replaces.
         "df-mseg": {"inherit": "df_seg_v1-mseg", "reference": {"miou": [1.0]}, "synthetic": small_budget(few)},
