@@ -189,7 +189,7 @@ def wait_for(condition, timeout: float = 300.0, what: str = "the jobs"):
         value = condition()
         if value:
             return value
-        time.sleep(0.1)
+        time.sleep(0.5)  # each look runs squeue and sacct: a tight loop takes CPU from the jobs
     raise AssertionError(f"timed out waiting for {what}")
 
 

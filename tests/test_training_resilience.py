@@ -288,7 +288,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_with_one_checkpoint_that_res
     deadline = time.time() + 300
     while logged_steps("pair") < at:
         assert process.poll() is None and time.time() < deadline, process.communicate()
-        time.sleep(0.01)
+        time.sleep(0.05)
     os.kill(worker_of_rank(process.pid, rank), signal.SIGTERM)
     out, err = process.communicate(timeout=300)
     context = f"SIGTERM to rank {rank} after iteration {at}:\n{err}"
