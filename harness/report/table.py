@@ -25,7 +25,6 @@ from tabulate import tabulate
 from harness.config.benchmark import FRAME_SIZE, OFFICIAL_SPLIT_IMAGES
 from harness.config.plan import planned_iterations
 from harness.config.spec import Spec, load_all, load_ours, table_title
-from harness.config.starting_weights import MISSING
 from harness.errors import BenchError
 from harness.files import write_if_changed
 from harness.paths import benchmark_path, results_dir
@@ -40,6 +39,7 @@ from harness.report.verdicts import (
     row_verdicts,
     runs_in_progress,
     standing,
+    started_without_weights,
 )
 
 DATASETS = ("cityscapes", "synthetic")
@@ -61,7 +61,7 @@ def reference_cell(spec: Spec) -> str:
 def random_start(record: dict[str, Any]) -> bool:
     """A Cityscapes run lacked the starting weights its row names: not the table's experiment. (Synthetic runs
     prove the pipeline and usually have no weights; they are never reproductions anyway.)"""
-    return record.get("dataset") != "synthetic" and str(record.get("starting_weights", "")).startswith(MISSING)
+    return record.get("dataset") != "synthetic" and started_without_weights(record)
 
 
 def _fmt(value: Optional[float], spec: str = ".2f", empty: str = "-") -> str:

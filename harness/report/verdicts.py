@@ -63,6 +63,11 @@ class Standing:
         return self.kind == REPRODUCTION
 
 
+def started_without_weights(record: dict[str, Any]) -> bool:
+    """The run lacked the starting weights its row names and trained from random weights instead."""
+    return str(record.get("starting_weights", "")).startswith(MISSING)
+
+
 def standing(spec: Spec, record: dict[str, Any]) -> Standing:
     """The one rule: a record is a reproduction of `spec`'s row only if it trained the full planned budget on
     Cityscapes with the official split (500 val images), from the row's expected starting weights.
@@ -86,7 +91,7 @@ def standing(spec: Spec, record: dict[str, Any]) -> Standing:
         kind = SMOKE if done is None or done < one_epoch else PARTIAL
         return Standing(kind, f"{done} of the {planned} planned iterations")
     weights = str(record.get("starting_weights", ""))
-    if weights.startswith(MISSING):
+    if started_without_weights(record):
         return Standing(RANDOM_START, f"started without the row's weights ({weights})")
     if weights.startswith(f"{OTHER} "):
         return Standing(OTHER_WEIGHTS, f"started from another file than the published one "
