@@ -177,7 +177,7 @@ def pair_reference(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Pat
         if not built:
             env["SEGBENCH_EXPERIMENTS"] = str(experiments_with(root, {"pair": PAIR}))
             process = bench("run", "--row", "pair", "--synthetic", "--device", "cpu", "--gpus", "2", env=env)
-            listening = watch_listening_sockets(process)
+            listening = ListeningSocketsWatch(process)
             out, err = process.communicate(timeout=600)
             listening.join()
             assert process.returncode == 0, err
@@ -189,7 +189,7 @@ def pair_reference(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Pat
     return PairRun(record, state, [m.value for m in sorted(history, key=lambda m: m.step)], listening)
 
 
-class watch_listening_sockets(threading.Thread):
+class ListeningSocketsWatch(threading.Thread):
     """Collects, until the process ends, the addresses its process tree listens on (polled every 0.2 s)."""
 
     def __init__(self, process: subprocess.Popen) -> None:
