@@ -139,13 +139,21 @@ def test_data_mode_reads_a_given_dataset_with_workers(tmp_path, one_thread):
 
 
 def test_eval_mode_is_the_evaluation_loop_and_reports_its_share_of_the_forward_rate(isolated_outputs, one_thread):
-    record = speed.speed(speed.SpeedOptions(row="df_seg_v1", mode="all", device="cpu", size=(64, 32), warmup=1,
-                                            repeats=2, steps=2, workers=0, plain=False))
-    infer, evaluation = record["modes"]["infer"], record["modes"]["eval"]
-    assert infer["batch"] == evaluation["batch"] == 1 and infer["size"] == evaluation["size"]
-    assert evaluation["fraction_of_forward"] == pytest.approx(evaluation["images_per_s"] / infer["images_per_s"])
-    # The loop does the forward and more (decoding, resizing, scoring), so it cannot be much faster than it.
-    assert 0 < evaluation["fraction_of_forward"] < 1.5
+    shares = []
+    for _ in range(3):
+        record = speed.speed(speed.SpeedOptions(row="df_seg_v1", mode="all", device="cpu", size=(64, 32), warmup=1,
+                                                repeats=5, steps=3, workers=0, plain=False))
+        infer, evaluation = record["modes"]["infer"], record["modes"]["eval"]
+        assert infer["batch"] == evaluation["batch"] == 1 and infer["size"] == evaluation["size"]
+        assert evaluation["fraction_of_forward"] == pytest.approx(evaluation["images_per_s"] / infer["images_per_s"])
+        shares.append(evaluation["fraction_of_forward"])
+        # The loop does the forward and more (decoding, resizing, scoring), so it cannot be much faster than it. The
+        # two are timed one after the other for milliseconds, and a burst of another process's load (the other test
+        # worker's) in the forward's turn makes the loop look faster; load only ever slows, so a quiet try settles it.
+        if 0 < shares[-1] < 1.5:
+            break
+    else:
+        pytest.fail(f"the evaluation loop timed faster than its own forward in 3 tries: {shares}")
     assert "% of infer" in speed.render(record)
 
 
