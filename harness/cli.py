@@ -132,8 +132,8 @@ def show(row: str) -> None:
 def run(row: str, seed: int, seeds_text: Optional[str], gpus: int, nnodes: int, node_rank: int,
         master_addr: Optional[str], master_port: Optional[int], compile_model: bool, **options: Any) -> None:
     """Train and evaluate one row; track it, write a result record, regenerate benchmark.md."""
-    from harness.commands.options import LaunchOptions, RunOptions, parse_seeds
-    from harness.commands.run import main as run_main
+    from harness.commands.run import run as run_rows
+    from harness.launch.options import LaunchOptions, RunOptions, parse_seeds
 
     seeds = [seed]
     if seeds_text is not None:
@@ -141,7 +141,7 @@ def run(row: str, seed: int, seeds_text: Optional[str], gpus: int, nnodes: int, 
             raise BenchError("--seeds starts one new run per seed: drop --seed and --resume (or run one --seed)")
         seeds = parse_seeds(seeds_text)
     launch = LaunchOptions(gpus, nnodes, node_rank, master_addr, master_port)
-    sys.exit(run_main(RunOptions(row=row, seed=seeds[0], compile=compile_model, **options), seeds, launch,
+    sys.exit(run_rows(RunOptions(row=row, seed=seeds[0], compile=compile_model, **options), seeds, launch,
                       echo=click.echo))
 
 
@@ -316,19 +316,16 @@ def sync(run_dirs: tuple[Path, ...], tracking_uri: Optional[str], skip_damaged: 
 def speed(row: Optional[str], rows_pattern: Optional[str], budget_s: Optional[float], compile_model: bool,
           size: Optional[str], **options: Any) -> None:
     """Time a row's training step, inference, evaluation loop and data loading; write a record, print a table."""
-    from harness.commands.options import parse_size
-    from harness.commands.speed import SpeedOptions, render, rows_summary, speed_rows
     from harness.commands.speed import speed as measure_speed
+    from harness.engine.benchmark import SpeedOptions
+    from harness.launch.options import parse_size
 
     if (row is None) == (rows_pattern is None):
         raise BenchError("bench speed needs --row ROW or --rows GLOB (e.g. --rows 'df_seg*' or --rows all), not both")
     if budget_s is not None and rows_pattern is None:
         raise BenchError("--budget-s limits a --rows measurement; give --rows GLOB (or drop --budget-s)")
     speed_options = SpeedOptions(row=row or "", compile=compile_model, size=parse_size(size), **options)
-    if row is not None:
-        click.echo(render(measure_speed(speed_options)))
-        return
-    click.echo(rows_summary(speed_rows(rows_pattern or "", speed_options, budget_s, echo=click.echo)))
+    measure_speed(speed_options, rows_pattern, budget_s, echo=click.echo)
 
 
 @main.command("doctor")
@@ -416,7 +413,7 @@ def export(checkpoint: str, fmt: str, weights: Optional[str], out: Optional[Path
            row: Optional[str]) -> None:
     """Write a checkpoint's network as ONNX (checked by onnxruntime against PyTorch) or safetensors."""
     from harness.commands.export import export as export_model
-    from harness.commands.options import parse_size
+    from harness.launch.options import parse_size
 
     click.echo(export_model(checkpoint, fmt, weights, out, parse_size(size), row))
 
@@ -496,8 +493,9 @@ def sweep_group(ctx: click.Context, rows: Optional[str], seeds_text: str, slurm_
     """One job per (row, seed) not yet done or running, on Slurm (or locally) through submitit; `status`, `cancel`."""
     if ctx.invoked_subcommand is not None:
         return
-    from harness.commands.options import parse_seeds
-    from harness.commands.sweep import DEFAULT_MAX_REQUEUES, SweepOptions, parse_slurm_args, sweep
+    from harness.commands.sweep import sweep
+    from harness.launch.options import parse_seeds
+    from harness.launch.sweep import DEFAULT_MAX_REQUEUES, SweepOptions, parse_slurm_args
 
     if not rows:
         raise BenchError("bench sweep needs --rows GLOB[,GLOB] (e.g. --rows '*' for the whole table), or a "
@@ -511,18 +509,18 @@ def sweep_group(ctx: click.Context, rows: Optional[str], seeds_text: str, slurm_
 @click.argument("sweep_dir", required=False, type=click.Path(file_okay=False, path_type=Path))
 def sweep_status(sweep_dir: Optional[Path]) -> None:
     """Each (row, seed) of a sweep (default: the newest): state, job, progress, last log line, log."""
-    from harness.commands.sweep import render_status
+    from harness.commands.sweep import status
 
-    click.echo(render_status(sweep_dir))
+    click.echo(status(sweep_dir))
 
 
 @sweep_group.command("cancel")
 @click.argument("sweep_dir", required=False, type=click.Path(file_okay=False, path_type=Path))
 def sweep_cancel(sweep_dir: Optional[Path]) -> None:
     """Cancel a sweep's pending and running jobs (default: the newest sweep)."""
-    from harness.commands.sweep import cancel
+    from harness.commands.sweep import cancel_jobs
 
-    for line in cancel(sweep_dir):
+    for line in cancel_jobs(sweep_dir):
         click.echo(line)
 
 

@@ -139,7 +139,7 @@ class FinishedRun:
 def finished_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> FinishedRun:
     """Trained once per session, in its own results, runs and MLflow store: tests that read it point the
     environment there (`monkeypatch.setenv(k, v) for k, v in finished_run.env.items()`) or pass its paths."""
-    from harness.commands.run import RunOptions, run
+    from harness.launch.run import RunOptions, run
 
     with built_once(tmp_path_factory, "finished-run") as (root, built):
         env = {"SEGBENCH_RESULTS": str(root / "results"), "SEGBENCH_RUNS": str(root / "runs"),
@@ -147,7 +147,7 @@ def finished_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory)
                "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
         if not built:
             # benchmark.md and its figure (FLOPs of every row) are no output of this run that its readers look at.
-            with mock.patch.dict(os.environ, env), mock.patch("harness.commands.run.write_benchmark"):
+            with mock.patch.dict(os.environ, env), mock.patch("harness.launch.run.write_benchmark"):
                 run(RunOptions(row="sf_seg_v1-ema", synthetic=True, iters=2, progress=False))
     (record,) = load_records(root / "results", dataset="synthetic")
     folder = Path(record["checkpoint"]).parent.parent

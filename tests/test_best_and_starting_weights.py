@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from harness.commands.run import RunOptions, run
+from harness.launch.run import RunOptions, run
 from harness.config.spec import load_spec
 from harness.engine import checkpoint
 from harness.models import build_model

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from harness.cli import main
-from harness.commands.run import RunOptions, run
+from harness.launch.run import RunOptions, run
 from harness.config.spec import load_spec
 from harness.data.cityscapes import TRAIN_ID_TO_LABEL_ID, find_samples
 from harness.outputs.predictions import score_predictions

@@ -67,7 +67,7 @@ def test_torchrun_workers_run_the_parsed_options_not_the_raw_command_line():
     """Each worker's `bench run` command line is rebuilt from the options this process parsed and validated:
     parsing it again gives the same options (launcher options and the spelling typed play no part)."""
     from harness.cli import run as run_command
-    from harness.commands.options import RunOptions, worker_argv
+    from harness.launch.options import RunOptions, worker_argv
 
     options = RunOptions(row="df_seg_v1", synthetic=True, iters=7, device="cpu", deterministic=True,
                          eval_every=3, offline_tracking=True, resume="latest")

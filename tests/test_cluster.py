@@ -18,8 +18,8 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from harness.cli import main
-from harness.commands.options import RunOptions
-from harness.commands.sweep import TrainingJob, job_env, read_state, sweeps_dir
+from harness.launch.options import RunOptions
+from harness.launch.sweep import TrainingJob, job_env, read_state, sweeps_dir
 from harness.config.spec import load_all, load_spec
 from harness.paths import PROJECT_ROOT, runs_dir
 from harness.report.figure import gflops_by_row

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from harness.cli import main
-from harness.commands.run import find_resume_target
+from harness.launch.run import find_resume_target
 from harness.engine import checkpoint
 from harness.engine.metrics import ConfusionMatrix
 from harness.engine.run_folder import RUN_FILE, RunFolder

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from harness.commands.run import RunOptions, run
-from harness.commands.speed import SpeedOptions, speed
+from harness.launch.run import RunOptions, run
+from harness.launch.speed import SpeedOptions, speed
 from harness.engine import train
 
 pytestmark = pytest.mark.slow

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 import harness.tracking.mlflow_ui as mlflow_ui
 from harness.cli import main
 from harness.commands.evaluate import EvalOptions, evaluate_checkpoint
-from harness.commands.run import RunOptions, closing_line, run
+from harness.launch.run import RunOptions, closing_line, run
 from harness.config.spec import load_spec
 from harness.data.cityscapes import CLASS_NAMES
 from harness.errors import BenchError

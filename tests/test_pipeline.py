@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from harness.cli import main
-from harness.commands.run import RunOptions, run
+from harness.launch.run import RunOptions, run
 from harness.config.spec import load_spec
 from harness.data.cityscapes import find_samples
 from harness.engine.device import seed_everything

@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from harness.cli import main
-from harness.commands.options import RunOptions, validate_run
+from harness.launch.options import RunOptions, validate_run
 from harness.config.spec import load_all, load_spec
 from harness.models import build_model, provenance
 from harness.models.weights import apply_starting_weights, expected_files

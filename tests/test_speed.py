@@ -12,7 +12,8 @@ import torch
 from click.testing import CliRunner
 
 from harness.cli import main
-from harness.commands import speed
+from harness.engine import benchmark
+from harness.launch import speed
 from harness.config.spec import load_spec
 from harness.errors import BenchError
 
@@ -62,7 +63,7 @@ def test_infer_flops_are_the_bench_list_sizes_figure():
     from harness.models.sizes import measure_spec
 
     spec = load_spec("sf_seg_v2")
-    assert speed.inference_flops(spec, *spec.columns.test_size) == measure_spec(spec).flops
+    assert benchmark.inference_flops(spec, *spec.columns.test_size) == measure_spec(spec).flops
 
 
 def test_training_flops_count_forward_and_backward(monkeypatch):
@@ -82,7 +83,7 @@ def test_timing_takes_the_median_after_the_warm_up():
         calls.append(1)
         time.sleep(next(durations))
 
-    times = speed.time_steps(step, torch.device("cpu"), warmup=2, repeats=3, steps=2)
+    times = benchmark.time_steps(step, torch.device("cpu"), warmup=2, repeats=3, steps=2)
     assert len(calls) == 8 and len(times) == 3
     assert times[0] == pytest.approx(0.03, abs=0.008) and times[1] == pytest.approx(0.01, abs=0.008)
 
@@ -94,18 +95,18 @@ def test_out_of_memory_retries_with_a_smaller_batch():
         tried.append(batch)
         if batch > 3:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return speed.Timing(batch, 0.1, [0.1], None)
+        return benchmark.Timing(batch, 0.1, [0.1], None)
 
-    assert speed.with_batch_retry(measure, 8, torch.device("cpu")).batch == 3
+    assert benchmark.with_batch_retry(measure, 8, torch.device("cpu")).batch == 3
     assert tried == [8, 6, 4, 3]  # timm's decay_batch_step
 
     def broken(batch):
         raise ValueError("not a memory problem")
 
     with pytest.raises(ValueError):
-        speed.with_batch_retry(broken, 8, torch.device("cpu"))
+        benchmark.with_batch_retry(broken, 8, torch.device("cpu"))
     with pytest.raises(BenchError, match="not even one image"):
-        speed.with_batch_retry(lambda b: measure(10), 2, torch.device("cpu"))
+        benchmark.with_batch_retry(lambda b: measure(10), 2, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("args,message", [
@@ -130,7 +131,7 @@ def test_data_mode_reads_a_given_dataset_with_workers(tmp_path, one_thread):
     from harness.data.synthetic import write_synthetic
 
     root = write_synthetic(tmp_path / "tree", train_images=3, val_images=0, size=(64, 32), progress=False)
-    record = speed.speed(speed.SpeedOptions(row="sf_seg_v2", mode="data", batch=2, device="cpu", data_root=str(root),
+    record = speed.speed(benchmark.SpeedOptions(row="sf_seg_v2", mode="data", batch=2, device="cpu", data_root=str(root),
                                             workers=1, warmup=0, repeats=2, steps=1))
     data = record["modes"]["data"]
     assert set(record["modes"]) == {"data", "data cached", "augment"} and str(root) in data["images"]
@@ -141,7 +142,7 @@ def test_data_mode_reads_a_given_dataset_with_workers(tmp_path, one_thread):
 def test_eval_mode_is_the_evaluation_loop_and_reports_its_share_of_the_forward_rate(isolated_outputs, one_thread):
     shares = []
     for _ in range(3):
-        record = speed.speed(speed.SpeedOptions(row="df_seg_v1", mode="all", device="cpu", size=(64, 32), warmup=1,
+        record = speed.speed(benchmark.SpeedOptions(row="df_seg_v1", mode="all", device="cpu", size=(64, 32), warmup=1,
                                                 repeats=5, steps=3, workers=0, plain=False))
         infer, evaluation = record["modes"]["infer"], record["modes"]["eval"]
         assert infer["batch"] == evaluation["batch"] == 1 and infer["size"] == evaluation["size"]
@@ -194,7 +195,7 @@ def test_many_rows_in_one_call_stop_at_the_budget_and_list_the_rest(isolated_out
     """`--rows` measures rows one after another, a record each; a row that would end past `--budget-s` (the time
     spent plus the mean time of the rows measured) is not started, and the summary names every such row."""
     readings = iter(range(0, 1000, 10))  # each reading 10 s after the last: every row measured "takes" 10 s
-    options = speed.SpeedOptions(row="", mode="infer", device="cpu", size=(32, 32), warmup=0, repeats=1, steps=1)
+    options = benchmark.SpeedOptions(row="", mode="infer", device="cpu", size=(32, 32), warmup=0, repeats=1, steps=1)
     shown: list[str] = []
     outcome = speed.speed_rows("df_seg*", options, budget_s=25, echo=shown.append,
                                clock=lambda: float(next(readings)))

@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 
-from harness.commands.run import RunOptions, run
+from harness.launch.run import RunOptions, run
 from harness.config.spec import load_spec
 from harness.errors import BenchError
 from harness.models import build_model, weights

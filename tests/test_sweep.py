@@ -18,8 +18,8 @@ import torch
 from click.testing import CliRunner
 
 from harness.cli import main
-from harness.commands.run import RunOptions, run
-from harness.commands.sweep import TrainingJob, read_state, sweeps_dir, write_state
+from harness.launch.run import RunOptions, run
+from harness.launch.sweep import TrainingJob, read_state, sweeps_dir, write_state
 from harness.paths import runs_dir
 from harness.report.records import load_records
 from tests.helpers import bench, experiments_with

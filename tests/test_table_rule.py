@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.commands.run import RunOptions, run
+from harness.launch.run import RunOptions, run
 from harness.config.plan import make_plan
 from harness.config.spec import load_all, load_spec
 from harness.report.records import load_records

@@ -120,7 +120,7 @@ def test_check_exits_0_inside_the_tolerance_and_1_outside_with_parseable_json(co
 
 def test_run_of_a_lightseg_row_says_so_and_trains_the_base_row(monkeypatch):
     started = []
-    monkeypatch.setattr("harness.commands.run.train", lambda checked, seed: started.append(checked.options) or {})
+    monkeypatch.setattr("harness.launch.run.train", lambda checked, seed: started.append(checked.options) or {})
     result = CliRunner().invoke(main, ["run", "--row", "sf_seg_v1-lightseg", "--synthetic"])
     assert result.exit_code == 0, result.output
     assert [o.row for o in started] == ["sf_seg_v1"]

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from harness.cli import main
-from harness.commands.run import RunOptions, run
+from harness.launch.run import RunOptions, run
 from harness.paths import runs_dir
 from harness.report.records import load_records
 from harness.tracking.journal import Journal

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from harness.cli import main
-from harness.commands.run import RunOptions, run
+from harness.launch.run import RunOptions, run
 from harness.engine import checkpoint
 from harness.engine.distributed import World
 from harness.engine.train import convert_norm

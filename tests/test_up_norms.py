@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from harness.commands.options import check_batch_norm
+from harness.launch.options import check_batch_norm
 from harness.config.plan import make_plan
 from harness.config.spec import load_spec
 from harness.engine.distributed import World, _loopback_interface

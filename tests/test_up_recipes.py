@@ -212,7 +212,7 @@ def test_loader_workers_come_from_the_machine_unless_the_spec_sets_them(monkeypa
     one kept for each training loop; a spec's own number wins; the count is no part of the recipe at resume."""
     import os
 
-    from harness.commands.run import refuse_changed_recipe
+    from harness.launch.run import refuse_changed_recipe
     from harness.cores import loader_workers
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
