@@ -7,7 +7,7 @@ from typing import Optional
 
 from tabulate import tabulate
 
-from harness.config.spec import match_rows
+from harness.config.spec import select_rows
 from harness.errors import BenchError
 from harness.report.estimates import ESTIMATE, Rates, RowCost, choose_device, hours, row_cost
 
@@ -17,7 +17,7 @@ def plan_costs(pattern: str = "*", gpus: int = 8, seeds: int = 1, device: Option
     """(the device, each row's cost) for the rows the globs name."""
     if gpus < 1 or seeds < 1:
         raise BenchError(f"--gpus and --seeds must be at least 1 (got {gpus}, {seeds})")
-    specs = match_rows(pattern)
+    specs = select_rows(pattern)
     rates = Rates(choose_device(device))
     return rates.device, [row_cost(spec, rates, gpus, seeds) for spec in specs]
 

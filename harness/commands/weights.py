@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
 
 from tabulate import tabulate
 
-from harness.config.spec import load_all, load_ours
-from harness.errors import BenchError
+from harness.config.spec import select_rows
 from harness.models.provenance import MISSING, FileCheck, check_file
 from harness.models.weights import expected_files
 
@@ -31,9 +29,7 @@ class WeightsReport:
 
 def files_by_row(pattern: str = "*") -> tuple[dict[Path, list[str]], list[str]]:
     """(each expected file -> the rows expecting it, in table order; rows that expect none)."""
-    specs = [s for s in load_all() + load_ours() if fnmatch.fnmatch(s.row, pattern)]
-    if not specs:
-        raise BenchError(f"--rows {pattern!r} matches no row; see `bench list` for the row ids")
+    specs = select_rows(pattern)
     files: dict[Path, list[str]] = {}
     none = []
     for spec in specs:

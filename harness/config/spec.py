@@ -441,19 +441,41 @@ def load_ours(root: Optional[Path] = None) -> list[Spec]:
 ALL_ROWS = "all"  # --rows all: every row, the table's and ours
 
 
-def match_rows(patterns: str, root: Optional[Path] = None) -> list[Spec]:
-    """The rows comma-separated globs name (`all`: every row), table order then ours, each once; a glob matching
-    nothing is a one-line error."""
+def select_rows(patterns: str, training: bool = False, root: Optional[Path] = None) -> list[Spec]:
+    """The one row selector of every verb that takes rows: the rows comma-separated globs name (`all`: every
+    row), table order then ours, each once. With `training` (a verb that trains or times training), a light-seg
+    row is its base row (the same recipe and network), listed once. A glob matching nothing is a one-line error."""
     import fnmatch
 
+    globs = [g.strip() for g in patterns.split(",") if g.strip()]
+    if not globs:
+        raise BenchError(f"--rows {patterns!r} names no row; give row globs separated by commas, e.g. "
+                         "--rows 'sf_seg*,pspnet-r50', or --rows all")
     specs = load_all(root) + load_ours(root)
+    by_row = {s.row: s for s in specs}
     chosen: dict[str, Spec] = {}
-    for glob in [g.strip() for g in patterns.split(",") if g.strip()] or [""]:
+    for glob in globs:
         matched = [s for s in specs if fnmatch.fnmatch(s.row, "*" if glob == ALL_ROWS else glob)]
         if not matched:
             raise BenchError(f"--rows {glob!r} matches no row; see `bench list` for the row ids (or --rows all)")
-        chosen.update((s.row, s) for s in matched if s.row not in chosen)
+        for spec in matched:
+            if training:
+                spec = by_row.get(base_row(spec.row, root), spec)
+            chosen.setdefault(spec.row, spec)
     return list(chosen.values())
+
+
+def select_row(row: str, training: bool = False, root: Optional[Path] = None) -> Spec:
+    """The one row a single-row verb (`run --row`, `doctor --row`) names, by `select_rows`' rules: a row id
+    (an unknown one says the closest ids; only its own spec file is read) or a glob naming exactly one row."""
+    if any(c in row for c in "*?[,") or row == ALL_ROWS:
+        found = select_rows(row, training, root)
+        if len(found) != 1:
+            raise BenchError(f"--row {row!r} names {len(found)} rows ({', '.join(s.row for s in found[:5])}"
+                             f"{', ...' if len(found) > 5 else ''}); give one row id (see `bench list`)")
+        return found[0]
+    spec = load_spec(row, root)
+    return load_spec(base_row(row, root), root) if training and base_row(row, root) != row else spec
 
 
 def unknown_row_message(row: str, root: Path) -> str:
@@ -490,7 +512,7 @@ def base_row(row: str, root: Optional[Path] = None) -> str:
 def training_row(row: str) -> tuple[str, Optional[str]]:
     """The row `bench run` trains for `row`, and a one-line note when that is another row (a light-seg row is its
     base row's recipe: the table compares the base row's runs with the light-seg figure)."""
-    base = base_row(row)
+    base = select_row(row, training=True).row
     if base == row:
         return row, None
     return base, (f"note: {row} is {base}'s recipe compared with the light-seg figure; training {base} "

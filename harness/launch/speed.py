@@ -95,9 +95,9 @@ def measure_onnx(session: Any, pytorch: dict[str, Any], counts: dict[str, int]) 
 def select_rows(pattern: str) -> list[Spec]:
     """The rows the globs name (`all`: every row); a light-seg row is its base row's network and recipe, measured
     once under the base row's name."""
-    from harness.config.spec import base_row, match_rows
+    from harness.config.spec import select_rows as select
 
-    return [spec for spec in match_rows(pattern) if base_row(spec.row) == spec.row]
+    return select(pattern, training=True)
 
 
 @dataclass

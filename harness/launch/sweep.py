@@ -13,7 +13,6 @@ folder): `bench sweep status` reads those and the scheduler, from any shell that
 from __future__ import annotations
 
 import ctypes
-import fnmatch
 import json
 import logging
 import math
@@ -36,7 +35,7 @@ from submitit.core.utils import DelayedSubmission
 
 from harness import paths
 from harness.config.plan import planned_iterations
-from harness.config.spec import Spec, load_all, training_row
+from harness.config.spec import Spec, select_rows
 from harness.cores import CORES_ENV, job_cores
 from harness.engine import checkpoint
 from harness.engine.run_folder import RUN_STATUS, RunFolder
@@ -168,21 +167,9 @@ def check_shared_store(options: SweepOptions) -> None:
 
 
 def select_specs(patterns: str) -> list[Spec]:
-    """The training rows the globs name, in table order; a light-seg row trains its base row, once."""
-    specs = load_all()
-    by_row = {s.row: s for s in specs}
-    chosen: list[str] = []
-    for pattern in [p.strip() for p in patterns.split(",") if p.strip()]:
-        matched = [s.row for s in specs if fnmatch.fnmatch(s.row, pattern)]
-        if not matched:
-            raise BenchError(f"--rows {pattern!r} matches no row; see `bench list` for the row ids")
-        for row in matched:
-            base, _ = training_row(row)
-            if base not in chosen:
-                chosen.append(base)
-    if not chosen:
-        raise BenchError("--rows is empty; give row globs separated by commas, e.g. --rows 'sf_seg*,pspnet-r50'")
-    return [by_row[row] for row in chosen if row in by_row]
+    """The training rows the globs name (`all`: every row), table rows then ours; a light-seg row trains its base
+    row, once."""
+    return select_rows(patterns, training=True)
 
 
 def target_iterations(spec: Spec, options: SweepOptions) -> int:

@@ -24,7 +24,7 @@ from tabulate import tabulate
 
 from harness.config.benchmark import FRAME_SIZE, OFFICIAL_SPLIT_IMAGES
 from harness.config.plan import planned_iterations
-from harness.config.spec import Spec, load_all, load_ours, table_title
+from harness.config.spec import ALL_ROWS, Spec, load_all, load_ours, select_rows, table_title
 from harness.errors import BenchError
 from harness.files import write_if_changed
 from harness.paths import benchmark_path, results_dir
@@ -293,7 +293,7 @@ def every_record_frame(specs: list[Spec], records: list[dict[str, Any]]) -> pd.D
 
 def render_every_record() -> str:
     """`bench table --all`: every record under results/ (speed records aside), whatever its dataset."""
-    specs = load_all() + load_ours()
+    specs = select_rows(ALL_ROWS)
     by_row = {s.row: s for s in specs}
     records = load_records()
     counted = sum(1 for r in records if r.get("row") in by_row and standing(by_row[r["row"]], r).counts)

@@ -7,7 +7,6 @@ kept and shown apart, never averaged into the measured column.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import math
 import statistics
@@ -17,7 +16,7 @@ from typing import Any, Optional
 from harness import paths
 from harness.config.benchmark import OFFICIAL_SPLIT_IMAGES
 from harness.config.plan import planned_iterations
-from harness.config.spec import Spec, base_row, load_all, load_ours, table_tolerance
+from harness.config.spec import Spec, base_row, select_rows, table_tolerance
 from harness.config.starting_weights import MISSING, OTHER
 from harness.engine.run_folder import RUN_STATUS, RunFolder
 from harness.errors import BenchError
@@ -193,10 +192,7 @@ def row_verdicts(specs: list[Spec], records: list[dict[str, Any]], tolerance: Op
 
 def check_rows(pattern: str = "*", tolerance: Optional[float] = None) -> list[RowVerdict]:
     """Verdicts of the rows matching the glob `pattern`, from the Cityscapes records."""
-    specs = [s for s in load_all() + load_ours() if fnmatch.fnmatch(s.row, pattern)]
-    if not specs:
-        raise BenchError(f"--rows {pattern!r} matches no row; see `bench list` for the row ids")
-    return row_verdicts(specs, load_records(dataset="cityscapes"), tolerance)
+    return row_verdicts(select_rows(pattern), load_records(dataset="cityscapes"), tolerance)
 
 
 def check_report(verdicts: list[RowVerdict], as_json: bool = False) -> str:
