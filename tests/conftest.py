@@ -55,6 +55,29 @@ def reference_file(path: Path) -> Path:
     return path
 
 
+# Session fixtures that train a model: a test using one is in the slow lane, wherever it is written.
+TRAINING_FIXTURES = {"finished_run", "pair_reference"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def fast_lane_trains_nothing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast lane (`-m "not slow"`) trains nothing: a test outside the slow lane that reaches the training loop in
+    this process fails, naming the fix (a `bench` subprocess is not watched)."""
+    if request.node.get_closest_marker("slow") is None:
+        from harness.engine.train import Trainer
+
+        def refuse(*args: Any, **kwargs: Any) -> None:
+            pytest.fail(f"{request.node.nodeid} trains a model outside the slow lane: mark it @pytest.mark.slow")
+
+        monkeypatch.setattr(Trainer, "fit", refuse)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def diagnostics_on_stderr() -> None:
     """The project's notes and warnings on stderr, as the `bench` command shows them, for in-process calls too."""

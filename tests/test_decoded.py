@@ -55,6 +55,7 @@ def test_a_changed_or_missing_dataset_is_refused_in_one_line(tree: Path, tmp_pat
         open_cache(tmp_path / "cache", tree, "val", samples)
 
 
+@pytest.mark.slow
 def test_bench_data_cache_then_a_run_reading_it_trains_the_same_weights(synthetic_root: Path, tmp_path: Path,
                                                                         monkeypatch):
     row = {"inherit": "df_seg_v1", "reference": {"miou": [1.0]},

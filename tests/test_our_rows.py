@@ -82,6 +82,7 @@ def test_every_architecture_returns_logits_at_any_input_size(ours, arch, one_thr
     assert_segmentation_outputs(build_model(load_spec("any")), 0)
 
 
+@pytest.mark.slow
 def test_five_architectures_train_through_bench_run_and_are_tabled_under_our_rows(ours, synthetic_root, one_thread):
     ours({f"ours-{arch.lower()}": our_row(arch, encoder) for arch, encoder in FIVE.items()})
     seed_table = render("synthetic", records=[])
@@ -172,6 +173,7 @@ def test_backbone_checkpoint_fills_the_encoder_through_the_shared_loader(ours, t
     assert "checkpoint tensors unused" in capsys.readouterr().err  # the classifier head, reported
 
 
+@pytest.mark.slow
 def test_new_row_writes_a_file_that_loads_inherits_its_recipe_and_runs(ours, synthetic_root, one_thread):
     root = ours({})
     result = CliRunner().invoke(main, ["new-row", "unet-r18", "--arch", "unet", "--encoder", "resnet18",
@@ -204,6 +206,7 @@ def test_new_row_refuses_a_bad_encoder_without_leaving_a_file(ours):
     assert taken.exit_code == 2 and "already exists" in taken.output
 
 
+@pytest.mark.slow
 def test_an_our_row_has_the_rest_of_the_pipeline(ours, synthetic_root, one_thread):
     """Beyond `bench run`: a seeded pair of runs, a bare resume refused once finished, `bench eval` of its checkpoint
     (row read from the checkpoint), `bench list --sizes`, `bench speed` and `bench check` all take our row."""

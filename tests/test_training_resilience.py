@@ -282,7 +282,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_with_one_checkpoint_that_res
     resumes from it to the end."""
     pair = {**TINY, "synthetic": {**TINY["synthetic"], "batch_size": 4, "iters": 14, "checkpoint_every": 100}}
     monkeypatch.setenv("SEGBENCH_EXPERIMENTS", str(experiments_with(tmp_path, {"pair": pair})))
-    chooser = random.Random()
+    chooser = random.Random(29)  # seeded: a failure names its iteration and rank, and reruns the same
     at, rank = chooser.randint(1, 8), chooser.randint(0, 1)
     process = bench("run", "--row", "pair", "--synthetic", "--device", "cpu", "--gpus", "2")
     deadline = time.time() + 300

@@ -100,9 +100,11 @@ def device_memory_gib(device: torch.device) -> Optional[float]:
     return torch.cuda.get_device_properties(device).total_memory / 2**30
 
 
-def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, repeats: int, steps: int) -> list[float]:
+def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, repeats: int, steps: int,
+               clock: Callable[[], float] = time.perf_counter) -> list[float]:
     """Seconds per call of `step`, one figure per repeat of `steps` calls, after `warmup` calls; on a GPU the
-    calls are timed with CUDA events around the work queued, not the host's time to queue it."""
+    calls are timed with CUDA events around the work queued, not the host's time to queue it (`clock`: the host's
+    timer elsewhere)."""
     for _ in range(warmup):
         step()
     synchronize(device)
@@ -117,10 +119,10 @@ def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, repea
             end.synchronize()
             times.append(start.elapsed_time(end) / 1000 / steps)
         else:
-            began = time.perf_counter()
+            began = clock()
             for _ in range(steps):
                 step()
-            times.append((time.perf_counter() - began) / steps)
+            times.append((clock() - began) / steps)
     return times
 
 
