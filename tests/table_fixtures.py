@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from harness.config.plan import planned_iterations
 from harness.config.spec import load_spec
-from harness.report.verdicts import OFFICIAL_TRAIN_IMAGES, OFFICIAL_VAL_IMAGES
 
 
 def full_budget_record(row: str, miou: float, **change: Any) -> dict[str, Any]:
@@ -19,8 +18,9 @@ def full_budget_record(row: str, miou: float, **change: Any) -> dict[str, Any]:
         "miou_ema": miou - 0.1 if ema else None, "miou_ema_best": miou if ema else None,
         "best_iteration_ema": 1000 if ema else None, "pixel_accuracy": 95.0,
         "starting_weights": f"loaded weights/{row}.pth", "per_class_iou": {}, "per_class_iou_ema": None,
-        "iterations": planned_iterations(spec), "batch_size": spec.columns.batch_size,
-        "crop_size": spec.train.crop_size, "train_images": OFFICIAL_TRAIN_IMAGES, "val_images": OFFICIAL_VAL_IMAGES,
+        "iterations": spec.columns.epochs * math.ceil(2975 / spec.columns.batch_size),  # UP's epochs, last batch padded
+        "batch_size": spec.columns.batch_size,
+        "crop_size": spec.train.crop_size, "train_images": 2975, "val_images": 500,
         "devices": 8, "device": "cuda", "precision": "bf16", "checkpoint": "runs/x/ckpt.pt",
         "wall_time_s": 36000.0, "git_commit": "abc", "versions": {}, "mlflow_run_id": None,
         "time": "2026-01-01T00:00:00Z", "_path": f"results/cityscapes/{row}/20260101T000000Z-norun.json",
