@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from harness.config.benchmark import OFFICIAL_SPLIT_IMAGES
+from harness.config.benchmark import OFFICIAL_SPLIT_IMAGES, REFERENCE_DATASET
 from harness.config.plan import TrainPlan, make_plan, scaled_test_crop, size_pair
 from harness.config.spec import Spec, load_spec
 from harness.data.augment import EvalTransform
@@ -56,7 +56,7 @@ def load_row(name: str) -> Spec:
 
 def _evaluation_plan(spec: Spec, test_size: Optional[list[int]] = None) -> TrainPlan:
     """The row's Cityscapes plan, at `test_size` when the weights were trained for another (a synthetic run)."""
-    plan = make_plan(spec, "cityscapes", OFFICIAL_SPLIT_IMAGES["train"])
+    plan = make_plan(spec, REFERENCE_DATASET, OFFICIAL_SPLIT_IMAGES["train"])
     if test_size is None or list(test_size) == list(plan.test_size):
         return plan
     crop, stride = scaled_test_crop(spec, list(test_size))

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import click
 
+from harness.config.benchmark import DATASETS, REFERENCE_DATASET
 from harness.config.precision import PRECISIONS
 from harness.errors import BenchError
 from harness.logs import configure_logging
@@ -168,7 +169,7 @@ def weights(pattern: str, verify: bool) -> None:
 
 
 @main.command()
-@click.option("--dataset", type=click.Choice(["cityscapes", "synthetic"]), default=None,
+@click.option("--dataset", type=click.Choice(DATASETS), default=None,
               help="The dataset's table (default: cityscapes; with --all and no --dataset: every dataset).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write here instead (synthetic tables are only printed unless --out is given).")
@@ -241,7 +242,7 @@ def predict_command(out: Path, zip_path: Optional[Path], row: Optional[str], che
 
 
 @main.command()
-@click.option("--dataset", type=click.Choice(["cityscapes", "synthetic"]), default=None,
+@click.option("--dataset", type=click.Choice(DATASETS), default=None,
               help="Open this dataset's experiment (default: the newest training run's).")
 @with_options((TRACKING_URI_OPTION,))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (loopback unless told).")
@@ -375,7 +376,7 @@ def plan_command(pattern: str, gpus: int, seeds: int, device: Optional[str]) -> 
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @click.option("--figure", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a per-class IoU heatmap (runs x classes) here, as PNG.")
-@click.option("--dataset", type=click.Choice(["cityscapes", "synthetic"]), default="cityscapes", show_default=True,
+@click.option("--dataset", type=click.Choice(DATASETS), default=REFERENCE_DATASET, show_default=True,
               help="Whose records a row argument averages (Cityscapes: its counted runs).")
 @with_options((TRACKING_URI_OPTION,))
 def compare(runs: tuple[str, ...], as_json: bool, figure: Optional[Path], dataset: str,

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from harness import paths
+from harness.config.benchmark import REFERENCE_DATASET
 from harness.data.cityscapes import CLASS_NAMES
 from harness.errors import BenchError
 from harness.outputs.plots import per_class_heatmap
@@ -14,7 +15,7 @@ from harness.report.compare import comparison, load_comparable, render, to_json
 
 
 def compare(arguments: list[str], *, as_json: bool = False, figure: Optional[Path] = None,
-            tracking_uri: Optional[str] = None, dataset: str = "cityscapes") -> str:
+            tracking_uri: Optional[str] = None, dataset: str = REFERENCE_DATASET) -> str:
     """The comparison's text (or JSON); with `figure`, also the heatmap there."""
     if len(arguments) < 2:
         raise BenchError("bench compare needs at least two runs, records, MLflow run ids or rows (e.g. bench compare "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from harness.config.benchmark import REFERENCE_DATASET
 from harness.files import atomic_write_text
 from harness.report.table import render, render_every_record, write_benchmark
 
@@ -15,10 +16,10 @@ def table(dataset: Optional[str], out: Optional[Path], all_records: bool, tolera
     every record of every dataset."""
     if all_records and dataset is None:
         text = render_every_record()
-    elif (dataset or "cityscapes") == "cityscapes" and out is None and not all_records:
+    elif (dataset or REFERENCE_DATASET) == REFERENCE_DATASET and out is None and not all_records:
         return f"wrote {write_benchmark(tolerance=tolerance)}", True
     else:
-        text = render(dataset or "cityscapes", all_records=all_records, tolerance=tolerance)
+        text = render(dataset or REFERENCE_DATASET, all_records=all_records, tolerance=tolerance)
     if out is None:
         return text, False
     atomic_write_text(out, text)

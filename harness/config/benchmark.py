@@ -8,6 +8,8 @@ from __future__ import annotations
 OFFICIAL_SPLIT_IMAGES = {"train": 2975, "val": 500, "test": 1525}
 FRAME_SIZE = (2048, 1024)  # a Cityscapes frame, [width, height]
 REFERENCE_DATASET = "cityscapes"  # the data the table's reference mIoU was measured on
+SYNTHETIC_DATASET = "synthetic"  # the generated stand-in in Cityscapes' layout (proves the pipeline, never a figure)
+DATASETS = (REFERENCE_DATASET, SYNTHETIC_DATASET)
 UP_GPUS = 8  # every United-Perception row trained on 8 GPUs (pt_sync_bn group_size 8)
 # The cities of each split of Cityscapes' gtFine_trainvaltest / leftImg8bit_trainvaltest packages (the folder names
 # under <split>/): 18 train, 3 val, 6 test.
@@ -17,3 +19,8 @@ OFFICIAL_CITIES = {
     "val": ("frankfurt", "lindau", "munster"),
     "test": ("berlin", "bielefeld", "bonn", "leverkusen", "mainz", "munich"),
 }
+
+
+def dataset_name(synthetic: bool) -> str:
+    """The dataset a run reads, as records, run folders and tracking name it."""
+    return SYNTHETIC_DATASET if synthetic else REFERENCE_DATASET

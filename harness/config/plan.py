@@ -12,8 +12,9 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from harness.config.benchmark import OFFICIAL_SPLIT_IMAGES, UP_GPUS
+from harness.config.benchmark import OFFICIAL_SPLIT_IMAGES, SYNTHETIC_DATASET, UP_GPUS
 from harness.config.spec import LossSpec, Spec
+from harness.errors import BenchError
 
 SYNTHETIC_LOSS_GROUPS = 2  # the synthetic batch keeps two UP-style loss groups, so 1 and 2 processes agree
 
@@ -87,6 +88,30 @@ def planned_iterations(spec: Spec, train_images: int = OFFICIAL_SPLIT_IMAGES["tr
     return spec.columns.epochs * iterations_per_epoch(train_images, spec.columns.batch_size)
 
 
+def dataset_batch(spec: Spec, synthetic: bool) -> tuple[str, int]:
+    """The global batch a run trains with on its dataset, and the spec key that sets it."""
+    if synthetic:
+        return "synthetic.batch_size", spec.synthetic.batch_size
+    return "columns.batch_size", spec.columns.batch_size
+
+
+def batch_split_problem(batch: int, processes: int) -> Optional[tuple[str, str]]:
+    """(what is wrong, the fix) when the global batch does not divide over the processes; None when it does."""
+    if batch % processes == 0:
+        return None
+    divisors = ", ".join(str(n) for n in range(1, batch + 1) if batch % n == 0)
+    return (f"batch size {batch} does not divide over {processes} processes",
+            f"use a process count among {divisors} (the global batch is the spec's, whatever the GPU count)")
+
+
+def batch_per_process(batch: int, processes: int) -> int:
+    """Images each process takes of the global batch; a batch that does not divide is a one-line error."""
+    problem = batch_split_problem(batch, processes)
+    if problem:
+        raise BenchError("; ".join(problem))
+    return batch // processes
+
+
 def loss_group_images(spec: Spec, synthetic: bool = False) -> int:
     """UP's per-GPU batch, the group the loss (and SFNet's head batch norms) work on: the global batch over UP's 8
     GPUs; a synthetic batch keeps two such groups."""
@@ -120,7 +145,7 @@ class Budget:
 
 def table_budget(spec: Spec, train_images: int, machine_workers: int) -> Budget:
     """UP's recipe: `train.workers`, or `machine_workers` when the spec leaves the count to the machine."""
-    t, batch = spec.train, spec.columns.batch_size
+    t, (_, batch) = spec.train, dataset_batch(spec, synthetic=False)
     per_epoch = iterations_per_epoch(train_images, batch)
     return Budget(iters=planned_iterations(spec, train_images), iters_per_epoch=per_epoch, batch_size=batch,
                   crop_size=t.crop_size, test_size=spec.columns.test_size, scale_range=t.scale_range,
@@ -133,9 +158,9 @@ def table_budget(spec: Spec, train_images: int, machine_workers: int) -> Budget:
 
 def synthetic_budget(spec: Spec, train_images: int) -> Budget:
     """The same recipe at CPU size: the spec's `synthetic:` iterations, batch, crops, lr and EMA ramp."""
-    s = spec.synthetic
-    return Budget(iters=s.iters, iters_per_epoch=iterations_per_epoch(train_images, s.batch_size),
-                  batch_size=s.batch_size, crop_size=s.crop_size, test_size=s.test_size, scale_range=s.scale_range,
+    s, (_, batch) = spec.synthetic, dataset_batch(spec, synthetic=True)
+    return Budget(iters=s.iters, iters_per_epoch=iterations_per_epoch(train_images, batch),
+                  batch_size=batch, crop_size=s.crop_size, test_size=s.test_size, scale_range=s.scale_range,
                   lr=s.lr, warmup_iters=s.warmup_iters, ema_decay=s.ema_decay, ema_ramp=s.ema_ramp,
                   ohem_min_kept=s.ohem_min_kept, loss_group_images=loss_group_images(spec, synthetic=True),
                   eval_every=s.eval_every, log_every=s.log_every, checkpoint_every=s.checkpoint_every,
@@ -158,7 +183,7 @@ def make_plan(spec: Spec, dataset: str, train_images: int, *, precision: str = "
               eval_every: Optional[int] = None) -> TrainPlan:
     """The plan of `spec` on `dataset` ("synthetic": its synthetic budget) with `train_images` training images,
     and the command line's overrides (already validated): `iters`, `eval_every` and the seed."""
-    budget = synthetic_budget(spec, train_images) if dataset == "synthetic" else \
+    budget = synthetic_budget(spec, train_images) if dataset == SYNTHETIC_DATASET else \
         table_budget(spec, train_images, machine_workers)
     t = spec.train
     crop_test, crop_stride = scaled_test_crop(spec, budget.test_size)

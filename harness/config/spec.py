@@ -164,6 +164,13 @@ class Spec:
         """Dotted keys, the form MLflow params take."""
         return flatten(self.to_dict())
 
+    @property
+    def network_key(self) -> str:
+        """Which network the row builds, as a key: its model section but the starting-weight files (they change
+        values, never shapes or cost). Rows with one key share sizes, FLOPs and speed figures."""
+        model = dataclasses.replace(self.model, backbone_checkpoint=None, init_checkpoint=None)
+        return repr(dataclasses.asdict(model))
+
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}

@@ -15,10 +15,6 @@ from harness.errors import BenchError
 DATA_ROOT_ENV = "CITYSCAPES_DATASET"
 
 
-def dataset_name(synthetic: bool) -> str:
-    return "synthetic" if synthetic else "cityscapes"
-
-
 def cityscapes_root(data_root: Optional[str], allow_synthetic_hint: bool = True) -> Path:
     """The Cityscapes folder `--data-root` or $CITYSCAPES_DATASET names; one line when none is given or it is no
     folder."""

@@ -87,15 +87,6 @@ def broadcast_object(value, src: int = 0):
     return box[0]
 
 
-def per_rank_batch(global_batch: int, world_size: int) -> int:
-    if global_batch % world_size:
-        raise BenchError(
-            f"batch size {global_batch} does not divide over {world_size} processes; "
-            f"use a process count that divides it (the global batch is the spec's, whatever the GPU count)"
-        )
-    return global_batch // world_size
-
-
 class ShardedTrainSampler(Sampler):
     """Each epoch, one seeded permutation of the dataset, dealt round-robin to the ranks.
 

@@ -10,12 +10,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from harness.config.benchmark import OFFICIAL_SPLIT_IMAGES
+from harness.config.benchmark import OFFICIAL_SPLIT_IMAGES, dataset_name
 from harness.config.plan import TrainPlan, make_plan
 from harness.config.precision import resolve_precision
 from harness.config.spec import Spec, load_spec
 from harness.data.cityscapes import Sample, find_samples
-from harness.data.source import check_data_options, cityscapes_root, dataset_name, synthetic_root
+from harness.data.source import check_data_options, cityscapes_root, synthetic_root
 from harness.engine import checkpoint
 from harness.engine.device import pick_device
 from harness.engine.distributed import World

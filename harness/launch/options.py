@@ -16,16 +16,15 @@ from pathlib import Path
 from typing import Optional
 
 from harness import paths
-from harness.config.plan import loss_group_images
+from harness.config.benchmark import dataset_name
+from harness.config.plan import batch_per_process, dataset_batch, loss_group_images
 from harness.config.precision import resolve_precision
 from harness.config.spec import Spec, load_spec
-from harness.data.source import check_data_options, cityscapes_root, dataset_name
+from harness.data.source import check_data_options, cityscapes_root
 from harness.engine.device import check_device_name, default_device_type
-from harness.engine.distributed import per_rank_batch
 from harness.errors import BenchError
 from harness.models import build_model, check_implemented
-from harness.models.provenance import check_file
-from harness.models.weights import expected_files
+from harness.models.weights import checked_files
 from harness.report.records import check_writable
 
 SEED_MAX = 2**32 - 1  # numpy's seed range; torch and random accept it too
@@ -180,8 +179,7 @@ def check_starting_weights(spec: Spec, options: RunOptions, init_checkpoint: Opt
         return
     if init_checkpoint is not None:
         spec = replace(spec, model=replace(spec.model, init_checkpoint=str(init_checkpoint)))
-    for _, path in expected_files(spec):
-        checked = check_file(path)
+    for path, checked in checked_files(spec):
         if checked.mismatch and checked.source is not None:
             raise BenchError(f"{path}: {checked.describe()}, not the file {spec.row} expects ({checked.source.where}); "
                              "a counted run refuses it: fetch the published file (`bench weights --verify`), or pass "
@@ -207,11 +205,10 @@ def validate_run(options: RunOptions, seeds: Sequence[int], processes: int, *, c
     device_type = default_device_type(options.device)
     precision = resolve_precision(options.precision, device_type)
     synthetic = options.synthetic
-    batch_key, batch = ("synthetic.batch_size", spec.synthetic.batch_size) if synthetic else \
-        ("columns.batch_size", spec.columns.batch_size)
+    batch_key, batch = dataset_batch(spec, synthetic)
     crop_key, crop = ("synthetic.crop_size", spec.synthetic.crop_size) if synthetic else \
         ("train.crop_size", spec.train.crop_size)
-    per_rank = per_rank_batch(batch, processes)
+    per_rank = batch_per_process(batch, processes)
     check_batch_norm(spec, batch_key, batch, crop_key, crop, per_rank, processes, device_type,
                      loss_group_images(spec, synthetic))
     if check_outputs:

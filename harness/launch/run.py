@@ -250,7 +250,7 @@ def _train(checked: CheckedRun, options: RunOptions, spec: Spec, world: World, d
     if resume is None:
         # Every rank loads the file; rank 0 alone says what it loaded or missed.
         with contextlib.nullcontext() if world.is_main else contextlib.redirect_stderr(io.StringIO()):
-            starting = apply_starting_weights(model, spec, loud=data.dataset == "cityscapes")
+            starting = apply_starting_weights(model, spec, loud=data.dataset == REFERENCE_DATASET)
     else:  # a resumed run takes every tensor from its checkpoint, and keeps the status it started with
         starting = resume[1].get("starting_weights", "unknown")
     folder = run_id = None

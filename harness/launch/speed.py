@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from harness.config.benchmark import OFFICIAL_SPLIT_IMAGES
+from harness.config.benchmark import OFFICIAL_SPLIT_IMAGES, REFERENCE_DATASET
 from harness.config.plan import make_plan
 from harness.config.precision import resolve_precision
 from harness.config.spec import Spec, load_spec
@@ -49,7 +49,7 @@ def speed(options: SpeedOptions) -> dict[str, Any]:
     device = pick_device(options.device, World())
     precision = resolve_precision(options.precision, device.type)
     # The epoch length (the official train split) changes no timing.
-    plan = make_plan(spec, "cityscapes", OFFICIAL_SPLIT_IMAGES["train"], precision=precision,
+    plan = make_plan(spec, REFERENCE_DATASET, OFFICIAL_SPLIT_IMAGES["train"], precision=precision,
                      machine_workers=loader_workers(1))
     counts = {**defaults(device), **{k: getattr(options, k) for k in ("warmup", "repeats", "steps")
                                      if getattr(options, k) is not None}}

@@ -34,6 +34,7 @@ import submitit
 from submitit.core.utils import DelayedSubmission
 
 from harness import paths
+from harness.config.benchmark import dataset_name
 from harness.config.plan import planned_iterations
 from harness.config.spec import Spec, select_rows
 from harness.cores import CORES_ENV, job_cores
@@ -90,7 +91,7 @@ class SweepOptions:
 
     @property
     def dataset(self) -> str:
-        return "synthetic" if self.synthetic else "cityscapes"
+        return dataset_name(self.synthetic)
 
     @property
     def gpus(self) -> int:
@@ -331,7 +332,7 @@ class TrainingJob:
 
     @property
     def dataset(self) -> str:
-        return "synthetic" if self.run_options.synthetic else "cityscapes"
+        return dataset_name(self.run_options.synthetic)
 
     def _find_run_dir(self) -> Optional[str]:
         """This job's run folder: the one it resumes, else the new folder its `bench run` created."""

@@ -67,7 +67,7 @@ def measure_rows(specs: list[Spec]) -> dict[str, ModelSize]:
     for spec in specs:
         if spec.model.family not in built:
             continue
-        key = (repr(dataclasses.asdict(spec.model)), tuple(spec.columns.test_size))
+        key = (spec.network_key, tuple(spec.columns.test_size))
         if key not in cache:
             cache[key] = measure_spec(spec)
         sizes[spec.row] = cache[key]

@@ -26,7 +26,7 @@ from harness.config.spec import Spec
 from harness.config.starting_weights import LOADED, META, MISSING, OTHER, RANDOM
 from harness.errors import BenchError
 from harness.files import read_torch_file
-from harness.models.provenance import CHECKSUM_OK, check_file
+from harness.models.provenance import CHECKSUM_OK, FileCheck, check_file
 from harness.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,12 @@ def expected_files(spec: Spec) -> list[tuple[str, Path]]:
     if spec.model.backbone_checkpoint:
         return [("model.backbone_checkpoint", resolve_checkpoint_path(spec.model.backbone_checkpoint))]
     return []
+
+
+def checked_files(spec: Spec) -> list[tuple[Path, FileCheck]]:
+    """Each starting-weight file the row expects, with what harness.models.provenance finds of it (present,
+    published checksum): what `bench run`'s validation and `bench doctor` judge, each by its rule."""
+    return [(path, check_file(path)) for _, path in expected_files(spec)]
 
 
 def apply_starting_weights(model: nn.Module, spec: Spec, loud: bool = False) -> str:

@@ -12,6 +12,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional
 
+from harness.config.benchmark import REFERENCE_DATASET, SYNTHETIC_DATASET
 from harness.config.spec import Spec
 from harness.config.up_configs import TABLE_WINS, config_name, config_path, read_config, up_base_row, up_values
 from harness.data.cityscapes import CLASS_NAMES
@@ -94,7 +95,7 @@ def recipe_section(spec: Spec, plan: dict[str, Any], record: dict[str, Any],
                   "that matches.", ""]
     theirs = up_values(spec, config, record.get("train_images") or 2975) if config is not None else {}
     wins = TABLE_WINS.get(up_base_row(spec.row), {})
-    synthetic = record.get("dataset") == "synthetic"
+    synthetic = record.get("dataset") == SYNTHETIC_DATASET
     starting = spec.model.init_checkpoint or spec.model.backbone_checkpoint
     fields = [(k, v) for k, v in plan.items() if k != "row"] + [("starting_weights", starting)]
     rows = []
@@ -116,7 +117,7 @@ def recipe_section(spec: Spec, plan: dict[str, Any], record: dict[str, Any],
             note = "the MSeg-trained whole model (the row's own start)"
         elif synthetic and name in SYNTHETIC_FIELDS:
             note = "synthetic budget (CPU-sized)"
-        elif name == "iters" and record.get("dataset") == "cityscapes":
+        elif name == "iters" and record.get("dataset") == REFERENCE_DATASET:
             note = "--iters (not the planned budget)"
         else:
             note = "differs"

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
+from harness.config.benchmark import REFERENCE_DATASET
 from harness.config.plan import TrainPlan
 from harness.config.spec import Spec, base_row, load_spec
 from harness.data.cityscapes import CLASS_NAMES
@@ -191,9 +192,9 @@ def from_row(row: str, dataset: str) -> Comparable:
     runs_of = base_row(row)
     training = [r for r in load_records(dataset=dataset)
                 if r.get("row") == runs_of and r.get("kind", "train") == "train"]
-    counted = [r for r in training if standing(spec, r).counts] if dataset == "cityscapes" else training
+    counted = [r for r in training if standing(spec, r).counts] if dataset == REFERENCE_DATASET else training
     if not counted:
-        what = "counted runs" if dataset == "cityscapes" else "training records"
+        what = "counted runs" if dataset == REFERENCE_DATASET else "training records"
         raise BenchError(f"bench compare: row {row!r} has no {what} on {dataset} under {results_dir()} "
                          f"({len(training)} record(s) of {runs_of}; see `bench table --all`)")
     items = [from_record(r, r.get("_path", "?")) for r in counted]
@@ -214,7 +215,7 @@ def from_row(row: str, dataset: str) -> Comparable:
         runs=len(items))
 
 
-def load_comparable(argument: str, tracking_uri: str, dataset: str = "cityscapes") -> Comparable:
+def load_comparable(argument: str, tracking_uri: str, dataset: str = REFERENCE_DATASET) -> Comparable:
     """A run folder, a result record (.json), a row id or an MLflow run id, in that order of precedence."""
     path = Path(argument).expanduser()
     if path.is_dir():

@@ -14,7 +14,6 @@ margin). A light-seg row shares its base row's runs and costs nothing extra.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -73,8 +72,7 @@ def local_device(device: str) -> Optional[Any]:
 
 def same_network(spec: Spec) -> Optional[str]:
     """The row's network and recipe step, as a key: its model (starting weights aside) and crop."""
-    model = dataclasses.replace(spec.model, backbone_checkpoint=None, init_checkpoint=None)
-    return repr((dataclasses.asdict(model), list(spec.train.crop_size), spec.loss.aux_weights))
+    return repr((spec.network_key, list(spec.train.crop_size), spec.loss.aux_weights))
 
 
 def recorded_network(row: str) -> Optional[str]:
@@ -125,7 +123,7 @@ class Rates:
     def flops(self, spec: Spec, kind: str, size: list[int]) -> int:
         from harness.models.sizes import inference_flops, training_flops
 
-        key = (repr(dataclasses.asdict(spec.model)), kind, int(size[0]), int(size[1]))
+        key = (spec.network_key, kind, int(size[0]), int(size[1]))
         if key not in self._flops:
             count = training_flops if kind == "train" else inference_flops
             self._flops[key] = count(spec, int(size[0]), int(size[1]))

@@ -8,16 +8,15 @@ version and the model code, because every `bench run` regenerates the figure.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
-import re
 from pathlib import Path
 from typing import Optional
 
 from harness import paths
 from harness.config.spec import Spec
+from harness.config.up_configs import up_base_row
 from harness.files import atomic_write_text, write_if_changed
 from harness.report.verdicts import REPRODUCED, RowVerdict
 
@@ -26,9 +25,7 @@ REPRODUCED_COLOUR, OUTSIDE_COLOUR = "tab:green", "tab:red"
 
 
 def _model_key(spec: Spec, code_digest: str, torch_version: str) -> str:
-    model = dataclasses.replace(spec.model, backbone_checkpoint=None, init_checkpoint=None)
-    payload = json.dumps([dataclasses.asdict(model), spec.columns.test_size, torch_version, code_digest],
-                         sort_keys=True)
+    payload = json.dumps([spec.network_key, spec.columns.test_size, torch_version, code_digest], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
@@ -56,10 +53,6 @@ def gflops_by_row(specs: list[Spec], cache: Optional[Path] = None) -> dict[str, 
         except OSError:
             pass  # a read-only cache only costs the measurement next time
     return {row: stored[key] for row, key in keys.items() if key in stored}
-
-
-def _network_label(row: str) -> str:
-    return re.sub(r"-(ema|mseg|lightseg)$", "", row)
 
 
 NOT_RUN_COLOUR = "0.55"
@@ -173,7 +166,7 @@ def build_figure(specs: list[Spec], verdicts: list[RowVerdict], gflops: dict[str
                 continue
             ref = sum(v.reference) / len(v.reference)
             right.plot([g], [ref], "o", mfc="none", mec="0.4", ms=7)
-            name = _network_label(spec.row)
+            name = up_base_row(spec.row)
             point = networks.setdefault(name, (g, []))
             point[1].append(ref)
             if v.values:

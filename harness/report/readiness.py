@@ -29,11 +29,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from harness import paths
-from harness.config.plan import loss_group_images
+from harness.config.benchmark import REFERENCE_DATASET, dataset_name
+from harness.config.plan import batch_split_problem, dataset_batch, loss_group_images
 from harness.config.spec import Spec, load_spec
 from harness.errors import BenchError
-from harness.models.provenance import CHECKSUM_MISMATCH, MISSING, check_file
-from harness.models.weights import expected_files
+from harness.models.provenance import CHECKSUM_MISMATCH, MISSING
+from harness.models.weights import checked_files
 
 GO, NO_GO, UNKNOWN, INFO = "go", "no-go", "unknown", "info"
 MEMORY_HEADROOM = 0.95  # share of the device's memory a run may plan to use (the allocator and CUDA context need some)
@@ -76,7 +77,7 @@ class DoctorOptions:
 
     @property
     def dataset(self) -> str:
-        return "synthetic" if self.synthetic else "cityscapes"
+        return dataset_name(self.synthetic)
 
 
 # --- the checks ---------------------------------------------------------------------------------
@@ -102,12 +103,11 @@ def check_dataset(options: DoctorOptions) -> Check:
 
 
 def check_weights(spec: Spec, options: DoctorOptions) -> list[Check]:
-    files = expected_files(spec)
+    files = checked_files(spec)
     if not files:
         return [Check("starting weights", GO, "none expected: random initialisation, as the table's run")]
     checks = []
-    for _, path in files:
-        checked = check_file(path)
+    for path, checked in files:
         where = checked.source.where if checked.source else "the file the spec names"
         verdict = INFO if options.synthetic else NO_GO  # a synthetic run proves the pipeline, it never counts
         if checked.status == MISSING:
@@ -122,12 +122,11 @@ def check_weights(spec: Spec, options: DoctorOptions) -> list[Check]:
 
 
 def check_batch(spec: Spec, options: DoctorOptions) -> Check:
-    batch = spec.synthetic.batch_size if options.synthetic else spec.columns.batch_size
+    _, batch = dataset_batch(spec, options.synthetic)
     processes = options.processes
-    if batch % processes:
-        divisors = [n for n in range(1, batch + 1) if batch % n == 0]
-        return Check("batch", NO_GO, f"global batch {batch} does not divide over {processes} process(es)",
-                     f"use a process count among {', '.join(map(str, divisors))} (the global batch is the spec's)")
+    problem = batch_split_problem(batch, processes)
+    if problem:
+        return Check("batch", NO_GO, *problem)
     return Check("batch", GO, f"global batch {batch} over {processes} process(es): {batch // processes} per GPU")
 
 
@@ -202,8 +201,8 @@ def local_gpu(device: Optional[str]) -> Optional[Any]:
 def check_memory(spec: Spec, options: DoctorOptions) -> Check:
     if options.synthetic:
         return Check("GPU memory", INFO, "not checked for the synthetic budget (small crops)")
-    batch = spec.columns.batch_size
-    if batch % options.processes:
+    _, batch = dataset_batch(spec, synthetic=False)
+    if batch_split_problem(batch, options.processes):
         return Check("GPU memory", UNKNOWN, "no per-GPU batch (the batch does not divide)")
     per_gpu, crop = batch // options.processes, spec.train.crop_size
     here = local_gpu(options.device)
@@ -255,7 +254,7 @@ def probe_memory(spec: Spec, device: Any, per_gpu: int) -> Optional[float]:
     from harness.engine.train import Trainer
     from harness.models import build_model
 
-    plan = make_plan(spec, "cityscapes", OFFICIAL_SPLIT_IMAGES["train"],
+    plan = make_plan(spec, REFERENCE_DATASET, OFFICIAL_SPLIT_IMAGES["train"],
                      precision=resolve_precision(None, device.type))
     plan = dataclasses.replace(plan, batch_size=per_gpu, loss_group_images=loss_group_images(spec))
     width, height = spec.train.crop_size

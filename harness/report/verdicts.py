@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from harness import paths
-from harness.config.benchmark import OFFICIAL_SPLIT_IMAGES
+from harness.config.benchmark import OFFICIAL_SPLIT_IMAGES, REFERENCE_DATASET
 from harness.config.plan import planned_iterations
 from harness.config.spec import Spec, base_row, select_rows, table_tolerance
 from harness.config.starting_weights import MISSING, OTHER
@@ -76,7 +76,7 @@ def standing(spec: Spec, record: dict[str, Any]) -> Standing:
     other starting weights (a file of the expected name whose checksum is not the published one)."""
     if record.get("kind", "train") != "train":
         return Standing(EVALUATION, "an evaluation of a checkpoint, not a training run")
-    if record.get("dataset") != "cityscapes":
+    if record.get("dataset") != REFERENCE_DATASET:
         return Standing(OTHER_DATA, f"dataset {record.get('dataset')!r}, not Cityscapes")
     val, train = record.get("val_images"), record.get("train_images")
     if val is None or train is None:
@@ -98,7 +98,7 @@ def standing(spec: Spec, record: dict[str, Any]) -> Standing:
     return Standing(REPRODUCTION, "")
 
 
-def runs_in_progress(row: str, dataset: str = "cityscapes") -> int:
+def runs_in_progress(row: str, dataset: str = REFERENCE_DATASET) -> int:
     """Run folders of `row` whose run.json says the run is still going."""
     count = 0
     for path in sorted((paths.runs_dir() / dataset / row).glob("*/")):
@@ -158,7 +158,7 @@ def resolve_tolerance(tolerance: Optional[float]) -> float:
 
 
 def row_verdicts(specs: list[Spec], records: list[dict[str, Any]], tolerance: Optional[float] = None,
-                 dataset: str = "cityscapes") -> list[RowVerdict]:
+                 dataset: str = REFERENCE_DATASET) -> list[RowVerdict]:
     """One verdict per spec, from the records that count (a light-seg row: its base row's)."""
     tolerance = resolve_tolerance(tolerance)
     by_row = {s.row: s for s in specs}
@@ -192,7 +192,7 @@ def row_verdicts(specs: list[Spec], records: list[dict[str, Any]], tolerance: Op
 
 def check_rows(pattern: str = "*", tolerance: Optional[float] = None) -> list[RowVerdict]:
     """Verdicts of the rows matching the glob `pattern`, from the Cityscapes records."""
-    return row_verdicts(select_rows(pattern), load_records(dataset="cityscapes"), tolerance)
+    return row_verdicts(select_rows(pattern), load_records(dataset=REFERENCE_DATASET), tolerance)
 
 
 def check_report(verdicts: list[RowVerdict], as_json: bool = False) -> str:

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
+from harness.config.benchmark import REFERENCE_DATASET
 from harness.errors import BenchError
 from harness.tracking.mlflow_sink import connect, ensure_experiment
 from harness.tracking.tracker import EXPERIMENT_PREFIX, HEADLINE, experiment_name
@@ -221,7 +222,7 @@ def stop_signals() -> Iterator[None]:
 def open_view(dataset: Optional[str], tracking_uri: str) -> tuple[str, str, str]:
     """(dataset, experiment id, saved view key): the asked dataset, else the newest training run's."""
     client = connect(tracking_uri)
-    chosen = dataset or newest_training_dataset(client) or "cityscapes"
+    chosen = dataset or newest_training_dataset(client) or REFERENCE_DATASET
     experiment_id = ensure_experiment(client, experiment_name(chosen), tracking_uri)
     return chosen, experiment_id, save_training_view(client, experiment_id)
 
