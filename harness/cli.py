@@ -134,13 +134,9 @@ def run(row: str, seed: int, seeds_text: Optional[str], gpus: int, nnodes: int, 
         master_addr: Optional[str], master_port: Optional[int], compile_model: bool, **options: Any) -> None:
     """Train and evaluate one row; track it, write a result record, regenerate benchmark.md."""
     from harness.commands.run import run as run_rows
-    from harness.launch.options import LaunchOptions, RunOptions, parse_seeds
+    from harness.launch.options import LaunchOptions, RunOptions, run_seeds
 
-    seeds = [seed]
-    if seeds_text is not None:
-        if seed != 0 or options.get("resume"):
-            raise BenchError("--seeds starts one new run per seed: drop --seed and --resume (or run one --seed)")
-        seeds = parse_seeds(seeds_text)
+    seeds = run_seeds(seed, seeds_text, options.get("resume"))
     launch = LaunchOptions(gpus, nnodes, node_rank, master_addr, master_port)
     sys.exit(run_rows(RunOptions(row=row, seed=seeds[0], compile=compile_model, **options), seeds, launch,
                       echo=click.echo))
@@ -321,10 +317,6 @@ def speed(row: Optional[str], rows_pattern: Optional[str], budget_s: Optional[fl
     from harness.engine.benchmark import SpeedOptions
     from harness.launch.options import parse_size
 
-    if (row is None) == (rows_pattern is None):
-        raise BenchError("bench speed needs --row ROW or --rows GLOB (e.g. --rows 'df_seg*' or --rows all), not both")
-    if budget_s is not None and rows_pattern is None:
-        raise BenchError("--budget-s limits a --rows measurement; give --rows GLOB (or drop --budget-s)")
     speed_options = SpeedOptions(row=row or "", compile=compile_model, size=parse_size(size), **options)
     measure_speed(speed_options, rows_pattern, budget_s, echo=click.echo)
 
@@ -346,11 +338,6 @@ def doctor_command(**options: Any) -> None:
     from harness.commands.doctor import doctor
     from harness.report.readiness import DoctorOptions
 
-    if options["gpus"] < 1 or options["nodes"] < 1 or options["writers"] < 1:
-        raise BenchError(f"--gpus, --nodes and --writers must be at least 1 (got {options['gpus']}, "
-                         f"{options['nodes']}, {options['writers']})")
-    if options["synthetic"] and options["data_root"]:
-        raise BenchError("--synthetic and --data-root exclude each other; pass one")
     text, checks = doctor(DoctorOptions(**options))
     click.echo(text)
     sys.exit(1 if any(c.no_go for c in checks) else 0)
@@ -498,10 +485,7 @@ def sweep_group(ctx: click.Context, rows: Optional[str], seeds_text: str, slurm_
     from harness.launch.options import parse_seeds
     from harness.launch.sweep import DEFAULT_MAX_REQUEUES, SweepOptions, parse_slurm_args
 
-    if not rows:
-        raise BenchError("bench sweep needs --rows GLOB[,GLOB] (e.g. --rows '*' for the whole table), or a "
-                         "subcommand: status, cancel")
-    sweep(SweepOptions(rows=rows, seeds=parse_seeds(seeds_text), slurm_args=parse_slurm_args(slurm_args),
+    sweep(SweepOptions(rows=rows or "", seeds=parse_seeds(seeds_text), slurm_args=parse_slurm_args(slurm_args),
                        time=time_limit, max_requeues=DEFAULT_MAX_REQUEUES if max_requeues is None else max_requeues,
                        **options), echo=click.echo)
 

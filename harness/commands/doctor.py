@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from harness.config.spec import training_row
-from harness.report.readiness import Check, DoctorOptions, render, run_checks
+from harness.report.readiness import Check, DoctorOptions
+from harness.report.readiness import doctor as run_doctor
 
 
 def doctor(options: DoctorOptions) -> tuple[str, list[Check]]:
-    """The rendered table and the checks (a light-seg row is checked as the row it trains)."""
-    row, _ = training_row(options.row)
-    checks = run_checks(DoctorOptions(**{**options.__dict__, "row": row}))
-    return render(checks), checks
+    """The rendered table and the checks."""
+    return run_doctor(options)

@@ -6,14 +6,10 @@ from collections.abc import Callable
 from typing import Optional
 
 from harness.engine.benchmark import SpeedOptions
-from harness.launch.speed import render, rows_summary, speed_rows
-from harness.launch.speed import speed as measure_speed
+from harness.launch.speed import measure
 
 
 def speed(options: SpeedOptions, rows_pattern: Optional[str], budget_s: Optional[float],
           echo: Callable[[str], None] = print) -> None:
     """Measure `options.row`, or every row `rows_pattern` names, and echo the tables."""
-    if rows_pattern is None:
-        echo(render(measure_speed(options)))
-        return
-    echo(rows_summary(speed_rows(rows_pattern, options, budget_s, echo=echo)))
+    measure(options, rows_pattern, budget_s, echo)

@@ -103,6 +103,15 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def run_seeds(seed: int, seeds_text: Optional[str], resume: Optional[str]) -> list[int]:
+    """The seeds of `bench run`: `--seed`, or the list `--seeds` gives (one new run each, so no --resume)."""
+    if seeds_text is None:
+        return [seed]
+    if seed != 0 or resume:
+        raise BenchError("--seeds starts one new run per seed: drop --seed and --resume (or run one --seed)")
+    return parse_seeds(seeds_text)
+
+
 def check_counts(iters: Optional[int], eval_every: Optional[int]) -> None:
     if iters is not None and iters < 1:
         raise BenchError(f"--iters must be at least 1, got {iters}")

@@ -132,6 +132,20 @@ def speed_rows(pattern: str, options: SpeedOptions, budget_s: Optional[float] = 
     return RowsOutcome(records, [], now - began, budget_s)
 
 
+def measure(options: SpeedOptions, rows_pattern: Optional[str], budget_s: Optional[float],
+            echo: Callable[[str], None] = print) -> None:
+    """`bench speed`: `options.row`'s record table, or every row `rows_pattern` names one after another (within
+    `budget_s`), echoed."""
+    if bool(options.row) == (rows_pattern is not None):
+        raise BenchError("bench speed needs --row ROW or --rows GLOB (e.g. --rows 'df_seg*' or --rows all), not both")
+    if budget_s is not None and rows_pattern is None:
+        raise BenchError("--budget-s limits a --rows measurement; give --rows GLOB (or drop --budget-s)")
+    if rows_pattern is None:
+        echo(render(speed(options)))
+        return
+    echo(rows_summary(speed_rows(rows_pattern, options, budget_s, echo=echo)))
+
+
 def rows_summary(outcome: RowsOutcome) -> str:
     line = f"measured {len(outcome.records)} row(s) in {outcome.elapsed_s:.0f} s"
     if outcome.not_reached:

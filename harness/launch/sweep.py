@@ -583,6 +583,8 @@ def readiness(options: SweepOptions, job_specs: list[Spec], echo=print) -> list[
 
 def sweep(options: SweepOptions, echo=print) -> Optional[Path]:
     """Plan, print and submit the sweep; returns its folder (None when nothing was submitted)."""
+    if not options.rows:
+        raise BenchError("bench sweep needs --rows GLOB[,GLOB] (e.g. --rows all), or a subcommand: status, cancel")
     check_sweep_options(options)
     tasks = plan_tasks(options)
     check_shared_store(options)

@@ -31,7 +31,7 @@ from typing import Any, Optional
 from harness import paths
 from harness.config.benchmark import REFERENCE_DATASET, dataset_name
 from harness.config.plan import batch_split_problem, dataset_batch, loss_group_images
-from harness.config.spec import Spec, load_spec
+from harness.config.spec import Spec, load_spec, training_row
 from harness.errors import BenchError
 from harness.models.provenance import CHECKSUM_MISMATCH, MISSING
 from harness.models.weights import checked_files
@@ -345,6 +345,18 @@ def run_checks(options: DoctorOptions, quick: bool = False) -> list[Check]:
         return [check_dataset(options), check_disk(spec, options), check_memory(spec, options)]
     return [check_dataset(options), *check_weights(spec, options), check_batch(spec, options),
             check_memory(spec, options), check_disk(spec, options), check_tracking(options), check_time(spec, options)]
+
+
+def doctor(options: DoctorOptions) -> tuple[str, list[Check]]:
+    """`bench doctor`: the rendered table and the checks; a light-seg row is checked as the row it trains."""
+    if options.gpus < 1 or options.nodes < 1 or options.writers < 1:
+        raise BenchError(f"--gpus, --nodes and --writers must be at least 1 (got {options.gpus}, {options.nodes}, "
+                         f"{options.writers})")
+    if options.synthetic and options.data_root:
+        raise BenchError("--synthetic and --data-root exclude each other; pass one")
+    row, _ = training_row(options.row)
+    checks = run_checks(dataclasses.replace(options, row=row))
+    return render(checks), checks
 
 
 def render(checks: list[Check]) -> str:
