@@ -152,16 +152,9 @@ def weights(pattern: str, verify: bool) -> None:
 
     report = list_weights(pattern, verify)
     click.echo(report.text)
-    if report.missing:
-        click.echo(f"{report.missing} file(s) missing: bring them from the source shown (nothing is downloaded); "
-                   f"relative paths are read from the project root, or from $SEGBENCH_WEIGHTS for weights/...",
-                   err=True)
-    for checked in report.mismatched:
-        click.echo(f"error: {checked.path}: {checked.describe()}; it is not the file the rows expect, and a run on "
-                   f"it does not count: fetch it again from {checked.source.where if checked.source else '?'}",
-                   err=True)
-    if report.mismatched:
-        sys.exit(1)
+    for line in report.problems():
+        click.echo(line, err=True)
+    sys.exit(report.exit_code)
 
 
 @main.command()

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from harness.cli import main
 from harness.commands.plan import plan_costs
-from harness.commands.weights import files_by_row
+from harness.report.weight_files import files_by_row
 from harness.config.spec import select_row, select_rows, training_row
 from harness.errors import BenchError
 from harness.launch.speed import select_rows as speed_rows

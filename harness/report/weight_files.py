@@ -1,0 +1,76 @@
+"""Each starting-weight file the rows expect, once: the rows that use it, where it comes from
+(harness.models.provenance), and whether it is here with the published checksum (`bench weights`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tabulate import tabulate
+
+from harness.config.spec import select_rows
+from harness.models.provenance import MISSING, FileCheck, check_file
+from harness.models.weights import expected_files
+
+
+@dataclass
+class WeightsReport:
+    text: str
+    checks: list[FileCheck]
+
+    @property
+    def missing(self) -> int:
+        return sum(1 for c in self.checks if c.status == MISSING)
+
+    @property
+    def mismatched(self) -> list[FileCheck]:
+        return [c for c in self.checks if c.mismatch]
+
+    def problems(self) -> list[str]:
+        """The lines for stderr: what is missing and where it comes from, then each file that is not the one the
+        rows expect."""
+        lines = []
+        if self.missing:
+            lines.append(f"{self.missing} file(s) missing: bring them from the source shown (nothing is downloaded); "
+                         "relative paths are read from the project root, or from $SEGBENCH_WEIGHTS for weights/...")
+        for checked in self.mismatched:
+            where = checked.source.where if checked.source else "?"
+            lines.append(f"error: {checked.path}: {checked.describe()}; it is not the file the rows expect, and a run "
+                         f"on it does not count: fetch it again from {where}")
+        return lines
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.mismatched else 0
+
+
+def files_by_row(pattern: str = "*") -> tuple[dict[Path, list[str]], list[str]]:
+    """(each expected file -> the rows expecting it, in table order; rows that expect none)."""
+    specs = select_rows(pattern)
+    files: dict[Path, list[str]] = {}
+    none = []
+    for spec in specs:
+        expected = expected_files(spec)
+        if not expected:
+            none.append(spec.row)
+        for _, path in expected:
+            files.setdefault(path, []).append(spec.row)
+    return files, none
+
+
+def weights_report(pattern: str = "*", verify: bool = False) -> WeightsReport:
+    """The table of files; with `verify`, every present file is hashed against its published checksum."""
+    files, none = files_by_row(pattern)
+    lines, checks = [], []
+    for path, rows in files.items():
+        checked = check_file(path, verify=verify)
+        checks.append(checked)
+        source = checked.source.where if checked.source else "not in the provenance table (one of our rows' files)"
+        published = checked.source.sha1 if checked.source and checked.source.sha1 else "none published"
+        lines.append([str(path), ", ".join(rows), source, published, checked.describe()])
+    if none:
+        lines.append(["(none)", ", ".join(none), "random initialisation, as the table's run", "-", "-"])
+    text = tabulate(lines, headers=["file", "rows", "source", "published SHA-1", "status"], disable_numparse=True)
+    if not verify and any(c.status != MISSING and c.source and c.source.sha1 for c in checks):
+        text += "\n--verify hashes the present files against their published checksums"
+    return WeightsReport(text, checks)
