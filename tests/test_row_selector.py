@@ -13,14 +13,16 @@ from click.testing import CliRunner
 
 from harness.cli import main
 from harness.commands.plan import plan_costs
-from harness.report.weight_files import files_by_row
+from harness.config.benchmark import REFERENCE_DATASET
 from harness.config.spec import select_row, select_rows, training_row
 from harness.errors import BenchError
 from harness.launch.speed import select_rows as speed_rows
 from harness.launch.sweep import select_specs
 from harness.paths import experiments_dir
 from harness.report.readiness import DoctorOptions
+from harness.report.table import render
 from harness.report.verdicts import check_rows
+from harness.report.weight_files import files_by_row
 from tests.helpers import experiments_with
 
 PATTERNS = "sf_seg_v2*,pspnet-r50,deeplabv3plus-r50"
@@ -61,6 +63,10 @@ def test_all_is_every_row_and_sweep_lists_each_training_row_once():
     assert [line.split()[0] for line in dry.output.splitlines()[2:2 + len(trained)]] == trained
     assert [s.row for s in speed_rows("all")] == trained
     assert [c.row for c in plan_costs("all", gpus=8, seeds=1, device="cpu")[1]] == every
+    # benchmark.md (no --rows: every row; ours join it once they have records) lists the table's rows in that order.
+    markdown = render(REFERENCE_DATASET, records=[], figure=None)
+    assert [line.split("|")[1].strip() for line in markdown.splitlines()
+            if line.startswith("| ") and not line.startswith("| row ")] == table
 
 
 @pytest.mark.parametrize("patterns, message", [("nope*", "--rows 'nope*' matches no row"),
