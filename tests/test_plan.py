@@ -169,6 +169,7 @@ def test_a_gpu_record_of_one_family_calibrates_that_family_on_another_gpu(no_gpu
 
 
 @pytest.mark.parametrize("command", [["plan"], ["doctor", "--row", "df_seg_v1"],
+                                     ["doctor", "--row", "df_seg_v1", "--synthetic"],
                                      ["sweep", "--rows", "df_seg_v1", "--dry-run", "--executor", "local"]])
 def test_an_unknown_device_is_refused_in_one_line_with_the_nearest_names(command):
     result = CliRunner().invoke(main, [*command, "--device", "h10"])
@@ -223,3 +224,47 @@ def test_sweep_dry_run_chooses_time_from_the_plan_and_warns_on_a_short_one(fixtu
     assert f"warning: --time 0:10:00 is shorter than the estimated wall time of 1 job(s) (df_seg_v1 " \
            f"{wall // 60}:{wall % 60:02d})" in short.output
     assert "#SBATCH --time=10\n" in short.output and "chosen by" not in short.output
+
+
+def test_sweep_prices_its_time_limit_on_the_named_gpu_and_refuses_without_one(no_gpu_here, tmp_path):
+    root = tmp_path / "cityscapes"
+    root.mkdir()
+    args = ["sweep", "--rows", "df_seg_v1", "--data-root", str(root), "--executor", "slurm", "--dry-run",
+            "--tracking-uri", "http://127.0.0.1:9"]  # a shared server's URI: only a dry run, never reached
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 2, refused.output
+    (line,) = refused.stderr.strip().splitlines()
+    assert line.startswith("error: no GPU on this machine and no GPU speed record"), line
+
+    chosen = CliRunner().invoke(main, [*args, "--device", "h100"])
+    assert chosen.exit_code == 0, chosen.output
+    wall = math.ceil(assumed_hours("df_seg_v1", H100_BF16_TFLOPS) / 8 * 60)
+    minutes = 15 * math.ceil(wall * 1.25 / 15)
+    assert f"--time {minutes // 60}:{minutes % 60:02d}:00 chosen by `bench plan`: the longest job, df_seg_v1, is " \
+           f"estimated at {wall // 60}:{wall % 60:02d} on 8 GPU(s) (assumed: MFU {100 * ASSUMED_MFU:.0f}%)" \
+           in chosen.output, chosen.output
+
+
+def test_flops_are_counted_once_and_kept_in_the_cache_folder(no_gpu_here, tmp_path, monkeypatch):
+    from harness.models import sizes
+    from harness.report import model_costs
+
+    monkeypatch.setenv("SEGBENCH_CACHE", str(tmp_path / "cache"))
+    first = CliRunner().invoke(main, ["plan", "--rows", "icnet-r50", "--device", "a10"])
+    assert first.exit_code == 0, first.output
+    assert (tmp_path / "cache" / model_costs.CACHE_FILE).is_file()
+
+    def no_counting(*args, **kwargs):
+        raise AssertionError("counted again")
+
+    monkeypatch.setattr(sizes, "training_step", no_counting)
+    monkeypatch.setattr(sizes, "inference_flops", no_counting)
+    monkeypatch.setattr(model_costs, "_COSTS", {})  # a new process: only the file remembers
+    again = CliRunner().invoke(main, ["plan", "--rows", "icnet-r50", "--device", "a10"])
+    assert again.exit_code == 0, again.output
+    assert cells(again.output, "icnet-r50") == cells(first.output, "icnet-r50")
+
+    monkeypatch.setattr(model_costs, "code_digest", lambda: "other model code")
+    monkeypatch.setattr(model_costs, "_COSTS", {})
+    recounted = CliRunner().invoke(main, ["plan", "--rows", "icnet-r50", "--device", "a10"])
+    assert recounted.exit_code != 0 and "counted again" in str(recounted.exception)

@@ -373,7 +373,7 @@ def run_checks(options: DoctorOptions, quick: bool = False) -> list[Check]:
     """Every check of the row (`quick`: only those a starting `bench run` adds to its own: the dataset, the disk
     and a recorded memory figure; no probe, no store, no estimate)."""
     spec = load_spec(options.row)
-    if not quick and not options.synthetic:
+    if not quick and (options.device is not None or not options.synthetic):
         from harness.report.estimates import resolve_device
 
         # The GPU the figures are for, told (or refused, in one line) before any check runs.
