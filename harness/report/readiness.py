@@ -69,6 +69,7 @@ class DoctorOptions:
     tracking_uri: Optional[str] = None
     writers: int = 1  # processes that may write to the tracking store at once
     probe: bool = True  # measure a training step on this machine's GPU when no record says
+    estimate: bool = True  # else estimate the memory a training step needs (counted on the meta device)
     iters: Optional[int] = None
 
     @property
@@ -253,6 +254,9 @@ def check_memory(spec: Spec, options: DoctorOptions) -> Check:
             return Check("GPU memory", NO_GO, f"one training step of {per_gpu} x {crop[0]}x{crop[1]} ran out of "
                                               f"memory on {device}", "use more GPUs (a smaller per-GPU batch)")
         need, how = measured, f"{measured:.1f} GiB at {per_gpu} x {crop[0]}x{crop[1]} (measured: one training step)"
+    elif not options.estimate:
+        return Check("GPU memory", UNKNOWN, f"no bench speed record of {spec.row} at its crop on {device}",
+                     f"`bench speed --row {spec.row} --mode train` on that device records it")
     else:
         need, estimated = estimate_memory(spec, per_gpu)
         how = (f"{need:.1f} GiB at {per_gpu} x {crop[0]}x{crop[1]} (estimated: state and fp32 activations counted "
@@ -379,7 +383,7 @@ def run_checks(options: DoctorOptions, quick: bool = False) -> list[Check]:
         # The GPU the figures are for, told (or refused, in one line) before any check runs.
         options = dataclasses.replace(options, device=resolve_device(options.device).name)
     if quick:
-        options = dataclasses.replace(options, probe=False)
+        options = dataclasses.replace(options, probe=False, estimate=False)
         return [check_dataset(options), check_disk(spec, options), check_memory(spec, options)]
     return [check_dataset(options), *check_weights(spec, options), check_batch(spec, options),
             check_memory(spec, options), check_disk(spec, options), check_tracking(options), check_time(spec, options)]
