@@ -22,6 +22,12 @@ from tests.helpers import official_tree
 DEVICE = ["--device", "h100"]  # a catalogue GPU without speed records: memory and time estimated
 
 
+@pytest.fixture(autouse=True)
+def model_costs_cache(tmp_path_factory, monkeypatch):
+    """FLOPs and sizes for the time and memory checks counted once per test session, under tmp."""
+    monkeypatch.setenv("SEGBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "model-costs-cache"))
+
+
 @pytest.fixture(scope="module")
 def complete_tree(tmp_path_factory) -> Path:
     return official_tree(tmp_path_factory.mktemp("cityscapes"))

@@ -40,6 +40,12 @@ def write_record(**change) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def model_costs_cache(tmp_path_factory, monkeypatch):
+    """FLOPs and sizes counted once per test session, under tmp (never the checkout's .cache/)."""
+    monkeypatch.setenv("SEGBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "model-costs-cache"))
+
+
 @pytest.fixture
 def fixture_record() -> Path:
     return write_record()
@@ -137,6 +143,12 @@ def test_without_a_gpu_or_a_gpu_record_plan_refuses_in_one_line_and_cpu_figures_
     cpu = CliRunner().invoke(main, ["plan", "--rows", "df_seg_v1", "--device", "cpu"])
     assert cpu.exit_code == 0, cpu.output
     assert "GPU" not in cpu.output and "CPU-hours on cpu" in cpu.output
+
+    path = write_record()  # a GPU speed record: its device is the one priced
+    newest = CliRunner().invoke(main, ["plan", "--rows", "df_seg_v1", "--gpus", "8"])
+    assert newest.exit_code == 0, newest.output
+    assert cells(newest.output, "df_seg_v1")[7] == f"measured on {DEVICE}"
+    assert f"device: {DEVICE}, the newest GPU speed record ({path})" in newest.output
 
 
 def test_a_gpu_record_of_one_family_calibrates_that_family_on_another_gpu(no_gpu_here):
@@ -268,3 +280,18 @@ def test_flops_are_counted_once_and_kept_in_the_cache_folder(no_gpu_here, tmp_pa
     monkeypatch.setattr(model_costs, "_COSTS", {})
     recounted = CliRunner().invoke(main, ["plan", "--rows", "icnet-r50", "--device", "a10"])
     assert recounted.exit_code != 0 and "counted again" in str(recounted.exception)
+
+
+@pytest.mark.parametrize("name, key", [
+    ("NVIDIA A100-SXM4-80GB", "a100-80gb"), ("NVIDIA A100-SXM4-40GB", "a100-40gb"), ("NVIDIA A100 80GB PCIe",
+                                                                                   "a100-80gb-pcie"),
+    ("Tesla V100-SXM2-32GB", "v100-32gb"), ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H100 PCIe", "h100-pcie"),
+    ("NVIDIA H200", "h200"), ("NVIDIA B200", "b200"), ("NVIDIA L40S", "l40s"), ("NVIDIA L4", "l4"),
+    ("NVIDIA A10", "a10"), ("NVIDIA RTX A6000", "rtx-a6000"), ("NVIDIA GeForce RTX 4090", "rtx-4090"),
+    ("NVIDIA GeForce RTX 3090", "rtx-3090"), ("nvidia-h100-80gb-hbm3", "h100"), ("H100", "h100"),
+    ("a100-80gb", "a100-80gb")])
+def test_the_catalogue_knows_torch_names_folder_names_and_short_names(name, key):
+    from harness.config.devices import find_gpu
+
+    found = find_gpu(name)
+    assert found is not None and found.key == key and found.source
