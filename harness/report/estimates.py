@@ -58,11 +58,6 @@ def speed_records(device: Optional[str] = None) -> list[dict[str, Any]]:
                   key=lambda r: str(r.get("time", "")))
 
 
-def recorded_devices() -> dict[str, str]:
-    """Device name -> device type ("cuda", "cpu") of every device with a speed record."""
-    return {str(r["device"]): str(r.get("device_type", "")) for r in speed_records() if r.get("device")}
-
-
 def this_gpu() -> Optional[str]:
     """The folder name of this machine's first GPU, None without one; torch is imported only where the NVIDIA
     driver lists a GPU (on Linux), so a login node answers at once."""
