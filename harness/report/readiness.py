@@ -207,16 +207,20 @@ def local_gpu(device: Optional[str]) -> Optional[Any]:
     return torch.device("cuda", 0)
 
 
+def fixed_memory_gib(spec: Spec) -> float:
+    """What a training process holds whatever its batch: the weights, the EMA copy, the gradients, SGD's momentum."""
+    state, params = state_sizes(spec)
+    return (state * (2 if spec.columns.ema else 1) + 2 * params) / 2**30
+
+
 def estimate_memory(spec: Spec, per_gpu: int) -> tuple[float, float]:
-    """(GiB, GiB with activations in 16 bits) a training step of `per_gpu` crops needs: the weights, the EMA copy,
-    the gradients and SGD's momentum, plus the activations autograd keeps for the backward, counted in fp32 on the
-    meta device (a bf16 or fp16 run keeps most of them in 16 bits: the second figure)."""
+    """(GiB, GiB with activations in 16 bits) a training step of `per_gpu` crops needs: `fixed_memory_gib` plus the
+    activations autograd keeps for the backward, counted in fp32 on the meta device (a bf16 or fp16 run keeps most
+    of them in 16 bits: the second figure)."""
     from harness.report.model_costs import model_costs
 
-    costs = model_costs()
-    state, params = costs.state_sizes(spec)
-    fixed = (state * (2 if spec.columns.ema else 1) + 2 * params) / 2**30
-    saved = costs.training(spec, *map(int, spec.train.crop_size)).saved_bytes * per_gpu / 2**30
+    saved = model_costs().training(spec, *map(int, spec.train.crop_size)).saved_bytes * per_gpu / 2**30
+    fixed = fixed_memory_gib(spec)
     return fixed + saved, fixed + saved / 2
 
 
@@ -242,8 +246,7 @@ def check_memory(spec: Spec, options: DoctorOptions) -> Check:
     if found is not None:
         record, entry = found
         total = total or record.get("device_memory_gib")
-        state, params = state_sizes(spec)
-        fixed = (state * (2 if spec.columns.ema else 1) + 2 * params) / 2**30  # weights, EMA, gradients, momentum
+        fixed = fixed_memory_gib(spec)
         peak, recorded_batch = float(entry["peak_memory_gib"]), int(entry["batch"])
         need = fixed + max(0.0, peak - fixed) * per_gpu / recorded_batch
         how = (f"{need:.1f} GiB at {per_gpu} x {crop[0]}x{crop[1]} (from a bench speed record: {peak:.1f} GiB at "
