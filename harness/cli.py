@@ -320,7 +320,8 @@ def speed(row: Optional[str], rows_pattern: Optional[str], budget_s: Optional[fl
 @click.option("--nodes", type=int, default=1, show_default=True, help="Nodes the run will use.")
 @with_options(DATA_OPTIONS, (TRACKING_URI_OPTION, ITERS_OPTION))
 @click.option("--device", default=None,
-              help="The GPU the run will use, as `bench speed` names it in results/speed/ (default: this machine's).")
+              help="The GPU the run will use: a short name (h100, a100-80gb, ...), a product or torch name, or a "
+                   "device with speed records (default: this machine's GPU, else the newest GPU speed record's).")
 @click.option("--writers", type=int, default=1, show_default=True,
               help="Processes that will write to the tracking store at once (a sweep's concurrent jobs).")
 @click.option("--probe/--no-probe", default=True, show_default=True,
@@ -342,8 +343,9 @@ def doctor_command(**options: Any) -> None:
 @click.option("--gpus", type=int, default=8, show_default=True, help="GPUs per run (the table's rows used 8).")
 @click.option("--seeds", type=int, default=1, show_default=True, help="Runs per row.")
 @click.option("--device", default=None,
-              help="The device the figures are for, as `bench speed` names it in results/speed/ (e.g. nvidia-h200); "
-                   "default: this machine's GPU, else the GPU with speed records, else this CPU.")
+              help="The GPU the figures are for: a short name (h100, a100-80gb, l40s, ...), a product or torch name, "
+                   "a device with speed records, or cpu; default: this machine's GPU, else the newest GPU speed "
+                   "record's.")
 def plan_command(pattern: str, gpus: int, seeds: int, device: Optional[str]) -> None:
     """Iterations, images, GPU-hours and wall time per row and in total, from `bench speed` records or estimated."""
     from harness.commands.plan import plan
@@ -467,6 +469,8 @@ def data_check(synthetic: bool, data_root: Optional[str], workers: Optional[int]
               help="Requeues per job before it is marked failed (default 20).")
 @click.option("--dry-run", is_flag=True, help="Print the jobs and the sbatch script; submit nothing.")
 @click.option("--wait/--no-wait", default=None, help="Wait for the jobs (default: locally yes, on Slurm no).")
+@click.option("--device", default=None,
+              help="The GPU the jobs run on, for the chosen --time and the memory check (as `bench plan --device`).")
 @with_options(DATA_OPTIONS, (ITERS_OPTION, PRECISION_OPTION, DETERMINISTIC_OPTION, TRACKING_URI_OPTION))
 @click.pass_context
 def sweep_group(ctx: click.Context, rows: Optional[str], seeds_text: str, slurm_args: tuple[str, ...],

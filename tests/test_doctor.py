@@ -19,7 +19,13 @@ from harness.models import provenance
 from harness.report.readiness import GO, NO_GO
 from tests.helpers import official_tree
 
-DEVICE = ["--device", "no-such-gpu"]  # no speed record: memory and time are "unknown", never measured here
+DEVICE = ["--device", "h100"]  # a catalogue GPU without speed records: memory and time estimated
+
+
+@pytest.fixture(autouse=True)
+def model_costs_cache(tmp_path_factory, monkeypatch):
+    """FLOPs and sizes for the time and memory checks counted once per test session, under tmp."""
+    monkeypatch.setenv("SEGBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "model-costs-cache"))
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ ELSEWHERE = {
 }
 # Lines whose honest answer on a fresh clone is "no-go" (exit 1): the reason they must name.
 NO_GO = {
-    f"bench doctor --row sf_seg_v2 --gpus 8 --data-root {CITYSCAPES}": "no-go: starting weights",  # users fetch them
+    f"bench doctor --row sf_seg_v2 --gpus 8 --device h100 --data-root {CITYSCAPES}": "no-go: starting weights",
 }
 NEEDS_CITYSCAPES = {  # the full budget on the real data: here only refused in one line for the missing folder
     f"bench run --row deeplabv3-r50 --data-root {CITYSCAPES}",

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from harness.config.devices import folder_name
 from harness.engine.distributed import World
 from harness.errors import BenchError
 
@@ -90,7 +91,7 @@ def device_name(device: torch.device) -> str:
                     break
         except OSError:
             pass
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or device.type
+    return folder_name(name) or device.type
 
 
 def device_memory_gib(device: torch.device) -> Optional[float]:

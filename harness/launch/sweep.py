@@ -88,6 +88,7 @@ class SweepOptions:
     max_requeues: int = DEFAULT_MAX_REQUEUES
     wait: Optional[bool] = None  # default: wait for local jobs, return at once on Slurm
     max_parallel: Optional[int] = None  # local jobs at once (default: from this machine's cores and GPUs)
+    device: Optional[str] = None  # the GPU the jobs will run on, for --time and the memory check (bench plan's)
 
     @property
     def dataset(self) -> str:
@@ -136,6 +137,10 @@ def check_sweep_options(options: SweepOptions) -> None:
     if options.gpus < 0 or options.nodes < 1:
         raise BenchError(f"--gpus-per-node must be 0 (CPU only) or more and --nodes at least 1 (got {options.gpus}, "
                          f"{options.nodes})")
+    if options.device is not None:
+        from harness.report.estimates import resolve_device
+
+        resolve_device(options.device)  # an unknown name is refused before anything is planned
     if options.executor == "local" and options.nodes > 1:
         raise BenchError(f"--nodes {options.nodes}: the local executor runs on this machine only; use --executor slurm")
     if options.max_parallel is not None:
@@ -534,14 +539,21 @@ def choose_time(options: SweepOptions, job_specs: list[Spec], echo=print) -> Swe
     (that job will reach the limit, be requeued and resume from its checkpoint)."""
     if options.synthetic or options.executor != "slurm" or not job_specs:
         return options
-    from harness.report.estimates import Rates, choose_device, hours, row_cost
+    from harness.report.estimates import Rates, hours, resolve_device, row_cost
 
-    rates = Rates(choose_device(None), measure_peak=False)
+    if options.time and options.device is None:
+        try:
+            target = resolve_device(None)
+        except BenchError:
+            return options  # a given --time needs no estimate; the warning needs a device
+    else:
+        target = resolve_device(options.device)  # without a --time, no device is a one-line refusal
+    rates = Rates(target, measure_peak=False)
     costs = [row_cost(spec, rates, options.gpus * options.nodes, iterations=target_iterations(spec, options))
              for spec in {spec.row: spec for spec in job_specs}.values()]
     known = [c for c in costs if c.wall_hours is not None]
     if not known:
-        echo(f"note: no `bench speed` record or matmul peak of {rates.device} to estimate the jobs' wall time; "
+        echo(f"note: no `bench speed` record or peak of {rates.device} to estimate the jobs' wall time; "
              f"--time is {options.time or slurm_time(24 * 60)} (run `bench speed --rows ...` on the GPU, then "
              "`bench plan`)")
         return options
@@ -573,7 +585,7 @@ def readiness(options: SweepOptions, job_specs: list[Spec], echo=print) -> list[
     from harness.report.readiness import DoctorOptions, sweep_checks
 
     doctor = DoctorOptions(row=job_specs[0].row, gpus=options.gpus, nodes=options.nodes, data_root=options.data_root,
-                           tracking_uri=options.tracking_uri, iters=options.iters,
+                           tracking_uri=options.tracking_uri, iters=options.iters, device=options.device,
                            writers=len(job_specs) if options.executor == "slurm" else 1)
     problems = list(dict.fromkeys(check.line() for check in sweep_checks(job_specs, doctor) if check.no_go))
     for line in problems:

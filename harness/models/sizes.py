@@ -87,16 +87,36 @@ def inference_flops(spec: Spec, width: int, height: int) -> int:
     return measure(meta_model(spec), height, width).flops
 
 
-def training_flops(spec: Spec, width: int, height: int) -> int:
+@dataclass(frozen=True)
+class TrainingStep:
+    flops: int  # forward and backward of one image
+    saved_bytes: int  # fp32 activations autograd keeps from the forward for the backward, per image
+
+
+def training_step(spec: Spec, width: int, height: int) -> TrainingStep:
     """Forward and backward of one image in train mode (auxiliary heads included), counted by the same
-    torch.utils.flop_counter on the meta device; two images are pushed so batch norm sees a batch."""
+    torch.utils.flop_counter on the meta device; two images are pushed so batch norm sees a batch. The tensors
+    autograd saves for the backward (parameters aside) are summed on the way: the activation memory of a step."""
     model = meta_model(spec).train()
+    parameters = {id(p) for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in parameters:
+            saved[id(tensor)] = tensor.numel() * tensor.element_size()
+        return tensor
+
     images = torch.zeros(2, 3, height, width, device="meta")
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         outputs = model(images)
         outputs = (outputs,) if isinstance(outputs, torch.Tensor) else outputs
         torch.stack([o.float().sum() for o in outputs]).sum().backward()
-    return counter.get_total_flops() // 2
+    return TrainingStep(counter.get_total_flops() // 2, sum(saved.values()) // 2)
+
+
+def training_flops(spec: Spec, width: int, height: int) -> int:
+    """Forward and backward of one image in train mode (`training_step`'s count)."""
+    return training_step(spec, width, height).flops
 
 
 def state_bytes(model: nn.Module) -> tuple[int, int]:

@@ -8,7 +8,8 @@ Each check is go, no-go, unknown (nothing to judge by) or info, with one line of
 - batch: the global batch divides over the processes;
 - GPU memory: the row's crop at the per-GPU batch fits the device, from a `bench speed` record of that device
   (its peak at the recorded batch, the per-image part scaled to the per-GPU batch), else a short measured
-  training step on this machine's GPU, else unknown;
+  training step on this machine's GPU, else an estimate (the model's state and the activations a training step
+  keeps, counted on the meta device) against the device's memory (its record, or the GPU catalogue's);
 - disk: room under the runs folder for the row's checkpoints (one checkpoint's size times the files the row keeps:
   the periodic ones, best.pt, and the next one being written);
 - tracking store: reachable, and fit for the number of processes writing to it at once (one SQLite file is not,
@@ -65,10 +66,11 @@ class DoctorOptions:
     nodes: int = 1
     data_root: Optional[str] = None
     synthetic: bool = False
-    device: Optional[str] = None  # the device figures are for (a `bench speed` device name); default: this GPU
+    device: Optional[str] = None  # the GPU figures are for (harness.report.estimates.resolve_device); default: this GPU
     tracking_uri: Optional[str] = None
     writers: int = 1  # processes that may write to the tracking store at once
     probe: bool = True  # measure a training step on this machine's GPU when no record says
+    estimate: bool = True  # else estimate the memory a training step needs (counted on the meta device)
     iters: Optional[int] = None
 
     @property
@@ -131,10 +133,10 @@ def check_batch(spec: Spec, options: DoctorOptions) -> Check:
 
 
 def state_sizes(spec: Spec) -> tuple[int, int]:
-    """(bytes of the model's state dict, bytes of its parameters), counted on the meta device."""
-    from harness.models.sizes import meta_model, state_bytes
+    """(bytes of the model's state dict, bytes of its parameters), counted on the meta device once."""
+    from harness.report.model_costs import model_costs
 
-    return state_bytes(meta_model(spec))
+    return model_costs().state_sizes(spec)
 
 
 def checkpoint_bytes(spec: Spec) -> int:
@@ -173,14 +175,17 @@ def check_disk(spec: Spec, options: DoctorOptions) -> Check:
 
 
 def newest_train_entry(spec: Spec, device: str) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:
-    """(record, train entry) of the newest speed record of the row (or its base row) at its crop on `device`."""
+    """(record, train entry) of the newest speed record of the row (or its base row) at its crop on `device` (a
+    catalogue GPU by any of its names)."""
     from harness.config.spec import base_row
-    from harness.report.estimates import speed_records
+    from harness.report.estimates import speed_records, target_of
 
+    target = target_of(device)
     rows = {spec.row, base_row(spec.row)}
-    for record in reversed(speed_records(device)):
+    for record in reversed(speed_records()):
         entry = (record.get("modes") or {}).get("train")
-        if record.get("row") in rows and entry and entry.get("peak_memory_gib") is not None \
+        if target.owns(str(record.get("device", ""))) and record.get("row") in rows and entry \
+                and entry.get("peak_memory_gib") is not None \
                 and list(entry.get("size") or []) == list(spec.train.crop_size):
             return record, entry
     return None
@@ -188,14 +193,34 @@ def newest_train_entry(spec: Spec, device: str) -> Optional[tuple[dict[str, Any]
 
 def local_gpu(device: Optional[str]) -> Optional[Any]:
     """This machine's first GPU, when it is the device asked about (or none was named)."""
+    from harness.config.devices import find_gpu
+    from harness.report.estimates import this_gpu
+
+    here = this_gpu()
+    if here is None:
+        return None
+    if device is not None and device != here and (find_gpu(device) is None or find_gpu(device) is not find_gpu(here)):
+        return None
     import torch
 
-    from harness.engine.device import device_name
+    return torch.device("cuda", 0)
 
-    if not torch.cuda.is_available():
-        return None
-    here = torch.device("cuda", 0)
-    return here if device in (None, device_name(here)) else None
+
+def fixed_memory_gib(spec: Spec) -> float:
+    """What a training process holds whatever its batch: the weights, the EMA copy, the gradients, SGD's momentum."""
+    state, params = state_sizes(spec)
+    return (state * (2 if spec.columns.ema else 1) + 2 * params) / 2**30
+
+
+def estimate_memory(spec: Spec, per_gpu: int) -> tuple[float, float]:
+    """(GiB, GiB with activations in 16 bits) a training step of `per_gpu` crops needs: `fixed_memory_gib` plus the
+    activations autograd keeps for the backward, counted in fp32 on the meta device (a bf16 or fp16 run keeps most
+    of them in 16 bits: the second figure)."""
+    from harness.report.model_costs import model_costs
+
+    saved = model_costs().training(spec, *map(int, spec.train.crop_size)).saved_bytes * per_gpu / 2**30
+    fixed = fixed_memory_gib(spec)
+    return fixed + saved, fixed + saved / 2
 
 
 def check_memory(spec: Spec, options: DoctorOptions) -> Check:
@@ -206,19 +231,21 @@ def check_memory(spec: Spec, options: DoctorOptions) -> Check:
         return Check("GPU memory", UNKNOWN, "no per-GPU batch (the batch does not divide)")
     per_gpu, crop = batch // options.processes, spec.train.crop_size
     here = local_gpu(options.device)
+    from harness.config.devices import find_gpu
     from harness.engine.device import device_memory_gib, device_name
 
     device = options.device or (device_name(here) if here is not None else None)
     if device is None:
         return Check("GPU memory", UNKNOWN, "no GPU on this machine and no --device named",
-                     "pass --device NAME (a device with `bench speed` records, e.g. nvidia-h200), or run on the GPU")
+                     "pass --device NAME (e.g. h100, a100-80gb), or run on the GPU")
+    gpu = find_gpu(device)
     total = device_memory_gib(here) if here is not None else None
     found = newest_train_entry(spec, device)
+    estimated = None
     if found is not None:
         record, entry = found
         total = total or record.get("device_memory_gib")
-        state, params = state_sizes(spec)
-        fixed = (state * (2 if spec.columns.ema else 1) + 2 * params) / 2**30  # weights, EMA, gradients, momentum
+        fixed = fixed_memory_gib(spec)
         peak, recorded_batch = float(entry["peak_memory_gib"]), int(entry["batch"])
         need = fixed + max(0.0, peak - fixed) * per_gpu / recorded_batch
         how = (f"{need:.1f} GiB at {per_gpu} x {crop[0]}x{crop[1]} (from a bench speed record: {peak:.1f} GiB at "
@@ -229,15 +256,27 @@ def check_memory(spec: Spec, options: DoctorOptions) -> Check:
             return Check("GPU memory", NO_GO, f"one training step of {per_gpu} x {crop[0]}x{crop[1]} ran out of "
                                               f"memory on {device}", "use more GPUs (a smaller per-GPU batch)")
         need, how = measured, f"{measured:.1f} GiB at {per_gpu} x {crop[0]}x{crop[1]} (measured: one training step)"
-    else:
+    elif not options.estimate:
         return Check("GPU memory", UNKNOWN, f"no bench speed record of {spec.row} at its crop on {device}",
                      f"`bench speed --row {spec.row} --mode train` on that device records it")
+    else:
+        need, estimated = estimate_memory(spec, per_gpu)
+        how = (f"{need:.1f} GiB at {per_gpu} x {crop[0]}x{crop[1]} (estimated: state and fp32 activations counted "
+               f"on the meta device; {estimated:.1f} GiB with 16-bit activations)")
+    if total is None and gpu is not None:
+        total, what = gpu.memory_gib, f"{gpu.name} has {gpu.memory_gib:g} GB (source: {gpu.source})"
+    else:
+        what = f"{device} has {total:.1f} GiB" if total is not None else ""
     if total is None:
         return Check("GPU memory", UNKNOWN, f"{how}; the memory of {device} is not recorded",
-                     "re-record with `bench speed` (records now keep the device's memory)")
-    detail = f"{how}; {device} has {total:.1f} GiB"
+                     "re-record with `bench speed` (records now keep the device's memory), or name a catalogue GPU")
+    detail = f"{how}; {what}"
+    measure = f"`bench speed --row {spec.row} --mode train` on the device measures it"
     if need > MEMORY_HEADROOM * total:
-        return Check("GPU memory", NO_GO, detail, "use more GPUs (a smaller per-GPU batch) or a larger GPU")
+        if estimated is not None and estimated <= MEMORY_HEADROOM * total:
+            return Check("GPU memory", UNKNOWN, detail + "; fits only if most activations are 16-bit", measure)
+        return Check("GPU memory", NO_GO, detail, "use more GPUs (a smaller per-GPU batch) or a larger GPU"
+                     + (f"; {measure}" if estimated is not None else ""))
     return Check("GPU memory", GO, detail)
 
 
@@ -324,11 +363,11 @@ def check_tracking(options: DoctorOptions) -> Check:
 
 
 def check_time(spec: Spec, options: DoctorOptions) -> Check:
-    from harness.report.estimates import Rates, choose_device, hours, row_cost
+    from harness.report.estimates import Rates, hours, resolve_device, row_cost
 
     if options.synthetic:
         return Check("wall time", INFO, "the synthetic budget: minutes on a CPU")
-    rates = Rates(choose_device(options.device))
+    rates = Rates(resolve_device(options.device))
     cost = row_cost(spec, rates, options.processes, iterations=options.iters)
     if cost.gpu_hours is None:
         return Check("wall time", UNKNOWN, cost.label, f"`bench speed --row {spec.row}` on the device")
@@ -340,8 +379,13 @@ def run_checks(options: DoctorOptions, quick: bool = False) -> list[Check]:
     """Every check of the row (`quick`: only those a starting `bench run` adds to its own: the dataset, the disk
     and a recorded memory figure; no probe, no store, no estimate)."""
     spec = load_spec(options.row)
+    if not quick and (options.device is not None or not options.synthetic):
+        from harness.report.estimates import resolve_device
+
+        # The GPU the figures are for, told (or refused, in one line) before any check runs.
+        options = dataclasses.replace(options, device=resolve_device(options.device).name)
     if quick:
-        options = dataclasses.replace(options, probe=False)
+        options = dataclasses.replace(options, probe=False, estimate=False)
         return [check_dataset(options), check_disk(spec, options), check_memory(spec, options)]
     return [check_dataset(options), *check_weights(spec, options), check_batch(spec, options),
             check_memory(spec, options), check_disk(spec, options), check_tracking(options), check_time(spec, options)]
