@@ -41,7 +41,7 @@ from torch import nn
 
 from harness.config.benchmark import FRAME_SIZE
 from harness.config.plan import TrainPlan, scaled_test_crop, size_pair
-from harness.config.precision import autocast_dtype
+from harness.config.precision import PLAIN, Compute
 from harness.config.spec import Spec
 from harness.engine.device import (
     peak_memory_gib,
@@ -65,6 +65,8 @@ class SpeedOptions:
     mode: str = "all"
     batch: Optional[int] = None  # default: the row's global batch (train, data), 1 (infer, as evaluation runs)
     precision: Optional[str] = None
+    channels_last: Optional[bool] = None  # default: the device's (harness.config.precision.Compute)
+    fused: Optional[bool] = None
     compile: bool = False
     device: Optional[str] = None
     size: Optional[tuple[int, int]] = None  # [width, height] for every mode; default: the row's sizes
@@ -118,26 +120,17 @@ def with_batch_retry(measure: Callable[[int], Timing], batch: int, device: torch
 
 @dataclass
 class StepConfig:
-    """How a step runs: the project's way (the plan's precision, channels_last on a GPU, optional compile) or the
-    plain fp32 NCHW eager way."""
+    """How a step runs: the project's way (the run's Compute: precision, memory format, optimizer kernel; optional
+    compile) or the plain fp32 NCHW eager way (PLAIN)."""
 
-    precision: str
-    plain: bool
-    compile: bool
-
-    @property
-    def channels_last(self) -> bool:
-        return not self.plain
-
-    @property
-    def autocast(self) -> Optional[torch.dtype]:
-        return None if self.plain else autocast_dtype(self.precision)
+    compute: Compute
+    compile: bool = False
 
 
 def build_for_timing(spec: Spec, device: torch.device, config: StepConfig) -> tuple[nn.Module, nn.Module]:
     """(the module, the callable that runs it): random weights, the timing does not depend on them."""
     model = build_model(spec).to(device)
-    if config.channels_last and device.type == "cuda":
+    if config.compute.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, (torch.compile(model) if config.compile else model)  # type: ignore[return-value]
 
@@ -156,9 +149,9 @@ def measure_train(spec: Spec, plan: TrainPlan, device: torch.device, config: Ste
                   size: tuple[int, int], warmup: int, repeats: int, steps: int) -> Timing:
     """`Trainer.train_step`, the step `bench run` trains with, on one batch of random images at `size`."""
     width, height = size
-    plan = dataclasses.replace(plan, precision=config.precision)
+    plan = dataclasses.replace(plan, precision=config.compute.precision)
     trainer = Trainer(plan, build_model(spec), device, World(), progress=False, compile_model=config.compile,
-                      plain=config.plain)
+                      compute=config.compute)
     trainer.set_train_mode()
     images, labels = random_batch(batch, width, height, device, trainer.channels_last,
                                   torch.Generator().manual_seed(0))
@@ -172,9 +165,9 @@ def measure_infer(spec: Spec, device: torch.device, config: StepConfig, batch: i
     width, height = size
     model, forward = build_for_timing(spec, device, config)
     model.eval()
-    channels_last = config.channels_last and device.type == "cuda"
-    images, _ = random_batch(batch, width, height, device, channels_last, torch.Generator().manual_seed(0))
-    dtype = config.autocast
+    images, _ = random_batch(batch, width, height, device, config.compute.channels_last,
+                             torch.Generator().manual_seed(0))
+    dtype = config.compute.autocast
 
     @torch.inference_mode()
     def step() -> None:
@@ -282,11 +275,11 @@ def measure_eval(spec: Spec, plan: TrainPlan, device: torch.device, config: Step
                                                   crop_stride=crop_stride))
     stamps: list[float] = []
     with timing_frames("val", size, needed, data_root) as (samples, _, source):
-        transform = EvalTransform(size, tuple(plan.mean), tuple(plan.std))
+        transform = EvalTransform(size, tuple(plan.mean), tuple(plan.std), channels_last=config.compute.channels_last)
         reset_peak_memory(device)
         # Each image's scoring waits for its prediction (the confusion count), so a stamp marks finished work.
         evaluate({"model": forward}, eval_loader(samples, device, workers), device, transform, mode=mode,
-                 precision=config.precision, sinks=[lambda scored: stamps.append(time.perf_counter())],
+                 precision=config.compute.precision, sinks=[lambda scored: stamps.append(time.perf_counter())],
                  progress=False)
     intervals = [b - a for a, b in zip(stamps[warmup - 1 :], stamps[warmup:])]
     times = [sum(intervals[r * steps : (r + 1) * steps]) / steps for r in range(repeats)]
@@ -342,6 +335,7 @@ class Bench:
     device: torch.device
     counts: dict[str, int]  # warmup, repeats, steps
     peak: Optional[float]  # measured matmul TFLOP/s
+    compute: Compute  # the plan's precision, the memory format and optimizer kernel asked for
 
     @property
     def workers(self) -> int:
@@ -363,9 +357,9 @@ def measure_step(bench: Bench, mode: str, batch: int, size: tuple[int, int]) -> 
     previous = torch.backends.cudnn.benchmark
     try:
         torch.backends.cudnn.benchmark = device.type == "cuda"  # as the training loop runs
-        timing = run(StepConfig(bench.plan.precision, plain=False, compile=bench.options.compile))
+        timing = run(StepConfig(bench.compute, compile=bench.options.compile))
         torch.backends.cudnn.benchmark = previous  # torchvision references' default
-        baseline = run(StepConfig("fp32", plain=True, compile=False)) if bench.options.plain else None
+        baseline = run(StepConfig(PLAIN)) if bench.options.plain else None
     finally:
         torch.backends.cudnn.benchmark = previous
     achieved = flops * timing.images_per_s / 1e12
@@ -390,7 +384,7 @@ def measure_modes(bench: Bench, modes: tuple[str, ...], sizes: dict[str, tuple[i
             results["augment"] = {"size": timed["crop"], "source_size": list(size),
                                   **timing_fields(timings["augment"])}
         elif mode == "eval":
-            project = StepConfig(bench.plan.precision, plain=False, compile=bench.options.compile)
+            project = StepConfig(bench.compute, compile=bench.options.compile)
             timing, timed = measure_eval(bench.spec, bench.plan, bench.device, project, size,
                                          bench.options.data_root, workers, **bench.counts)
             forward = results.get("infer")

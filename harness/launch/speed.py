@@ -15,7 +15,7 @@ import torch
 
 from harness.config.benchmark import OFFICIAL_SPLIT_IMAGES
 from harness.config.plan import make_plan
-from harness.config.precision import resolve_precision
+from harness.config.precision import resolve_compute
 from harness.config.spec import Spec, load_spec
 from harness.cores import loader_workers
 from harness.engine.benchmark import (
@@ -47,14 +47,15 @@ def speed(options: SpeedOptions) -> dict[str, Any]:
     if {"train", "infer"} & set(modes):
         check_implemented(spec)
     device = pick_device(options.device, World())
-    precision = resolve_precision(options.precision, device.type)
+    compute = resolve_compute(device.type, options.precision, options.channels_last, options.fused)
+    precision = compute.precision
     # The epoch length (the official train split) changes no timing.
     plan = make_plan(spec, "cityscapes", OFFICIAL_SPLIT_IMAGES["train"], precision=precision,
                      machine_workers=loader_workers(1))
     counts = {**defaults(device), **{k: getattr(options, k) for k in ("warmup", "repeats", "steps")
                                      if getattr(options, k) is not None}}
     peak, peak_dtype = matmul_peak_tflops(device) if {"train", "infer"} & set(modes) else (None, None)
-    bench = Bench(options, spec, plan, device, counts, peak)
+    bench = Bench(options, spec, plan, device, counts, peak, compute)
     session = onnx_beside(options, device) if options.onnx else None
     sizes = resolve_sizes(spec, plan, device, options.size if session is None else onnx_input_size(session))
     results = measure_modes(bench, ("infer",) if session is not None else modes, sizes)
@@ -64,7 +65,7 @@ def speed(options: SpeedOptions) -> dict[str, Any]:
         "kind": "speed", "row": spec.row, "dataset": device_name(device), "device": device_name(device),
         "device_type": device.type, "device_memory_gib": device_memory_gib(device), "precision": precision,
         "compile": options.compile,
-        "channels_last": device.type == "cuda", "cpu_threads": torch.get_num_threads(),
+        "channels_last": compute.channels_last, "fused": compute.fused, "cpu_threads": torch.get_num_threads(),
         "matmul_peak_tflops": peak, "matmul_peak_dtype": peak_dtype, **counts, "modes": results,
         "git_commit": git_commit(), "versions": package_versions(), "time": utc_now(),
     }
