@@ -188,7 +188,7 @@ def timing_frames(split: str, size: tuple[int, int], needed: int,
     """`needed` labelled samples of `split` and their dataset root: the dataset at `data_root`, else a couple of
     generated frames of `size` (decoding costs the same whichever frame it is), cycled."""
     from harness.data.cityscapes import find_samples
-    from harness.data.synthetic import write_synthetic
+    from harness.data.synthetic import PHOTO_LIKE, write_synthetic
 
     with tempfile.TemporaryDirectory(prefix="segbench-speed-") as tmp:
         if data_root:
@@ -198,9 +198,11 @@ def timing_frames(split: str, size: tuple[int, int], needed: int,
         else:
             root, count = Path(tmp), min(GENERATED_IMAGES, needed)
             write_synthetic(root, train_images=count if split == "train" else 0,
-                            val_images=count if split == "val" else 0, size=size, progress=False)
+                            val_images=count if split == "val" else 0, size=size, progress=False, **PHOTO_LIKE)
             samples = find_samples(root, split)
-            source = f"{len(samples)} generated {size[0]}x{size[1]} PNG frames, cycled"
+            megabytes = sum(s.image.stat().st_size for s in samples) / len(samples) / 1e6
+            source = (f"{len(samples)} generated {size[0]}x{size[1]} PNG frames of {megabytes:.1f} MB "
+                      "(compressing as Cityscapes photos), cycled")
         yield (samples * math.ceil(needed / len(samples)))[:needed], root, source
 
 
@@ -219,10 +221,40 @@ def time_loader(dataset, batch: int, workers: int, device: torch.device, warmup:
     return times, last
 
 
+DECODE_REPEATS = 9  # decodes of one sample per decoder for its floor (median)
+
+
+def measure_decode_floors(sample, repeats: int = DECODE_REPEATS) -> dict[str, float]:
+    """Samples per second that each installed PNG decoder turns out on one core (image and label, from bytes in
+    memory as a worker's reads come from the page cache): the most a loader worker can deliver with it."""
+    from harness.data.png import decode_png, installed_decoders
+
+    files = [sample.image.read_bytes()] + ([sample.label.read_bytes()] if sample.label is not None else [])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # torchvision's decoder; the others decode on one thread anyway
+    try:
+        floors = {}
+        for name in installed_decoders():
+            for data in files:  # warm: the library's import and first allocation
+                decode_png(data, name)
+            times = []
+            for _ in range(repeats):
+                began = time.perf_counter()
+                for data in files:
+                    decode_png(data, name)
+                times.append(time.perf_counter() - began)
+            floors[name] = 1 / statistics.median(times)
+        return floors
+    finally:
+        torch.set_num_threads(threads)
+
+
 def measure_data(plan, device: torch.device, batch: int, size: tuple[int, int], data_root: Optional[str],
                  workers: int, warmup: int, repeats: int, steps: int) -> tuple[dict[str, Timing], dict[str, Any]]:
     """The training input on whole frames (the dataset at `data_root`, else generated frames of `size`): the loader's
-    workers decoding PNGs and drawing augmentations ("data"), the same loader reading decoded frames back from a
+    workers decoding PNGs with the fastest decoder installed and drawing augmentations ("data"), the same with
+    Pillow ("data pillow", where another decoder is the loader's), each installed decoder's single-core rate (the
+    floor a worker approaches), the same loader reading decoded frames back from a
     decoded cache ("data cached": a few frames cycled, so from the page cache, as a cache the machine's memory holds
     after its first epoch), and the device turning a batch into the training crops ("augment").
     Returns the timings by name and what was timed."""
@@ -230,6 +262,7 @@ def measure_data(plan, device: torch.device, batch: int, size: tuple[int, int], 
     from harness.data.cityscapes import CityscapesTrain
     from harness.data.decoded import DecodedFrames, build_cache
     from harness.data.loaders import PREFETCH_BATCHES
+    from harness.data.png import loader_decoder, using_decoder
 
     # The workers fill a queue of workers x prefetch batches while the first one is awaited; until it drains,
     # batches come at no cost. Warm up past it and time at least one batch per worker per repeat.
@@ -239,6 +272,12 @@ def measure_data(plan, device: torch.device, batch: int, size: tuple[int, int], 
         crop = [min(plan.crop_size[0], size[0]), min(plan.crop_size[1], size[1])] if not data_root else plan.crop_size
         times, raw = time_loader(CityscapesTrain(samples, crop, plan.scale_range, plan.flip), batch, workers, device,
                                  warmup, repeats, steps)
+        decoder, pillow_times = loader_decoder(), None
+        if decoder != "pillow":
+            with using_decoder("pillow"):
+                pillow_times, _ = time_loader(CityscapesTrain(samples, crop, plan.scale_range, plan.flip), batch,
+                                              workers, device, warmup, repeats, steps)
+        floors = measure_decode_floors(samples[0])
         distinct = list({s.image: s for s in samples}.values())[:CACHED_FRAMES]
         with tempfile.TemporaryDirectory(prefix="segbench-decoded-") as cache_dir:
             frames = build_cache(Path(cache_dir), root, "train", distinct, workers=1)
@@ -250,11 +289,14 @@ def measure_data(plan, device: torch.device, batch: int, size: tuple[int, int], 
     augment_times = time_steps(lambda: transform(raw, device), device, max(1, warmup // 4), repeats, steps)
     timings = {
         "data": Timing(batch, statistics.median(times), times, None),
+        **({"data pillow": Timing(batch, statistics.median(pillow_times), pillow_times, None)}
+           if pillow_times is not None else {}),
         "data cached": Timing(batch, statistics.median(cached_times), cached_times, None),
         "augment": Timing(batch, statistics.median(augment_times), augment_times,
                           peak_memory_gib(device) if device.type == "cuda" else None),
     }
-    return timings, {"images": source, "warmup": warmup, "steps": steps, "crop": list(crop)}
+    return timings, {"images": source, "warmup": warmup, "steps": steps, "crop": list(crop), "decoder": decoder,
+                     "decode_floors": floors}
 
 
 def measure_eval(spec: Spec, plan: TrainPlan, device: torch.device, config: StepConfig, size: tuple[int, int],
@@ -377,10 +419,18 @@ def measure_modes(bench: Bench, modes: tuple[str, ...], sizes: dict[str, tuple[i
         if mode == "data":
             timings, timed = measure_data(bench.plan, bench.device, batch, size, bench.options.data_root, workers,
                                           **bench.counts)
-            for name in ("data", "data cached"):
+            floors = timed.pop("decode_floors")
+            for name in ("data", "data pillow", "data cached"):
+                if name not in timings:
+                    continue
                 per_worker = timings[name].images_per_s / workers if workers else None
-                results[name] = {"size": list(size), "workers": workers, **timed,
+                decoder = {"data": timed["decoder"], "data pillow": "pillow"}.get(name)
+                results[name] = {"size": list(size), "workers": workers, **timed, "decoder": decoder,
                                  "images_per_s_per_worker": per_worker, **timing_fields(timings[name])}
+                if decoder is not None:  # the single-core decode rate beside the worker's
+                    results[name]["decode_floor_images_per_s"] = floors[decoder]
+                    results[name]["fraction_of_floor"] = per_worker / floors[decoder] if per_worker else None
+            results["data"]["decode_floors"] = floors
             results["augment"] = {"size": timed["crop"], "source_size": list(size),
                                   **timing_fields(timings["augment"])}
         elif mode == "eval":

@@ -147,9 +147,13 @@ COLUMNS = ["row", "mode", "device", "precision", "batch", "size", "img/s", "step
 
 def mode_notes(mode: str, entry: dict[str, Any], device_type: str) -> str:
     """What a mode's figures mean beyond the columns: per worker, the share of the forward rate, where it ran."""
-    if mode in ("data", "data cached"):
+    if mode.startswith("data"):
         per_worker = entry.get("images_per_s_per_worker")
-        what = "decoding PNGs" if mode == "data" else "reading decoded frames (--decoded-cache)"
+        decoder, floor = entry.get("decoder"), entry.get("decode_floor_images_per_s")
+        what = (f"decoding PNGs with {decoder}" if decoder else "reading decoded frames (--decoded-cache)")
+        if floor:  # the decoder's single-core rate: what a worker could reach if decoding were all it did
+            what += f" (one core decodes {floor:.1f} img/s"
+            what += f": {100 * per_worker / floor:.0f}% of it)" if per_worker else ")"
         return (f"{per_worker:.1f} img/s per worker" if per_worker else "in the main process") + f", {what}"
     if mode == "augment":
         return f"on {device_type}, from {'x'.join(map(str, entry['source_size']))} frames"
@@ -172,7 +176,7 @@ def table_rows(record: dict[str, Any]) -> list[list[str]]:
         rows.append([
             record["row"], mode + (f" ({entry['workers']} workers)" if mode.startswith("data") else ""),
             record["device"],
-            record["precision"] if mode not in ("data", "data cached", "augment") else "-", str(entry["batch"]),
+            record["precision"] if not mode.startswith("data") and mode != "augment" else "-", str(entry["batch"]),
             "x".join(map(str, entry["size"])),
             fmt(entry["images_per_s"], ".2f"), fmt(1000 * entry["step_s"], ".1f"), fmt(entry["peak_memory_gib"], ".2f"),
             fmt(entry["flops_per_image"] / 1e9 if "flops_per_image" in entry else None, ".1f"),
@@ -193,5 +197,9 @@ def render(record: dict[str, Any]) -> str:
         lines.append(f"MFU against a measured {record['matmul_peak_dtype']} matmul peak of {peak:.2f} TFLOP/s on "
                      f"{record['device']}; peak memory is "
                      + ("CUDA max allocated" if record["device_type"] == "cuda" else "the process peak RSS"))
+    floors = (record["modes"].get("data") or {}).get("decode_floors")
+    if floors:
+        lines.append("PNG decode floors, one core, image + label: "
+                     + ", ".join(f"{name} {rate:.1f} img/s" for name, rate in floors.items()))
     lines.append(f"record {record['_path']}")
     return "\n".join(lines)
