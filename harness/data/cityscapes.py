@@ -50,7 +50,7 @@ LABEL_SUFFIX = "_gtFine_labelIds.png"
 
 
 def label_ids_to_train_ids(label_ids: np.ndarray) -> np.ndarray:
-    return LABEL_TO_TRAIN[label_ids]
+    return LABEL_TO_TRAIN.take(label_ids)  # the same values as LABEL_TO_TRAIN[label_ids], in a fraction of its time
 
 
 def train_ids_to_label_ids(train_ids: np.ndarray) -> np.ndarray:
