@@ -103,26 +103,23 @@ def _is_cuda_call(node: ast.AST) -> bool:
             and isinstance(node.func.value, ast.Attribute) and node.func.value.attr == "cuda")
 
 
+def _conditions_in(node: ast.AST, scope: str, source: str, file: str, found: list[tuple[str, str, str]]) -> None:
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            _conditions_in(child, f"{scope}.{child.name}" if scope else child.name, source, file, found)
+        elif _is_cuda_condition(child):
+            found.append((file, scope or "<module>", " ".join((ast.get_source_segment(source, child) or "").split())))
+        else:
+            _conditions_in(child, scope, source, file, found)
+
+
 def cuda_conditions(root: Path) -> list[tuple[str, str, str]]:
     """(file relative to harness/, enclosing function's qualified name, the condition's source) of every CUDA-only
     condition under `root`, in file order; the same condition twice in one function is listed twice."""
-    found = []
+    found: list[tuple[str, str, str]] = []
     for path in sorted(root.rglob("*.py")):
         source = path.read_text()
-        tree = ast.parse(source)
-
-        def visit(node: ast.AST, scope: str) -> None:
-            for child in ast.iter_child_nodes(node):
-                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                    visit(child, f"{scope}.{child.name}" if scope else child.name)
-                    continue
-                if _is_cuda_condition(child):
-                    text = " ".join((ast.get_source_segment(source, child) or "").split())
-                    found.append((path.relative_to(root).as_posix(), scope or "<module>", text))
-                    continue
-                visit(child, scope)
-
-        visit(tree, "")
+        _conditions_in(ast.parse(source), "", source, path.relative_to(root).as_posix(), found)
     return found
 
 
