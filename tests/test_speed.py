@@ -119,7 +119,7 @@ def test_out_of_memory_retries_with_a_smaller_batch():
     (["--size", "64"], "--size 64: give WIDTH,HEIGHT"),
     (["--size", "0,32"], "--size 0,32: give WIDTH,HEIGHT"),
     (["--batch", "0"], "--batch must be at least 1"),
-    (["--precision", "bf16"], "--precision bf16 needs a GPU"),
+    (["--warmup", "-1"], "--warmup must be at least 0, got -1"),
 ])
 def test_bad_options_fail_with_one_line(args, message):
     result = CliRunner().invoke(main, ["speed", "--device", "cpu", "--row", "sf_seg_v2", *args])
