@@ -46,6 +46,12 @@ DEVICE_OPTION = click.option("--device", default=None, help="cpu, cuda or cuda:N
 PRECISION_OPTION = click.option("--precision", type=click.Choice(PRECISIONS), default=None,
                                 help="Autocast precision (default: bf16 on GPU, fp32 on CPU).")
 DEVICE_OPTIONS = (DEVICE_OPTION, PRECISION_OPTION)
+COMPUTE_OPTIONS = (
+    click.option("--channels-last/--no-channels-last", default=None,
+                 help="channels_last memory format for the model and its inputs (default: on a GPU, not on CPU)."),
+    click.option("--fused/--no-fused", default=None,
+                 help="The fused SGD kernel (default: on a GPU, not on CPU)."),
+)
 TRACKING_URI_OPTION = click.option(
     "--tracking-uri", default=None,
     help="Tracking store: an MLflow URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db), or tensorboard:DIR.")
@@ -109,7 +115,7 @@ def show(row: str) -> None:
 
 @main.command()
 @click.option("--row", required=True, help="Row id, e.g. sf_seg_v2-ema (see `bench list`).")
-@with_options(DATA_OPTIONS, DEVICE_OPTIONS, TRACKING_OPTIONS, (ITERS_OPTION,))
+@with_options(DATA_OPTIONS, DEVICE_OPTIONS, COMPUTE_OPTIONS, TRACKING_OPTIONS, (ITERS_OPTION,))
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--seeds", "seeds_text", default=None, metavar="LIST",
               help="Several seeds run one after another, each its own run and record (e.g. 0,1,2).")
@@ -291,7 +297,7 @@ def sync(run_dirs: tuple[Path, ...], tracking_uri: Optional[str], skip_damaged: 
               help="With --rows: start no row that would end past this many seconds; list the rows not reached.")
 @click.option("--mode", type=click.Choice(["train", "infer", "eval", "data", "all"]), default="all", show_default=True)
 @click.option("--batch", type=int, default=None, help="Images per step (default: the row's batch; 1 for infer).")
-@with_options(DEVICE_OPTIONS)
+@with_options(DEVICE_OPTIONS, COMPUTE_OPTIONS)
 @click.option("--compile", "compile_model", is_flag=True, help="Run the model through torch.compile.")
 @click.option("--size", default=None, metavar="W,H",
               help="Image size for every mode (default: crop, test size and 2048x1024 frames; small ones on CPU).")

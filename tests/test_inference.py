@@ -164,20 +164,22 @@ def test_bad_eval_settings_are_one_line_errors_naming_the_row(change: dict, word
     assert words in str(err.value) and "deeplabv3-r50" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_precision_is_fp32_on_cpu_and_checked():
+def test_precision_defaults_by_device_any_precision_by_request_and_checked():
     assert autocast_dtype("fp32") is None and autocast_dtype("fp16") is torch.float16
     assert resolve_precision(None, "cpu") == "fp32" and resolve_precision(None, "cuda") == "bf16"
-    with pytest.raises(BenchError, match="needs a GPU"):
-        resolve_precision("bf16", "cpu")
+    assert resolve_precision("bf16", "cpu") == "bf16" and resolve_precision("fp32", "cuda") == "fp32"
+    with pytest.raises(BenchError, match="--precision fp8: use one of fp32, bf16, fp16"):
+        resolve_precision("fp8", "cpu")
     with pytest.raises(BenchError, match="precision 'fp8'"):
         autocast_dtype("fp8")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_reduced_precision_on_gpu_stays_close_to_fp32(precision: str):
-    model = conv_model().cuda()
-    image = torch.randn(1, 3, 64, 128, device="cuda")
+def test_reduced_precision_stays_close_to_fp32(precision: str, device: str):
+    model = conv_model().to(device)
+    image = torch.randn(1, 3, 64, 128, device=device)
     mode = TestMode(crop_size=(64, 64), flip=True)
     reference = infer_logits(model, image, (64, 128), mode)
     reduced = infer_logits(model, image, (64, 128), mode, precision)

@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from harness.cli import main
+from harness.data.png import installed_decoders, loader_decoder
 from harness.engine import benchmark
 from harness.launch import speed
 from harness.config.spec import load_spec
@@ -26,11 +27,16 @@ def test_speed_on_cpu_prints_every_column_and_writes_a_consistent_record(isolate
     header = lines[0]
     for column in speed.COLUMNS:
         assert column in header
-    rows = {re.match(r"sf_seg_v2\s+(.+?)( \(\d+ workers\))?\s{2,}", line).group(1): line for line in lines[2:8]}
-    assert set(rows) == {"train", "infer", "eval", "data", "data cached", "augment"}
+    modes = {"train", "infer", "eval", "data", "data cached", "augment"} | (
+        {"data pillow"} if loader_decoder() != "pillow" else set())
+    rows = {re.match(r"sf_seg_v2\s+(.+?)( \(\d+ workers\))?\s{2,}", line).group(1): line
+            for line in lines[2 : 2 + len(modes)]}
+    assert set(rows) == modes
     for mode in ("train", "infer"):  # every measured column filled: no "-" left but the notes
         assert " - " not in rows[mode].removesuffix(" -")
-    assert "decoding PNGs" in rows["data"] and "decoded frames" in rows["data cached"]
+    assert f"decoding PNGs with {loader_decoder()} (one core decodes" in rows["data"]
+    assert "decoded frames" in rows["data cached"]
+    assert re.search(r"PNG decode floors, one core, image \+ label: pillow \d+\.\d img/s", result.output)
     assert "on cpu" in rows["augment"] and "0 workers" in rows["eval"]
 
     (path,) = (isolated_outputs / "results" / "speed").glob("*/sf_seg_v2/*.json")
@@ -111,7 +117,7 @@ def test_out_of_memory_retries_with_a_smaller_batch():
     (["--size", "64"], "--size 64: give WIDTH,HEIGHT"),
     (["--size", "0,32"], "--size 0,32: give WIDTH,HEIGHT"),
     (["--batch", "0"], "--batch must be at least 1"),
-    (["--precision", "bf16"], "--precision bf16 needs a GPU"),
+    (["--warmup", "-1"], "--warmup must be at least 0, got -1"),
 ])
 def test_bad_options_fail_with_one_line(args, message):
     result = CliRunner().invoke(main, ["speed", "--device", "cpu", "--row", "sf_seg_v2", *args])
@@ -132,7 +138,9 @@ def test_data_mode_reads_a_given_dataset_with_workers(tmp_path, one_thread):
     record = speed.speed(benchmark.SpeedOptions(row="sf_seg_v2", mode="data", batch=2, device="cpu", data_root=str(root),
                                             workers=1, warmup=0, repeats=2, steps=1))
     data = record["modes"]["data"]
-    assert set(record["modes"]) == {"data", "data cached", "augment"} and str(root) in data["images"]
+    assert set(record["modes"]) - {"data pillow"} == {"data", "data cached", "augment"} and str(root) in data["images"]
+    assert set(data["decode_floors"]) == set(installed_decoders()) and data["decoder"] == loader_decoder()
+    assert data["fraction_of_floor"] == pytest.approx(data["images_per_s_per_worker"] / data["decode_floor_images_per_s"])
     assert record["matmul_peak_tflops"] is None and data["workers"] == 1 and len(data["step_s_repeats"]) == 2
     assert data["images_per_s_per_worker"] == pytest.approx(data["images_per_s"])
 

@@ -17,11 +17,13 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from harness.cli import main
-from harness.launch.run import RunOptions, run
+from harness.config.precision import Compute, resolve_compute
 from harness.engine import checkpoint
 from harness.engine.distributed import World
 from harness.engine.train import convert_norm
 from harness.errors import BenchError
+from harness.launch.options import worker_argv
+from harness.launch.run import RunOptions, run
 from harness.paths import default_tracking_uri, runs_dir
 from harness.report.records import load_records
 from harness.tracking.tracker import experiment_name
@@ -207,10 +209,16 @@ def test_syncbn_conversion_only_for_distributed_gpu_runs():
         type(m) is torch.nn.BatchNorm2d for m in converted.modules())
 
 
-def test_precision_on_cpu_is_fp32(tmp_path):
-    result = CliRunner().invoke(main, ["run", "--row", "deeplabv3-r50", "--synthetic", "--device", "cpu",
-                                       "--precision", "bf16"])
-    assert result.exit_code != 0 and "needs a GPU" in result.stderr
+def test_compute_is_what_was_asked_for_on_either_device_with_the_device_defaults_kept():
+    assert resolve_compute("cuda") == Compute("bf16", channels_last=True, fused=True)
+    assert resolve_compute("cpu") == Compute("fp32", channels_last=False, fused=False)
+    assert resolve_compute("cpu", "bf16", True, True) == Compute("bf16", channels_last=True, fused=True)
+    assert resolve_compute("cuda", "fp32", False, False) == Compute("fp32", channels_last=False, fused=False)
+    # The flags reach the workers torchrun or a sweep starts: an on/off pair set off is spelled --no-...
+    argv = worker_argv(RunOptions(row="df_seg_v1", precision="bf16", channels_last=True, fused=False), [0])
+    assert "--channels-last" in argv and "--no-fused" in argv and argv[argv.index("--precision") + 1] == "bf16"
+    params = main.commands["run"].make_context("run", argv[1:]).params  # and `bench run` parses them back
+    assert (params["channels_last"], params["fused"], params["precision"]) == (True, False, "bf16")
 
 
 def test_two_gloo_processes_equal_one_process(tmp_path, monkeypatch, synthetic_root, pair_reference):

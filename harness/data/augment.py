@@ -16,10 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
+
+from harness.config.precision import resolve_compute
 
 IGNORE_INDEX = 255
 
@@ -89,6 +91,10 @@ def to_float_nchw(image: torch.Tensor) -> torch.Tensor:
     return image.permute(2, 0, 1).unsqueeze(0).float()
 
 
+def channels_last(requested: Optional[bool], device: torch.device) -> bool:
+    return resolve_compute(device.type, channels_last=requested).channels_last
+
+
 @dataclass(frozen=True)
 class TrainTransform:
     """A RawBatch -> (normalised float images N x 3 x crop_h x crop_w, int64 labels N x crop_h x crop_w), on
@@ -98,6 +104,7 @@ class TrainTransform:
     pad_value: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    channels_last: Optional[bool] = None  # the memory format of the images; default: the device's (Compute)
 
     def __call__(self, batch: RawBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         device = torch.device(device)
@@ -119,7 +126,7 @@ class TrainTransform:
             images[i, :, :rows, :cols] = image[0, :, top : top + rows, left : left + cols]
             labels[i, :rows, :cols] = label[0, 0, top : top + rows, left : left + cols]
         images.sub_(_channel_stats(self.mean, device)).div_(_channel_stats(self.std, device))
-        if device.type == "cuda":
+        if channels_last(self.channels_last, device):
             images = images.contiguous(memory_format=torch.channels_last)
         return images, labels.long()
 
@@ -131,6 +138,7 @@ class EvalTransform:
     test_size: tuple[int, int]  # [width, height]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    channels_last: Optional[bool] = None  # the memory format of the input; default: the device's (Compute)
 
     def __call__(self, image: torch.Tensor, device: torch.device) -> torch.Tensor:
         device = torch.device(device)
@@ -139,4 +147,6 @@ class EvalTransform:
         if tuple(image.shape[-2:]) != (test_h, test_w):
             image = F.interpolate(image, size=(test_h, test_w), mode="bilinear", align_corners=False)
         image = (image - _channel_stats(self.mean, device)) / _channel_stats(self.std, device)
-        return image.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else image.contiguous()
+        if channels_last(self.channels_last, device):
+            return image.contiguous(memory_format=torch.channels_last)
+        return image.contiguous()

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import io
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from harness.data.augment import IGNORE_INDEX, draw_augmentation
+from harness.data.png import decode_png, plain_mode
 from harness.errors import BenchError
 
 NUM_CLASSES = 19
@@ -48,7 +50,7 @@ LABEL_SUFFIX = "_gtFine_labelIds.png"
 
 
 def label_ids_to_train_ids(label_ids: np.ndarray) -> np.ndarray:
-    return LABEL_TO_TRAIN[label_ids]
+    return LABEL_TO_TRAIN.take(label_ids)  # the same values as LABEL_TO_TRAIN[label_ids], in a fraction of its time
 
 
 def train_ids_to_label_ids(train_ids: np.ndarray) -> np.ndarray:
@@ -166,11 +168,14 @@ def _read_png(path: Path, mode: str) -> np.ndarray:
         raise BenchError(f"label {path} is a {header.mode} image, not an 8-bit single-channel labelIds PNG; "
                          f"use the *{LABEL_SUFFIX} files")
     try:
-        with Image.open(path) as img:
+        data = path.read_bytes()
+        if plain_mode(data) == mode:  # 8-bit RGB or grey as stored: the fastest decoder installed
+            return decode_png(data)
+        with Image.open(io.BytesIO(data)) as img:
             if mode == "L" and img.mode in LABEL_MODES:
-                return np.asarray(img)  # a palette label's indices are its labelIds: never map them to grey levels
-            return np.asarray(img.convert(mode) if img.mode != mode else img)
-    except (OSError, ValueError) as exc:
+                return np.array(img)  # a palette label's indices are its labelIds: never map them to grey levels
+            return np.array(img.convert(mode))
+    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: libspng's errors
         raise BenchError(f"cannot read image {path}: {exc}") from None
 
 
@@ -182,7 +187,7 @@ def _same_size(label_hw: Sequence[int], image_hw: Sequence[int], path: Path) -> 
 
 def decode_image(path: Path) -> torch.Tensor:
     """The image file as a uint8 HxWx3 RGB tensor (no conversion beyond RGB: normalising is the device's job)."""
-    return torch.from_numpy(np.array(_read_png(path, "RGB")))  # PIL's array is read-only: one writable copy
+    return torch.from_numpy(_read_png(path, "RGB"))
 
 
 def decode_train_ids(path: Path) -> torch.Tensor:

@@ -41,7 +41,7 @@ from torch import nn
 
 from harness.config.benchmark import FRAME_SIZE
 from harness.config.plan import TrainPlan, scaled_test_crop, size_pair
-from harness.config.precision import autocast_dtype
+from harness.config.precision import PLAIN, Compute
 from harness.config.spec import Spec
 from harness.engine.device import (
     peak_memory_gib,
@@ -65,6 +65,8 @@ class SpeedOptions:
     mode: str = "all"
     batch: Optional[int] = None  # default: the row's global batch (train, data), 1 (infer, as evaluation runs)
     precision: Optional[str] = None
+    channels_last: Optional[bool] = None  # default: the device's (harness.config.precision.Compute)
+    fused: Optional[bool] = None
     compile: bool = False
     device: Optional[str] = None
     size: Optional[tuple[int, int]] = None  # [width, height] for every mode; default: the row's sizes
@@ -118,26 +120,17 @@ def with_batch_retry(measure: Callable[[int], Timing], batch: int, device: torch
 
 @dataclass
 class StepConfig:
-    """How a step runs: the project's way (the plan's precision, channels_last on a GPU, optional compile) or the
-    plain fp32 NCHW eager way."""
+    """How a step runs: the project's way (the run's Compute: precision, memory format, optimizer kernel; optional
+    compile) or the plain fp32 NCHW eager way (PLAIN)."""
 
-    precision: str
-    plain: bool
-    compile: bool
-
-    @property
-    def channels_last(self) -> bool:
-        return not self.plain
-
-    @property
-    def autocast(self) -> Optional[torch.dtype]:
-        return None if self.plain else autocast_dtype(self.precision)
+    compute: Compute
+    compile: bool = False
 
 
 def build_for_timing(spec: Spec, device: torch.device, config: StepConfig) -> tuple[nn.Module, nn.Module]:
     """(the module, the callable that runs it): random weights, the timing does not depend on them."""
     model = build_model(spec).to(device)
-    if config.channels_last and device.type == "cuda":
+    if config.compute.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, (torch.compile(model) if config.compile else model)  # type: ignore[return-value]
 
@@ -156,9 +149,9 @@ def measure_train(spec: Spec, plan: TrainPlan, device: torch.device, config: Ste
                   size: tuple[int, int], warmup: int, repeats: int, steps: int) -> Timing:
     """`Trainer.train_step`, the step `bench run` trains with, on one batch of random images at `size`."""
     width, height = size
-    plan = dataclasses.replace(plan, precision=config.precision)
+    plan = dataclasses.replace(plan, precision=config.compute.precision)
     trainer = Trainer(plan, build_model(spec), device, World(), progress=False, compile_model=config.compile,
-                      plain=config.plain)
+                      compute=config.compute)
     trainer.set_train_mode()
     images, labels = random_batch(batch, width, height, device, trainer.channels_last,
                                   torch.Generator().manual_seed(0))
@@ -172,9 +165,9 @@ def measure_infer(spec: Spec, device: torch.device, config: StepConfig, batch: i
     width, height = size
     model, forward = build_for_timing(spec, device, config)
     model.eval()
-    channels_last = config.channels_last and device.type == "cuda"
-    images, _ = random_batch(batch, width, height, device, channels_last, torch.Generator().manual_seed(0))
-    dtype = config.autocast
+    images, _ = random_batch(batch, width, height, device, config.compute.channels_last,
+                             torch.Generator().manual_seed(0))
+    dtype = config.compute.autocast
 
     @torch.inference_mode()
     def step() -> None:
@@ -195,7 +188,7 @@ def timing_frames(split: str, size: tuple[int, int], needed: int,
     """`needed` labelled samples of `split` and their dataset root: the dataset at `data_root`, else a couple of
     generated frames of `size` (decoding costs the same whichever frame it is), cycled."""
     from harness.data.cityscapes import find_samples
-    from harness.data.synthetic import write_synthetic
+    from harness.data.synthetic import PHOTO_LIKE, write_synthetic
 
     with tempfile.TemporaryDirectory(prefix="segbench-speed-") as tmp:
         if data_root:
@@ -205,9 +198,11 @@ def timing_frames(split: str, size: tuple[int, int], needed: int,
         else:
             root, count = Path(tmp), min(GENERATED_IMAGES, needed)
             write_synthetic(root, train_images=count if split == "train" else 0,
-                            val_images=count if split == "val" else 0, size=size, progress=False)
+                            val_images=count if split == "val" else 0, size=size, progress=False, **PHOTO_LIKE)
             samples = find_samples(root, split)
-            source = f"{len(samples)} generated {size[0]}x{size[1]} PNG frames, cycled"
+            megabytes = sum(s.image.stat().st_size for s in samples) / len(samples) / 1e6
+            source = (f"{len(samples)} generated {size[0]}x{size[1]} PNG frames of {megabytes:.1f} MB "
+                      "(compressing as Cityscapes photos), cycled")
         yield (samples * math.ceil(needed / len(samples)))[:needed], root, source
 
 
@@ -226,10 +221,40 @@ def time_loader(dataset, batch: int, workers: int, device: torch.device, warmup:
     return times, last
 
 
+DECODE_REPEATS = 9  # decodes of one sample per decoder for its floor (median)
+
+
+def measure_decode_floors(sample, repeats: int = DECODE_REPEATS) -> dict[str, float]:
+    """Samples per second that each installed PNG decoder turns out on one core (image and label, from bytes in
+    memory as a worker's reads come from the page cache): the most a loader worker can deliver with it."""
+    from harness.data.png import decode_png, installed_decoders
+
+    files = [sample.image.read_bytes()] + ([sample.label.read_bytes()] if sample.label is not None else [])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # torchvision's decoder; the others decode on one thread anyway
+    try:
+        floors = {}
+        for name in installed_decoders():
+            for data in files:  # warm: the library's import and first allocation
+                decode_png(data, name)
+            times = []
+            for _ in range(repeats):
+                began = time.perf_counter()
+                for data in files:
+                    decode_png(data, name)
+                times.append(time.perf_counter() - began)
+            floors[name] = 1 / statistics.median(times)
+        return floors
+    finally:
+        torch.set_num_threads(threads)
+
+
 def measure_data(plan, device: torch.device, batch: int, size: tuple[int, int], data_root: Optional[str],
                  workers: int, warmup: int, repeats: int, steps: int) -> tuple[dict[str, Timing], dict[str, Any]]:
     """The training input on whole frames (the dataset at `data_root`, else generated frames of `size`): the loader's
-    workers decoding PNGs and drawing augmentations ("data"), the same loader reading decoded frames back from a
+    workers decoding PNGs with the fastest decoder installed and drawing augmentations ("data"), the same with
+    Pillow ("data pillow", where another decoder is the loader's), each installed decoder's single-core rate (the
+    floor a worker approaches), the same loader reading decoded frames back from a
     decoded cache ("data cached": a few frames cycled, so from the page cache, as a cache the machine's memory holds
     after its first epoch), and the device turning a batch into the training crops ("augment").
     Returns the timings by name and what was timed."""
@@ -237,6 +262,7 @@ def measure_data(plan, device: torch.device, batch: int, size: tuple[int, int], 
     from harness.data.cityscapes import CityscapesTrain
     from harness.data.decoded import DecodedFrames, build_cache
     from harness.data.loaders import PREFETCH_BATCHES
+    from harness.data.png import loader_decoder, using_decoder
 
     # The workers fill a queue of workers x prefetch batches while the first one is awaited; until it drains,
     # batches come at no cost. Warm up past it and time at least one batch per worker per repeat.
@@ -246,6 +272,12 @@ def measure_data(plan, device: torch.device, batch: int, size: tuple[int, int], 
         crop = [min(plan.crop_size[0], size[0]), min(plan.crop_size[1], size[1])] if not data_root else plan.crop_size
         times, raw = time_loader(CityscapesTrain(samples, crop, plan.scale_range, plan.flip), batch, workers, device,
                                  warmup, repeats, steps)
+        decoder, pillow_times = loader_decoder(), None
+        if decoder != "pillow":
+            with using_decoder("pillow"):
+                pillow_times, _ = time_loader(CityscapesTrain(samples, crop, plan.scale_range, plan.flip), batch,
+                                              workers, device, warmup, repeats, steps)
+        floors = measure_decode_floors(samples[0])
         distinct = list({s.image: s for s in samples}.values())[:CACHED_FRAMES]
         with tempfile.TemporaryDirectory(prefix="segbench-decoded-") as cache_dir:
             frames = build_cache(Path(cache_dir), root, "train", distinct, workers=1)
@@ -257,11 +289,14 @@ def measure_data(plan, device: torch.device, batch: int, size: tuple[int, int], 
     augment_times = time_steps(lambda: transform(raw, device), device, max(1, warmup // 4), repeats, steps)
     timings = {
         "data": Timing(batch, statistics.median(times), times, None),
+        **({"data pillow": Timing(batch, statistics.median(pillow_times), pillow_times, None)}
+           if pillow_times is not None else {}),
         "data cached": Timing(batch, statistics.median(cached_times), cached_times, None),
         "augment": Timing(batch, statistics.median(augment_times), augment_times,
                           peak_memory_gib(device) if device.type == "cuda" else None),
     }
-    return timings, {"images": source, "warmup": warmup, "steps": steps, "crop": list(crop)}
+    return timings, {"images": source, "warmup": warmup, "steps": steps, "crop": list(crop), "decoder": decoder,
+                     "decode_floors": floors}
 
 
 def measure_eval(spec: Spec, plan: TrainPlan, device: torch.device, config: StepConfig, size: tuple[int, int],
@@ -282,11 +317,11 @@ def measure_eval(spec: Spec, plan: TrainPlan, device: torch.device, config: Step
                                                   crop_stride=crop_stride))
     stamps: list[float] = []
     with timing_frames("val", size, needed, data_root) as (samples, _, source):
-        transform = EvalTransform(size, tuple(plan.mean), tuple(plan.std))
+        transform = EvalTransform(size, tuple(plan.mean), tuple(plan.std), channels_last=config.compute.channels_last)
         reset_peak_memory(device)
         # Each image's scoring waits for its prediction (the confusion count), so a stamp marks finished work.
         evaluate({"model": forward}, eval_loader(samples, device, workers), device, transform, mode=mode,
-                 precision=config.precision, sinks=[lambda scored: stamps.append(time.perf_counter())],
+                 precision=config.compute.precision, sinks=[lambda scored: stamps.append(time.perf_counter())],
                  progress=False)
     intervals = [b - a for a, b in zip(stamps[warmup - 1 :], stamps[warmup:])]
     times = [sum(intervals[r * steps : (r + 1) * steps]) / steps for r in range(repeats)]
@@ -342,6 +377,7 @@ class Bench:
     device: torch.device
     counts: dict[str, int]  # warmup, repeats, steps
     peak: Optional[float]  # measured matmul TFLOP/s
+    compute: Compute  # the plan's precision, the memory format and optimizer kernel asked for
 
     @property
     def workers(self) -> int:
@@ -363,9 +399,9 @@ def measure_step(bench: Bench, mode: str, batch: int, size: tuple[int, int]) -> 
     previous = torch.backends.cudnn.benchmark
     try:
         torch.backends.cudnn.benchmark = device.type == "cuda"  # as the training loop runs
-        timing = run(StepConfig(bench.plan.precision, plain=False, compile=bench.options.compile))
+        timing = run(StepConfig(bench.compute, compile=bench.options.compile))
         torch.backends.cudnn.benchmark = previous  # torchvision references' default
-        baseline = run(StepConfig("fp32", plain=True, compile=False)) if bench.options.plain else None
+        baseline = run(StepConfig(PLAIN)) if bench.options.plain else None
     finally:
         torch.backends.cudnn.benchmark = previous
     achieved = flops * timing.images_per_s / 1e12
@@ -383,14 +419,22 @@ def measure_modes(bench: Bench, modes: tuple[str, ...], sizes: dict[str, tuple[i
         if mode == "data":
             timings, timed = measure_data(bench.plan, bench.device, batch, size, bench.options.data_root, workers,
                                           **bench.counts)
-            for name in ("data", "data cached"):
+            floors = timed.pop("decode_floors")
+            for name in ("data", "data pillow", "data cached"):
+                if name not in timings:
+                    continue
                 per_worker = timings[name].images_per_s / workers if workers else None
-                results[name] = {"size": list(size), "workers": workers, **timed,
+                decoder = {"data": timed["decoder"], "data pillow": "pillow"}.get(name)
+                results[name] = {"size": list(size), "workers": workers, **timed, "decoder": decoder,
                                  "images_per_s_per_worker": per_worker, **timing_fields(timings[name])}
+                if decoder is not None:  # the single-core decode rate beside the worker's
+                    results[name]["decode_floor_images_per_s"] = floors[decoder]
+                    results[name]["fraction_of_floor"] = per_worker / floors[decoder] if per_worker else None
+            results["data"]["decode_floors"] = floors
             results["augment"] = {"size": timed["crop"], "source_size": list(size),
                                   **timing_fields(timings["augment"])}
         elif mode == "eval":
-            project = StepConfig(bench.plan.precision, plain=False, compile=bench.options.compile)
+            project = StepConfig(bench.compute, compile=bench.options.compile)
             timing, timed = measure_eval(bench.spec, bench.plan, bench.device, project, size,
                                          bench.options.data_root, workers, **bench.counts)
             forward = results.get("infer")

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from harness.config.plan import TrainPlan, size_pair
-from harness.config.precision import autocast_dtype
+from harness.config.precision import PLAIN, Compute, resolve_compute
 from harness.data.augment import EvalTransform, TrainTransform
 from harness.data.loaders import endless_batches
 from harness.engine import checkpoint
@@ -130,29 +130,37 @@ def grouped_running_stats(model: nn.Module) -> list[torch.Tensor]:
 MetricsLogger = Callable[[dict[str, float], int], None]
 
 
-def make_optimizer(model: nn.Module, plan: TrainPlan, device: torch.device, fused: Optional[bool] = None
-                   ) -> torch.optim.SGD:
-    """UP's SGD. Fused on a GPU (default): one kernel for the update, and with fp16 the grad scaler hands it the
-    inf check instead of reading it back to the host every step."""
+def make_optimizer(model: nn.Module, plan: TrainPlan, fused: bool) -> torch.optim.SGD:
+    """UP's SGD. Fused (a GPU's default, and the CPU's on request): one kernel for the update, and with fp16 the
+    grad scaler hands it the inf check instead of reading it back to the host every step."""
     return torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=plan.momentum, weight_decay=plan.weight_decay,
-                           fused=(device.type == "cuda" if fused is None else fused) or None)
+                           fused=fused or None)
 
 
 class Trainer:
-    """Trains `model` as `plan` says. `plain` runs the same step the way the torchvision references do (fp32,
-    NCHW, unfused SGD): `bench speed` compares the two."""
+    """Trains `model` as `plan` says, computing as `compute` says (default: the device's way in the plan's
+    precision). `plain` runs the same step the way the torchvision references do (fp32, NCHW, unfused SGD):
+    `bench speed` compares the two."""
 
     def __init__(self, plan: TrainPlan, model: nn.Module, device: torch.device, world: World, *,
                  log_metrics: Optional[MetricsLogger] = None, checkpoint_dir: Optional[Path] = None,
                  progress: bool = True, extra_state: Optional[dict[str, Any]] = None, compile_model: bool = False,
-                 plain: bool = False):
+                 plain: bool = False, compute: Optional[Compute] = None):
         self.plan, self.device, self.world = plan, device, world
+        if plain:
+            compute = PLAIN
+        elif compute is None:
+            compute = resolve_compute(device.type, plan.precision)
+        elif compute.precision != plan.precision:
+            raise ValueError(f"compute in {compute.precision}, plan in {plan.precision}: the plan's precision is the "
+                             "recipe's")
+        self.compute = compute
         self.log_metrics = log_metrics or (lambda metrics, step: None)
         self.checkpoint_dir, self.progress = checkpoint_dir, progress
         self.extra_state = extra_state or {}  # saved with every checkpoint (the spec, the starting weights)
         model = convert_norm(model, world, device.type).to(device)
         set_norm_groups(model, plan.loss_group_images)
-        self.channels_last = device.type == "cuda" and not plain
+        self.channels_last = compute.channels_last
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         # Group 0 of the global batch is rank 0's: its statistics are UP's rank-0 running statistics, for all.
@@ -164,15 +172,17 @@ class Trainer:
         )
         if compile_model:
             self.forward_model = torch.compile(self.forward_model)  # type: ignore[assignment]
-        self.autocast_dtype = None if plain else autocast_dtype(plan.precision)
+        self.autocast_dtype = compute.autocast
         self.criterion = SegmentationLoss(plan.loss_spec(), group_images=plan.loss_group_images)
         # Loader batches are decoded uint8 frames; scale, flip, pad, crop and normalisation run here, on the device.
-        self.transform = TrainTransform(size_pair(plan.crop_size), plan.pad_value, tuple(plan.mean), tuple(plan.std))
-        self.eval_transform = EvalTransform(size_pair(plan.test_size), tuple(plan.mean), tuple(plan.std))
-        self.optimizer = make_optimizer(model, plan, device, fused=False if plain else None)
+        self.transform = TrainTransform(size_pair(plan.crop_size), plan.pad_value, tuple(plan.mean), tuple(plan.std),
+                                        channels_last=compute.channels_last)
+        self.eval_transform = EvalTransform(size_pair(plan.test_size), tuple(plan.mean), tuple(plan.std),
+                                            channels_last=compute.channels_last)
+        self.optimizer = make_optimizer(model, plan, fused=compute.fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda it: learning_rate(it, plan) / plan.lr)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=plan.precision == "fp16" and not plain)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=compute.precision == "fp16")
         self.ema = ExpEMA(model, plan.ema_decay, plan.ema_ramp) if plan.ema else None
         self.iteration = 0
         self.best: Optional[Score] = None

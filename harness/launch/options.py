@@ -18,7 +18,7 @@ from typing import Optional
 from harness import paths
 from harness.config.benchmark import dataset_name
 from harness.config.plan import batch_per_process, dataset_batch, loss_group_images
-from harness.config.precision import resolve_precision
+from harness.config.precision import Compute, resolve_compute
 from harness.config.spec import Spec, load_spec
 from harness.data.source import check_data_options, cityscapes_root
 from harness.engine.device import check_device_name, default_device_type
@@ -42,6 +42,8 @@ class RunOptions:
     tracking_uri: Optional[str] = None
     device: Optional[str] = None
     precision: Optional[str] = None
+    channels_last: Optional[bool] = None  # default: the device's (harness.config.precision.Compute); not the recipe
+    fused: Optional[bool] = None  # the fused SGD kernel; default: the device's; not the recipe
     resume: Optional[str] = None  # "latest", a run folder, or a checkpoint file
     deterministic: bool = False
     init_checkpoint: Optional[str] = None
@@ -79,7 +81,7 @@ class CheckedRun:
     seeds: tuple[int, ...]
     spec: Spec
     device_type: str
-    precision: str
+    compute: Compute  # the precision (the recipe's), the memory format and optimizer kernel
     processes: int
     per_rank_batch: int
     init_checkpoint: Optional[Path]
@@ -212,7 +214,7 @@ def validate_run(options: RunOptions, seeds: Sequence[int], processes: int, *, c
                              "checkpoint file")
     check_starting_weights(spec, options, init_checkpoint)
     device_type = default_device_type(options.device)
-    precision = resolve_precision(options.precision, device_type)
+    compute = resolve_compute(device_type, options.precision, options.channels_last, options.fused)
     synthetic = options.synthetic
     batch_key, batch = dataset_batch(spec, synthetic)
     crop_key, crop = ("synthetic.crop_size", spec.synthetic.crop_size) if synthetic else \
@@ -222,7 +224,7 @@ def validate_run(options: RunOptions, seeds: Sequence[int], processes: int, *, c
                      loss_group_images(spec, synthetic))
     if check_outputs:
         check_output_folders(options.dataset)
-    return CheckedRun(options, tuple(seeds), spec, device_type, precision, processes, per_rank, init_checkpoint)
+    return CheckedRun(options, tuple(seeds), spec, device_type, compute, processes, per_rank, init_checkpoint)
 
 
 def worker_argv(options: RunOptions, seeds: Sequence[int]) -> list[str]:
@@ -234,7 +236,10 @@ def worker_argv(options: RunOptions, seeds: Sequence[int]) -> list[str]:
         if option.name in ("row", "seed", "progress") or value == option.default:
             continue
         flag = "--" + option.name.replace("_", "-")
-        argv += [flag] if isinstance(value, bool) else [flag, str(value)]
+        if isinstance(value, bool):  # a flag, or one of an on/off pair (--fused/--no-fused) set off
+            argv += [flag if value else "--no-" + flag[2:]]
+        else:
+            argv += [flag, str(value)]
     return argv + (["--seeds", ",".join(map(str, seeds))] if len(seeds) > 1 else ["--seed", str(seeds[0])])
 
 

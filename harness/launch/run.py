@@ -108,7 +108,7 @@ def refuse_changed_recipe(state: dict[str, Any], spec: Spec, plan: TrainPlan, so
 
 # The options a resume takes from the run it continues unless given again (launcher and output options excluded).
 RESUMED_OPTIONS = ("synthetic", "data_root", "iters", "seed", "tracking_uri", "precision", "deterministic",
-                   "init_checkpoint", "eval_every", "offline_tracking", "decoded_cache")
+                   "init_checkpoint", "eval_every", "offline_tracking", "decoded_cache", "channels_last", "fused")
 
 
 def saved_options(options: RunOptions) -> dict[str, Any]:
@@ -233,7 +233,7 @@ def train(checked: CheckedRun, seed: int) -> dict[str, Any]:
 
 def _train(checked: CheckedRun, options: RunOptions, spec: Spec, world: World, device: torch.device) -> dict[str, Any]:
     data = find_data(checked, world)
-    plan = make_plan(spec, data.dataset, len(data.train), precision=checked.precision, world_size=world.size,
+    plan = make_plan(spec, data.dataset, len(data.train), precision=checked.compute.precision, world_size=world.size,
                      machine_workers=loader_workers(world.local_size), seed=options.seed, iters=options.iters,
                      eval_every=options.eval_every)
     resume = None
@@ -260,6 +260,7 @@ def _train(checked: CheckedRun, options: RunOptions, spec: Spec, world: World, d
     checkpoints = Path(distributed.broadcast_object(str(folder.checkpoints) if folder else None))
     trainer = Trainer(plan, model, device, world, log_metrics=tracker.log_metrics if tracker else None,
                       checkpoint_dir=checkpoints, progress=options.progress, compile_model=options.compile,
+                      compute=checked.compute,
                       extra_state={"spec": spec.to_dict(), "starting_weights": starting})
     if resume is not None:
         trainer.load_state_dict(resume[1])

@@ -15,7 +15,7 @@ import torch
 
 from harness.config.benchmark import OFFICIAL_SPLIT_IMAGES, REFERENCE_DATASET
 from harness.config.plan import make_plan
-from harness.config.precision import resolve_precision
+from harness.config.precision import resolve_compute
 from harness.config.spec import Spec, load_spec
 from harness.cores import loader_workers
 from harness.engine.benchmark import (
@@ -47,14 +47,15 @@ def speed(options: SpeedOptions) -> dict[str, Any]:
     if {"train", "infer"} & set(modes):
         check_implemented(spec)
     device = pick_device(options.device, World())
-    precision = resolve_precision(options.precision, device.type)
+    compute = resolve_compute(device.type, options.precision, options.channels_last, options.fused)
+    precision = compute.precision
     # The epoch length (the official train split) changes no timing.
     plan = make_plan(spec, REFERENCE_DATASET, OFFICIAL_SPLIT_IMAGES["train"], precision=precision,
                      machine_workers=loader_workers(1))
     counts = {**defaults(device), **{k: getattr(options, k) for k in ("warmup", "repeats", "steps")
                                      if getattr(options, k) is not None}}
     peak, peak_dtype = matmul_peak_tflops(device) if {"train", "infer"} & set(modes) else (None, None)
-    bench = Bench(options, spec, plan, device, counts, peak)
+    bench = Bench(options, spec, plan, device, counts, peak, compute)
     session = onnx_beside(options, device) if options.onnx else None
     sizes = resolve_sizes(spec, plan, device, options.size if session is None else onnx_input_size(session))
     results = measure_modes(bench, ("infer",) if session is not None else modes, sizes)
@@ -64,7 +65,7 @@ def speed(options: SpeedOptions) -> dict[str, Any]:
         "kind": "speed", "row": spec.row, "dataset": device_name(device), "device": device_name(device),
         "device_type": device.type, "device_memory_gib": device_memory_gib(device), "precision": precision,
         "compile": options.compile,
-        "channels_last": device.type == "cuda", "cpu_threads": torch.get_num_threads(),
+        "channels_last": compute.channels_last, "fused": compute.fused, "cpu_threads": torch.get_num_threads(),
         "matmul_peak_tflops": peak, "matmul_peak_dtype": peak_dtype, **counts, "modes": results,
         "git_commit": git_commit(), "versions": package_versions(), "time": utc_now(),
     }
@@ -160,9 +161,13 @@ COLUMNS = ["row", "mode", "device", "precision", "batch", "size", "img/s", "step
 
 def mode_notes(mode: str, entry: dict[str, Any], device_type: str) -> str:
     """What a mode's figures mean beyond the columns: per worker, the share of the forward rate, where it ran."""
-    if mode in ("data", "data cached"):
+    if mode.startswith("data"):
         per_worker = entry.get("images_per_s_per_worker")
-        what = "decoding PNGs" if mode == "data" else "reading decoded frames (--decoded-cache)"
+        decoder, floor = entry.get("decoder"), entry.get("decode_floor_images_per_s")
+        what = (f"decoding PNGs with {decoder}" if decoder else "reading decoded frames (--decoded-cache)")
+        if floor:  # the decoder's single-core rate: what a worker could reach if decoding were all it did
+            what += f" (one core decodes {floor:.1f} img/s"
+            what += f": {100 * per_worker / floor:.0f}% of it)" if per_worker else ")"
         return (f"{per_worker:.1f} img/s per worker" if per_worker else "in the main process") + f", {what}"
     if mode == "augment":
         return f"on {device_type}, from {'x'.join(map(str, entry['source_size']))} frames"
@@ -185,7 +190,7 @@ def table_rows(record: dict[str, Any]) -> list[list[str]]:
         rows.append([
             record["row"], mode + (f" ({entry['workers']} workers)" if mode.startswith("data") else ""),
             record["device"],
-            record["precision"] if mode not in ("data", "data cached", "augment") else "-", str(entry["batch"]),
+            record["precision"] if not mode.startswith("data") and mode != "augment" else "-", str(entry["batch"]),
             "x".join(map(str, entry["size"])),
             fmt(entry["images_per_s"], ".2f"), fmt(1000 * entry["step_s"], ".1f"), fmt(entry["peak_memory_gib"], ".2f"),
             fmt(entry["flops_per_image"] / 1e9 if "flops_per_image" in entry else None, ".1f"),
@@ -206,5 +211,9 @@ def render(record: dict[str, Any]) -> str:
         lines.append(f"MFU against a measured {record['matmul_peak_dtype']} matmul peak of {peak:.2f} TFLOP/s on "
                      f"{record['device']}; peak memory is "
                      + ("CUDA max allocated" if record["device_type"] == "cuda" else "the process peak RSS"))
+    floors = (record["modes"].get("data") or {}).get("decode_floors")
+    if floors:
+        lines.append("PNG decode floors, one core, image + label: "
+                     + ", ".join(f"{name} {rate:.1f} img/s" for name, rate in floors.items()))
     lines.append(f"record {record['_path']}")
     return "\n".join(lines)
