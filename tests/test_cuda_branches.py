@@ -33,6 +33,9 @@ REASONS = {NCCL, CUDA_MEMORY, CUDA_RUNTIME, CUDNN, SYNC_BN, PINNED, DDP_IDS, DEF
 LANE = "tests/test_cpu_lane.py"
 # (file under harness/, function, condition) -> a CPU test "path::name" that runs the same code path, or a reason.
 INVENTORY: dict[tuple[str, str, str], str] = {
+    ("report/estimates.py", "this_gpu", "torch.cuda.is_available()"): CUDA_RUNTIME,
+    ("report/estimates.py", "resolve_device", 'r.get("device_type") == "cuda"'): RECORD,
+    ("report/estimates.py", "record_peak", 'record.get("device_type") == "cuda"'): RECORD,
     ("config/precision.py", "on_gpu", 'device_type == "cuda"'):
         "tests/test_training_resilience.py::test_compute_is_what_was_asked_for_on_either_device_with_the_device_defaults_kept",
     ("data/loaders.py", "train_loader", 'torch.device(device).type == "cuda"'): PINNED,
@@ -71,10 +74,6 @@ INVENTORY: dict[tuple[str, str, str], str] = {
     ("outputs/predictions.py", "default_workers", 'torch.device(device).type == "cuda"'): DEFAULT,
     ("report/card.py", "time_section",
      '(record.get("environment") or {}).get("device_type", record.get("device")) == "cuda"'): RECORD,
-    ("report/estimates.py", "choose_device", "torch.cuda.is_available()"): CUDA_RUNTIME,
-    ("report/estimates.py", "choose_device", 'r.get("device_type") == "cuda"'): RECORD,
-    ("report/estimates.py", "local_device", "torch.cuda.is_available()"): CUDA_RUNTIME,
-    ("report/readiness.py", "local_gpu", "torch.cuda.is_available()"): CUDA_RUNTIME,
     ("report/records.py", "environment", 'device_type == "cuda"'): CUDA_RUNTIME,
     ("report/records.py", "environment", "torch.cuda.is_available()"): CUDA_RUNTIME,
     ("report/table.py", "infer_speeds", 'record.get("device_type") == "cuda"'): RECORD,
