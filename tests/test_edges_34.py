@@ -1,0 +1,141 @@
+"""Issue 34: bad input and faults at the edges of weights, doctor, export, server, sweep, the journal, compare and the
+Python API. Each case ends in one line naming the input and the fix, the right exit code, no traceback, nothing
+written before it changed, and nothing left running or listening."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from harness.cli import main
+from harness.config.spec import load_spec
+from harness.models import build_model, provenance
+from tests.helpers import official_tree
+from tests.test_faults import tmpfs
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def error_line(result, code: int, *fragments: str) -> str:
+    """The one `error:` line of a refused command, with its exit code and no traceback."""
+    assert result.exit_code == code, (result.exit_code, result.output)
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def doctor_line(output: str, check: str) -> list[str]:
+    """The verdict and detail of one check of `bench doctor`'s table."""
+    (line,) = [line for line in output.splitlines() if line.startswith(check + "  ")]
+    return re.split(r"\s{2,}", line.strip())
+
+
+# --- starting weights (models/provenance.py, models/weights.py) ------------------------------------------------
+
+
+@pytest.fixture
+def weights_dir(tmp_path, monkeypatch) -> Path:
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    monkeypatch.setenv("SEGBENCH_WEIGHTS", str(folder))
+    return folder
+
+
+def dfnet1_file(folder: Path) -> Path:
+    """df_seg_v1's starting file as SFSegNets publishes it (DFNet1's backbone names plus an ImageNet classifier); no
+    checksum of it is published."""
+    model = build_model(load_spec("df_seg_v1"))
+    state = {**model.backbone.state_dict(), "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}
+    path = folder / "df1_imagenet.pth"
+    torch.save(state, path)
+    return path
+
+
+def test_weights_verify_checks_a_file_without_checksum_as_far_as_it_can(weights_dir):
+    path = dfnet1_file(weights_dir)
+    whole = path.read_bytes()
+    result = invoke("weights", "--rows", "df_seg_v1", "--verify")
+    assert result.exit_code == 0, result.output
+    assert provenance.NO_CHECKSUM in result.stdout and "error" not in result.stderr
+
+    path.write_bytes(whole[: len(whole) // 2])  # a download cut half way
+    error_line(invoke("weights", "--rows", "df_seg_v1", "--verify"), 1, str(path), "unreadable",
+               "it may be truncated", "fetch it again")
+
+    torch.save({"model": model_like_state(), "args": argparse.Namespace(lr=0.01)}, path)  # a pickled program
+    error_line(invoke("weights", "--rows", "df_seg_v1", "--verify"), 1, str(path),
+               "holds pickled Python objects besides tensors (e.g. argparse.Namespace)")
+
+    torch.save({"conv.weight": torch.zeros(8, 3, 3, 3)}, path)  # tensors of another network
+    error_line(invoke("weights", "--rows", "df_seg_v1", "--verify"), 1, str(path), "none of its 1 tensor names match")
+
+
+def model_like_state() -> dict[str, torch.Tensor]:
+    return dict(build_model(load_spec("df_seg_v1")).backbone.state_dict())
+
+
+def test_an_unreadable_weights_file_is_one_line_in_weights_and_a_no_go_in_doctor(weights_dir, monkeypatch):
+    path = dfnet1_file(weights_dir)
+
+    def refused(file: Path) -> str:  # root reads any file; the kernel's answer to another user, as it comes
+        raise PermissionError(13, "Permission denied", str(file))
+
+    monkeypatch.setattr(provenance, "sha1_of", refused)
+    error_line(invoke("weights", "--rows", "df_seg_v1", "--verify"), 1, str(path),
+               "cannot read it (Permission denied)", "fix its permissions")
+    result = invoke("doctor", "--row", "df_seg_v1", "--data-root", str(weights_dir))
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    verdict, detail, _ = doctor_line(result.stdout, "starting weights")[1:4]
+    assert verdict == "no-go" and "cannot read it (Permission denied)" in detail
+
+
+def test_a_missing_weights_folder_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEGBENCH_WEIGHTS", str(tmp_path / "no-such-folder"))
+    error_line(invoke("weights", "--rows", "df_seg_v1"), 2, f"$SEGBENCH_WEIGHTS names {tmp_path / 'no-such-folder'}",
+               "which is not a folder", "set it to the folder holding the weights files")
+    assert not (tmp_path / "no-such-folder").exists()
+
+
+# --- bench doctor -----------------------------------------------------------------------------------------------
+
+
+def test_doctor_says_no_go_for_a_read_only_results_folder_as_bench_run_refuses_it(tmp_path, monkeypatch,
+                                                                                   synthetic_root):
+    with tmpfs(tmp_path / "results", "1m", read_only=True) as results:
+        monkeypatch.setenv("SEGBENCH_RESULTS", str(results))
+        result = invoke("doctor", "--row", "df_seg_v1", "--synthetic")
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        verdict, detail, fix = doctor_line(result.stdout, "output folders")[1:4]
+        assert verdict == "no-go" and f"results folder {results / 'synthetic'} is not writable" in detail
+        assert "SEGBENCH_RESULTS" in fix
+        assert result.stdout.splitlines()[-1].startswith("1 no-go: output folders")
+        assert not (tmp_path / "runs" / "synthetic").exists(), "doctor creates no folder"
+        run = invoke("run", "--row", "df_seg_v1", "--synthetic", "--iters", "1")
+        error_line(run, 2, f"results folder {results / 'synthetic'} is not writable")
+
+
+def test_doctor_finds_an_image_cut_to_a_few_bytes(tmp_path):
+    tree = official_tree(tmp_path / "cityscapes")
+    whole = invoke("doctor", "--row", "df_seg_v1", "--data-root", str(tree))
+    assert doctor_line(whole.stdout, "dataset")[1] == "go", whole.output
+    cut = next((tree / "leftImg8bit" / "val").glob("*/*.png"))
+    cut.write_bytes(cut.read_bytes()[:5])
+    result = invoke("doctor", "--row", "df_seg_v1", "--data-root", str(tree))
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    verdict, detail = doctor_line(result.stdout, "dataset")[1:3]
+    assert verdict == "no-go" and "1 defect(s): val: cut file" in detail, detail
+    assert cut.read_bytes() == cut.read_bytes()[:5]
