@@ -139,3 +139,52 @@ def test_doctor_finds_an_image_cut_to_a_few_bytes(tmp_path):
     verdict, detail = doctor_line(result.stdout, "dataset")[1:3]
     assert verdict == "no-go" and "1 defect(s): val: cut file" in detail, detail
     assert cut.read_bytes() == cut.read_bytes()[:5]
+
+
+# --- bench export (outputs/model_export.py) ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def checkpoint_file(tmp_path) -> Path:
+    """A segbench checkpoint of df_seg_v1 at its initial weights (no training: export reads only these keys)."""
+    from harness.engine.checkpoint import FORMAT
+
+    torch.manual_seed(0)
+    state = build_model(load_spec("df_seg_v1")).state_dict()
+    path = tmp_path / "ckpt" / "best.pt"
+    path.parent.mkdir()
+    torch.save({"format": FORMAT, "spec": {"row": "df_seg_v1"}, "model": state,
+                "plan": {"test_size": [128, 64], "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}}, path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "onnx"])
+def test_export_into_a_read_only_folder_is_one_line(checkpoint_file, tmp_path, fmt):
+    with tmpfs(tmp_path / "out", "1m", read_only=True) as out:
+        target = out / "sub" / f"model.{fmt}"
+        error_line(invoke("export", "--checkpoint", str(checkpoint_file), "--format", fmt, "--weights", "raw",
+                          "--out", str(target)), 2, f"cannot write {target} (Read-only file system)", "pass --out")
+        assert snapshot(out) == {}
+
+
+def test_export_onto_a_full_disk_keeps_the_earlier_file_and_leaves_no_temporary_one(checkpoint_file, tmp_path):
+    with tmpfs(tmp_path / "out", "256k") as out:
+        target = out / "model.safetensors"
+        target.write_bytes(b"an earlier export")
+        error_line(invoke("export", "--checkpoint", str(checkpoint_file), "--format", "safetensors", "--weights",
+                          "raw", "--out", str(target)), 2, f"cannot write {target} (No space left on device)")
+        assert snapshot(out) == {"model.safetensors": b"an earlier export"}
+
+
+def test_ctrl_c_during_an_onnx_export_leaves_no_temporary_file(checkpoint_file, tmp_path, monkeypatch):
+    def interrupted(model, args, path, **kwargs):
+        Path(path).write_bytes(b"half an ONNX graph")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.onnx, "export", interrupted)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = invoke("export", "--checkpoint", str(checkpoint_file), "--format", "onnx", "--weights", "raw",
+                    "--out", str(out / "model.onnx"))
+    assert result.exit_code == 130 and result.stderr.strip() == "interrupted", result.output
+    assert snapshot(out) == {}
