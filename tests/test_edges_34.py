@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ from click.testing import CliRunner
 from harness.cli import main
 from harness.config.spec import load_spec
 from harness.models import build_model, provenance
-from tests.helpers import official_tree
+from tests.helpers import bench, official_tree, process_tree
 from tests.test_faults import tmpfs
 
 
@@ -188,3 +191,69 @@ def test_ctrl_c_during_an_onnx_export_leaves_no_temporary_file(checkpoint_file, 
                     "--out", str(out / "model.onnx"))
     assert result.exit_code == 130 and result.stderr.strip() == "interrupted", result.output
     assert snapshot(out) == {}
+
+
+# --- bench server (tracking/mlflow_server.py) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("port, fragment", [("70000", "--port 70000: give a port from 1 to 65535"),
+                                            ("0", "--port 0: give a port from 1 to 65535"),
+                                            ("-1", "--port -1: give a port from 1 to 65535")])
+def test_server_on_an_impossible_port_is_one_line(tmp_path, port, fragment):
+    error_line(invoke("server", "--backend-store-uri", f"sqlite:///{tmp_path / 's.db'}", "--artifacts",
+                      str(tmp_path / "art"), "--port", port), 2, fragment)
+    assert not (tmp_path / "art").exists() and not (tmp_path / "s.db").exists()
+
+
+def test_server_on_a_store_whose_driver_is_not_installed_is_one_line(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("pymysql") is not None:
+        pytest.skip("pymysql is installed here: no driver is missing")
+    error_line(invoke("server", "--backend-store-uri", "mysql+pymysql://user@127.0.0.1/mlflow", "--artifacts",
+                      str(tmp_path / "art"), "--port", str(free_port())), 2,
+               "--backend-store-uri mysql+pymysql://user@127.0.0.1/mlflow: its database driver is not installed "
+               "(pymysql)", "install it")
+
+
+def test_server_with_a_read_only_artifacts_folder_is_one_line(tmp_path):
+    with tmpfs(tmp_path / "art", "1m", read_only=True) as art:
+        error_line(invoke("server", "--backend-store-uri", f"sqlite:///{tmp_path / 's.db'}", "--artifacts", str(art),
+                          "--port", str(free_port())), 2,
+                   f"--artifacts folder {art} is not writable (Read-only file system)", "pass another --artifacts")
+    assert not (tmp_path / "s.db").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is no zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.parametrize("signum, code, said", [(signal.SIGINT, 130, "interrupted"),
+                                                (signal.SIGTERM, 143, "stopped (SIGTERM) before the MLflow server "
+                                                                      "answered")])
+def test_a_signal_while_the_server_starts_ends_it_and_its_port(tmp_path, signum, code, said):
+    port = free_port()
+    server = bench("server", "--backend-store-uri", f"sqlite:///{tmp_path / 's.db'}", "--artifacts",
+                   str(tmp_path / "art"), "--port", str(port), "--workers", "1")
+    deadline = time.monotonic() + 120
+    while len(process_tree(server.pid)) < 2 and server.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    started = process_tree(server.pid) - {server.pid}
+    assert started, "bench server started no MLflow server"
+    server.send_signal(signum)
+    out, err = server.communicate(timeout=120)
+    assert "MLflow tracking server: " not in out, "the signal came while the server waited for MLflow"
+    assert server.returncode == code and said in out + err and "Traceback" not in err, (server.returncode, out, err)
+    assert not [pid for pid in started if alive(pid)], "a process of the MLflow server is left"
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0, f"something still listens on {port}"
