@@ -5,6 +5,7 @@ written before it changed, and nothing left running or listening."""
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import signal
 import socket
@@ -18,8 +19,10 @@ from click.testing import CliRunner
 from harness.cli import main
 from harness.config.spec import load_spec
 from harness.models import build_model, provenance
-from tests.helpers import bench, official_tree, process_tree
+from harness.launch.sweep import sweeps_dir
+from tests.helpers import bench, experiments_with, official_tree, process_tree
 from tests.test_faults import tmpfs
+from tests.test_training_resilience import TINY
 
 
 def invoke(*args: str):
@@ -257,3 +260,55 @@ def test_a_signal_while_the_server_starts_ends_it_and_its_port(tmp_path, signum,
     assert not [pid for pid in started if alive(pid)], "a process of the MLflow server is left"
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", port)) != 0, f"something still listens on {port}"
+
+
+# --- bench sweep (launch/sweep.py) -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_row(tmp_path, monkeypatch, synthetic_root):
+    monkeypatch.setenv("SEGBENCH_EXPERIMENTS", str(experiments_with(tmp_path, {"tiny": TINY})))
+
+
+SLURM_DRY_RUN = ("sweep", "--rows", "tiny", "--executor", "slurm", "--dry-run", "--synthetic", "--tracking-uri",
+                 "http://tracking.lab:5000")
+
+
+@pytest.mark.parametrize("option, value", [("--partition", "big\n#SBATCH --wrap=rm"), ("--account", "lab\r"),
+                                           ("--qos", "high\nx"), ("--slurm-arg", "constraint=a100\n#SBATCH --x=y"),
+                                           ("--slurm-arg", "bad key=1")])
+def test_a_slurm_value_that_would_write_another_sbatch_line_is_refused(tiny_row, option, value):
+    result = invoke(*SLURM_DRY_RUN, option, value)
+    line = error_line(result, 2, option)
+    assert "newline" in line or "no sbatch option name" in line, line
+    assert "#SBATCH" not in result.stdout, "no script was printed"
+    assert not sweeps_dir().exists()
+
+
+def test_a_slurm_sweep_without_slurm_leaves_no_sweep_folder(tiny_row, tmp_path, monkeypatch):
+    (tmp_path / "no-slurm").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "no-slurm"))  # no sbatch, no srun
+    error_line(invoke(*[a for a in SLURM_DRY_RUN if a != "--dry-run"]), 2, "--executor slurm: no sbatch/srun")
+    assert not sweeps_dir().exists() or not any(sweeps_dir().iterdir())
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ({"executor": "local"}, "'jobs' is missing"),
+    ({"executor": "local", "jobs": [{"row": "tiny", "seed": 0}]}, "'jobs[0].state_file' is missing"),
+    ({"executor": "local", "jobs": [{"row": "tiny", "seed": "0", "state_file": "x", "job_id": None, "log": None}]},
+     "'jobs[0].seed' is str, not int"),
+    ([1, 2], "the file is a JSON list, not an object"),
+])
+def test_a_sweep_json_lacking_fields_is_one_line_and_later_sweeps_skip_it(tiny_row, content, fragment):
+    folder = sweeps_dir() / "20260101-000000"
+    folder.mkdir(parents=True)
+    (folder / "sweep.json").write_text(json.dumps(content))
+    before = snapshot(sweeps_dir())
+    for command in (("sweep", "status", str(folder)), ("sweep", "cancel", str(folder)), ("sweep", "status")):
+        error_line(invoke(*command), 2, f"{folder / 'sweep.json'}: {fragment}", "remove")
+    result = invoke("sweep", "--rows", "tiny", "--synthetic", "--executor", "local", "--dry-run")
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    (warning,) = [line for line in result.stderr.splitlines() if "skipping" in line]
+    assert str(folder) in warning and fragment in warning
+    assert "dry run: 1 job(s) would be submitted" in result.stdout
+    assert snapshot(sweeps_dir()) == before
