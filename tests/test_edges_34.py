@@ -312,3 +312,31 @@ def test_a_sweep_json_lacking_fields_is_one_line_and_later_sweeps_skip_it(tiny_r
     assert str(folder) in warning and fragment in warning
     assert "dry run: 1 job(s) would be submitted" in result.stdout
     assert snapshot(sweeps_dir()) == before
+
+
+# --- the run journal (tracking/journal.py) -----------------------------------------------------------------------
+
+
+def test_an_entry_appended_after_a_cut_line_starts_its_own_line_with_a_new_number(tmp_path, caplog):
+    from harness.tracking.journal import Journal
+
+    journal = Journal(tmp_path / "tracking")
+    for step in range(3):
+        journal.append({"op": "metrics", "step": step, "metrics": {"train/loss": 1.0}})
+    whole = journal.path.read_bytes()
+    cut = whole[: whole.rindex(b'"metrics": {"train') + 5]  # the crash cut the last entry (seq 2) short
+    journal.path.write_bytes(cut)
+
+    reopened = Journal(tmp_path / "tracking")  # the resumed run
+    assert journal.path.read_bytes() == cut, "opening changes nothing"
+    written = reopened.append({"op": "metrics", "step": 3, "metrics": {"train/loss": 0.5}})
+    assert written["seq"] == 3, "the cut entry's number 2 is not given twice"
+    assert journal.path.read_bytes().startswith(cut + b"\n"), "the cut line is kept, ended"
+    assert [e["seq"] for e in reopened.entries()] == [0, 1, 3]
+    assert reopened.entries()[-1]["metrics"] == {"train/loss": 0.5}
+    (damaged,) = reopened.damaged()
+    assert damaged.number == 3 and damaged.text == cut.splitlines()[-1].decode()
+    (warning,) = [r.getMessage() for r in caplog.records if "cut short" in r.getMessage()]
+    assert f"{journal.path}, line 3 was cut short" in warning and "from sequence 3" in warning
+    reopened.append({"op": "metrics", "step": 4, "metrics": {"train/loss": 0.4}})
+    assert [e["seq"] for e in Journal(tmp_path / "tracking").entries()] == [0, 1, 3, 4]

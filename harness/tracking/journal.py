@@ -9,6 +9,8 @@ up to date at any time (`bench sync`).
 from __future__ import annotations
 
 import json
+import logging
+import re
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,6 +20,9 @@ from typing import Any, Optional
 JOURNAL_DIR = "tracking"
 JOURNAL_FILE = "journal.jsonl"
 SENT_FILE = "sent.jsonl"
+CUT_SEQ = re.compile(r'\{"seq": (\d+)')  # the start of an entry as `append` writes it
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,11 @@ class Journal:
         self.sent_path = self.folder / SENT_FILE
         self.artifacts = self.folder / "artifacts"
         self._lock = threading.Lock()
-        self._next = max((e["seq"] for e in self.entries()), default=-1) + 1
+        entries, damaged = self._read(self.path)
+        # After the last sequence number written, even one whose line a crash cut short: no number means two entries.
+        cut = [int(m.group(1)) for d in damaged if (m := CUT_SEQ.match(d.text))]
+        self._next = max([e["seq"] for e in entries] + cut, default=-1) + 1
+        self._tail_checked = False
 
     @staticmethod
     def exists(folder: Path) -> bool:
@@ -55,8 +64,28 @@ class Journal:
             entry = {"seq": self._next, **entry}
             self._next += 1
             with self.path.open("a") as f:
+                if not self._tail_checked:
+                    self._terminate_cut_line(f)
                 f.write(json.dumps(entry, allow_nan=False) + "\n")
         return entry
+
+    def _terminate_cut_line(self, f: Any) -> None:
+        """A last line without its newline (a crash cut it short) is ended before the first new entry, which would
+        otherwise be glued onto it and lost with it; the cut line stays, named, for `bench sync` to report. Only the
+        writer does this, on its first append: a reader never changes a journal another process may be writing."""
+        self._tail_checked = True
+        with self.path.open("rb") as raw:
+            size = raw.seek(0, 2)
+            if not size:
+                return
+            raw.seek(size - 1)
+            if raw.read(1) == b"\n":
+                return
+        f.write("\n")
+        f.flush()
+        number = len(self.path.read_bytes().splitlines())
+        log.warning("warning: %s, line %d was cut short (a crash while writing it); it is kept as a damaged line "
+                    "and new entries continue after it from sequence %d", self.path, number, self._next - 1)
 
     def acknowledge(self, entry: dict[str, Any], store: str, **extra: Any) -> None:
         with self._lock:
