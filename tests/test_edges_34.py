@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import socket
@@ -340,3 +341,13 @@ def test_an_entry_appended_after_a_cut_line_starts_its_own_line_with_a_new_numbe
     assert f"{journal.path}, line 3 was cut short" in warning and "from sequence 3" in warning
     reopened.append({"op": "metrics", "step": 4, "metrics": {"train/loss": 0.4}})
     assert [e["seq"] for e in Journal(tmp_path / "tracking").entries()] == [0, 1, 3, 4]
+
+
+# --- bench speed --budget-s (launch/speed.py) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", ["nan", "inf", "-inf", "-5", "0"])
+def test_a_budget_that_is_no_positive_finite_number_is_refused_before_any_measurement(budget):
+    error_line(invoke("speed", "--rows", "df_seg_v1", "--budget-s", budget, "--device", "cpu"), 2,
+               f"--budget-s {float(budget)}: give a positive, finite number of seconds")
+    assert not (Path(os.environ["SEGBENCH_RESULTS"]) / "speed").exists(), "no speed record written"
