@@ -351,3 +351,24 @@ def test_a_budget_that_is_no_positive_finite_number_is_refused_before_any_measur
     error_line(invoke("speed", "--rows", "df_seg_v1", "--budget-s", budget, "--device", "cpu"), 2,
                f"--budget-s {float(budget)}: give a positive, finite number of seconds")
     assert not (Path(os.environ["SEGBENCH_RESULTS"]) / "speed").exists(), "no speed record written"
+
+
+# --- bench compare (report/compare.py) ---------------------------------------------------------------------------
+
+
+def test_compare_refuses_runs_of_different_datasets(tmp_path):
+    from tests.table_fixtures import full_budget_record
+
+    per_class = {"road": 97.0, "car": 90.0}
+    paths = []
+    for dataset in ("cityscapes", "synthetic"):
+        record = {k: v for k, v in full_budget_record("sf_seg_v1", 72.6, per_class_iou=per_class).items()
+                  if k != "_path"}
+        paths.append(tmp_path / f"{dataset}.json")
+        paths[-1].write_text(json.dumps({**record, "dataset": dataset}))
+    for flags in ((), ("--json",)):
+        error_line(invoke("compare", *map(str, paths), *flags), 2,
+                   f"{paths[0]} on cityscapes, {paths[1]} on synthetic", "different datasets",
+                   "compare runs of one dataset")
+    same = invoke("compare", str(paths[0]), str(paths[0]))
+    assert same.exit_code == 0, same.output
