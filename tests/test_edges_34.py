@@ -13,14 +13,15 @@ import socket
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
 from harness.cli import main
 from harness.config.spec import load_spec
-from harness.models import build_model, provenance
 from harness.launch.sweep import sweeps_dir
+from harness.models import build_model, provenance
 from tests.helpers import bench, experiments_with, official_tree, process_tree
 from tests.test_faults import tmpfs
 from tests.test_training_resilience import TINY
@@ -372,3 +373,69 @@ def test_compare_refuses_runs_of_different_datasets(tmp_path):
                    "compare runs of one dataset")
     same = invoke("compare", str(paths[0]), str(paths[0]))
     assert same.exit_code == 0, same.output
+
+
+# --- the Python API (harness/api.py) ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    from harness import api
+
+    return api.build_model("df_seg_v1")
+
+
+def api_refusal(call, *fragments: str) -> str:
+    """The BenchError of a bad call: one line naming the argument, never a TypeError from inside."""
+    from harness.errors import BenchError
+
+    with pytest.raises(BenchError) as raised:
+        call()
+    message = str(raised.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+@pytest.mark.parametrize("call, fragments", [
+    (lambda api: api.load_row(3), ("load_row: name must be a row id", "got int")),
+    (lambda api: api.load_row(None), ("load_row: name must be a row id", "got NoneType")),
+    (lambda api: api.load_row(" "), ("load_row: name must be a row id", "got ' '")),
+    (lambda api: api.build_model(3), ("build_model: row must be a row id", "or a Spec", "got int")),
+    (lambda api: api.build_model(["df_seg_v1"]), ("build_model: row must be", "got list")),
+    (lambda api: api.load_checkpoint(None), ("load_checkpoint: path must be a checkpoint's path", "got NoneType")),
+    (lambda api: api.load_checkpoint(3), ("load_checkpoint: path must be", "got int")),
+    (lambda api: api.load_checkpoint("best.pt", weights="best"), ("weights must be 'ema' or 'raw', got 'best'",)),
+    (lambda api: api.load_checkpoint("best.pt", row=7), ("load_checkpoint: row must be a row id", "got int")),
+])
+def test_the_api_refuses_wrong_types_in_one_line(call, fragments):
+    from harness import api
+
+    api_refusal(lambda: call(api), *fragments)
+
+
+@pytest.mark.parametrize("image, fragments", [
+    (np.zeros((0, 0, 3), np.uint8), ("predict: the image is empty (0 x 0 pixels)",)),
+    (np.zeros((0, 7, 3), np.uint8), ("predict: the image is empty (0 x 7 pixels)",)),
+    (np.zeros((4, 4, 3), np.float32), ("expected uint8 RGB values 0-255, got torch.float32",)),
+    ([[1, 2, 3]], ("expected an H x W x 3 RGB image, got list",)),
+    (None, ("expected an H x W x 3 RGB image, got NoneType",)),
+])
+def test_predict_refuses_an_empty_or_mistyped_image_in_one_line(segmenter, image, fragments):
+    from harness import api
+
+    before = {k: v.clone() for k, v in segmenter.state_dict().items()}
+    api_refusal(lambda: api.predict(segmenter, image), *fragments)
+    assert all(torch.equal(before[k], v) for k, v in segmenter.state_dict().items())
+
+
+def test_predict_refuses_an_empty_file_and_a_device_that_is_none(segmenter, tmp_path):
+    from harness import api
+
+    empty = tmp_path / "empty.png"
+    empty.touch()
+    api_refusal(lambda: api.predict(segmenter, empty), f"cannot read image {empty}")
+    for device in ("gpu7", 3.5):
+        api_refusal(lambda device=device: api.predict(segmenter, np.zeros((4, 4, 3), np.uint8), device=device),
+                    f"predict: device {device!r} is no device")
