@@ -439,3 +439,15 @@ def test_predict_refuses_an_empty_file_and_a_device_that_is_none(segmenter, tmp_
     for device in ("gpu7", 3.5):
         api_refusal(lambda device=device: api.predict(segmenter, np.zeros((4, 4, 3), np.uint8), device=device),
                     f"predict: device {device!r} is no device")
+
+
+def test_an_acknowledgement_after_a_cut_one_starts_its_own_line(tmp_path, caplog):
+    from harness.tracking.journal import Journal
+
+    journal = Journal(tmp_path / "tracking")
+    entries = [journal.append({"op": "metrics", "step": step, "metrics": {"train/loss": 1.0}}) for step in range(2)]
+    journal.acknowledge(entries[0], "sqlite:///store.db")
+    journal.sent_path.write_bytes(journal.sent_path.read_bytes() + b'{"seq": 1, "sto')  # cut while acknowledging 1
+    Journal(tmp_path / "tracking").acknowledge(entries[1], "sqlite:///store.db")
+    assert Journal(tmp_path / "tracking").pending("sqlite:///store.db") == [], "both acknowledgements read"
+    assert any(f"{journal.sent_path}, line 2 was cut short" in r.getMessage() for r in caplog.records)

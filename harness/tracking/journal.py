@@ -53,7 +53,7 @@ class Journal:
         # After the last sequence number written, even one whose line a crash cut short: no number means two entries.
         cut = [int(m.group(1)) for d in damaged if (m := CUT_SEQ.match(d.text))]
         self._next = max([e["seq"] for e in entries] + cut, default=-1) + 1
-        self._tail_checked = False
+        self._tails_checked: set[Path] = set()
 
     @staticmethod
     def exists(folder: Path) -> bool:
@@ -64,17 +64,18 @@ class Journal:
             entry = {"seq": self._next, **entry}
             self._next += 1
             with self.path.open("a") as f:
-                if not self._tail_checked:
-                    self._terminate_cut_line(f)
+                self._terminate_cut_line(self.path, f)
                 f.write(json.dumps(entry, allow_nan=False) + "\n")
         return entry
 
-    def _terminate_cut_line(self, f: Any) -> None:
-        """A last line without its newline (a crash cut it short) is ended before the first new entry, which would
-        otherwise be glued onto it and lost with it; the cut line stays, named, for `bench sync` to report. Only the
-        writer does this, on its first append: a reader never changes a journal another process may be writing."""
-        self._tail_checked = True
-        with self.path.open("rb") as raw:
+    def _terminate_cut_line(self, path: Path, f: Any) -> None:
+        """A last line without its newline (a crash cut it short) is ended before the first new line, which would
+        otherwise be glued onto it and lost with it; the cut line stays, named, for `bench sync` to report. Only a
+        writer does this, on its first append to `path`: a reader never changes a file another process may write."""
+        if path in self._tails_checked:
+            return
+        self._tails_checked.add(path)
+        with path.open("rb") as raw:
             size = raw.seek(0, 2)
             if not size:
                 return
@@ -83,13 +84,16 @@ class Journal:
                 return
         f.write("\n")
         f.flush()
-        number = len(self.path.read_bytes().splitlines())
-        log.warning("warning: %s, line %d was cut short (a crash while writing it); it is kept as a damaged line "
-                    "and new entries continue after it from sequence %d", self.path, number, self._next - 1)
+        number = len(path.read_bytes().splitlines())
+        after = f"new entries continue after it from sequence {self._next - 1}" if path == self.path else \
+            "the entries it acknowledged are sent again"
+        log.warning("warning: %s, line %d was cut short (a crash while writing it); it is kept as a damaged line and "
+                    "%s", path, number, after)
 
     def acknowledge(self, entry: dict[str, Any], store: str, **extra: Any) -> None:
         with self._lock:
             with self.sent_path.open("a") as f:
+                self._terminate_cut_line(self.sent_path, f)
                 f.write(json.dumps({"seq": entry["seq"], "store": store, **extra}) + "\n")
 
     @staticmethod
