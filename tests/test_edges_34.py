@@ -34,7 +34,8 @@ def invoke(*args: str):
 def error_line(result, code: int, *fragments: str) -> str:
     """The one `error:` line of a refused command, with its exit code and no traceback."""
     assert result.exit_code == code, (result.exit_code, result.output)
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr
     for fragment in fragments:
