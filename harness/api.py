@@ -49,8 +49,20 @@ class Segmenter(nn.Module):
         return self.network(images)
 
 
+def _checked(function: str, argument: str, value: Any, types: tuple[type, ...], expected: str) -> None:
+    """A Python caller's argument of the wrong type is one line naming the function, the argument and what it takes
+    (the CLI's BenchError), not a TypeError from deep inside."""
+    if not isinstance(value, types) or (isinstance(value, str) and not value.strip()):
+        shown = repr(value) if isinstance(value, str) else type(value).__name__
+        raise BenchError(f"{function}: {argument} must be {expected}, got {shown}")
+
+
+ROW_ID = "a row id (text, e.g. 'sf_seg_v2'; `bench list` shows them)"
+
+
 def load_row(name: str) -> Spec:
     """The resolved spec of a row (a table row or one of ours), as `bench show` prints it."""
+    _checked("load_row", "name", name, (str,), ROW_ID)
     return load_spec(name)
 
 
@@ -65,6 +77,7 @@ def _evaluation_plan(spec: Spec, test_size: Optional[list[int]] = None) -> Train
 
 def build_model(row: Union[str, Spec]) -> Segmenter:
     """The row's network in eval mode, at its initial weights (random, or nothing loaded: see `load_checkpoint`)."""
+    _checked("build_model", "row", row, (str, Spec), f"{ROW_ID} or a Spec from load_row")
     spec = load_spec(row) if isinstance(row, str) else row
     check_implemented(spec)
     return Segmenter(build_network(spec), spec, _evaluation_plan(spec), "initial").eval()
@@ -74,6 +87,11 @@ def load_checkpoint(path: Union[str, Path], weights: str = "ema", row: Optional[
     """A segbench checkpoint's network (CPU, eval mode) with its EMA or raw weights, for the checkpoint's row (or
     `row`); evaluated at the test size it was trained for. A checkpoint of a row without EMA has only raw weights:
     pass weights="raw"."""
+    _checked("load_checkpoint", "path", path, (str, Path), "a checkpoint's path (text or pathlib.Path)")
+    if weights not in ("ema", "raw"):
+        raise BenchError(f"load_checkpoint: weights must be 'ema' or 'raw', got {weights!r}")
+    if row is not None:
+        _checked("load_checkpoint", "row", row, (str,), ROW_ID)
     spec, network, chosen, state = load_trained_state(path, row, weights)
     test_size = (state.get("plan") or {}).get("test_size")
     return Segmenter(network, spec, _evaluation_plan(spec, test_size), chosen).eval()
@@ -97,7 +115,20 @@ def _as_image(image: Any) -> torch.Tensor:
         raise BenchError(f"predict: expected an H x W x 3 RGB image, got {shape}")
     if tensor.dtype != torch.uint8:
         raise BenchError(f"predict: expected uint8 RGB values 0-255, got {tensor.dtype}")
+    if tensor.shape[0] < 1 or tensor.shape[1] < 1:
+        raise BenchError(f"predict: the image is empty ({tensor.shape[0]} x {tensor.shape[1]} pixels); give an image "
+                         "of at least one pixel")
     return tensor
+
+
+def _as_device(device: Any, model: Segmenter) -> torch.device:
+    """The device to predict on: `device` as given (text or torch.device), else the model's."""
+    if device is None:
+        return next(model.parameters()).device
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise BenchError(f"predict: device {device!r} is no device; give 'cpu', 'cuda' or 'cuda:N'") from None
 
 
 def predict(model: Segmenter, image: Any, device: Optional[Union[str, torch.device]] = None) -> np.ndarray:
@@ -105,7 +136,7 @@ def predict(model: Segmenter, image: Any, device: Optional[Union[str, torch.devi
     if not isinstance(model, Segmenter):
         raise BenchError("predict: give a model from harness.api.build_model or harness.api.load_checkpoint")
     pixels = _as_image(image)
-    target = torch.device(device) if device is not None else next(model.parameters()).device
+    target = _as_device(device, model)
     model = model.to(target).eval()
     plan = model.plan
     transform = EvalTransform(size_pair(plan.test_size), tuple(plan.mean), tuple(plan.std))

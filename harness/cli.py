@@ -263,7 +263,7 @@ def server(backend_store_uri: Optional[str], artifacts: Optional[Path], host: st
     """Serve an MLflow tracking server many jobs can log to at once, and print the URI they should use."""
     from harness.commands.server import server as serve
 
-    serve(backend_store_uri, artifacts, host, port, workers, echo=click.echo)
+    sys.exit(serve(backend_store_uri, artifacts, host, port, workers, echo=click.echo))
 
 
 @main.command()

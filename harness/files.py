@@ -85,6 +85,26 @@ def write_if_changed(path: Path, data: bytes) -> bool:
     return True
 
 
+def check_writable(folder: Path, what: str, instead: str, create: bool = True) -> None:
+    """Fail before any work if `folder` cannot take a new file: one line naming it and the fix (`instead`: the
+    other way out, e.g. "pass another --out"). Without `create`, a folder not made yet is judged by the nearest
+    one that exists, and nothing is created."""
+    folder = Path(folder)
+    try:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+            where = folder
+        else:
+            where = folder.expanduser().absolute()
+            while not where.is_dir() and where != where.parent:
+                where = where.parent
+        with tempfile.NamedTemporaryFile(prefix=".write-check-", dir=where):
+            pass
+    except OSError as exc:
+        raise BenchError(f"{what} {folder} is not writable ({exc.strerror or exc}); make it writable or "
+                         f"{instead}") from None
+
+
 def format_bytes(size: float) -> str:
     """A size for people: '712 KiB', '217 MiB', '2.5 GiB' (binary units, as `du -h` counts)."""
     for unit in ("B", "KiB", "MiB", "GiB"):

@@ -141,9 +141,18 @@ def plan_at(spec, test_size=None, dataset: str = "cityscapes", **changes):
 
 
 def official_tree(root: Path, skip_city: str | None = None) -> Path:
-    """A Cityscapes tree of empty files with the official names: every split's official count and cities, a label
-    beside each train/val image (the file names are all `bench doctor`'s dataset check reads)."""
+    """A Cityscapes tree of 1x1 PNGs with the official names: every split's official count and cities, a label
+    beside each train/val image (the file names and each file's two ends are all `bench doctor`'s dataset check
+    reads)."""
+    import io
+
+    from PIL import Image
+
     from harness.config.benchmark import OFFICIAL_CITIES, OFFICIAL_SPLIT_IMAGES
+
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    pixel = buffer.getvalue()
 
     for split, cities in OFFICIAL_CITIES.items():
         total = OFFICIAL_SPLIT_IMAGES[split]
@@ -155,9 +164,9 @@ def official_tree(root: Path, skip_city: str | None = None) -> Path:
             images.mkdir(parents=True)
             labels.mkdir(parents=True)
             for i in range(count):
-                (images / f"{city}_{i:06d}_000019_leftImg8bit.png").touch()
+                (images / f"{city}_{i:06d}_000019_leftImg8bit.png").write_bytes(pixel)
                 if split != "test":
-                    (labels / f"{city}_{i:06d}_000019_gtFine_labelIds.png").touch()
+                    (labels / f"{city}_{i:06d}_000019_gtFine_labelIds.png").write_bytes(pixel)
     return root
 
 

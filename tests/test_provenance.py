@@ -82,9 +82,10 @@ def test_verify_finds_the_published_file_ok_and_another_file_a_mismatch(weights_
     assert lines["resnet50-ebb6acbb.pth"].rstrip().endswith(provenance.CHECKSUM_OK)
     assert f"{provenance.CHECKSUM_MISMATCH} (SHA-1 {hashlib.sha1(wrong).hexdigest()[:12]}" \
         in lines["resnet101-2a57e44d.pth"]
-    assert provenance.NO_CHECKSUM in lines["df1_imagenet.pth"]
+    # No checksum is published for it, but its bytes are no PyTorch file: unusable, not "present".
+    assert f"{provenance.UNREADABLE}: " in lines["df1_imagenet.pth"]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "resnet101-2a57e44d.pth" in errors[0]
+    assert len(errors) == 2 and "resnet101-2a57e44d.pth" in errors[0] and "df1_imagenet.pth" in errors[1]
 
 
 def test_a_counted_run_refuses_a_mismatched_file_in_one_line(weights_dir, monkeypatch, tmp_path):

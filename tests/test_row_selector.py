@@ -38,8 +38,8 @@ def test_every_verb_that_takes_rows_gets_the_same_rows():
     # Verbs that read rows: each named row, light-seg rows included.
     assert [c.row for c in plan_costs(PATTERNS, gpus=8, seeds=1, device="cpu")[1]] == NAMED
     assert [v.row for v in check_rows(PATTERNS)] == NAMED
-    files, none = files_by_row(PATTERNS)
-    assert {row for rows in files.values() for row in rows} | set(none) == set(NAMED)
+    files, none, _ = files_by_row(PATTERNS)
+    assert {spec.row for specs in files.values() for spec in specs} | set(none) == set(NAMED)
     checked = CliRunner().invoke(main, ["check", "--rows", PATTERNS, "--json"])
     assert [r["row"] for r in json.loads(checked.output)["rows"]] == NAMED
     # Verbs that train (or time training): a light-seg row is its base row's recipe and network, once.

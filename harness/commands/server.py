@@ -10,5 +10,5 @@ from harness.tracking.mlflow_server import serve
 
 
 def server(backend_store_uri: Optional[str], artifacts: Optional[Path], host: str, port: int, workers: int,
-           echo: Callable[[str], None] = print) -> None:
-    serve(backend_store_uri, artifacts, host, port, workers, echo)
+           echo: Callable[[str], None] = print) -> int:
+    return serve(backend_store_uri, artifacts, host, port, workers, echo)

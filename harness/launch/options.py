@@ -15,7 +15,6 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Optional
 
-from harness import paths
 from harness.config.benchmark import dataset_name
 from harness.config.plan import batch_per_process, dataset_batch, loss_group_images
 from harness.config.precision import Compute, resolve_compute
@@ -25,7 +24,7 @@ from harness.engine.device import check_device_name, default_device_type
 from harness.errors import BenchError
 from harness.models import build_model, check_implemented
 from harness.models.weights import checked_files
-from harness.report.records import check_writable
+from harness.report.records import check_output_folders
 
 SEED_MAX = 2**32 - 1  # numpy's seed range; torch and random accept it too
 
@@ -135,12 +134,6 @@ def check_data_root(options: RunOptions) -> None:
     """The Cityscapes folder of a non-synthetic run exists (named before any launch)."""
     if not options.synthetic:
         cityscapes_root(options.data_root)
-
-
-def check_output_folders(dataset: str) -> None:
-    """A read-only or missing-permission runs/ or results/ fails now, not after the training."""
-    check_writable(paths.runs_dir() / dataset, "run folder", "SEGBENCH_RUNS")
-    check_writable(paths.results_dir() / dataset, "results folder", "SEGBENCH_RESULTS")
 
 
 def check_batch_norm(spec: Spec, batch_key: str, batch: int, crop_key: str, crop: list[int], per_rank: int,

@@ -4,6 +4,7 @@ PyTorch, the record under results/speed/<device>/ and the table printed from it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -114,8 +115,8 @@ def speed_rows(pattern: str, options: SpeedOptions, budget_s: Optional[float] = 
     """Measure several rows one after another, each as `speed` does (a record each). With `budget_s`, a row is not
     started when the time spent plus the mean time of the rows measured so far would pass the budget: one short
     lease of a GPU yields what fits, and the rest is named."""
-    if budget_s is not None and budget_s <= 0:
-        raise BenchError(f"--budget-s {budget_s}: give a positive number of seconds")
+    if budget_s is not None and not (math.isfinite(budget_s) and budget_s > 0):  # nan compares false to anything
+        raise BenchError(f"--budget-s {budget_s}: give a positive, finite number of seconds (e.g. --budget-s 600)")
     specs = select_rows(pattern)
     check_speed_options(options)
     began = now = clock()

@@ -153,10 +153,28 @@ def check_sweep_options(options: SweepOptions) -> None:
         raise BenchError(f"--max-requeues {options.max_requeues}: give 0 or more")
     if options.time:
         parse_time(options.time)
+    check_sbatch_values(options)
     check_options(RunOptions(row="-", synthetic=options.synthetic, data_root=options.data_root, iters=options.iters))
     if not options.synthetic and not (options.data_root or os.environ.get("CITYSCAPES_DATASET")):
         raise BenchError("no dataset given: pass --data-root DIR (or set CITYSCAPES_DATASET), or --synthetic")
     check_data_root(RunOptions(row="-", synthetic=options.synthetic, data_root=options.data_root))
+
+
+SBATCH_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+
+
+def check_sbatch_values(options: SweepOptions) -> None:
+    """Each value becomes one `#SBATCH --key=value` line of the job script: a newline (or any control character)
+    would end that line and start another directive, a key outside Slurm's spelling is no option."""
+    given = [(f"--{name}", getattr(options, name)) for name in ("partition", "account", "qos", "time")]
+    for key, value in options.slurm_args.items():
+        if not SBATCH_KEY.fullmatch(key):
+            raise BenchError(f"--slurm-arg {key}={value}: {key!r} is no sbatch option name (letters, digits, - and _)")
+        given.append((f"--slurm-arg {key}", value))
+    for option, value in given:
+        if value is not None and any(ord(c) < 32 or ord(c) == 127 for c in str(value)):
+            raise BenchError(f"{option} {str(value)!r}: holds a newline or another control character, which would "
+                             "write another line into the job script; give the value on one line")
 
 
 def check_shared_store(options: SweepOptions) -> None:
@@ -303,9 +321,10 @@ def job_argv(run_options: RunOptions, gpus: int, nodes: int, node_rank: str, mas
 
 def read_state(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
+    return state if isinstance(state, dict) else {}
 
 
 def write_state(path: Path, **changes: Any) -> dict[str, Any]:
@@ -507,6 +526,12 @@ def prepare_store(uri: str) -> None:
                          "--tracking-uri") from None
 
 
+def check_scheduler(options: SweepOptions) -> None:
+    if options.executor == "slurm" and (shutil.which("sbatch") is None or shutil.which("srun") is None):
+        raise BenchError("--executor slurm: no sbatch/srun on this machine; run on a Slurm login node, or use "
+                         "--dry-run to see the script, or --executor local")
+
+
 def make_executor(options: SweepOptions, folder: Path):
     if options.executor == "local":
         import torch
@@ -516,9 +541,7 @@ def make_executor(options: SweepOptions, folder: Path):
                                    gpus_per_node=options.gpus if torch.cuda.is_available() else 0,
                                    signal_delay_s=SIGNAL_DELAY_S)
         return executor
-    if shutil.which("sbatch") is None or shutil.which("srun") is None:
-        raise BenchError("--executor slurm: no sbatch/srun on this machine; run on a Slurm login node, or use "
-                         "--dry-run to see the script, or --executor local")
+    check_scheduler(options)
     slurm = submitit.SlurmExecutor(folder, max_num_timeout=options.max_requeues)
     slurm.update_parameters(**slurm_parameters(options))
     return slurm
@@ -618,9 +641,10 @@ def sweep(options: SweepOptions, echo=print) -> Optional[Path]:
     if not to_submit:
         echo("nothing to submit: every (row, seed) is done or running")
         return None
+    check_scheduler(options)  # before the sweep folder: a refusal leaves no empty one
+    prepare_store(options.tracking_uri or paths.default_tracking_uri())
     sweep_dir = new_sweep_folder()
     executor = make_executor(options, sweep_dir / SUBMITIT_DIR)
-    prepare_store(options.tracking_uri or paths.default_tracking_uri())
     submitted = submit_jobs(options, to_submit, specs, executor, sweep_dir, echo)
     wait = options.wait if options.wait is not None else options.executor == "local"
     if wait:
@@ -745,11 +769,44 @@ def load_sweep(sweep_dir: Optional[Path]) -> tuple[Path, dict[str, Any]]:
             raise BenchError(f"no sweep under {sweeps_dir()}; start one with `bench sweep --rows ...`, or give its "
                              "folder")
         sweep_dir = found[-1].parent
+    return sweep_dir, read_sweep_file(sweep_dir / SWEEP_FILE)
+
+
+# The fields of sweep.json that status, cancel and the next sweep read, with the types `submit_jobs` writes.
+SWEEP_FIELDS: dict[str, tuple[type, ...]] = {"executor": (str,), "jobs": (list,)}
+JOB_FIELDS: dict[str, tuple[type, ...]] = {"row": (str,), "seed": (int,), "state_file": (str,),
+                                           "job_id": (str, int, type(None)), "log": (str, type(None))}
+
+
+def read_sweep_file(path: Path) -> dict[str, Any]:
+    """A sweep folder's sweep.json, its fields checked: anything unreadable, cut, or lacking a field is one line
+    naming the file and the field."""
+    fix = f"give a sweep folder runs/sweeps/<stamp>, or remove {path.parent} if it is no sweep of yours"
     try:
-        return sweep_dir, json.loads((sweep_dir / SWEEP_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        raise BenchError(f"{sweep_dir} is not a sweep folder (no readable {SWEEP_FILE}); give "
-                         "runs/sweeps/<stamp>") from None
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise BenchError(f"{path.parent} is not a sweep folder (no readable {SWEEP_FILE}: {reason}); {fix}") from None
+    problem = _missing_field(meta, SWEEP_FIELDS, "")
+    for index, job in enumerate(meta.get("jobs", []) if not problem else []):
+        problem = problem or _missing_field(job, JOB_FIELDS, f"jobs[{index}].")
+    if problem is None and meta["executor"] == "slurm" and meta["jobs"] \
+            and not isinstance(meta.get("submitit_folder"), str):
+        problem = "'submitit_folder' (text) is missing"
+    if problem:
+        raise BenchError(f"{path}: {problem}; {fix}")
+    return meta
+
+
+def _missing_field(value: Any, fields: dict[str, tuple[type, ...]], prefix: str) -> Optional[str]:
+    if not isinstance(value, dict):
+        return f"{prefix.rstrip('.') or 'the file'} is a JSON {type(value).__name__}, not an object"
+    for name, types in fields.items():
+        if name not in value:
+            return f"'{prefix}{name}' is missing"
+        if not isinstance(value[name], types) or (isinstance(value[name], bool) and bool not in types):
+            return f"'{prefix}{name}' is {type(value[name]).__name__}, not {' or '.join(t.__name__ for t in types)}"
+    return None
 
 
 def _process_state(pid: Any, host: Optional[str]) -> str:
@@ -886,8 +943,9 @@ def live_jobs(dataset: str) -> dict[tuple[str, int, int], str]:
     live = {}
     for sweep_file in sorted(sweeps_dir().glob(f"*/{SWEEP_FILE}")):
         try:
-            meta = json.loads(sweep_file.read_text())
-        except (OSError, json.JSONDecodeError):
+            meta = read_sweep_file(sweep_file)
+        except BenchError as exc:
+            log.warning("warning: skipping %s: %s", sweep_file.parent, exc)
             continue
         if meta.get("dataset") != dataset:
             continue

@@ -154,21 +154,30 @@ NOT_VERIFIED = "present, not verified"
 CHECKSUM_OK = "present, checksum ok"
 CHECKSUM_MISMATCH = "checksum mismatch"
 NO_CHECKSUM = "present, no published checksum"
+UNREADABLE = "unreadable"  # the file cannot be read, or holds no tensors fit for the rows that use it
 
 
 @dataclass(frozen=True)
 class FileCheck:
     path: Path
     source: Optional[WeightSource]
-    status: str  # one of the five above
+    status: str  # one of the six above
     sha1: Optional[str] = None  # the file's, when hashed
+    reason: str = ""  # why an UNREADABLE file is unusable
 
     @property
     def mismatch(self) -> bool:
         return self.status == CHECKSUM_MISMATCH
 
+    @property
+    def unusable(self) -> bool:
+        """Present but no file a run can start from: another file than the published one, or unreadable."""
+        return self.status in (CHECKSUM_MISMATCH, UNREADABLE)
+
     def describe(self) -> str:
         """The status with what the hash found."""
+        if self.status == UNREADABLE:
+            return f"{self.status}: {self.reason}"
         if self.status == CHECKSUM_MISMATCH and self.source is not None and self.sha1 is not None:
             return f"{self.status} (SHA-1 {self.sha1[:12]}, the published is {str(self.source.sha1)[:12]})"
         if self.status == NO_CHECKSUM and self.sha1 is not None:
@@ -184,7 +193,11 @@ def check_file(path: Path, verify: bool = True) -> FileCheck:
     published = source.sha1 if source is not None else None
     if not verify:
         return FileCheck(path, source, NOT_VERIFIED if published else NO_CHECKSUM)
-    digest = sha1_of(path)
+    try:
+        digest = sha1_of(path)
+    except OSError as exc:
+        return FileCheck(path, source, UNREADABLE, reason=f"cannot read it ({exc.strerror or exc}); fix its "
+                                                          "permissions or fetch it again")
     if published is None:
         return FileCheck(path, source, NO_CHECKSUM, digest)
     return FileCheck(path, source, CHECKSUM_OK if digest == published.lower() else CHECKSUM_MISMATCH, digest)

@@ -13,6 +13,7 @@ Relative paths are read from the project root, so specs can name `weights/...`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping
@@ -26,7 +27,7 @@ from harness.config.spec import Spec
 from harness.config.starting_weights import LOADED, META, MISSING, OTHER, RANDOM
 from harness.errors import BenchError
 from harness.files import read_torch_file
-from harness.models.provenance import CHECKSUM_OK, FileCheck, check_file
+from harness.models.provenance import CHECKSUM_OK, NO_CHECKSUM, UNREADABLE, FileCheck, check_file
 from harness.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,16 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     return PROJECT_ROOT / resolved
 
 
+def weights_folder_problem() -> Optional[str]:
+    """What is wrong with $SEGBENCH_WEIGHTS, in a phrase with its fix, when it names no folder (None: unset, or a
+    folder): every weights/... file would otherwise be reported missing with no word of why."""
+    folder = os.environ.get(WEIGHTS_ENV)
+    if not folder or Path(folder).expanduser().is_dir():
+        return None
+    return (f"${WEIGHTS_ENV} names {folder}, which is not a folder; set it to the folder holding the weights files "
+            f"(or unset it to read weights/ in the project root)")
+
+
 def read_state_dict(path: Path, label: str, fix: str) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file, unwrapped from `{"model": ...}` / `{"state_dict": ...}`."""
     loaded: Any = read_torch_file(path, label, fix)
@@ -65,20 +76,10 @@ def read_state_dict(path: Path, label: str, fix: str) -> dict[str, torch.Tensor]
     return state
 
 
-def load_matching(module: nn.Module, state: Mapping[str, torch.Tensor], label: str, path: Path,
-                  num_classes: Optional[int] = None) -> int:
-    """Copy every tensor of `state` whose name is in `module`; returns how many were copied.
-
-    Refuses when no name matches (the wrong kind of checkpoint), when any matching name has another
-    shape (another network, or another number of classes), or when the matching names hold less than
-    half of the model's weights (another network sharing a few names): all would otherwise train
-    mostly from scratch while looking as if they had started from the checkpoint.
-
-    With `num_classes`, a tensor whose only difference is its first dimension, `num_classes` in the model,
-    is a classifier trained for another label set (MSeg's universal classes): it keeps its initial values
-    and the one-line report names it, as UP's loader dropped shape-mismatched tensors.
-    """
-    own = module.state_dict()
+def match_names(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], label: str, path: Path,
+                num_classes: Optional[int] = None) -> tuple[list[str], list[str]]:
+    """(names to copy, classifier names to re-initialise) of `state` into a module whose state dict is `own` (its
+    shapes are all that is read: a meta-device model will do); every refusal of `load_matching` is raised here."""
     matched = [name for name in own if name in state]
     if not matched:
         example_model, example_ckpt = next(iter(own), "-"), next(iter(state), "-")
@@ -105,6 +106,24 @@ def load_matching(module: nn.Module, state: Mapping[str, torch.Tensor], label: s
         raise BenchError(f"{label} {path}: only {100 * filled / total:.0f}% of the model's weights are in it "
                          f"({len(matched)}/{len(own)} tensors match; e.g. '{missing}' is missing); "
                          f"it is a checkpoint of another network")
+    return matched, reinitialised
+
+
+def load_matching(module: nn.Module, state: Mapping[str, torch.Tensor], label: str, path: Path,
+                  num_classes: Optional[int] = None) -> int:
+    """Copy every tensor of `state` whose name is in `module`; returns how many were copied.
+
+    Refuses when no name matches (the wrong kind of checkpoint), when any matching name has another
+    shape (another network, or another number of classes), or when the matching names hold less than
+    half of the model's weights (another network sharing a few names): all would otherwise train
+    mostly from scratch while looking as if they had started from the checkpoint.
+
+    With `num_classes`, a tensor whose only difference is its first dimension, `num_classes` in the model,
+    is a classifier trained for another label set (MSeg's universal classes): it keeps its initial values
+    and the one-line report names it, as UP's loader dropped shape-mismatched tensors.
+    """
+    own = module.state_dict()
+    matched, reinitialised = match_names(own, state, label, path, num_classes)
     module.load_state_dict({name: state[name] for name in matched}, strict=False)
     notes = []
     if reinitialised:
@@ -146,6 +165,40 @@ def load_backbone_checkpoint(model: nn.Module, path: str | Path, row: str) -> in
     return load_matching(backbone, state, "backbone_checkpoint", resolved)
 
 
+def check_contents(spec: Spec, key: str, path: Path) -> None:
+    """The file at `path` (the spec's `key`) loads with `weights_only` and its tensors fit the row's network by name
+    and shape, as a run's loading would find; a BenchError says what does not. The network is built on the meta
+    device (shapes only), so this costs the file's read, not a model's memory."""
+    from harness.models.sizes import meta_model
+
+    model = meta_model(spec)
+    label = key.removeprefix("model.")
+    fix = "bring it from the source `bench weights` shows"
+    state = read_state_dict(path, label, fix)
+    if key == "model.init_checkpoint":
+        match_names(model.state_dict(), state, label, path, num_classes=19)
+        return
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, nn.Module):
+        raise BenchError(f"row '{spec.row}': model.backbone_checkpoint is set, but this family's model has no "
+                         f"`backbone` module to load it into; remove model.backbone_checkpoint from the spec")
+    convert = getattr(model, "convert_backbone_state", None)
+    match_names(backbone.state_dict(), convert(state) if convert is not None else state, label, path)
+
+
+def verify_file(spec: Spec, key: str, path: Path) -> FileCheck:
+    """`check_file` with its hash, and for a file without a published checksum its contents as far as they can be
+    checked (`check_contents`): a truncated file or a pickled program is unusable, not "present"."""
+    checked = check_file(path)
+    if checked.status != NO_CHECKSUM:
+        return checked
+    try:
+        check_contents(spec, key, path)
+    except BenchError as exc:
+        return dataclasses.replace(checked, status=UNREADABLE, reason=str(exc))
+    return checked
+
+
 def expected_files(spec: Spec) -> list[tuple[str, Path]]:
     """The starting-weight file a row starts from, as (spec key, resolved path): its whole-model checkpoint when
     it names one (every tensor it holds replaces the backbone's), else its backbone's ImageNet file."""
@@ -156,10 +209,12 @@ def expected_files(spec: Spec) -> list[tuple[str, Path]]:
     return []
 
 
-def checked_files(spec: Spec) -> list[tuple[Path, FileCheck]]:
+def checked_files(spec: Spec, contents: bool = False) -> list[tuple[Path, FileCheck]]:
     """Each starting-weight file the row expects, with what harness.models.provenance finds of it (present,
-    published checksum): what `bench run`'s validation and `bench doctor` judge, each by its rule."""
-    return [(path, check_file(path)) for _, path in expected_files(spec)]
+    published checksum; with `contents`, also a file without a published checksum loaded and matched by name and
+    shape, as `verify_file` does): what `bench run`'s validation and `bench doctor` judge, each by its rule."""
+    return [(path, verify_file(spec, key, path) if contents else check_file(path))
+            for key, path in expected_files(spec)]
 
 
 def apply_starting_weights(model: nn.Module, spec: Spec, loud: bool = False) -> str:
@@ -180,6 +235,9 @@ def apply_starting_weights(model: nn.Module, spec: Spec, loud: bool = False) -> 
     absent = [path for _, path in files if not path.is_file()]
     if absent:
         names = ", ".join(str(p) for p in absent)
+        problem = weights_folder_problem()
+        if problem:
+            log.warning("warning: %s", problem)
         if loud:
             bar = "!" * 100
             log.warning(f"{bar}\nWARNING: row '{spec.row}' starts from {names}, which is not there: this run trains "

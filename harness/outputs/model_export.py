@@ -137,54 +137,69 @@ def export_onnx(model: nn.Module, path: Path, size: tuple[int, int], metadata: O
     aside as <path>.rejected for inspection)."""
     onnx, _ = require_onnx()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     x = check_batch(size, check)
     began = time.perf_counter()
-    # A name of this export's own: two exports to one path at once never write into each other's file.
-    handle, name = new_temporary_file(path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A name of this export's own: two exports to one path at once never write into each other's file.
+        handle, name = new_temporary_file(path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
     os.close(handle)
     tmp = Path(name)
-    try:
-        with warnings.catch_warnings():
-            # The TorchScript exporter announces its deprecation and traces shapes as constants on purpose: the
-            # height and width are fixed, only the batch axis is dynamic.
-            warnings.simplefilter("ignore")
-            torch.onnx.export(exportable(model), (x[:1],), str(tmp), input_names=[INPUT], output_names=[OUTPUT],
-                              opset_version=opset, dynamo=False, do_constant_folding=True,
-                              dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
-        proto = onnx.load(str(tmp))
-        onnx.checker.check_model(proto)
-        for key, value in (metadata or {}).items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        with atomic_output(tmp) as f:
-            f.write(proto.SerializeToString())
-    except BenchError:
+    try:  # whatever ends the export (an error, Ctrl-C), the temporary file goes with it
+        try:
+            with warnings.catch_warnings():
+                # The TorchScript exporter announces its deprecation and traces shapes as constants on purpose:
+                # the height and width are fixed, only the batch axis is dynamic.
+                warnings.simplefilter("ignore")
+                torch.onnx.export(exportable(model), (x[:1],), str(tmp), input_names=[INPUT], output_names=[OUTPUT],
+                                  opset_version=opset, dynamo=False, do_constant_folding=True,
+                                  dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+            proto = onnx.load(str(tmp))
+            onnx.checker.check_model(proto)
+            for key, value in (metadata or {}).items():
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = key, value
+            with atomic_output(tmp) as f:
+                f.write(proto.SerializeToString())
+        except BenchError:
+            raise
+        except OSError as exc:
+            raise cannot_write(path, exc) from None
+        except Exception as exc:  # the exporter raises many types; one line naming the failure
+            raise BenchError(f"ONNX export to {path} failed: {str(exc).splitlines()[0][:300]}") from None
+        export_s = time.perf_counter() - began
+        session = onnx_session(tmp)
+        (theirs,) = session.run([OUTPUT], {INPUT: x.numpy()})
+        with torch.inference_mode():
+            ours = model(x).float().numpy()
+        if theirs.shape != ours.shape:
+            tmp.replace(path.with_name(path.name + ".rejected"))
+            raise BenchError(f"ONNX export {path}: onnxruntime gives {theirs.shape}, PyTorch {ours.shape}; kept as "
+                             f"{path.name}.rejected")
+        largest = float(np.abs(ours).max())
+        diff = float(np.abs(theirs - ours).max())
+        bound = TOLERANCE * max(1.0, largest)
+        if not diff <= bound:
+            tmp.replace(path.with_name(path.name + ".rejected"))
+            raise BenchError(f"ONNX export {path}: onnxruntime differs from PyTorch by {diff:.2e} (bound "
+                             f"{bound:.1e}); kept as {path.name}.rejected")
+        try:
+            tmp.replace(path)
+        except OSError as exc:
+            raise cannot_write(path, exc) from None
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
-    except Exception as exc:  # the exporter raises many types; one line naming the failure
-        tmp.unlink(missing_ok=True)
-        raise BenchError(f"ONNX export to {path} failed: {str(exc).splitlines()[0][:300]}") from None
-    export_s = time.perf_counter() - began
-    session = onnx_session(tmp)
-    (theirs,) = session.run([OUTPUT], {INPUT: x.numpy()})
-    with torch.inference_mode():
-        ours = model(x).float().numpy()
-    if theirs.shape != ours.shape:
-        tmp.replace(path.with_name(path.name + ".rejected"))
-        raise BenchError(f"ONNX export {path}: onnxruntime gives {theirs.shape}, PyTorch {ours.shape}; kept as "
-                         f"{path.name}.rejected")
-    largest = float(np.abs(ours).max())
-    diff = float(np.abs(theirs - ours).max())
-    bound = TOLERANCE * max(1.0, largest)
-    if not diff <= bound:
-        tmp.replace(path.with_name(path.name + ".rejected"))
-        raise BenchError(f"ONNX export {path}: onnxruntime differs from PyTorch by {diff:.2e} (bound {bound:.1e}); "
-                         f"kept as {path.name}.rejected")
-    tmp.replace(path)
     operators = sorted({node.op_type for node in proto.graph.node})
     return OnnxExport(path, opset, size, diff, bound, largest, operators, check, export_s)
+
+
+def cannot_write(path: Path, exc: OSError) -> BenchError:
+    """A write of an export that failed (a read-only folder, a full disk), in one line with the fix."""
+    return BenchError(f"cannot write {path} ({exc.strerror or exc}); pass --out FILE in a writable folder with room "
+                      "for it")
 
 
 def onnx_metadata(path: Path) -> dict[str, str]:
@@ -230,9 +245,13 @@ def export_safetensors(model: nn.Module, path: Path, metadata: dict[str, str]) -
 
     tensors = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in model.state_dict().items()}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as f:
-        f.write(save(tensors, metadata={k: str(v) for k, v in metadata.items()}))
+    data = save(tensors, metadata={k: str(v) for k, v in metadata.items()})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(path) as f:
+            f.write(data)
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
     return path
 
 

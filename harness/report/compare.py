@@ -252,8 +252,24 @@ def gap(values: list[Optional[float]]) -> Optional[float]:
     return defined[1] - defined[0] if len(defined) == 2 else max(defined) - min(defined)
 
 
+UNKNOWN_DATASETS = {"?", "None", ""}  # an MLflow run without its dataset tag, a record without the field
+
+
+def check_one_dataset(items: list[Comparable]) -> None:
+    """Refuse runs of different datasets: the same class name scores different images (the synthetic dataset's
+    drawn shapes, Cityscapes' street scenes), so every per-class gap, sorted largest first, would read as a finding
+    and be none. A one-line warning above that table would still leave the table to be read; no use of
+    `bench compare` needs such a gap."""
+    known = {item.dataset for item in items} - UNKNOWN_DATASETS
+    if len(known) > 1:
+        sides = ", ".join(f"{item.label} on {item.dataset}" for item in items)
+        raise BenchError(f"bench compare: {sides}: per-class IoU of different datasets scores different images; "
+                         "compare runs of one dataset (for rows, pass --dataset)")
+
+
 def comparison(items: list[Comparable]) -> dict[str, Any]:
-    """Everything `bench compare` shows, as plain data (what --json prints)."""
+    """Everything `bench compare` shows, as plain data (what --json prints); runs of one dataset only."""
+    check_one_dataset(items)
     gaps = {name: gap([i.per_class[name] for i in items]) for name in CLASS_NAMES}
     # Largest gap first; classes undefined on a side last, in class order.
     order = sorted(CLASS_NAMES, key=lambda name: (gaps[name] is None, -abs(gaps[name] or 0.0)))

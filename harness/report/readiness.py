@@ -2,8 +2,9 @@
 which `bench run` (on Cityscapes) and `bench sweep` (before submitting) also run.
 
 Each check is go, no-go, unknown (nothing to judge by) or info, with one line of detail and one of fix:
-- dataset: the tree is there and complete, from file names alone (harness.data.check.list_tree: splits, official
-  counts and cities, every image with its label);
+- dataset: the tree is there and complete, from file names (harness.data.check.list_tree: splits, official
+  counts and cities, every image with its label) and each file's two ends (harness.data.check.cut_files: a PNG
+  signature and header first, its end chunk last; a file cut short by a copy fails);
 - starting weights: each file the row expects is here with its published checksum (harness.models.provenance);
 - batch: the global batch divides over the processes;
 - GPU memory: the row's crop at the per-GPU batch fits the device, from a `bench speed` record of that device
@@ -34,8 +35,8 @@ from harness.config.benchmark import REFERENCE_DATASET, dataset_name
 from harness.config.plan import batch_split_problem, dataset_batch, loss_group_images
 from harness.config.spec import Spec, load_spec, training_row
 from harness.errors import BenchError
-from harness.models.provenance import CHECKSUM_MISMATCH, MISSING
-from harness.models.weights import checked_files
+from harness.models.provenance import MISSING
+from harness.models.weights import checked_files, weights_folder_problem
 
 GO, NO_GO, UNKNOWN, INFO = "go", "no-go", "unknown", "info"
 MEMORY_HEADROOM = 0.95  # share of the device's memory a run may plan to use (the allocator and CUDA context need some)
@@ -86,7 +87,7 @@ class DoctorOptions:
 
 
 def check_dataset(options: DoctorOptions) -> Check:
-    from harness.data.check import list_tree, resolve_root
+    from harness.data.check import cut_files, list_tree, resolve_root
 
     if options.synthetic:
         return Check("dataset", GO, "the synthetic dataset (generated on first use)")
@@ -94,9 +95,11 @@ def check_dataset(options: DoctorOptions) -> Check:
         root = resolve_root(options.data_root)
     except BenchError as exc:
         return Check("dataset", NO_GO, str(exc), "give the Cityscapes root (leftImg8bit/ and gtFine/ inside)")
-    defects = list_tree(root).report.defects
+    listing = list_tree(root)
+    defects = listing.report.defects + cut_files(listing)
     if not defects:
-        return Check("dataset", GO, f"{root}: every official split, city and label present")
+        return Check("dataset", GO, f"{root}: every official split, city and label present, each file a whole PNG "
+                                    "at both ends")
     shown = "; ".join(f"{d.split}: {d.kind}: {d.detail}" for d in defects[:SHOWN_DEFECTS])
     more = f" (+{len(defects) - SHOWN_DEFECTS} more)" if len(defects) > SHOWN_DEFECTS else ""
     return Check("dataset", NO_GO, f"{root}: {len(defects)} defect(s): {shown}{more}",
@@ -105,7 +108,7 @@ def check_dataset(options: DoctorOptions) -> Check:
 
 
 def check_weights(spec: Spec, options: DoctorOptions) -> list[Check]:
-    files = checked_files(spec)
+    files = checked_files(spec, contents=True)
     if not files:
         return [Check("starting weights", GO, "none expected: random initialisation, as the table's run")]
     checks = []
@@ -113,9 +116,11 @@ def check_weights(spec: Spec, options: DoctorOptions) -> list[Check]:
         where = checked.source.where if checked.source else "the file the spec names"
         verdict = INFO if options.synthetic else NO_GO  # a synthetic run proves the pipeline, it never counts
         if checked.status == MISSING:
-            checks.append(Check("starting weights", verdict, f"{path} is missing",
+            problem = weights_folder_problem()
+            detail = f"{path} is missing" + (f" ({problem})" if problem else "")
+            checks.append(Check("starting weights", verdict, detail,
                                 f"bring it from {where} (or set $SEGBENCH_WEIGHTS)"))
-        elif checked.status == CHECKSUM_MISMATCH:
+        elif checked.unusable:
             checks.append(Check("starting weights", verdict, f"{path}: {checked.describe()}",
                                 f"fetch the published file again from {where}"))
         else:
@@ -317,6 +322,19 @@ def sqlite_path(uri: str) -> Path:
     return Path(uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else uri.removeprefix("sqlite:"))
 
 
+def check_outputs(options: DoctorOptions) -> Check:
+    """The run and results folders take new files: the check `bench run` starts with, asked without creating them."""
+    from harness.report.records import check_output_folders
+
+    try:
+        check_output_folders(options.dataset, create=False)
+    except BenchError as exc:
+        detail, _, fix = str(exc).partition("; ")
+        return Check("output folders", NO_GO, detail, fix)
+    return Check("output folders", GO, f"{paths.runs_dir() / options.dataset} and "
+                                       f"{paths.results_dir() / options.dataset} take new files")
+
+
 def check_tracking(options: DoctorOptions) -> Check:
     uri = options.tracking_uri or paths.default_tracking_uri()
     writers = options.writers
@@ -388,7 +406,8 @@ def run_checks(options: DoctorOptions, quick: bool = False) -> list[Check]:
         options = dataclasses.replace(options, probe=False, estimate=False)
         return [check_dataset(options), check_disk(spec, options), check_memory(spec, options)]
     return [check_dataset(options), *check_weights(spec, options), check_batch(spec, options),
-            check_memory(spec, options), check_disk(spec, options), check_tracking(options), check_time(spec, options)]
+            check_memory(spec, options), check_disk(spec, options), check_outputs(options), check_tracking(options),
+            check_time(spec, options)]
 
 
 def doctor(options: DoctorOptions) -> tuple[str, list[Check]]:

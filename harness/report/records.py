@@ -8,15 +8,14 @@ import math
 import os
 import platform
 import subprocess
-import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
 from harness.errors import BenchError
-from harness.files import new_temporary_file
-from harness.paths import PROJECT_ROOT, results_dir
+from harness.files import check_writable, new_temporary_file
+from harness.paths import PROJECT_ROOT, results_dir, runs_dir
 
 PACKAGES = ("torch", "torchvision", "timm", "segmentation-models-pytorch", "mlflow", "numpy", "pillow",
             "onnx", "onnxruntime", "segbench")
@@ -137,15 +136,11 @@ def write_record(record: dict[str, Any], root: Optional[Path] = None) -> Path:
                 pass
 
 
-def check_writable(folder: Path, what: str, variable: str) -> None:
-    """Fail before any work if `folder` cannot take a new file: one line naming it and the fix."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(prefix=".write-check-", dir=folder):
-            pass
-    except OSError as exc:
-        raise BenchError(f"{what} {folder} is not writable ({exc.strerror or exc}); make it writable or set "
-                         f"{variable} to another folder") from None
+def check_output_folders(dataset: str, create: bool = True) -> None:
+    """A read-only or missing-permission runs/ or results/ fails now, not after the training (`bench run`; `bench
+    doctor` asks the same without creating them)."""
+    check_writable(runs_dir() / dataset, "run folder", "set SEGBENCH_RUNS to another folder", create)
+    check_writable(results_dir() / dataset, "results folder", "set SEGBENCH_RESULTS to another folder", create)
 
 
 def read_record(path: Path) -> dict[str, Any]:

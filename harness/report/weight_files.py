@@ -8,9 +8,10 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from harness.config.spec import select_rows
+from harness.config.spec import Spec, select_rows
+from harness.errors import BenchError
 from harness.models.provenance import MISSING, FileCheck, check_file
-from harness.models.weights import expected_files
+from harness.models.weights import expected_files, verify_file, weights_folder_problem
 
 
 @dataclass
@@ -24,7 +25,8 @@ class WeightsReport:
 
     @property
     def mismatched(self) -> list[FileCheck]:
-        return [c for c in self.checks if c.mismatch]
+        """Present files a run cannot start from: another checksum, unreadable, or not this network's tensors."""
+        return [c for c in self.checks if c.unusable]
 
     def problems(self) -> list[str]:
         """The lines for stderr: what is missing and where it comes from, then each file that is not the one the
@@ -44,30 +46,35 @@ class WeightsReport:
         return 1 if self.mismatched else 0
 
 
-def files_by_row(pattern: str = "*") -> tuple[dict[Path, list[str]], list[str]]:
-    """(each expected file -> the rows expecting it, in table order; rows that expect none)."""
-    specs = select_rows(pattern)
-    files: dict[Path, list[str]] = {}
+def files_by_row(pattern: str = "*") -> tuple[dict[Path, list[Spec]], list[str], dict[Path, str]]:
+    """(each expected file -> the rows expecting it, in table order; rows that expect none; each file's spec key)."""
+    files: dict[Path, list[Spec]] = {}
+    keys: dict[Path, str] = {}
     none = []
-    for spec in specs:
+    for spec in select_rows(pattern):
         expected = expected_files(spec)
         if not expected:
             none.append(spec.row)
-        for _, path in expected:
-            files.setdefault(path, []).append(spec.row)
-    return files, none
+        for key, path in expected:
+            files.setdefault(path, []).append(spec)
+            keys.setdefault(path, key)
+    return files, none, keys
 
 
 def weights_report(pattern: str = "*", verify: bool = False) -> WeightsReport:
-    """The table of files; with `verify`, every present file is hashed against its published checksum."""
-    files, none = files_by_row(pattern)
+    """The table of files; with `verify`, every present file is hashed against its published checksum, and one
+    with none published is loaded (`weights_only`) and matched against its first row's network by name and shape."""
+    files, none, keys = files_by_row(pattern)
+    problem = weights_folder_problem()
+    if problem and any(not path.is_file() for path in files):
+        raise BenchError(problem)
     lines, checks = [], []
-    for path, rows in files.items():
-        checked = check_file(path, verify=verify)
+    for path, specs in files.items():
+        checked = verify_file(specs[0], keys[path], path) if verify else check_file(path, verify=False)
         checks.append(checked)
         source = checked.source.where if checked.source else "not in the provenance table (one of our rows' files)"
         published = checked.source.sha1 if checked.source and checked.source.sha1 else "none published"
-        lines.append([str(path), ", ".join(rows), source, published, checked.describe()])
+        lines.append([str(path), ", ".join(s.row for s in specs), source, published, checked.describe()])
     if none:
         lines.append(["(none)", ", ".join(none), "random initialisation, as the table's run", "-", "-"])
     text = tabulate(lines, headers=["file", "rows", "source", "published SHA-1", "status"], disable_numparse=True)

@@ -9,6 +9,8 @@ up to date at any time (`bench sync`).
 from __future__ import annotations
 
 import json
+import logging
+import re
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,6 +20,9 @@ from typing import Any, Optional
 JOURNAL_DIR = "tracking"
 JOURNAL_FILE = "journal.jsonl"
 SENT_FILE = "sent.jsonl"
+CUT_SEQ = re.compile(r'\{"seq": (\d+)')  # the start of an entry as `append` writes it
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,11 @@ class Journal:
         self.sent_path = self.folder / SENT_FILE
         self.artifacts = self.folder / "artifacts"
         self._lock = threading.Lock()
-        self._next = max((e["seq"] for e in self.entries()), default=-1) + 1
+        entries, damaged = self._read(self.path)
+        # After the last sequence number written, even one whose line a crash cut short: no number means two entries.
+        cut = [int(m.group(1)) for d in damaged if (m := CUT_SEQ.match(d.text))]
+        self._next = max([e["seq"] for e in entries] + cut, default=-1) + 1
+        self._tails_checked: set[Path] = set()
 
     @staticmethod
     def exists(folder: Path) -> bool:
@@ -55,12 +64,36 @@ class Journal:
             entry = {"seq": self._next, **entry}
             self._next += 1
             with self.path.open("a") as f:
+                self._terminate_cut_line(self.path, f)
                 f.write(json.dumps(entry, allow_nan=False) + "\n")
         return entry
+
+    def _terminate_cut_line(self, path: Path, f: Any) -> None:
+        """A last line without its newline (a crash cut it short) is ended before the first new line, which would
+        otherwise be glued onto it and lost with it; the cut line stays, named, for `bench sync` to report. Only a
+        writer does this, on its first append to `path`: a reader never changes a file another process may write."""
+        if path in self._tails_checked:
+            return
+        self._tails_checked.add(path)
+        with path.open("rb") as raw:
+            size = raw.seek(0, 2)
+            if not size:
+                return
+            raw.seek(size - 1)
+            if raw.read(1) == b"\n":
+                return
+        f.write("\n")
+        f.flush()
+        number = len(path.read_bytes().splitlines())
+        after = f"new entries continue after it from sequence {self._next - 1}" if path == self.path else \
+            "the entries it acknowledged are sent again"
+        log.warning("warning: %s, line %d was cut short (a crash while writing it); it is kept as a damaged line and "
+                    "%s", path, number, after)
 
     def acknowledge(self, entry: dict[str, Any], store: str, **extra: Any) -> None:
         with self._lock:
             with self.sent_path.open("a") as f:
+                self._terminate_cut_line(self.sent_path, f)
                 f.write(json.dumps({"seq": entry["seq"], "store": store, **extra}) + "\n")
 
     @staticmethod

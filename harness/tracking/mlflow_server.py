@@ -21,6 +21,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from harness import paths
 from harness.errors import BenchError
+from harness.files import check_writable
+from harness.tracking.mlflow_ui import Stopped, check_port, die_with_parent, stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +70,20 @@ def shown(uri: str) -> str:
 def check_store(uri: str) -> None:
     """Connect once before starting the server: a wrong database fails here in one line, not in its log."""
     from sqlalchemy import create_engine, text
-    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.exc import NoSuchModuleError, SQLAlchemyError
 
     if uri.startswith("sqlite:"):
         folder = Path(uri.split(":///", 1)[-1]).expanduser().parent
         if not folder.is_dir():
             raise BenchError(f"--backend-store-uri {uri}: folder {folder} does not exist; create it or choose another")
         return
-    engine = create_engine(uri)
+    try:
+        engine = create_engine(uri)
+    except (ImportError, NoSuchModuleError) as exc:
+        missing = getattr(exc, "name", None) or str(exc).splitlines()[0]
+        raise BenchError(f"--backend-store-uri {shown(uri)}: its database driver is not installed ({missing}); "
+                         "install it (pip install 'segbench[cluster]' for PostgreSQL's psycopg2), or give another "
+                         "URI") from None
     try:
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
@@ -85,16 +93,6 @@ def check_store(uri: str) -> None:
                          "running and the URI's user, host and database") from None
     finally:
         engine.dispose()
-
-
-def check_port(host: str, port: int) -> None:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise BenchError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pass another --port, or "
-                             "--host with an address of this machine") from None
 
 
 def public_uri(host: str, port: int) -> str:
@@ -117,20 +115,17 @@ def allowed_hosts(host: str) -> Optional[list[str]]:
 def start_server(backend_store_uri: Optional[str], artifacts: Optional[Path], host: str, port: int,
                  workers: int) -> tuple[subprocess.Popen, str, str, Path]:
     """Start `mlflow server` and wait until it answers: (process, URI for the jobs, store URI, artifacts folder).
-    The server runs in its own process group, so that stopping it stops its workers too."""
+    The server runs in its own process group, so that stopping it stops its workers too; whatever ends the wait (it
+    exits, never answers, Ctrl-C, or SIGTERM/SIGHUP under `stop_signals`) ends the whole group."""
     import requests
 
     if workers < 1:
         raise BenchError(f"--workers {workers}: give 1 or more")
+    check_port(host, port)
     uri = store_uri(backend_store_uri)
     check_store(uri)
     folder = (artifacts or paths.PROJECT_ROOT / "mlartifacts").expanduser().resolve()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BenchError(f"--artifacts {folder}: cannot create it ({exc.strerror or exc}); choose a folder every "
-                         "node can read") from None
-    check_port(host, port)
+    check_writable(folder, "--artifacts folder", "pass another --artifacts folder every node can read")
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--artifacts-destination",
                str(folder), "--serve-artifacts", "--host", host, "--port", str(port), "--workers", str(workers)]
     hosts = allowed_hosts(host)
@@ -138,21 +133,25 @@ def start_server(backend_store_uri: Optional[str], artifacts: Optional[Path], ho
         command += ["--allowed-hosts", ",".join(hosts)]
     # The server's background job runner serves GenAI features; training runs need none of it.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    process = subprocess.Popen(command, env=env, stdout=sys.stderr, start_new_session=True)
-    local = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else '[::1]' if host == '::' else host}:{port}"
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise BenchError(f"the MLflow server exited with code {process.returncode} before answering (its "
-                             "output above says why)")
-        try:
-            if requests.get(f"{local}/health", timeout=5).ok:
-                return process, public_uri(host, port), uri, folder
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    stop_server(process)
-    raise BenchError(f"the MLflow server did not answer on {host}:{port} within {SERVER_START_TIMEOUT_S:.0f} s")
+    process = subprocess.Popen(command, env=env, stdout=sys.stderr, start_new_session=True,
+                               preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
+    try:
+        local = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else '[::1]' if host == '::' else host}:{port}"
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise BenchError(f"the MLflow server exited with code {process.returncode} before answering (its "
+                                 "output above says why)")
+            try:
+                if requests.get(f"{local}/health", timeout=5).ok:
+                    return process, public_uri(host, port), uri, folder
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        raise BenchError(f"the MLflow server did not answer on {host}:{port} within {SERVER_START_TIMEOUT_S:.0f} s")
+    except BaseException:
+        stop_server(process)
+        raise
 
 
 def stop_server(process: subprocess.Popen) -> None:
@@ -174,22 +173,24 @@ def stop_server(process: subprocess.Popen) -> None:
 
 
 def serve(backend_store_uri: Optional[str], artifacts: Optional[Path], host: str, port: int, workers: int,
-          echo: Callable[[str], None] = print) -> None:
-    """`bench server`: start the server, say which URI jobs should use, serve until Ctrl-C or SIGTERM."""
-    process, uri, store, folder = start_server(backend_store_uri, artifacts, host, port, workers)
-    echo(f"MLflow tracking server: {uri} (store {shown(store)}, artifacts {folder})")
-    echo(f"log jobs to it: bench sweep ... --tracking-uri {uri}   (or export MLFLOW_TRACKING_URI={uri})")
-    echo("Ctrl-C stops it.")
-
-    def stop(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        code = process.wait()
-        raise BenchError(f"the MLflow server exited with code {code}")
-    except KeyboardInterrupt:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        stop_server(process)
+          echo: Callable[[str], None] = print) -> int:
+    """`bench server`: start the server, say which URI jobs should use, serve until Ctrl-C or SIGTERM; the exit code
+    (0 after Ctrl-C, 128 + the signal's number after SIGTERM or SIGHUP). The server is ended on every way out."""
+    with stop_signals():
+        try:
+            process, uri, store, folder = start_server(backend_store_uri, artifacts, host, port, workers)
+        except Stopped as stop:
+            echo(f"stopped ({stop}) before the MLflow server answered; it is ended")
+            return 128 + stop.signum
+        try:
+            echo(f"MLflow tracking server: {uri} (store {shown(store)}, artifacts {folder})")
+            echo(f"log jobs to it: bench sweep ... --tracking-uri {uri}   (or export MLFLOW_TRACKING_URI={uri})")
+            echo("Ctrl-C stops it.")
+            code = process.wait()
+            raise BenchError(f"the MLflow server exited with code {code}")
+        except KeyboardInterrupt:
+            return 0
+        except Stopped as stop:
+            return 128 + stop.signum
+        finally:
+            stop_server(process)

@@ -114,7 +114,7 @@ def _last_line(log: Path) -> str:
     return lines[-1][:200] if lines else ""
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the server's process (Linux): SIGTERM when `bench ui` dies, even by SIGKILL."""
     try:
         import ctypes
@@ -138,7 +138,7 @@ class UiServer:
                 # Without MLflow's GenAI job runner (a dozen huey processes a runs table does not use).
                 env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
                 stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
         self.group = self.process.pid  # start_new_session: the server leads its own group
         atexit.register(self.stop)
 
