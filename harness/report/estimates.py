@@ -22,8 +22,7 @@ from typing import Any, Optional
 from harness.config.benchmark import OFFICIAL_SPLIT_IMAGES
 from harness.config.plan import iterations_per_epoch, planned_iterations
 from harness.config.spec import Spec, base_row
-from harness.paths import results_dir
-from harness.report.records import load_records
+from harness.report.records import SpeedRecord, load_speed_records
 
 ASSUMED_MFU = 0.3  # share of the measured matmul peak a convolutional training step reaches, for estimates only
 MEASURED = "measured on"
@@ -31,16 +30,14 @@ ESTIMATE = "estimate"
 UNKNOWN = "unknown"
 
 
-def speed_records(device: Optional[str] = None) -> list[dict[str, Any]]:
-    """`bench speed` records (results/speed/<device>/<row>/*.json), of one device or all, oldest first."""
-    records = load_records(results_dir() / "speed")
-    return sorted((r for r in records if device is None or r.get("device") == device),
-                  key=lambda r: str(r.get("time", "")))
+def speed_records(device: Optional[str] = None) -> list[SpeedRecord]:
+    """`bench speed` records (harness.report.records.speed_dir), of one device or all, oldest first."""
+    return load_speed_records(device)
 
 
 def recorded_devices() -> dict[str, str]:
     """Device name -> device type ("cuda", "cpu") of every device with a speed record."""
-    return {str(r["device"]): str(r.get("device_type", "")) for r in speed_records() if r.get("device")}
+    return {r.device: r.device_type for r in speed_records()}
 
 
 def choose_device(requested: Optional[str]) -> str:
@@ -54,7 +51,7 @@ def choose_device(requested: Optional[str]) -> str:
 
     if torch.cuda.is_available():
         return device_name(torch.device("cuda", 0))
-    gpus = [r["device"] for r in speed_records() if r.get("device_type") == "cuda"]
+    gpus = [r.device for r in speed_records() if r.device_type == "cuda"]
     if gpus:
         return max(set(gpus), key=gpus.count)
     return device_name(torch.device("cpu"))
@@ -102,9 +99,9 @@ class Rate:
 class Rates:
     """Training and inference rates of rows on one device, from its records or its peak."""
 
-    def __init__(self, device: str, records: Optional[list[dict[str, Any]]] = None, measure_peak: bool = True):
+    def __init__(self, device: str, records: Optional[list[SpeedRecord]] = None, measure_peak: bool = True):
         self.device = device
-        self.records = speed_records(device) if records is None else [r for r in records if r.get("device") == device]
+        self.records = speed_records(device) if records is None else [r for r in records if r.device == device]
         self.measure_peak = measure_peak
         self._peak: Optional[tuple[float, str]] = None
         self._flops: dict[tuple[str, str, int, int], int] = {}
@@ -113,9 +110,9 @@ class Rates:
         """(TFLOP/s, dtype) of the device's matmul peak: the newest record's, else measured here when it is this
         machine's device."""
         if self._peak is None:
-            recorded = [r for r in self.records if r.get("matmul_peak_tflops")]
+            recorded = [r for r in self.records if r.matmul_peak_tflops]
             if recorded:
-                self._peak = (float(recorded[-1]["matmul_peak_tflops"]), str(recorded[-1].get("matmul_peak_dtype")))
+                self._peak = (float(recorded[-1].matmul_peak_tflops or 0), str(recorded[-1].matmul_peak_dtype))
             elif self.measure_peak and (here := local_device(self.device)) is not None:
                 from harness.engine.device import matmul_peak_tflops
 
@@ -139,10 +136,10 @@ class Rates:
         for rows in (own, None):
             for mode in modes:
                 for record in reversed(self.records):
-                    entry = (record.get("modes") or {}).get(mode)
-                    if not entry or not entry.get("images_per_s"):
+                    entry = record.modes.get(mode)
+                    if not entry or not entry["images_per_s"]:
                         continue
-                    row = str(record.get("row"))
+                    row = record.row
                     if (row in own) if rows is not None else (network is not None and recorded_network(row) == network):
                         return mode, entry, row
         return None
@@ -156,7 +153,7 @@ class Rates:
             mode, entry, row = found
             rate = float(entry["images_per_s"])
             measured = f"{MEASURED} {self.device}" + ("" if row in (spec.row, base_row(spec.row)) else f" as {row}")
-            if list(entry.get("size") or []) == list(size):
+            if list(entry["size"]) == list(size):
                 return Rate(rate, measured)
             recorded_flops = entry.get("flops_per_image")
             if mode == "eval":  # the evaluation loop's record has no FLOPs: those of its inference at that size

@@ -34,6 +34,7 @@ from harness.config.spec import Spec, load_spec
 from harness.errors import BenchError
 from harness.models.provenance import CHECKSUM_MISMATCH, MISSING, check_file
 from harness.models.weights import expected_files
+from harness.report.records import SpeedRecord
 
 GO, NO_GO, UNKNOWN, INFO = "go", "no-go", "unknown", "info"
 MEMORY_HEADROOM = 0.95  # share of the device's memory a run may plan to use (the allocator and CUDA context need some)
@@ -173,16 +174,16 @@ def check_disk(spec: Spec, options: DoctorOptions) -> Check:
     return Check("disk", GO, detail)
 
 
-def newest_train_entry(spec: Spec, device: str) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:
+def newest_train_entry(spec: Spec, device: str) -> Optional[tuple[SpeedRecord, dict[str, Any]]]:
     """(record, train entry) of the newest speed record of the row (or its base row) at its crop on `device`."""
     from harness.config.spec import base_row
     from harness.report.estimates import speed_records
 
     rows = {spec.row, base_row(spec.row)}
     for record in reversed(speed_records(device)):
-        entry = (record.get("modes") or {}).get("train")
-        if record.get("row") in rows and entry and entry.get("peak_memory_gib") is not None \
-                and list(entry.get("size") or []) == list(spec.train.crop_size):
+        entry = record.modes.get("train")
+        if record.row in rows and entry and entry["peak_memory_gib"] is not None \
+                and list(entry["size"]) == list(spec.train.crop_size):
             return record, entry
     return None
 
@@ -217,7 +218,7 @@ def check_memory(spec: Spec, options: DoctorOptions) -> Check:
     found = newest_train_entry(spec, device)
     if found is not None:
         record, entry = found
-        total = total or record.get("device_memory_gib")
+        total = total or record.device_memory_gib
         state, params = state_sizes(spec)
         fixed = (state * (2 if spec.columns.ema else 1) + 2 * params) / 2**30  # weights, EMA, gradients, momentum
         peak, recorded_batch = float(entry["peak_memory_gib"]), int(entry["batch"])
