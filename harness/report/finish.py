@@ -20,7 +20,7 @@ from harness.outputs import plots
 from harness.report import card
 from harness.report.records import environment, package_versions, utc_now, write_record
 from harness.report.verdicts import measured_miou
-from harness.tracking.mlflow_sink import source_tags
+from harness.tracking.sink import source_tags
 from harness.tracking.tracker import Tracker, class_key
 
 log = logging.getLogger(__name__)

@@ -19,19 +19,15 @@ Each check is go, no-go, unknown (nothing to judge by) or info, with one line of
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
-import sqlite3
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 from harness import paths
 from harness.config.plan import loss_group_images
 from harness.config.spec import Spec, load_spec
 from harness.errors import BenchError
+from harness.files import existing_parent
 from harness.models.provenance import CHECKSUM_MISMATCH, MISSING, check_file
 from harness.models.weights import expected_files
 from harness.report.records import SpeedRecord
@@ -39,7 +35,6 @@ from harness.report.records import SpeedRecord
 GO, NO_GO, UNKNOWN, INFO = "go", "no-go", "unknown", "info"
 MEMORY_HEADROOM = 0.95  # share of the device's memory a run may plan to use (the allocator and CUDA context need some)
 SHOWN_DEFECTS = 3
-TRACKING_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -144,13 +139,6 @@ def checkpoint_bytes(spec: Spec) -> int:
     and a little for the rest (schedule, RNG, plan)."""
     state, params = state_sizes(spec)
     return state * (2 if spec.columns.ema else 1) + params + (1 << 20)
-
-
-def existing_parent(path: Path) -> Path:
-    path = path.expanduser().absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
 
 
 def gib(value: float) -> str:
@@ -276,53 +264,17 @@ def probe_memory(spec: Spec, device: Any, per_gpu: int) -> Optional[float]:
         torch.cuda.empty_cache()
 
 
-def sqlite_path(uri: str) -> Path:
-    return Path(uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else uri.removeprefix("sqlite:"))
-
-
 def check_tracking(options: DoctorOptions) -> Check:
+    """The tracking store, as the backend serving its URI sees it (harness.tracking.backends)."""
+    from harness.tracking.backends import check_store
+
     uri = options.tracking_uri or paths.default_tracking_uri()
-    writers = options.writers
-    if uri.startswith("tensorboard:"):
-        folder = existing_parent(Path(uri.removeprefix("tensorboard:")))
-        if not os.access(folder, os.W_OK):
-            return Check("tracking store", NO_GO, f"{uri}: {folder} is not writable", "choose a writable folder")
-        return Check("tracking store", GO, f"{uri}: event files under a writable folder, one folder per run")
-    if uri.startswith("sqlite:"):
-        path = sqlite_path(uri)
-        if path.exists():
-            try:
-                with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=TRACKING_TIMEOUT_S) as db:
-                    db.execute("select count(*) from sqlite_master").fetchone()
-            except sqlite3.Error as exc:
-                return Check("tracking store", NO_GO, f"{uri}: unreadable ({exc})",
-                             "fix or move the file, or pass another --tracking-uri")
-        elif not os.access(existing_parent(path.parent), os.W_OK):
-            return Check("tracking store", NO_GO, f"{uri}: {path.parent} is not writable",
-                         "choose a writable place for the store, or pass another --tracking-uri")
-        if writers > 1:
-            return Check("tracking store", NO_GO, f"{uri}: one SQLite file for {writers} jobs writing at once (on "
-                                                  "several nodes: 'database is locked', a damaged store)",
-                         "start an MLflow tracking server (`mlflow server` on PostgreSQL) and pass --tracking-uri "
-                         "http://HOST:PORT")
-        return Check("tracking store", GO, f"{uri}: a local SQLite file, fit for one writer")
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=TRACKING_TIMEOUT_S) as reply:
-                ok = reply.status == 200
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            return Check("tracking store", NO_GO, f"{uri}: unreachable ({reason})",
-                         "start the tracking server, or pass --offline-tracking and `bench sync` later")
-        if not ok:
-            return Check("tracking store", NO_GO, f"{uri}: /health did not answer 200", "check the server")
-        return Check("tracking store", GO, f"{uri}: a tracking server, fit for {writers} concurrent writer(s)")
-    folder = existing_parent(Path(uri.removeprefix("file://").removeprefix("file:")))
-    if "://" not in uri or uri.startswith("file:"):
-        if not os.access(folder, os.W_OK):
-            return Check("tracking store", NO_GO, f"{uri}: {folder} is not writable", "choose a writable folder")
-        return Check("tracking store", GO, f"{uri}: a file store (one folder per run)")
-    return Check("tracking store", UNKNOWN, f"{uri}: not checked (a store only MLflow itself can reach)")
+    try:
+        found = check_store(uri, options.writers)
+    except BenchError as exc:
+        return Check("tracking store", NO_GO, str(exc), "pass another --tracking-uri")
+    verdict = {True: GO, False: NO_GO, None: UNKNOWN}[found.ok]
+    return Check("tracking store", verdict, found.detail, found.fix)
 
 
 def check_time(spec: Spec, options: DoctorOptions) -> Check:
