@@ -64,7 +64,7 @@ def test_tensorboard_sink_writes_event_files_a_reader_opens(tmp_path: Path, synt
     assert any(tag.startswith("status") for tag in texts) and any(tag.startswith("params") for tag in texts)
     # The record names the run's TensorBoard folder as its tracked run, and the MLflow store got nothing.
     (stored,) = load_records(dataset="synthetic")
-    assert stored["mlflow_run_id"] == str(events[0].parent.relative_to(logs))
+    assert stored["tracking_run_id"] == str(events[0].parent.relative_to(logs))
     store = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert [e.name for e in store.search_experiments()] == ["Default"]
     assert not store.search_runs([e.experiment_id for e in store.search_experiments()])

@@ -17,9 +17,13 @@ from harness.errors import BenchError
 from harness.report.records import (
     SCHEMA_VERSION,
     SpeedRecord,
+    load_records,
     load_speed_records,
+    read_record,
     read_speed_record,
+    record_order,
     speed_dir,
+    write_record,
     write_speed_record,
 )
 
@@ -102,3 +106,43 @@ def test_a_speed_record_with_a_bad_mode_entry_or_a_missing_field_is_refused(tmp_
 
 def test_the_speed_record_type_has_no_dataset_field():
     assert "dataset" not in {f.name for f in dataclasses.fields(SpeedRecord)}
+
+
+OLD_TRAIN = DATA / "synthetic" / "schema0-train-df_seg_v1.json"  # `bench run --row df_seg_v1 --synthetic --iters 1`
+OLD_EVAL = DATA / "synthetic" / "schema0-eval-df_seg_v1.json"  # `bench eval` of that run's best.pt, both at a3073b2
+
+
+def test_training_and_evaluation_records_of_schema_0_read_with_their_tracked_run_as_tracking_run_id():
+    train, evaluation = read_record(OLD_TRAIN), read_record(OLD_EVAL)
+    assert train["schema"] == evaluation["schema"] == 0
+    assert train["tracking_run_id"] == "86c13f23536949c4bb5aeda3e0385607" and "mlflow_run_id" not in train
+    assert evaluation["tracking_run_id"] == "e641824f71cb4d7d9005f606675fa302"
+    assert train["kind"] == "train" and evaluation["kind"] == "eval" and train["miou"] == evaluation["miou"]
+    assert sorted([evaluation, train], key=record_order) == [train, evaluation]  # 16:20:37 before 16:22:08
+
+
+def test_old_training_and_evaluation_records_feed_the_table_and_the_card(isolated_outputs):
+    from harness.config.spec import load_spec
+    from harness.report.card import reproduction_card
+    from harness.report.table import render
+
+    folder = isolated_outputs / "results" / "synthetic" / "df_seg_v1"
+    folder.mkdir(parents=True)
+    for path in (OLD_TRAIN, OLD_EVAL):
+        shutil.copy(path, folder / path.name)
+    assert [r["tracking_run_id"] for r in load_records(dataset="synthetic")] == [
+        "e641824f71cb4d7d9005f606675fa302", "86c13f23536949c4bb5aeda3e0385607"]  # file names' order
+    text = render("synthetic")
+    assert "| df_seg_v1 " in text and "0.03" in text
+    card = reproduction_card(load_spec("df_seg_v1"), read_record(OLD_TRAIN), figures="", figure_names=())
+    assert "tracking run `86c13f23536949c4bb5aeda3e0385607`" in card
+
+
+def test_a_record_written_now_names_its_schema_and_tracking_run_id(isolated_outputs):
+    data = json.loads(OLD_TRAIN.read_text())
+    data.pop("mlflow_run_id")
+    path = write_record({**data, "schema": SCHEMA_VERSION, "tracking_run_id": "0123456789abcdef"})
+    assert path.name.endswith("-01234567.json")
+    again = read_record(path)
+    assert again["schema"] == SCHEMA_VERSION and again["tracking_run_id"] == "0123456789abcdef"
+    assert "mlflow_run_id" not in json.loads(path.read_text())

@@ -53,8 +53,8 @@ def sync_runs(run_dirs: list[Path], tracking_uri: Optional[str] = None) -> SyncR
             report.lines.append(f"{run_dir}: its process is gone; marked interrupted (KILLED)")
         run_id, sent = sync_journal(run_dir / JOURNAL_DIR, tracking_uri)
         own_store = tracking_uri is None or tracking_uri == journal.tracking_uri()
-        if own_store and run_id and folder.info.get("mlflow_run_id") != run_id:
-            folder.update(mlflow_run_id=run_id)
+        if own_store and run_id and folder.tracking_run_id != run_id:
+            folder.update(tracking_run_id=run_id)
         store = _store_of(journal, tracking_uri)
         report.lines.append(f"{run_dir}: {sent} entries sent to run {run_id} at {store}" if sent
                             else f"{run_dir}: already complete in run {run_id} at {store}")

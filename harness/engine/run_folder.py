@@ -72,6 +72,12 @@ class RunFolder:
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
+    @property
+    def tracking_run_id(self) -> Optional[str]:
+        """The id of the run's tracked run (run.json of older runs names it `mlflow_run_id`)."""
+        run_id = self.info.get("tracking_run_id", self.info.get("mlflow_run_id"))
+        return str(run_id) if run_id else None
+
     def update(self, **changes: Any) -> None:
         """Change the state and write run.json through a temporary file and a rename."""
         self.info = {**self.info, **changes}

@@ -189,7 +189,7 @@ def open_run(checked: CheckedRun, tracker: Tracker, spec: Spec, plan: TrainPlan,
     folder = resume[0] if resume else None
     if folder is not None:
         folder.claim()
-        run_id = tracker.reopen(folder.path / JOURNAL_DIR, folder.info.get("mlflow_run_id"))
+        run_id = tracker.reopen(folder.path / JOURNAL_DIR, folder.tracking_run_id)
     else:
         folder = RunFolder.create(paths.runs_dir() / data.dataset / spec.row, row=spec.row, dataset=data.dataset,
                                   tracking_uri=tracker.tracking_uri, options=saved_options(options))
@@ -202,7 +202,7 @@ def open_run(checked: CheckedRun, tracker: Tracker, spec: Spec, plan: TrainPlan,
             folder.end("FAILED")
             raise
         tracker.log_text(json.dumps(spec.to_dict(), indent=2), "spec.json")
-    folder.update(mlflow_run_id=run_id, options=saved_options(options))
+    folder.update(tracking_run_id=run_id, options=saved_options(options))
     return folder, run_id
 
 

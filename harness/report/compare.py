@@ -126,10 +126,10 @@ def record_of_folder(folder: RunFolder) -> dict[str, Any]:
     named = folder.info.get("record")
     if named and Path(named).is_file():
         return read_record(Path(named))
-    run_id = folder.info.get("mlflow_run_id")
+    run_id = folder.tracking_run_id
     inside = str(folder.path.resolve()) + "/"
     for record in load_records(dataset=folder.info.get("dataset")):
-        if run_id and record.get("mlflow_run_id") == run_id:
+        if run_id and record["tracking_run_id"] == run_id:
             return record
         if str(Path(str(record.get("checkpoint", ""))).resolve()).startswith(inside):
             return record

@@ -116,7 +116,8 @@ def write_record(record: dict[str, Any], root: Optional[Path] = None, group: Opt
     record = strict_json(record)
     folder = root / (group or record["dataset"]) / record["row"]
     stamp = record["time"].replace(":", "").replace("-", "")
-    base = f"{stamp}-{str(record.get('mlflow_run_id') or 'norun')[:8]}"
+    run_id = record.get("tracking_run_id", record.get("mlflow_run_id"))  # a speed record has no tracked run
+    base = f"{stamp}-{str(run_id or 'norun')[:8]}"
     tmp = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -157,7 +158,8 @@ def check_writable(folder: Path, what: str, variable: str) -> None:
 
 
 def read_record(path: Path) -> dict[str, Any]:
-    """One result record; a file that is not a JSON object is a one-line error naming it."""
+    """One result record; a file that is not a JSON object is a one-line error naming it. A record of schema 0
+    (written before records named their schema) is read as schema 1: its `mlflow_run_id` is `tracking_run_id`."""
     try:
         record = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -165,8 +167,18 @@ def read_record(path: Path) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise BenchError(f"result record {path} holds a JSON {type(record).__name__}, not an object (a record is "
                          "one JSON object, as `bench run` writes it); fix or remove it")
+    if "schema" not in record:
+        record = {**record, "schema": 0}
+        if "tracking_run_id" not in record:  # schema 0 named the tracked run after MLflow
+            record["tracking_run_id"] = record.pop("mlflow_run_id", None)
     record["_path"] = str(path)
     return record
+
+
+def record_order(record: dict[str, Any]) -> tuple[str, str]:
+    """The order of result records, the one sort key: oldest first, runs finished in the same second by their
+    tracked run's id."""
+    return record["time"], record["tracking_run_id"] or ""
 
 
 def load_records(root: Optional[Path] = None, dataset: Optional[str] = None) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ from harness.config.spec import Spec, load_all, load_ours, table_title
 from harness.errors import BenchError
 from harness.files import write_if_changed
 from harness.paths import benchmark_path, results_dir
-from harness.report.records import SpeedRecord, load_records, load_speed_records
+from harness.report.records import SpeedRecord, load_records, load_speed_records, record_order
 from harness.report.verdicts import (
     EVALUATION,
     NOT_COUNTED,
@@ -180,8 +180,7 @@ def our_verdicts(specs: list[Spec], records: list[dict[str, Any]], tolerance: Op
 
 def _train_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     # Training runs only: `bench eval` of a run's own checkpoint would count that run twice.
-    return sorted((r for r in records if r.get("kind", "train") == "train"),
-                  key=lambda r: (r.get("time", ""), r.get("mlflow_run_id") or ""))
+    return sorted((r for r in records if r.get("kind", "train") == "train"), key=record_order)
 
 
 def synthetic_frame(specs: list[Spec], records: list[dict[str, Any]]) -> pd.DataFrame:
@@ -227,7 +226,7 @@ def records_frame(specs: list[Spec], records: list[dict[str, Any]],
     order = {s.row: i for i, s in enumerate(specs)}
     all_kinds = (REPRODUCTION, *NOT_COUNTED, EVALUATION)
     listed = []
-    for r in sorted(records, key=lambda r: (r.get("time", ""), r.get("mlflow_run_id") or "")):
+    for r in sorted(records, key=record_order):
         spec = by_row.get(str(r.get("row")))
         if spec is None:
             continue
