@@ -37,7 +37,7 @@ def test_bench_speed_times_the_step_and_optimizer_bench_run_trains_with(monkeypa
     current[0] = "speed"
     measured = speed(SpeedOptions(row="df_seg_v1", mode="train", device="cpu", batch=2, warmup=0, repeats=1,
                                   steps=2))
-    assert measured["modes"]["train"]["images_per_s"] > 0
+    assert measured.modes["train"]["images_per_s"] > 0
     # 3 training steps; 2 timed steps of the project's step and 2 of its plain fp32 twin, each on its own optimizer.
     assert steps == ["run"] * 3 + ["speed"] * 4
     assert optimizers == ["run", "speed", "speed"]
