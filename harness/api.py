@@ -8,6 +8,10 @@
 `predict` runs what `bench eval` runs on one image: resized to the row's test size, normalised with the row's
 mean and std, the row's test mode (whole image, or sliding window, flips and scales where the row says so), the
 logits resized back to the image's size, argmax. Everything here is a thin layer over the commands' own code.
+
+    record = api.run(api.RunOptions(row="sf_seg_v2", synthetic=True))   # train one seed, as `bench run` does
+
+`run` is `bench run`'s own way in (harness.launch.run.checked_run): the same checks, the same refusals.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ from harness.data.augment import EvalTransform
 from harness.engine.evaluate import TestMode, infer_logits
 from harness.engine.trained import load_trained_state
 from harness.errors import BenchError
+from harness.launch.run import RunOptions, run
 from harness.models import build_model as build_network
 from harness.models import check_implemented
 
-__all__ = ["Segmenter", "build_model", "load_checkpoint", "load_row", "predict"]
+__all__ = ["RunOptions", "Segmenter", "build_model", "load_checkpoint", "load_row", "predict", "run"]
 
 
 class Segmenter(nn.Module):

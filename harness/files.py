@@ -135,3 +135,11 @@ def read_torch_file(path: Path, label: str, fix: str) -> Any:
     except Exception as exc:  # truncated zip, foreign pickle, not a torch file: all mean "unusable"
         raise BenchError(f"{label} {path} is unreadable ({type(exc).__name__}); it may be truncated or not a "
                          "PyTorch checkpoint") from None
+
+
+def existing_parent(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists (where a file or folder not yet made would go)."""
+    path = path.expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path

@@ -206,7 +206,7 @@ def pair_reference(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Pat
             assert process.returncode == 0, err
             (root / "listening.json").write_text(json.dumps(sorted(listening.seen)))
     (record,) = load_records(root / "results", dataset="synthetic")
-    history = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_metric_history(record["mlflow_run_id"], "train/loss")
+    history = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_metric_history(record["tracking_run_id"], "train/loss")
     state = torch.load(record["checkpoint"], map_location="cpu", weights_only=True)
     listening = set(json.loads((root / "listening.json").read_text()))
     return PairRun(record, state, [m.value for m in sorted(history, key=lambda m: m.step)], listening)

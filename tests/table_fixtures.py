@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from harness.config.spec import load_spec
+from harness.report.records import SCHEMA_VERSION
 
 
 def full_budget_record(row: str, miou: float, **change: Any) -> dict[str, Any]:
@@ -13,7 +14,7 @@ def full_budget_record(row: str, miou: float, **change: Any) -> dict[str, Any]:
     spec = load_spec(row)
     ema = spec.columns.ema
     record = {
-        "kind": "train", "row": row, "dataset": "cityscapes", "seed": 0,
+        "kind": "train", "schema": SCHEMA_VERSION, "row": row, "dataset": "cityscapes", "seed": 0,
         "miou": miou - 0.3, "miou_best": miou if not ema else miou - 0.2, "best_iteration": 1000,
         "miou_ema": miou - 0.1 if ema else None, "miou_ema_best": miou if ema else None,
         "best_iteration_ema": 1000 if ema else None, "pixel_accuracy": 95.0,
@@ -22,7 +23,7 @@ def full_budget_record(row: str, miou: float, **change: Any) -> dict[str, Any]:
         "batch_size": spec.columns.batch_size,
         "crop_size": spec.train.crop_size, "train_images": 2975, "val_images": 500,
         "devices": 8, "device": "cuda", "precision": "bf16", "checkpoint": "runs/x/ckpt.pt",
-        "wall_time_s": 36000.0, "git_commit": "abc", "versions": {}, "mlflow_run_id": None,
+        "wall_time_s": 36000.0, "git_commit": "abc", "versions": {}, "tracking_run_id": None,
         "time": "2026-01-01T00:00:00Z", "_path": f"results/cityscapes/{row}/20260101T000000Z-norun.json",
     }
     record.update(change)

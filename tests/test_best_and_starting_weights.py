@@ -24,8 +24,8 @@ pytestmark = pytest.mark.slow
 
 def test_periodic_evaluation_records_final_and_best_raw_and_ema(synthetic_root: Path, one_thread):
     record = run(RunOptions(row="df_seg_v1-ema", synthetic=True, iters=12, eval_every=4, progress=False))
-    history = MlflowClient(default_tracking_uri()).get_metric_history(record["mlflow_run_id"], "val/miou")
-    ema_history = MlflowClient(default_tracking_uri()).get_metric_history(record["mlflow_run_id"], "val/miou_ema")
+    history = MlflowClient(default_tracking_uri()).get_metric_history(record["tracking_run_id"], "val/miou")
+    ema_history = MlflowClient(default_tracking_uri()).get_metric_history(record["tracking_run_id"], "val/miou_ema")
     assert [m.step for m in history] == [4, 8, 12] and [m.step for m in ema_history] == [4, 8, 12]
     raw = {m.step: m.value for m in history}
     ema = {m.step: m.value for m in ema_history}
@@ -66,7 +66,7 @@ def test_missing_starting_weights_warn_tag_record_and_mark_the_table(synthetic_r
     stderr = capsys.readouterr().err
     assert f"WARNING: row '{small_row}' starts from" in stderr and "df1_imagenet.pth" in stderr
     assert record["starting_weights"].startswith("missing") and "df1_imagenet.pth" in record["starting_weights"]
-    tracked = MlflowClient(default_tracking_uri()).get_run(record["mlflow_run_id"]).data
+    tracked = MlflowClient(default_tracking_uri()).get_run(record["tracking_run_id"]).data
     assert tracked.tags["starting_weights"] == record["starting_weights"]
     # a Cityscapes run, the reference's own data: the reference and the delta against it are logged
     assert tracked.metrics["reference_miou"] == 71.8

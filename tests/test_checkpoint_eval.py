@@ -56,7 +56,7 @@ def test_eval_reproduces_the_training_runs_miou_for_both_weight_sets(trained, tm
     assert score_predictions(val, predictions).miou == pytest.approx(evals["raw"]["miou"], abs=1e-9)
 
     client = MlflowClient(default_tracking_uri())
-    eval_run = client.get_run(evals["raw"]["mlflow_run_id"])
+    eval_run = client.get_run(evals["raw"]["tracking_run_id"])
     assert eval_run.data.tags["kind"] == "eval" and eval_run.info.status == "FINISHED"
     assert eval_run.data.metrics["val/miou"] == pytest.approx(evals["raw"]["miou"], abs=1e-4)
     panels = client.list_artifacts(eval_run.info.run_id, "panels")

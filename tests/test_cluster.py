@@ -121,7 +121,7 @@ def sweep_folders() -> list[Path]:
 
 
 def run_ids(records: list[dict]) -> list[str]:
-    return [r["mlflow_run_id"] for r in records]
+    return [r["tracking_run_id"] for r in records]
 
 
 @pytest.mark.slow
@@ -142,7 +142,7 @@ def test_four_jobs_at_once_log_to_bench_server_on_postgresql(tiny_rows, tracking
         ("tiny", 0, 2), ("tiny", 1, 2), ("tiny2", 0, 2), ("tiny2", 1, 2)]
     client = MlflowClient(uri)
     for record in records:
-        run = client.get_run(record["mlflow_run_id"])
+        run = client.get_run(record["tracking_run_id"])
         assert run.info.status == "FINISHED" and run.data.tags["kind"] == "train", run.info
         metrics = run.data.metrics
         # logged to 6 significant digits
@@ -243,7 +243,7 @@ def test_sweep_on_a_real_slurm_submits_requeues_resumes_and_cancels(tiny_rows, s
     assert_same_tensors(a["model"], b["model"])
     assert_same_tensors(a["ema"], b["ema"])
     runs = MlflowClient(tracking_server.uri)
-    assert all(runs.get_run(r["mlflow_run_id"]).info.status == "FINISHED" for r in records.values())
+    assert all(runs.get_run(r["tracking_run_id"]).info.status == "FINISHED" for r in records.values())
 
     result = CliRunner().invoke(main, ["sweep", "--rows", "tiny", "--seeds", "2", "--iters", "16", *common])
     assert result.exit_code == 0, result.output

@@ -76,8 +76,8 @@ def test_finished_run_has_a_card_with_every_section_in_its_folder_and_in_mlflow(
     assert all(len(per_class[name]) == 2 for name in CLASS_NAMES)
 
     client = MlflowClient(finished_run.tracking_uri)
-    assert "report.md" in {a.path for a in client.list_artifacts(record["mlflow_run_id"])}
-    logged = Path(client.download_artifacts(record["mlflow_run_id"], "report.md", str(finished_run.root / "dl")))
+    assert "report.md" in {a.path for a in client.list_artifacts(record["tracking_run_id"])}
+    logged = Path(client.download_artifacts(record["tracking_run_id"], "report.md", str(finished_run.root / "dl")))
     assert "![training curves](plots/training_curves.png)" in logged.read_text()
     assert read_record(Path(record["_path"]))["weight_files"][0]["sha256"] is None
 
@@ -149,7 +149,7 @@ def test_compare_two_runs_side_by_side_with_the_differing_recipe_and_versions(fi
 
 def test_compare_an_mlflow_run_with_its_row_and_refuse_a_bad_argument(finished_run, monkeypatch):
     use(finished_run, monkeypatch)
-    run_id = finished_run.record["mlflow_run_id"]
+    run_id = finished_run.record["tracking_run_id"]
     parsed = json.loads(invoke("compare", run_id, "sf_seg_v1-ema", "--dataset", "synthetic", "--json").output)
     assert [r["source"].split(" (")[0] for r in parsed["runs"]] == ["MLflow run", "row"]
     assert parsed["recipe_differences"] == {} and parsed["version_differences"] == {}

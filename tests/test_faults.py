@@ -197,7 +197,7 @@ def test_labels_with_no_valid_pixel_are_an_error_and_no_record_holds_nan(tmp_pat
     matrix.update(torch.zeros(4, 4, dtype=torch.long), torch.full((4, 4), 255))
     with pytest.raises(BenchError, match="no valid pixel"):
         matrix.compute()
-    record = {"dataset": "cityscapes", "row": "r", "time": "2026-01-01T00:00:00Z", "mlflow_run_id": "abc",
+    record = {"dataset": "cityscapes", "row": "r", "time": "2026-01-01T00:00:00Z", "tracking_run_id": "abc",
               "miou": 50.0, "per_class_iou": {"road": 50.0, "train": math.nan}}
     path = write_record(record, tmp_path / "results")
     saved = json.loads(path.read_text())  # strict JSON: Python's json would also read NaN, so check the text

@@ -115,7 +115,7 @@ def test_sync_completeness_is_per_store(tmp_path):
     run_dir = journalled_run(first)
     once = invoke("sync", str(run_dir))
     assert once.exit_code == 0 and " entries sent to run " in once.output, once.output
-    own_id = json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
+    own_id = json.loads((run_dir / "run.json").read_text())["tracking_run_id"]
     elsewhere = invoke("sync", str(run_dir), "--tracking-uri", other)
     assert elsewhere.exit_code == 0, elsewhere.output
     assert "already complete" not in elsewhere.output and "entries sent to run " in elsewhere.output
@@ -123,7 +123,7 @@ def test_sync_completeness_is_per_store(tmp_path):
         "segbench-synthetic").experiment_id])
     assert copied.info.status == "FINISHED" and copied.data.metrics["miou"] == 12.5
     assert len(MlflowClient(other).get_metric_history(copied.info.run_id, "train/loss")) == 5
-    assert json.loads((run_dir / "run.json").read_text())["mlflow_run_id"] == own_id  # its own store's id stays
+    assert json.loads((run_dir / "run.json").read_text())["tracking_run_id"] == own_id  # its own store's id stays
     again = invoke("sync", str(run_dir), "--tracking-uri", other)
     assert again.exit_code == 0 and f"already complete in run {copied.info.run_id} at {other}" in again.output
 
@@ -140,7 +140,7 @@ def test_sync_names_a_damaged_journal_line_and_exits_non_zero_unless_accepted(tm
     assert result.exit_code == 1 and "Traceback" not in result.output
     (line,) = [l for l in result.stderr.splitlines() if not l.startswith(MLFLOW_NOTES)]  # one line of ours
     assert line.startswith(f"error: damaged journal line not sent: {journal}, line 5: ") and "--skip-damaged" in line
-    run_id = json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
+    run_id = json.loads((run_dir / "run.json").read_text())["tracking_run_id"]
     assert MlflowClient(store).get_run(run_id).info.status == "FINISHED"  # the rest was sent
     assert journal.read_bytes() == before  # the evidence is left as it was
     accepted = invoke("sync", str(run_dir), "--skip-damaged")

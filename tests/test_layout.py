@@ -37,7 +37,7 @@ def test_bench_speed_times_the_step_and_optimizer_bench_run_trains_with(monkeypa
     current[0] = "speed"
     measured = speed(SpeedOptions(row="df_seg_v1", mode="train", device="cpu", batch=2, warmup=0, repeats=1,
                                   steps=2))
-    assert measured["modes"]["train"]["images_per_s"] > 0
+    assert measured.modes["train"]["images_per_s"] > 0
     # 3 training steps; 2 timed steps of the project's step and 2 of its plain fp32 twin, each on its own optimizer.
     assert steps == ["run"] * 3 + ["speed"] * 4
     assert optimizers == ["run", "speed", "speed"]
@@ -64,7 +64,7 @@ def test_tensorboard_sink_writes_event_files_a_reader_opens(tmp_path: Path, synt
     assert any(tag.startswith("status") for tag in texts) and any(tag.startswith("params") for tag in texts)
     # The record names the run's TensorBoard folder as its tracked run, and the MLflow store got nothing.
     (stored,) = load_records(dataset="synthetic")
-    assert stored["mlflow_run_id"] == str(events[0].parent.relative_to(logs))
+    assert stored["tracking_run_id"] == str(events[0].parent.relative_to(logs))
     store = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert [e.name for e in store.search_experiments()] == ["Default"]
     assert not store.search_runs([e.experiment_id for e in store.search_experiments()])

@@ -48,7 +48,7 @@ def train_and_eval(tmp_path: Path, monkeypatch, iters: int, eval_every: int = 0)
 def test_training_and_eval_runs_line_up(tmp_path, monkeypatch, synthetic_root, one_thread):
     record, evaluated = train_and_eval(tmp_path, monkeypatch, iters=6, eval_every=3)
     client = MlflowClient(default_tracking_uri())
-    train, evaluation = client.get_run(record["mlflow_run_id"]), client.get_run(evaluated["mlflow_run_id"])
+    train, evaluation = client.get_run(record["tracking_run_id"]), client.get_run(evaluated["tracking_run_id"])
     spec = load_spec("tiny")
 
     # kind tags, names that cannot be confused, the commit in MLflow's own field
@@ -109,7 +109,7 @@ def test_training_and_eval_runs_line_up(tmp_path, monkeypatch, synthetic_root, o
 
     # the run folder and MLflow agree on how each run ended
     run_json = json.loads((Path(record["checkpoint"]).parent.parent / "run.json").read_text())
-    assert run_json["status"] == "finished" and run_json["mlflow_run_id"] == train.info.run_id
+    assert run_json["status"] == "finished" and run_json["tracking_run_id"] == train.info.run_id
 
 
 def free_port() -> int:

@@ -40,7 +40,7 @@ def test_short_training_learns_and_is_tracked(synthetic_root: Path):
     client = MlflowClient(default_tracking_uri())
     experiment = client.get_experiment_by_name(experiment_name("synthetic"))
     (mlflow_run,) = client.search_runs([experiment.experiment_id])
-    assert mlflow_run.info.run_id == record["mlflow_run_id"] and mlflow_run.info.status == "FINISHED"
+    assert mlflow_run.info.run_id == record["tracking_run_id"] and mlflow_run.info.status == "FINISHED"
     assert mlflow_run.info.run_name == "df_seg_v2"
     assert mlflow_run.data.params["lr"] == "0.01" and mlflow_run.data.params["iters"] == "40"
     assert mlflow_run.data.tags["row"] == "df_seg_v2" and mlflow_run.data.tags["reference"] == "74.6 | 75.0"
@@ -76,7 +76,7 @@ def test_ema_row_evaluates_both_weight_sets(synthetic_root: Path):
     record = run(RunOptions(row="df_seg_v2-ema", synthetic=True, iters=4, progress=False))
     assert record["miou_ema"] is not None and record["per_class_iou_ema"] is not None
     client = MlflowClient(default_tracking_uri())
-    metrics = client.get_run(record["mlflow_run_id"]).data.metrics
+    metrics = client.get_run(record["tracking_run_id"]).data.metrics
     assert "val/miou" in metrics and "val/miou_ema" in metrics
 
 

@@ -29,10 +29,13 @@ TRAIN_RATE, EVAL_RATE, PEAK_TFLOPS = 40.0, 20.0, 500.0
 def write_record(**change) -> Path:
     record = {"kind": "speed", "row": "df_seg_v1", "dataset": DEVICE, "device": DEVICE, "device_type": "cuda",
               "device_memory_gib": 80.0, "precision": "bf16", "matmul_peak_tflops": PEAK_TFLOPS,
-              "matmul_peak_dtype": "bfloat16", "time": "2026-01-01T00:00:00Z",
+              "matmul_peak_dtype": "bfloat16", "time": "2026-01-01T00:00:00Z", "compile": False,
+              "channels_last": True, "cpu_threads": 8, "warmup": 10, "repeats": 5, "steps": 10, "git_commit": "abc",
+              "versions": {},
               "modes": {"train": {"size": [1024, 1024], "batch": 16, "images_per_s": TRAIN_RATE,
-                                  "peak_memory_gib": 30.0, "flops_per_image": 1e11},
-                        "eval": {"size": [2048, 1024], "batch": 1, "images_per_s": EVAL_RATE}}}
+                                  "step_s": 16 / TRAIN_RATE, "peak_memory_gib": 30.0, "flops_per_image": 1e11},
+                        "eval": {"size": [2048, 1024], "batch": 1, "images_per_s": EVAL_RATE, "step_s": 1 / EVAL_RATE,
+                                 "peak_memory_gib": None}}}
     record.update(change)
     path = results_dir() / "speed" / DEVICE / "df_seg_v1" / "20260101T000000Z-norun.json"
     path.parent.mkdir(parents=True, exist_ok=True)

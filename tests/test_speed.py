@@ -11,11 +11,12 @@ import torch
 from click.testing import CliRunner
 
 from harness.cli import main
+from harness.config.spec import load_spec
 from harness.data.png import installed_decoders, loader_decoder
 from harness.engine import benchmark
-from harness.launch import speed
-from harness.config.spec import load_spec
 from harness.errors import BenchError
+from harness.launch import speed
+from harness.report.records import SpeedRecord, write_speed_record
 
 
 def test_speed_on_cpu_prints_every_column_and_writes_a_consistent_record(isolated_outputs, one_thread):
@@ -137,11 +138,11 @@ def test_data_mode_reads_a_given_dataset_with_workers(tmp_path, one_thread):
     root = write_synthetic(tmp_path / "tree", train_images=3, val_images=0, size=(64, 32), progress=False)
     record = speed.speed(benchmark.SpeedOptions(row="sf_seg_v2", mode="data", batch=2, device="cpu", data_root=str(root),
                                             workers=1, warmup=0, repeats=2, steps=1))
-    data = record["modes"]["data"]
-    assert set(record["modes"]) - {"data pillow"} == {"data", "data cached", "augment"} and str(root) in data["images"]
+    data = record.modes["data"]
+    assert set(record.modes) - {"data pillow"} == {"data", "data cached", "augment"} and str(root) in data["images"]
     assert set(data["decode_floors"]) == set(installed_decoders()) and data["decoder"] == loader_decoder()
     assert data["fraction_of_floor"] == pytest.approx(data["images_per_s_per_worker"] / data["decode_floor_images_per_s"])
-    assert record["matmul_peak_tflops"] is None and data["workers"] == 1 and len(data["step_s_repeats"]) == 2
+    assert record.matmul_peak_tflops is None and data["workers"] == 1 and len(data["step_s_repeats"]) == 2
     assert data["images_per_s_per_worker"] == pytest.approx(data["images_per_s"])
 
 
@@ -150,7 +151,7 @@ def test_eval_mode_is_the_evaluation_loop_and_reports_its_share_of_the_forward_r
     for _ in range(3):
         record = speed.speed(benchmark.SpeedOptions(row="df_seg_v1", mode="all", device="cpu", size=(64, 32), warmup=1,
                                                 repeats=5, steps=3, workers=0, plain=False))
-        infer, evaluation = record["modes"]["infer"], record["modes"]["eval"]
+        infer, evaluation = record.modes["infer"], record.modes["eval"]
         assert infer["batch"] == evaluation["batch"] == 1 and infer["size"] == evaluation["size"]
         assert evaluation["fraction_of_forward"] == pytest.approx(evaluation["images_per_s"] / infer["images_per_s"])
         shares.append(evaluation["fraction_of_forward"])
@@ -165,14 +166,17 @@ def test_eval_mode_is_the_evaluation_loop_and_reports_its_share_of_the_forward_r
 
 
 def speed_record(row: str, device: str, device_type: str, size: list[int], batch: int, images_per_s: float,
-                 time_: str) -> dict:
-    return {"kind": "speed", "row": row, "dataset": device, "device": device, "device_type": device_type,
-            "precision": "bf16" if device_type == "cuda" else "fp32", "time": time_,
-            "modes": {"infer": {"size": size, "batch": batch, "images_per_s": images_per_s}}}
+                 time_: str) -> SpeedRecord:
+    return SpeedRecord(
+        row=row, device=device, device_type=device_type, device_memory_gib=None,
+        precision="bf16" if device_type == "cuda" else "fp32", compile=False, channels_last=device_type == "cuda",
+        cpu_threads=2, matmul_peak_tflops=None, matmul_peak_dtype=None, warmup=1, repeats=1, steps=1,
+        modes={"infer": {"size": size, "batch": batch, "images_per_s": images_per_s, "step_s": batch / images_per_s,
+                         "peak_memory_gib": None}},
+        git_commit="abc", versions={}, time=time_)
 
 
 def test_benchmark_md_shows_the_inference_rate_at_full_size_naming_the_device(isolated_outputs):
-    from harness.report.records import write_record
     from harness.report.table import INFER_COLUMN, NOT_MEASURED, render
 
     for record in [
@@ -182,7 +186,7 @@ def test_benchmark_md_shows_the_inference_rate_at_full_size_naming_the_device(is
         speed_record("df_seg_v2", "nvidia-h100", "cuda", [256, 128], 1, 900.0, "2026-11-01T00:00:00Z"),  # other size
         speed_record("pspnet-r50", "nvidia-h100", "cuda", [2048, 1024], 8, 60.0, "2026-11-01T00:00:00Z"),  # batch 8
     ]:
-        write_record(record, root=isolated_outputs / "results" / "speed")
+        write_speed_record(record)
     text = render("cityscapes")
     header = next(line for line in text.splitlines() if line.startswith("| row "))
     assert INFER_COLUMN in header
@@ -208,8 +212,8 @@ def test_many_rows_in_one_call_stop_at_the_budget_and_list_the_rest(isolated_out
     rows = [spec.row for spec in speed.select_rows("df_seg*")]
     assert rows == ["df_seg_v1", "df_seg_v1-mseg", "df_seg_v1-ema", "df_seg_v2", "df_seg_v2-ema"]  # light-seg: once
     # rows started at 0 and 10 (10 s each, so 10 s expected of the next): a third would end at 30, past 25
-    assert [r["row"] for r in outcome.records] == rows[:2] and outcome.not_reached == rows[2:]
-    assert len(shown) == 2 and all(f"record {r['_path']}" in text for r, text in zip(outcome.records, shown))
+    assert [r.row for r in outcome.records] == rows[:2] and outcome.not_reached == rows[2:]
+    assert len(shown) == 2 and all(f"record {r.path}" in text for r, text in zip(outcome.records, shown))
     written = sorted(p.parent.name for p in (isolated_outputs / "results" / "speed").glob("*/*/*.json"))
     assert written == sorted(rows[:2])
     assert speed.rows_summary(outcome).endswith("not reached within --budget-s 25 (3): " + ", ".join(rows[2:]))

@@ -140,5 +140,5 @@ def test_seeds_run_one_after_another_each_with_its_own_record(synthetic_root: Pa
     assert result.exit_code == 0, result.output
     records = sorted(load_records(dataset="synthetic"), key=lambda r: r["time"] + r["_path"])
     assert sorted(r["seed"] for r in records) == [0, 2]
-    assert len({r["mlflow_run_id"] for r in records}) == 2 and len({r["_path"] for r in records}) == 2
+    assert len({r["tracking_run_id"] for r in records}) == 2 and len({r["_path"] for r in records}) == 2
     assert [l.split(" seed ")[1].split()[0] for l in result.output.splitlines() if " seed " in l] == ["2", "0"]

@@ -62,14 +62,14 @@ def test_offline_run_is_synced_later(tiny_row, tmp_path, one_thread):
     uri = f"sqlite:///{tmp_path / 'later.db'}"
     record = run(RunOptions(row=tiny_row, synthetic=True, iters=4, tracking_uri=uri, offline_tracking=True,
                             progress=False))
-    assert record["mlflow_run_id"] is None and Path(record["checkpoint"]).is_file()
+    assert record["tracking_run_id"] is None and Path(record["checkpoint"]).is_file()
     run_dir = Path(record["checkpoint"]).parent.parent
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
     assert not (tmp_path / "later.db").exists()  # offline: the store was never touched
 
     synced = CliRunner().invoke(main, ["sync", str(run_dir)])
     assert synced.exit_code == 0, synced.output
-    run_id = json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
+    run_id = json.loads((run_dir / "run.json").read_text())["tracking_run_id"]
     client = MlflowClient(uri)
     mlflow_run = client.get_run(run_id)
     assert mlflow_run.info.status == "FINISHED" and mlflow_run.data.tags["kind"] == "train"
@@ -137,7 +137,7 @@ def test_server_killed_mid_run_training_finishes_and_sync_completes_it(tiny_row,
     server = start_server(db, artifacts, port)
     try:
         client = MlflowClient(uri)
-        run_id = record["mlflow_run_id"]
+        run_id = record["tracking_run_id"]
         assert client.get_run(run_id).info.status == "RUNNING"  # what MLflow knew when its server died
         synced = CliRunner().invoke(main, ["sync", str(run_dir)])
         assert synced.exit_code == 0, synced.output

@@ -89,7 +89,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tiny_row):
     assert resumed["miou"] == reference["miou"] and resumed["miou_ema"] == reference["miou_ema"]
     # The resumed training went on in the killed run's MLflow run, which now finished.
     client = MlflowClient(default_tracking_uri())
-    assert client.get_run(resumed["mlflow_run_id"]).info.status == "FINISHED"
+    assert client.get_run(resumed["tracking_run_id"]).info.status == "FINISHED"
     assert len(client.search_runs([client.get_experiment_by_name(experiment_name("synthetic")).experiment_id])) == 2
 
 
@@ -109,7 +109,7 @@ def test_sigterm_checkpoints_and_the_next_resume_goes_on(tiny_row):
 
     resumed = run(RunOptions(row=tiny_row, synthetic=True, resume="latest", progress=False))
     assert resumed["iterations"] == 16 and final_state(resumed)["iteration"] == 16
-    history = client.get_metric_history(resumed["mlflow_run_id"], "train/lr")
+    history = client.get_metric_history(resumed["tracking_run_id"], "train/lr")
     assert max(m.step for m in history) == 16 and min(m.step for m in history) == 1
 
 
@@ -234,7 +234,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path, monkeypatch, synthetic_r
     two = pair_reference.record
     assert (one["devices"], two["devices"]) == (1, 2) and one["batch_size"] == two["batch_size"] == 4
     client = MlflowClient(default_tracking_uri())
-    history = client.get_metric_history(one["mlflow_run_id"], "train/loss")
+    history = client.get_metric_history(one["tracking_run_id"], "train/loss")
     losses = [m.value for m in sorted(history, key=lambda m: m.step)]
     assert len(losses) == 3 and losses == pytest.approx(pair_reference.losses, rel=1e-4)
     a, b = final_state(one)["model"], pair_reference.state["model"]
@@ -318,7 +318,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_with_one_checkpoint_that_res
     (record,) = load_records(dataset="synthetic")
     assert record["iterations"] == 14 and final_state(record)["iteration"] == 14 and record["devices"] == 2
     client = MlflowClient(default_tracking_uri())
-    assert client.get_run(record["mlflow_run_id"]).info.status == "FINISHED"
+    assert client.get_run(record["tracking_run_id"]).info.status == "FINISHED"
 
 
 def test_the_log_says_once_when_training_waits_for_data(capsys):

@@ -62,7 +62,7 @@ def evaluate_checkpoint(options: EvalOptions) -> dict[str, Any]:
         tags = run_tags(spec, dataset, commit, "eval", "bench eval", weights=loaded.weights,
                         checkpoint=str(loaded.path))
         run_id = tracker.start(folder.path / JOURNAL_DIR, run_name, params, tags)
-        folder.update(mlflow_run_id=run_id)
+        folder.update(tracking_run_id=run_id)
         tracker.log_text(json.dumps(spec.to_dict(), indent=2), "spec.json")
         panels_dir = tracker.artifact_path("panels/.keep").parent
         metrics = evaluate_split(
@@ -79,7 +79,7 @@ def evaluate_checkpoint(options: EvalOptions) -> dict[str, Any]:
             "device": loaded.device.type, "precision": plan.precision,
             "wall_time_s": round(time.perf_counter() - started, 1),
             "git_commit": commit, "versions": package_versions(), "environment": environment(loaded.device.type),
-            "plan": asdict(plan), "mlflow_run_id": run_id, "time": utc_now(),
+            "plan": asdict(plan), "tracking_run_id": run_id, "time": utc_now(),
         }
         return finish_run(spec, tracker, record, folder, headline=metrics.miou,
                           metrics={f"val/miou{suffix}": metrics.miou,

@@ -22,7 +22,7 @@ class SyncReport:
 
 
 def _store_of(journal: Journal, tracking_uri: Optional[str]) -> Optional[str]:
-    return tracking_uri or journal.header().get("tracking_uri")
+    return tracking_uri or journal.tracking_uri()
 
 
 def sync_runs(run_dirs: list[Path], tracking_uri: Optional[str] = None) -> SyncReport:
@@ -48,13 +48,13 @@ def sync_runs(run_dirs: list[Path], tracking_uri: Optional[str] = None) -> SyncR
         folder = RunFolder.open(run_dir)
         journal = Journal(run_dir / JOURNAL_DIR)
         if folder.info.get("status") == RUN_STATUS["RUNNING"] and folder.status == RUN_STATUS["KILLED"]:
-            journal.append({"op": "status", "status": "KILLED", "time": int(time.time() * 1000)})
+            journal.end("KILLED", int(time.time() * 1000))
             folder.end("KILLED")
             report.lines.append(f"{run_dir}: its process is gone; marked interrupted (KILLED)")
         run_id, sent = sync_journal(run_dir / JOURNAL_DIR, tracking_uri)
-        own_store = tracking_uri is None or tracking_uri == journal.header().get("tracking_uri")
-        if own_store and run_id and folder.info.get("mlflow_run_id") != run_id:
-            folder.update(mlflow_run_id=run_id)
+        own_store = tracking_uri is None or tracking_uri == journal.tracking_uri()
+        if own_store and run_id and folder.tracking_run_id != run_id:
+            folder.update(tracking_run_id=run_id)
         store = _store_of(journal, tracking_uri)
         report.lines.append(f"{run_dir}: {sent} entries sent to run {run_id} at {store}" if sent
                             else f"{run_dir}: already complete in run {run_id} at {store}")

@@ -1,7 +1,7 @@
 """A run folder, runs/<dataset>/<row>/<stamp>/: its state (`run.json`) held in one object for the whole run,
 written atomically on every change, and its checkpoints beside it.
 
-run.json says which row and dataset, the MLflow run and store, the options the run was started with (so a bare
+run.json says which row and dataset, the tracked run and its store, the options the run was started with (so a bare
 `--resume` needs nothing else), the process that trains it, and its status: running, finished, failed or
 interrupted. A run marked running whose process is gone reads as interrupted.
 """
@@ -19,7 +19,7 @@ from harness.errors import BenchError
 from harness.files import atomic_write_text
 
 RUN_FILE = "run.json"
-# MLflow's run statuses and run.json's words for them.
+# A run's statuses as its tracking journal holds them (every tracking backend takes these words) and run.json's.
 RUN_STATUS = {"RUNNING": "running", "FINISHED": "finished", "FAILED": "failed", "KILLED": "interrupted"}
 
 
@@ -72,6 +72,12 @@ class RunFolder:
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
+    @property
+    def tracking_run_id(self) -> Optional[str]:
+        """The id of the run's tracked run (run.json of older runs names it `mlflow_run_id`)."""
+        run_id = self.info.get("tracking_run_id", self.info.get("mlflow_run_id"))
+        return str(run_id) if run_id else None
+
     def update(self, **changes: Any) -> None:
         """Change the state and write run.json through a temporary file and a rename."""
         self.info = {**self.info, **changes}
@@ -99,8 +105,9 @@ class RunFolder:
         return (info.get("status") == RUN_STATUS["RUNNING"] and info.get("host") == socket.gethostname()
                 and bool(info.get("pid")) and int(info["pid"]) != os.getpid() and not process_gone(info))
 
-    def end(self, mlflow_status: str) -> None:
-        self.update(status=RUN_STATUS[mlflow_status])
+    def end(self, status: str) -> None:
+        """Mark the run ended with `status`, one of the journal's (FINISHED, FAILED, KILLED)."""
+        self.update(status=RUN_STATUS[status])
 
 
 def latest(parent: Path, pattern: str = "*") -> Optional[Path]:

@@ -189,7 +189,7 @@ def open_run(checked: CheckedRun, tracker: Tracker, spec: Spec, plan: TrainPlan,
     folder = resume[0] if resume else None
     if folder is not None:
         folder.claim()
-        run_id = tracker.reopen(folder.path / JOURNAL_DIR, folder.info.get("mlflow_run_id"))
+        run_id = tracker.reopen(folder.path / JOURNAL_DIR, folder.tracking_run_id)
     else:
         folder = RunFolder.create(paths.runs_dir() / data.dataset / spec.row, row=spec.row, dataset=data.dataset,
                                   tracking_uri=tracker.tracking_uri, options=saved_options(options))
@@ -202,7 +202,7 @@ def open_run(checked: CheckedRun, tracker: Tracker, spec: Spec, plan: TrainPlan,
             folder.end("FAILED")
             raise
         tracker.log_text(json.dumps(spec.to_dict(), indent=2), "spec.json")
-    folder.update(mlflow_run_id=run_id, options=saved_options(options))
+    folder.update(tracking_run_id=run_id, options=saved_options(options))
     return folder, run_id
 
 
@@ -324,11 +324,9 @@ def log_start(spec: Spec, plan: TrainPlan, data: Data, world: World, device: tor
 
 
 def run(options: RunOptions) -> dict[str, Any]:
-    """Check and train one seed (`options.seed`) in this process: the Python entry point of `bench run`."""
-    world = world_from_env()
-    if options.resume:
-        options = with_saved_options(options)
-    checked = validate_run(options, [options.seed], world.size, check_outputs=world.is_main)
+    """Check and train one seed (`options.seed`) in this process: the Python entry point of `bench run` (harness.api
+    re-exports it), through the same checks as the command line (`checked_run`)."""
+    checked = checked_run(options, [options.seed], LaunchOptions())
     return train(checked, options.seed)
 
 
@@ -380,9 +378,10 @@ def check_readiness(checked: CheckedRun, launch: LaunchOptions) -> None:
         log.warning("warning: %s", check.line())
 
 
-def main(options: RunOptions, seeds: Sequence[int], launch: LaunchOptions,
-         echo: Callable[[str], None] = print) -> int:
-    """`bench run`: check everything once, then train each seed here or start torchrun's workers; the exit code."""
+def checked_run(options: RunOptions, seeds: Sequence[int], launch: LaunchOptions) -> CheckedRun:
+    """Every check of a run, the one way in for `bench run` and the Python API alike: a light-seg row becomes its
+    base row, a resume takes the options it was started with, the options are validated, and a run on real data
+    asks readiness (`check_readiness`) before anything starts."""
     row, note = training_row(options.row)
     if note:
         log.info(note)
@@ -395,6 +394,16 @@ def main(options: RunOptions, seeds: Sequence[int], launch: LaunchOptions,
     checked = validate_run(options, seeds, processes, check_outputs=world.is_main)
     if not options.synthetic and not is_worker:
         check_readiness(checked, launch)
+    return checked
+
+
+def main(options: RunOptions, seeds: Sequence[int], launch: LaunchOptions,
+         echo: Callable[[str], None] = print) -> int:
+    """`bench run`: check everything once, then train each seed here or start torchrun's workers; the exit code."""
+    checked = checked_run(options, seeds, launch)
+    options, row = checked.options, checked.options.row
+    world = world_from_env()
+    is_worker = "WORLD_SIZE" in os.environ  # a torchrun worker: the launcher started this process
     if launch.processes > 1 and not is_worker:
         if options.device != "cpu" and torch.cuda.device_count() < launch.gpus:
             raise BenchError(f"--gpus {launch.gpus}: this machine has {torch.cuda.device_count()} CUDA devices; "

@@ -35,13 +35,11 @@ from harness.engine.distributed import World
 from harness.errors import BenchError
 from harness.models import check_implemented
 from harness.outputs.model_export import onnx_input_size, onnx_metadata, onnx_session, time_onnx
-from harness.report.records import git_commit, package_versions, utc_now, write_record
+from harness.report.records import SpeedRecord, git_commit, package_versions, utc_now, write_speed_record
 
 
-def speed(options: SpeedOptions) -> dict[str, Any]:
+def speed(options: SpeedOptions) -> SpeedRecord:
     """Measure the requested modes, write the record under results/speed/<device>/, return it."""
-    from harness.paths import results_dir
-
     check_speed_options(options)
     spec = load_spec(options.row)
     modes = MODES if options.mode == "all" else (options.mode,)
@@ -62,16 +60,13 @@ def speed(options: SpeedOptions) -> dict[str, Any]:
     results = measure_modes(bench, ("infer",) if session is not None else modes, sizes)
     if session is not None:
         results["infer onnxruntime"] = measure_onnx(session, results["infer"], counts)
-    record = {  # write_record files a record under <dataset>/<row>/: here results/speed/<device>/<row>/
-        "kind": "speed", "row": spec.row, "dataset": device_name(device), "device": device_name(device),
-        "device_type": device.type, "device_memory_gib": device_memory_gib(device), "precision": precision,
-        "compile": options.compile,
-        "channels_last": compute.channels_last, "fused": compute.fused, "cpu_threads": torch.get_num_threads(),
-        "matmul_peak_tflops": peak, "matmul_peak_dtype": peak_dtype, **counts, "modes": results,
-        "git_commit": git_commit(), "versions": package_versions(), "time": utc_now(),
-    }
-    record["_path"] = str(write_record(record, root=results_dir() / "speed"))
-    return record
+    return write_speed_record(SpeedRecord(
+        row=spec.row, device=device_name(device), device_type=device.type,
+        device_memory_gib=device_memory_gib(device), precision=precision, compile=options.compile,
+        channels_last=compute.channels_last, fused=compute.fused, cpu_threads=torch.get_num_threads(),
+        matmul_peak_tflops=peak,
+        matmul_peak_dtype=peak_dtype, warmup=counts["warmup"], repeats=counts["repeats"], steps=counts["steps"],
+        modes=results, git_commit=git_commit(), versions=package_versions(), time=utc_now()))
 
 
 def onnx_beside(options: SpeedOptions, device: torch.device) -> Any:
@@ -104,7 +99,7 @@ def select_rows(pattern: str) -> list[Spec]:
 
 @dataclass
 class RowsOutcome:
-    records: list[dict[str, Any]]
+    records: list[SpeedRecord]
     not_reached: list[str]  # rows not started: the budget would have been exceeded
     elapsed_s: float
     budget_s: Optional[float]
@@ -121,7 +116,7 @@ def speed_rows(pattern: str, options: SpeedOptions, budget_s: Optional[float] = 
     check_speed_options(options)
     began = now = clock()
     durations: list[float] = []
-    records: list[dict[str, Any]] = []
+    records: list[SpeedRecord] = []
     for index, spec in enumerate(specs):
         if budget_s is not None and durations and now - began + statistics.fmean(durations) > budget_s:
             return RowsOutcome(records, [s.row for s in specs[index:]], now - began, budget_s)
@@ -181,40 +176,40 @@ def mode_notes(mode: str, entry: dict[str, Any], device_type: str) -> str:
     return "-"
 
 
-def table_rows(record: dict[str, Any]) -> list[list[str]]:
+def table_rows(record: SpeedRecord) -> list[list[str]]:
     def fmt(value: Optional[float], spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
     rows = []
-    for mode, entry in record["modes"].items():
+    for mode, entry in record.modes.items():
         plain = entry.get("plain_fp32_nchw") or {}
         rows.append([
-            record["row"], mode + (f" ({entry['workers']} workers)" if mode.startswith("data") else ""),
-            record["device"],
-            record["precision"] if not mode.startswith("data") and mode != "augment" else "-", str(entry["batch"]),
+            record.row, mode + (f" ({entry['workers']} workers)" if mode.startswith("data") else ""),
+            record.device,
+            record.precision if not mode.startswith("data") and mode != "augment" else "-", str(entry["batch"]),
             "x".join(map(str, entry["size"])),
             fmt(entry["images_per_s"], ".2f"), fmt(1000 * entry["step_s"], ".1f"), fmt(entry["peak_memory_gib"], ".2f"),
             fmt(entry["flops_per_image"] / 1e9 if "flops_per_image" in entry else None, ".1f"),
             fmt(entry.get("achieved_tflops"), ".3f"),
             fmt(100 * entry["mfu"] if entry.get("mfu") is not None else None, ".1f"),
             fmt(plain.get("images_per_s"), ".2f"), fmt(entry.get("speedup_over_plain"), ".2f"),
-            mode_notes(mode, entry, record["device_type"]),
+            mode_notes(mode, entry, record.device_type),
         ])
     return rows
 
 
-def render(record: dict[str, Any]) -> str:
+def render(record: SpeedRecord) -> str:
     from tabulate import tabulate
 
-    peak = record["matmul_peak_tflops"]
+    peak = record.matmul_peak_tflops
     lines = [tabulate(table_rows(record), headers=COLUMNS, disable_numparse=True)]
     if peak:
-        lines.append(f"MFU against a measured {record['matmul_peak_dtype']} matmul peak of {peak:.2f} TFLOP/s on "
-                     f"{record['device']}; peak memory is "
-                     + ("CUDA max allocated" if record["device_type"] == "cuda" else "the process peak RSS"))
-    floors = (record["modes"].get("data") or {}).get("decode_floors")
+        lines.append(f"MFU against a measured {record.matmul_peak_dtype} matmul peak of {peak:.2f} TFLOP/s on "
+                     f"{record.device}; peak memory is "
+                     + ("CUDA max allocated" if record.device_type == "cuda" else "the process peak RSS"))
+    floors = (record.modes.get("data") or {}).get("decode_floors")
     if floors:
         lines.append("PNG decode floors, one core, image + label: "
                      + ", ".join(f"{name} {rate:.1f} img/s" for name, rate in floors.items()))
-    lines.append(f"record {record['_path']}")
+    lines.append(f"record {record.path}")
     return "\n".join(lines)

@@ -46,6 +46,7 @@ from harness.launch.options import RunOptions, check_data_root, check_options, w
 from harness.logs import configure_logging
 from harness.report.records import load_records
 from harness.report.verdicts import standing
+from harness.tracking.backends import check_store, prepare_store
 from harness.tracking.journal import JOURNAL_DIR, Journal
 
 log = logging.getLogger(__name__)
@@ -181,10 +182,11 @@ def check_shared_store(options: SweepOptions) -> None:
     """Slurm may run any two jobs on different nodes at once: one SQLite file cannot take their writes (on a
     network filesystem it locks up or corrupts), a tracking server on a real database can."""
     uri = options.tracking_uri or paths.default_tracking_uri()
-    if options.executor == "slurm" and uri.startswith("sqlite:"):
-        raise BenchError(f"tracking URI {uri}: Slurm jobs run on several nodes at once and one SQLite file cannot take "
-                         "their writes; start a tracking server (`bench server --backend-store-uri "
-                         "postgresql://...`) and pass the URI it prints with --tracking-uri")
+    if options.executor != "slurm":
+        return
+    found = check_store(uri, writers=2, reach=False)  # a dry run reaches no server
+    if found.ok is False:
+        raise BenchError(f"tracking store of jobs on several nodes at once: {found.detail}; {found.fix}")
 
 
 # --- which (row, seed) to run -------------------------------------------------------------------------
@@ -500,30 +502,6 @@ def sbatch_script(options: SweepOptions, folder: Path) -> str:
 
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
     return _make_sbatch_string(command=command, folder=folder, **slurm_parameters(options))
-
-
-def prepare_store(uri: str) -> None:
-    """A tracking server must answer before jobs are queued for it; a new SQLite store gets its tables here, once
-    (jobs starting together would race to create them)."""
-    if uri.startswith(("http://", "https://")):
-        import requests
-
-        try:
-            requests.get(uri.rstrip("/") + "/health", timeout=10).raise_for_status()
-        except requests.RequestException as exc:
-            reason = str(exc).splitlines()[0][:160]
-            raise BenchError(f"tracking server {uri} does not answer ({reason}); start it with `bench server` (it "
-                             "prints the URI to use), or fix --tracking-uri") from None
-        return
-    if not uri.startswith("sqlite:"):
-        return
-    from mlflow.tracking import MlflowClient
-
-    try:
-        MlflowClient(uri).search_experiments(max_results=1)
-    except Exception as exc:
-        raise BenchError(f"cannot open MLflow tracking URI {uri!r} ({str(exc).splitlines()[0]}); fix "
-                         "--tracking-uri") from None
 
 
 def check_scheduler(options: SweepOptions) -> None:
@@ -886,12 +864,8 @@ def progress(run_dir: Optional[str]) -> str:
         return "-"
     total, step = None, None
     journal = Path(run_dir) / JOURNAL_DIR
-    if (journal / "journal.jsonl").is_file():
-        for entry in Journal(journal).entries():
-            if entry.get("op") == "params":
-                total = entry["params"].get("iters", total)
-            elif entry.get("op") == "metrics" and any(k.startswith("train/") for k in entry.get("metrics", {})):
-                step = max(step or 0, int(entry.get("step", 0)))
+    if Journal.exists(journal):
+        total, step = Journal(journal).params().get("iters"), Journal(journal).training_step()
     if step is None:
         newest = checkpoint.checkpoints(Path(run_dir) / "checkpoints")
         if newest:

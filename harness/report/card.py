@@ -194,7 +194,7 @@ def reproduction_card(spec: Spec, record: dict[str, Any], *, figures: str = "", 
     tol = resolve_tolerance(tolerance)
     lines = [f"# Reproduction card: {spec.row}", "",
              f"{'Evaluation' if is_eval else 'Training'} run on **{record.get('dataset')}**, finished "
-             f"{record.get('time', '?')}; MLflow run `{record.get('mlflow_run_id') or 'none (offline)'}`; result "
+             f"{record.get('time', '?')}; tracking run `{record['tracking_run_id'] or 'none (offline)'}`; result "
              f"record `{record.get('_path', '?')}`.", ""]
 
     lines += ["## Row and verdict", ""]

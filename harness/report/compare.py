@@ -22,6 +22,7 @@ from harness.paths import experiments_dir, results_dir
 from harness.report.records import load_records, read_record
 from harness.report.verdicts import measured_miou, standing
 from harness.tracking.journal import JOURNAL_DIR, Journal
+from harness.tracking.sink import GIT_COMMIT
 from harness.tracking.tracker import class_key
 
 PLAN_FIELDS = tuple(f.name for f in fields(TrainPlan) if f.name != "row")
@@ -83,8 +84,7 @@ def folder_recipe(folder: Path) -> dict[str, str]:
     """The plan a run folder's journal holds (the params every run logs at its start)."""
     if not Journal.exists(folder / JOURNAL_DIR):
         return {}
-    params: dict[str, Any] = next(
-        (e["params"] for e in Journal(folder / JOURNAL_DIR).entries() if e.get("op") == "params"), {})
+    params = Journal(folder / JOURNAL_DIR).params()
     return {k: _text(v) for k, v in params.items() if k in PLAN_FIELDS}
 
 
@@ -127,10 +127,10 @@ def record_of_folder(folder: RunFolder) -> dict[str, Any]:
     named = folder.info.get("record")
     if named and Path(named).is_file():
         return read_record(Path(named))
-    run_id = folder.info.get("mlflow_run_id")
+    run_id = folder.tracking_run_id
     inside = str(folder.path.resolve()) + "/"
     for record in load_records(dataset=folder.info.get("dataset")):
-        if run_id and record.get("mlflow_run_id") == run_id:
+        if run_id and record["tracking_run_id"] == run_id:
             return record
         if str(Path(str(record.get("checkpoint", ""))).resolve()).startswith(inside):
             return record
@@ -149,15 +149,13 @@ def from_run_folder(path: Path, label: str) -> Comparable:
 def from_mlflow(run_id: str, label: str, tracking_uri: str) -> Comparable:
     """An MLflow run: its result record when the store names one that is still there, else what MLflow holds (the
     params are the plan, `val_iou[_ema]/<class>` the per-class IoU; no package versions)."""
-    from harness.tracking.mlflow_sink import connect
+    from harness.tracking.backends import read_run
 
-    client = connect(tracking_uri)
-    try:
-        run = client.get_run(run_id)
-    except Exception:  # MLflow raises its own exception types for an unknown id
+    run = read_run(tracking_uri, run_id)
+    if run is None:
         raise BenchError(f"bench compare: {label!r} is no MLflow run in {tracking_uri}; give a run id of that store "
-                         "(or --tracking-uri the store it is in)") from None
-    tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
+                         "(or --tracking-uri the store it is in)")
+    tags, metrics, params = run.tags, run.metrics, run.params
     recorded = tags.get("result_record")
     if recorded and Path(recorded).is_file():
         item = from_record(read_record(Path(recorded)), label, "MLflow run")
@@ -170,7 +168,7 @@ def from_mlflow(run_id: str, label: str, tracking_uri: str) -> Comparable:
     recipe = {k: v for k, v in params.items() if k in PLAN_FIELDS}
     if "starting_weights" in tags:
         recipe["starting_weights"] = tags["starting_weights"]
-    versions = {"git_commit": tags.get("mlflow.source.git.commit", "unknown")
+    versions = {"git_commit": tags.get(GIT_COMMIT, "unknown")
                 + ("-dirty" if tags.get("git_dirty") == "true" else "")}
     return Comparable(label=label, source="MLflow run (no result record)", row=row,
                       dataset=tags.get("dataset", "?"), headline=_number(metrics.get("miou")),

@@ -36,9 +36,8 @@ from harness.config.plan import iterations_per_epoch, planned_iterations
 from harness.config.precision import resolve_precision
 from harness.config.spec import Spec, base_row
 from harness.errors import BenchError
-from harness.paths import results_dir
 from harness.report.model_costs import model_costs
-from harness.report.records import load_records
+from harness.report.records import SpeedRecord, load_speed_records, speed_dir
 
 # The share of the datasheet's dense peak (model FLOP utilisation, MFU) a training or inference step is assumed to
 # reach where no speed record of its network family calibrates it. Evidence: NVIDIA's DeepLearningExamples ResNet-50
@@ -50,11 +49,9 @@ MEASURED, CALIBRATED, ASSUMED, UNKNOWN = "measured", "calibrated", "assumed", "u
 NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
 
 
-def speed_records(device: Optional[str] = None) -> list[dict[str, Any]]:
+def speed_records(device: Optional[str] = None) -> list[SpeedRecord]:
     """`bench speed` records (results/speed/<device>/<row>/*.json), of one device or all, oldest first."""
-    records = load_records(results_dir() / "speed")
-    return sorted((r for r in records if device is None or r.get("device") == device),
-                  key=lambda r: str(r.get("time", "")))
+    return load_speed_records(device)
 
 
 def this_gpu() -> Optional[str]:
@@ -111,10 +108,10 @@ NEED_DEVICE = ("name the GPU the runs will use with --device (a short name such 
                "or torch name; see harness/config/devices.py), or --device cpu for this machine's CPU")
 
 
-def resolve_device(requested: Optional[str], records: Optional[list[dict[str, Any]]] = None) -> Target:
+def resolve_device(requested: Optional[str], records: Optional[list[SpeedRecord]] = None) -> Target:
     """The device figures are for (see the module's text); a one-line error when none can be told."""
     records = speed_records() if records is None else records
-    recorded = {folder_name(str(r["device"])): str(r.get("device_type", "")) for r in records if r.get("device")}
+    recorded = {folder_name(r.device): r.device_type for r in records}
     if requested is not None:
         requested = requested.strip()
         if not requested:
@@ -131,11 +128,11 @@ def resolve_device(requested: Optional[str], records: Optional[list[dict[str, An
     here = this_gpu()
     if here is not None:
         return Target(here, find_gpu(here), why="this machine's GPU")
-    gpus = [r for r in records if r.get("device_type") == "cuda" and r.get("device")]
+    gpus = [r for r in records if r.device_type == "cuda"]
     if gpus:
-        newest = folder_name(str(gpus[-1]["device"]))
-        return Target(newest, find_gpu(newest), why=f"the newest GPU speed record ({gpus[-1].get('_path')})")
-    raise BenchError(f"no GPU on this machine and no GPU speed record under {results_dir() / 'speed'}: {NEED_DEVICE}")
+        newest = folder_name(gpus[-1].device)
+        return Target(newest, find_gpu(newest), why=f"the newest GPU speed record ({gpus[-1].path})")
+    raise BenchError(f"no GPU on this machine and no GPU speed record under {speed_dir()}: {NEED_DEVICE}")
 
 
 def same_network(spec: Spec) -> Optional[str]:
@@ -182,29 +179,29 @@ class Peak:
     shown: str  # what it is and where it comes from
 
 
-def record_peak(record: dict[str, Any]) -> Optional[float]:
+def record_peak(record: SpeedRecord) -> Optional[float]:
     """The peak a record's MFU is taken against: its device's datasheet figure in the record's precision (the
     catalogue), else the matmul peak the record measured."""
-    gpu = find_gpu(str(record.get("device", "")))
-    if gpu is not None and record.get("device_type") == "cuda":
-        return gpu.peak(str(record.get("precision") or "bf16"))[0]
-    measured = record.get("matmul_peak_tflops")
+    gpu = find_gpu(record.device)
+    if gpu is not None and record.device_type == "cuda":
+        return gpu.peak(record.precision)[0]
+    measured = record.matmul_peak_tflops
     return float(measured) if measured else None
 
 
 class Rates:
     """Training and inference rates of rows on one device, from its records, calibrated from another's, or assumed."""
 
-    def __init__(self, target: Target, records: Optional[list[dict[str, Any]]] = None, measure_peak: bool = True):
+    def __init__(self, target: Target, records: Optional[list[SpeedRecord]] = None, measure_peak: bool = True):
         every = speed_records() if records is None else records
         self.target = target
         self.device = target.name
-        self.records = [r for r in every if target.owns(str(r.get("device", "")))]
+        self.records = [r for r in every if target.owns(r.device)]
         kind = "cpu" if target.cpu else "cuda"
         owned = {id(r) for r in self.records}
         # the newest last, this device's own records after every other's: calibration walks back from the end
-        self.calibrating = [r for r in every if r.get("device_type") == kind and id(r) not in owned] + \
-            [r for r in self.records if r.get("device_type") == kind]
+        self.calibrating = [r for r in every if r.device_type == kind and id(r) not in owned] + \
+            [r for r in self.records if r.device_type == kind]
         self.precision = resolve_precision(None, kind)
         self.measure_peak = measure_peak
         self._peak: Optional[Peak] = None
@@ -214,15 +211,15 @@ class Rates:
         measured matmul peak; else measured here when it is this machine's CPU."""
         if self._peak is None:
             gpu = self.target.gpu
-            recorded = [r for r in self.records if r.get("matmul_peak_tflops")]
+            recorded = [r for r in self.records if r.matmul_peak_tflops]
             if gpu is not None:
                 tflops, what = gpu.peak(self.precision)
                 self._peak = Peak(tflops, gpu.describe(self.precision))
             elif recorded:
                 newest = recorded[-1]
-                tflops = float(newest["matmul_peak_tflops"])
-                self._peak = Peak(tflops, f"{self.device}: {tflops:.3g} TFLOP/s {newest.get('matmul_peak_dtype')} "
-                                          f"matmul peak, measured by bench speed ({newest.get('_path')})")
+                tflops = float(newest.matmul_peak_tflops or 0)
+                self._peak = Peak(tflops, f"{self.device}: {tflops:.3g} TFLOP/s {newest.matmul_peak_dtype} "
+                                          f"matmul peak, measured by bench speed ({newest.path})")
             elif self.measure_peak and self.target.cpu and self.device == this_cpu():
                 import torch
 
@@ -238,7 +235,7 @@ class Rates:
             return costs.training(spec, int(size[0]), int(size[1])).flops
         return costs.inference_flops(spec, int(size[0]), int(size[1]))
 
-    def entry(self, spec: Spec, modes: tuple[str, ...]) -> Optional[tuple[str, dict[str, Any], dict[str, Any]]]:
+    def entry(self, spec: Spec, modes: tuple[str, ...]) -> Optional[tuple[str, dict[str, Any], SpeedRecord]]:
         """(mode, entry, record) of the newest record entry in the first of `modes` found: of the row or its base
         row, else of a row with the same network (an EMA or MSeg variant: the same step but for the EMA update)."""
         own = {spec.row, base_row(spec.row)}
@@ -246,24 +243,24 @@ class Rates:
         for rows in (own, None):
             for mode in modes:
                 for record in reversed(self.records):
-                    entry = (record.get("modes") or {}).get(mode)
+                    entry = record.modes.get(mode)
                     if not entry or not entry.get("images_per_s"):
                         continue
-                    row = str(record.get("row"))
+                    row = record.row
                     if (row in own) if rows is not None else (network is not None and recorded_network(row) == network):
                         return mode, entry, record
         return None
 
-    def calibration(self, spec: Spec, kind: str) -> Optional[tuple[float, dict[str, Any]]]:
+    def calibration(self, spec: Spec, kind: str) -> Optional[tuple[float, SpeedRecord]]:
         """(MFU, record) of the newest speed record of the row's network family with FLOPs in the mode: one of
         this device first."""
         mode = "train" if kind == "train" else "infer"
         family = network_family(spec)
         for record in reversed(self.calibrating):
-            entry = (record.get("modes") or {}).get(mode)
+            entry = record.modes.get(mode)
             if not entry or not entry.get("images_per_s") or not entry.get("flops_per_image"):
                 continue
-            recorded = recorded_spec(str(record.get("row")))
+            recorded = recorded_spec(record.row)
             peak = record_peak(record)
             if recorded is None or network_family(recorded) != family or not peak:
                 continue
@@ -277,9 +274,9 @@ class Rates:
         found = self.entry(spec, modes)
         if found is not None:
             mode, entry, record = found
-            row = str(record.get("row"))
+            row = record.row
             rate = float(entry["images_per_s"])
-            measured = f"{MEASURED} on {record.get('device')}" + \
+            measured = f"{MEASURED} on {record.device}" + \
                 ("" if row in (spec.row, base_row(spec.row)) else f" as {row}")
             if list(entry.get("size") or []) == list(size):
                 return Rate(rate, measured)
@@ -299,7 +296,7 @@ class Rates:
         if calibrated is not None:
             mfu, record = calibrated
             return Rate(peak.tflops * 1e12 * mfu / flops,
-                        f"{CALIBRATED} on {record.get('device')}: MFU {100 * mfu:.1f}% ({record.get('row')})",
+                        f"{CALIBRATED} on {record.device}: MFU {100 * mfu:.1f}% ({record.row})",
                         CALIBRATED)
         return Rate(peak.tflops * 1e12 * ASSUMED_MFU / flops, f"{ASSUMED}: MFU {100 * ASSUMED_MFU:.0f}%", ASSUMED)
 

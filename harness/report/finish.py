@@ -18,9 +18,9 @@ from harness.errors import BenchError
 from harness.files import atomic_write_text
 from harness.outputs import plots
 from harness.report import card
-from harness.report.records import environment, package_versions, utc_now, write_record
+from harness.report.records import SCHEMA_VERSION, environment, package_versions, utc_now, write_record
 from harness.report.verdicts import measured_miou
-from harness.tracking.mlflow_sink import source_tags
+from harness.tracking.sink import source_tags
 from harness.tracking.tracker import Tracker, class_key
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def finish_run(spec: Spec, tracker: Tracker, record: dict[str, Any], folder: Opt
     for panel in panels:
         tracker.log_artifact(panel, "panels")
     weights = card.weight_files(spec, record)
-    record = {**record, "mlflow_run_id": tracker.run_id,
+    record = {**record, "schema": SCHEMA_VERSION, "tracking_run_id": tracker.run_id,
               "weight_files": [{k: f[k] for k in ("what", "path", "sha256")} for f in weights]}
     path = write_record(record)
     record["_path"] = str(path)

@@ -21,13 +21,8 @@ Each check is go, no-go, unknown (nothing to judge by) or info, with one line of
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
-import sqlite3
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 from harness import paths
@@ -35,13 +30,14 @@ from harness.config.benchmark import REFERENCE_DATASET, dataset_name
 from harness.config.plan import batch_split_problem, dataset_batch, loss_group_images
 from harness.config.spec import Spec, load_spec, training_row
 from harness.errors import BenchError
+from harness.files import existing_parent
 from harness.models.provenance import MISSING
 from harness.models.weights import checked_files, weights_folder_problem
+from harness.report.records import SpeedRecord
 
 GO, NO_GO, UNKNOWN, INFO = "go", "no-go", "unknown", "info"
 MEMORY_HEADROOM = 0.95  # share of the device's memory a run may plan to use (the allocator and CUDA context need some)
 SHOWN_DEFECTS = 3
-TRACKING_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -151,13 +147,6 @@ def checkpoint_bytes(spec: Spec) -> int:
     return state * (2 if spec.columns.ema else 1) + params + (1 << 20)
 
 
-def existing_parent(path: Path) -> Path:
-    path = path.expanduser().absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def gib(value: float) -> str:
     return f"{value / 2**30:.2f} GiB"
 
@@ -179,7 +168,7 @@ def check_disk(spec: Spec, options: DoctorOptions) -> Check:
     return Check("disk", GO, detail)
 
 
-def newest_train_entry(spec: Spec, device: str) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:
+def newest_train_entry(spec: Spec, device: str) -> Optional[tuple[SpeedRecord, dict[str, Any]]]:
     """(record, train entry) of the newest speed record of the row (or its base row) at its crop on `device` (a
     catalogue GPU by any of its names)."""
     from harness.config.spec import base_row
@@ -188,10 +177,9 @@ def newest_train_entry(spec: Spec, device: str) -> Optional[tuple[dict[str, Any]
     target = target_of(device)
     rows = {spec.row, base_row(spec.row)}
     for record in reversed(speed_records()):
-        entry = (record.get("modes") or {}).get("train")
-        if target.owns(str(record.get("device", ""))) and record.get("row") in rows and entry \
-                and entry.get("peak_memory_gib") is not None \
-                and list(entry.get("size") or []) == list(spec.train.crop_size):
+        entry = record.modes.get("train")
+        if target.owns(record.device) and record.row in rows and entry \
+                and entry["peak_memory_gib"] is not None and list(entry["size"]) == list(spec.train.crop_size):
             return record, entry
     return None
 
@@ -249,7 +237,7 @@ def check_memory(spec: Spec, options: DoctorOptions) -> Check:
     estimated = None
     if found is not None:
         record, entry = found
-        total = total or record.get("device_memory_gib")
+        total = total or record.device_memory_gib
         fixed = fixed_memory_gib(spec)
         peak, recorded_batch = float(entry["peak_memory_gib"]), int(entry["batch"])
         need = fixed + max(0.0, peak - fixed) * per_gpu / recorded_batch
@@ -318,10 +306,6 @@ def probe_memory(spec: Spec, device: Any, per_gpu: int) -> Optional[float]:
         torch.cuda.empty_cache()
 
 
-def sqlite_path(uri: str) -> Path:
-    return Path(uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else uri.removeprefix("sqlite:"))
-
-
 def check_outputs(options: DoctorOptions) -> Check:
     """The run and results folders take new files: the check `bench run` starts with, asked without creating them."""
     from harness.report.records import check_output_folders
@@ -336,48 +320,16 @@ def check_outputs(options: DoctorOptions) -> Check:
 
 
 def check_tracking(options: DoctorOptions) -> Check:
+    """The tracking store, as the backend serving its URI sees it (harness.tracking.backends)."""
+    from harness.tracking.backends import check_store
+
     uri = options.tracking_uri or paths.default_tracking_uri()
-    writers = options.writers
-    if uri.startswith("tensorboard:"):
-        folder = existing_parent(Path(uri.removeprefix("tensorboard:")))
-        if not os.access(folder, os.W_OK):
-            return Check("tracking store", NO_GO, f"{uri}: {folder} is not writable", "choose a writable folder")
-        return Check("tracking store", GO, f"{uri}: event files under a writable folder, one folder per run")
-    if uri.startswith("sqlite:"):
-        path = sqlite_path(uri)
-        if path.exists():
-            try:
-                with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=TRACKING_TIMEOUT_S) as db:
-                    db.execute("select count(*) from sqlite_master").fetchone()
-            except sqlite3.Error as exc:
-                return Check("tracking store", NO_GO, f"{uri}: unreadable ({exc})",
-                             "fix or move the file, or pass another --tracking-uri")
-        elif not os.access(existing_parent(path.parent), os.W_OK):
-            return Check("tracking store", NO_GO, f"{uri}: {path.parent} is not writable",
-                         "choose a writable place for the store, or pass another --tracking-uri")
-        if writers > 1:
-            return Check("tracking store", NO_GO, f"{uri}: one SQLite file for {writers} jobs writing at once (on "
-                                                  "several nodes: 'database is locked', a damaged store)",
-                         "start an MLflow tracking server (`mlflow server` on PostgreSQL) and pass --tracking-uri "
-                         "http://HOST:PORT")
-        return Check("tracking store", GO, f"{uri}: a local SQLite file, fit for one writer")
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=TRACKING_TIMEOUT_S) as reply:
-                ok = reply.status == 200
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            return Check("tracking store", NO_GO, f"{uri}: unreachable ({reason})",
-                         "start the tracking server, or pass --offline-tracking and `bench sync` later")
-        if not ok:
-            return Check("tracking store", NO_GO, f"{uri}: /health did not answer 200", "check the server")
-        return Check("tracking store", GO, f"{uri}: a tracking server, fit for {writers} concurrent writer(s)")
-    folder = existing_parent(Path(uri.removeprefix("file://").removeprefix("file:")))
-    if "://" not in uri or uri.startswith("file:"):
-        if not os.access(folder, os.W_OK):
-            return Check("tracking store", NO_GO, f"{uri}: {folder} is not writable", "choose a writable folder")
-        return Check("tracking store", GO, f"{uri}: a file store (one folder per run)")
-    return Check("tracking store", UNKNOWN, f"{uri}: not checked (a store only MLflow itself can reach)")
+    try:
+        found = check_store(uri, options.writers)
+    except BenchError as exc:
+        return Check("tracking store", NO_GO, str(exc), "pass another --tracking-uri")
+    verdict = {True: GO, False: NO_GO, None: UNKNOWN}[found.ok]
+    return Check("tracking store", verdict, found.detail, found.fix)
 
 
 def check_time(spec: Spec, options: DoctorOptions) -> Check:

@@ -28,7 +28,7 @@ from harness.config.spec import ALL_ROWS, Spec, load_all, load_ours, select_rows
 from harness.errors import BenchError
 from harness.files import write_if_changed
 from harness.paths import benchmark_path, results_dir
-from harness.report.records import load_records
+from harness.report.records import SpeedRecord, load_records, load_speed_records, record_order
 from harness.report.verdicts import (
     EVALUATION,
     NOT_COUNTED,
@@ -84,36 +84,35 @@ NOT_MEASURED = "not measured"
 INFER_COMMAND = "bench speed --row {row} --mode infer --size " + f"{FRAME_SIZE[0]},{FRAME_SIZE[1]}"
 
 
-def infer_speeds(speed_records: list[dict[str, Any]]) -> dict[str, tuple[float, str, str]]:
+def infer_speeds(speed_records: list[SpeedRecord]) -> dict[str, tuple[float, str, str]]:
     """Per row: (img/s, device, precision) of its whole-image forward at 2048x1024, batch 1, from `bench speed`
     records; a GPU's figure before a CPU's, and the newest of those."""
     best: dict[str, tuple[tuple, tuple[float, str, str]]] = {}
     for record in speed_records:
-        entry = (record.get("modes") or {}).get("infer")
-        if not entry or entry.get("size") != INFER_SIZE or entry.get("batch") != 1:
+        entry = record.modes.get("infer")
+        if not entry or entry["size"] != INFER_SIZE or entry["batch"] != 1:
             continue
-        rank = (record.get("device_type") == "cuda", str(record.get("time", "")))
-        if record.get("row") not in best or rank > best[record["row"]][0]:
-            best[record["row"]] = (rank, (entry["images_per_s"], record["device"], record["precision"]))
+        rank = (record.device_type == "cuda", record.time)
+        if record.row not in best or rank > best[record.row][0]:
+            best[record.row] = (rank, (entry["images_per_s"], record.device, record.precision))
     return {row: figures for row, (_, figures) in best.items()}
 
 
-def unusable_speeds(speed_records: list[dict[str, Any]]) -> dict[str, str]:
+def unusable_speeds(speed_records: list[SpeedRecord]) -> dict[str, str]:
     """Per row with `bench speed` records none of which the column can show: why, from the newest of them (e.g.
     a CPU run, which times small images unless given --size 2048,1024)."""
     why: dict[str, tuple[str, str]] = {}
     for record in speed_records:
-        entry = (record.get("modes") or {}).get("infer")
-        if entry and entry.get("size") == INFER_SIZE and entry.get("batch") == 1:
+        entry = record.modes.get("infer")
+        if entry and entry["size"] == INFER_SIZE and entry["batch"] == 1:
             continue
         if not entry:
-            reason = f"its record on {record.get('device')} has no infer mode"
+            reason = f"its record on {record.device} has no infer mode"
         else:
-            size = "x".join(map(str, entry.get("size") or [])) or "?"
-            reason = f"its record on {record.get('device')} timed {size}, batch {entry.get('batch')}"
-        stamp = str(record.get("time", ""))
-        if record.get("row") not in why or stamp > why[record["row"]][0]:
-            why[str(record.get("row"))] = (stamp, reason)
+            size = "x".join(map(str, entry["size"]))
+            reason = f"its record on {record.device} timed {size}, batch {entry['batch']}"
+        if record.row not in why or record.time > why[record.row][0]:
+            why[record.row] = (record.time, reason)
     return {row: reason for row, (_, reason) in why.items()}
 
 
@@ -128,7 +127,7 @@ def _infer_cell(spec: Spec, v: RowVerdict, speeds: dict[str, tuple[float, str, s
 
 
 def verdict_frame(specs: list[Spec], verdicts: list[RowVerdict],
-                  speed_records: Optional[list[dict[str, Any]]] = None) -> pd.DataFrame:
+                  speed_records: Optional[list[SpeedRecord]] = None) -> pd.DataFrame:
     speed_records = speed_records if speed_records is not None else load_speed_records()
     speeds, unusable = infer_speeds(speed_records), unusable_speeds(speed_records)
     rows = []
@@ -153,11 +152,6 @@ def verdict_frame(specs: list[Spec], verdicts: list[RowVerdict],
             INFER_COLUMN: _infer_cell(spec, v, speeds, unusable),
         })
     return pd.DataFrame(rows)
-
-
-def load_speed_records() -> list[dict[str, Any]]:
-    """`bench speed` records, results/speed/<device>/<row>/*.json."""
-    return load_records(results_dir() / "speed")
 
 
 def our_verdicts(specs: list[Spec], records: list[dict[str, Any]], tolerance: Optional[float] = None,
@@ -185,8 +179,7 @@ def our_verdicts(specs: list[Spec], records: list[dict[str, Any]], tolerance: Op
 
 def _train_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     # Training runs only: `bench eval` of a run's own checkpoint would count that run twice.
-    return sorted((r for r in records if r.get("kind", "train") == "train"),
-                  key=lambda r: (r.get("time", ""), r.get("mlflow_run_id") or ""))
+    return sorted((r for r in records if r.get("kind", "train") == "train"), key=record_order)
 
 
 def synthetic_frame(specs: list[Spec], records: list[dict[str, Any]]) -> pd.DataFrame:
@@ -233,7 +226,7 @@ def records_frame(specs: list[Spec], records: list[dict[str, Any]],
     order = {s.row: i for i, s in enumerate(specs)}
     all_kinds = (REPRODUCTION, *NOT_COUNTED, EVALUATION)
     listed = []
-    for r in sorted(records, key=lambda r: (r.get("time", ""), r.get("mlflow_run_id") or "")):
+    for r in sorted(records, key=record_order):
         spec = by_row.get(str(r.get("row")))
         if spec is None:
             continue

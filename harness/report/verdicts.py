@@ -20,7 +20,7 @@ from harness.config.spec import Spec, base_row, select_rows, table_tolerance
 from harness.config.starting_weights import MISSING, OTHER
 from harness.engine.run_folder import RUN_STATUS, RunFolder
 from harness.errors import BenchError
-from harness.report.records import load_records
+from harness.report.records import load_records, record_order
 
 OFFICIAL_TRAIN_IMAGES = OFFICIAL_SPLIT_IMAGES["train"]
 OFFICIAL_VAL_IMAGES = OFFICIAL_SPLIT_IMAGES["val"]
@@ -163,7 +163,7 @@ def row_verdicts(specs: list[Spec], records: list[dict[str, Any]], tolerance: Op
     tolerance = resolve_tolerance(tolerance)
     by_row = {s.row: s for s in specs}
     counted: dict[str, list[float]] = {}
-    for record in sorted(records, key=lambda r: (r.get("time", ""), r.get("mlflow_run_id") or "")):
+    for record in sorted(records, key=record_order):
         spec = by_row.get(str(record.get("row")))
         if spec is not None and standing(spec, record).counts:
             counted.setdefault(base_row(spec.row), []).append(measured_miou(spec, record))

@@ -139,6 +139,25 @@ class Journal:
         """The id `store` gave this run, once it acknowledged the run's creation."""
         return next((a["run_id"] for a in self._acknowledgements(store).values() if a.get("run_id")), None)
 
+    def tracking_uri(self) -> Optional[str]:
+        """The store the run was created for."""
+        uri = self.header().get("tracking_uri")
+        return str(uri) if uri else None
+
+    def params(self) -> dict[str, Any]:
+        """The params the run logged at its start ({} before they were journalled)."""
+        return next((dict(e["params"]) for e in self.entries() if e.get("op") == "params"), {})
+
+    def training_step(self) -> Optional[int]:
+        """The newest step at which the run logged a training metric (None before the first)."""
+        steps = [int(e["step"]) for e in self.entries()
+                 if e.get("op") == "metrics" and any(k.startswith("train/") for k in e["metrics"])]
+        return max(steps) if steps else None
+
+    def end(self, status: str, time_ms: int) -> None:
+        """Journal the run's end (`status`: one of harness.tracking.sink.TERMINAL) for the stores to replay."""
+        self.append({"op": "status", "status": status, "time": time_ms})
+
     def metric_history(self) -> dict[str, list[tuple[int, float]]]:
         """Every metric the run logged (sent or not), key -> [(step, value)], for the curves image."""
         history: dict[str, list[tuple[int, float]]] = {}

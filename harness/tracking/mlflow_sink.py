@@ -5,10 +5,15 @@ and keeps nothing to replay."""
 from __future__ import annotations
 
 import os
+import sqlite3
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Optional
 
 from harness.errors import BenchError
+from harness.files import existing_parent
+from harness.tracking.backends import StoreCheck, StoredRun
 from harness.tracking.journal import Journal
 from harness.tracking.sink import TERMINAL, Sink, first_line
 
@@ -19,19 +24,6 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RE
                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.1"}
 # The experiment opens on its runs table, not on MLflow 3's GenAI overview.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
-# MLflow's own source fields, which its UI shows on the run page.
-SOURCE_NAME, SOURCE_TYPE, GIT_COMMIT = "mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit"
-
-
-def source_tags(commit: str, entry_point: str) -> dict[str, str]:
-    """The commit and entry point in MLflow's source fields (other sinks keep them as plain tags)."""
-    sha, dirty = (commit[:-len("-dirty")], True) if commit.endswith("-dirty") else (commit, False)
-    tags = {SOURCE_NAME: entry_point, SOURCE_TYPE: "LOCAL", "git_dirty": str(dirty).lower()}
-    if sha != "unknown":
-        tags[GIT_COMMIT] = sha
-    return tags
-
-
 def artifact_location(tracking_uri: str) -> Optional[str]:
     """Artifacts beside a local SQLite store, instead of MLflow's default of ./mlruns in the working directory."""
     if tracking_uri.startswith("sqlite:///"):
@@ -143,3 +135,91 @@ class MlflowSink(Sink):
             else:
                 self.client.update_run(run_id, status=entry["status"])
         return run_id
+
+
+# --- the backend (harness.tracking.backends): MLflow serves every URI no other backend claims --------------
+
+STORE_TIMEOUT_S = 5.0  # how long `bench doctor` waits for a store's answer
+
+
+def open_sink(uri: str) -> Sink:
+    return MlflowSink(uri)
+
+
+def read_run(uri: str, run_id: str) -> Optional[StoredRun]:
+    client = connect(uri)
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # MLflow raises its own exception types for an unknown id
+        return None
+    return StoredRun(dict(run.data.tags), dict(run.data.params), dict(run.data.metrics))
+
+
+def sqlite_path(uri: str) -> Path:
+    return Path(uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else uri.removeprefix("sqlite:"))
+
+
+def check_store(uri: str, writers: int, reach: bool = True) -> StoreCheck:
+    """A SQLite file readable and fit for one writer, a server answering /health (when it may be reached), a
+    writable file store."""
+    if uri.startswith("sqlite:"):
+        path = sqlite_path(uri)
+        if path.exists():
+            try:
+                with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=STORE_TIMEOUT_S) as db:
+                    db.execute("select count(*) from sqlite_master").fetchone()
+            except sqlite3.Error as exc:
+                return StoreCheck(False, f"{uri}: unreadable ({exc})",
+                                  "fix or move the file, or pass another --tracking-uri")
+        elif not os.access(existing_parent(path.parent), os.W_OK):
+            return StoreCheck(False, f"{uri}: {path.parent} is not writable",
+                              "choose a writable place for the store, or pass another --tracking-uri")
+        if writers > 1:
+            return StoreCheck(False, f"{uri}: {writers} jobs writing at once, on several nodes maybe: one SQLite file "
+                                     "cannot take their writes ('database is locked', a damaged store)",
+                              "start a tracking server (`bench server --backend-store-uri postgresql://...`) and pass "
+                              "the URI it prints with --tracking-uri")
+        return StoreCheck(True, f"{uri}: a local SQLite file, fit for one writer")
+    if uri.startswith(("http://", "https://")):
+        if not reach:
+            return StoreCheck(None, f"{uri}: a tracking server (not reached)")
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=STORE_TIMEOUT_S) as reply:
+                ok = reply.status == 200
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            return StoreCheck(False, f"{uri}: unreachable ({reason})",
+                              "start the tracking server, or pass --offline-tracking and `bench sync` later")
+        if not ok:
+            return StoreCheck(False, f"{uri}: /health did not answer 200", "check the server")
+        return StoreCheck(True, f"{uri}: a tracking server, fit for {writers} concurrent writer(s)")
+    folder = existing_parent(Path(uri.removeprefix("file://").removeprefix("file:")))
+    if "://" not in uri or uri.startswith("file:"):
+        if not os.access(folder, os.W_OK):
+            return StoreCheck(False, f"{uri}: {folder} is not writable", "choose a writable folder")
+        return StoreCheck(True, f"{uri}: a file store (one folder per run)")
+    return StoreCheck(None, f"{uri}: not checked (a store only MLflow itself can reach)")
+
+
+def prepare_store(uri: str) -> None:
+    """A tracking server must answer before jobs are queued for it; a new SQLite store gets its tables here, once
+    (jobs starting together would race to create them)."""
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=10).raise_for_status()
+        except requests.RequestException as exc:
+            reason = str(exc).splitlines()[0][:160]
+            raise BenchError(f"tracking server {uri} does not answer ({reason}); start it with `bench server` (it "
+                             "prints the URI to use), or fix --tracking-uri") from None
+        return
+    if not uri.startswith("sqlite:"):
+        return
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as exc:
+        raise BenchError(f"cannot open MLflow tracking URI {uri!r} ({str(exc).splitlines()[0]}); fix "
+                         "--tracking-uri") from None

@@ -11,6 +11,18 @@ from harness.tracking.journal import Journal
 
 # Run statuses (MLflow's words, which every sink understands) that end a run.
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
+# The journal's tags for where a run came from: MLflow's source fields (its UI shows them on the run page), which
+# every other sink keeps as plain tags.
+SOURCE_NAME, SOURCE_TYPE, GIT_COMMIT = "mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit"
+
+
+def source_tags(commit: str, entry_point: str) -> dict[str, str]:
+    """The commit (`git_dirty` apart) and the entry point, as the journal's tags."""
+    sha, dirty = (commit[:-len("-dirty")], True) if commit.endswith("-dirty") else (commit, False)
+    tags = {SOURCE_NAME: entry_point, SOURCE_TYPE: "LOCAL", "git_dirty": str(dirty).lower()}
+    if sha != "unknown":
+        tags[GIT_COMMIT] = sha
+    return tags
 
 
 class Sink(ABC):

@@ -8,12 +8,15 @@ files beside the events, and the status a text entry. Needs the `tensorboard` pa
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 from harness.errors import BenchError
+from harness.files import existing_parent
+from harness.tracking.backends import StoreCheck
 from harness.tracking.journal import Journal
 from harness.tracking.sink import TERMINAL, Sink
 
@@ -97,3 +100,17 @@ class TensorBoardSink(Sink):
         for writer in self._writers.values():
             writer.close()
         self._writers.clear()
+
+
+# --- the backend (harness.tracking.backends, scheme "tensorboard") ---------------------------------
+
+
+def open_sink(uri: str) -> Sink:
+    return TensorBoardSink(uri)
+
+
+def check_store(uri: str, writers: int, reach: bool = True) -> StoreCheck:
+    folder = existing_parent(log_root(uri))
+    if not os.access(folder, os.W_OK):
+        return StoreCheck(False, f"{uri}: {folder} is not writable", "choose a writable folder")
+    return StoreCheck(True, f"{uri}: event files under a writable folder, one folder per run")

@@ -1,8 +1,8 @@
 """A run's tracker: what training, evaluation and sync talk to. Backend-neutral: everything a run logs goes first to
-its journal (harness.tracking.journal) and then, from a background thread, to one sink: MLflow by default, or
-TensorBoard event files for a `tensorboard:DIR` URI. When the store goes away mid-run the thread stops sending,
-training goes on, and `bench sync` later replays what the journal holds and the store lacks. `--offline-tracking`
-only journals.
+its journal (harness.tracking.journal) and then, from a background thread, to one sink: that of the backend
+registered under the URI's scheme (harness.tracking.backends; MLflow by default). When the store goes away mid-run
+the thread stops sending, training goes on, and `bench sync` later replays what the journal holds and the store
+lacks. `--offline-tracking` only journals.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from harness.errors import BenchError
+from harness.tracking.backends import open_sink
 from harness.tracking.journal import JOURNAL_DIR, Journal, describe_pending
 from harness.tracking.sink import Sink, first_line, replay, send_entry
-from harness.tracking.tensorboard_sink import SCHEME as TENSORBOARD_SCHEME
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +61,8 @@ def class_key(name: str) -> str:
 
 
 def open_store(uri: str) -> Sink:
-    """The sink for a tracking URI: `tensorboard:DIR` for TensorBoard event files, anything else MLflow's."""
-    if uri.startswith(TENSORBOARD_SCHEME):
-        from harness.tracking.tensorboard_sink import TensorBoardSink
-
-        return TensorBoardSink(uri)
-    from harness.tracking.mlflow_sink import MlflowSink
-
-    return MlflowSink(uri)
+    """The sink for a tracking URI, from the backend registered under its scheme (harness.tracking.backends)."""
+    return open_sink(uri)
 
 
 def _now_ms() -> int:
