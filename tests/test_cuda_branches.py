@@ -34,8 +34,8 @@ LANE = "tests/test_cpu_lane.py"
 # (file under harness/, function, condition) -> a CPU test "path::name" that runs the same code path, or a reason.
 INVENTORY: dict[tuple[str, str, str], str] = {
     ("report/estimates.py", "this_gpu", "torch.cuda.is_available()"): CUDA_RUNTIME,
-    ("report/estimates.py", "resolve_device", 'r.get("device_type") == "cuda"'): RECORD,
-    ("report/estimates.py", "record_peak", 'record.get("device_type") == "cuda"'): RECORD,
+    ("report/estimates.py", "resolve_device", 'r.device_type == "cuda"'): RECORD,
+    ("report/estimates.py", "record_peak", 'record.device_type == "cuda"'): RECORD,
     ("config/precision.py", "on_gpu", 'device_type == "cuda"'):
         "tests/test_training_resilience.py::test_compute_is_what_was_asked_for_on_either_device_with_the_device_defaults_kept",
     ("data/loaders.py", "train_loader", 'torch.device(device).type == "cuda"'): PINNED,
@@ -67,7 +67,7 @@ INVENTORY: dict[tuple[str, str, str], str] = {
     ("launch/run.py", "train", 'device.type == "cuda"'): CUDNN,
     ("launch/run.py", "check_readiness", 'checked.device_type != "cuda"'): CUDA_MEMORY,
     ("launch/run.py", "main", "torch.cuda.device_count() < launch.gpus"): CUDA_RUNTIME,
-    ("launch/speed.py", "render", 'record["device_type"] == "cuda"'): RECORD,
+    ("launch/speed.py", "render", 'record.device_type == "cuda"'): RECORD,
     ("launch/sweep.py", "make_executor", "torch.cuda.is_available()"): CUDA_RUNTIME,
     ("launch/sweep.py", "default_max_parallel", "torch.cuda.is_available()"): CUDA_RUNTIME,
     ("outputs/model_export.py", "onnx_session", 'device == "cuda"'): ORT_CUDA,
@@ -76,7 +76,7 @@ INVENTORY: dict[tuple[str, str, str], str] = {
      '(record.get("environment") or {}).get("device_type", record.get("device")) == "cuda"'): RECORD,
     ("report/records.py", "environment", 'device_type == "cuda"'): CUDA_RUNTIME,
     ("report/records.py", "environment", "torch.cuda.is_available()"): CUDA_RUNTIME,
-    ("report/table.py", "infer_speeds", 'record.get("device_type") == "cuda"'): RECORD,
+    ("report/table.py", "infer_speeds", 'record.device_type == "cuda"'): RECORD,
 }
 
 

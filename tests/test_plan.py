@@ -163,11 +163,13 @@ def test_a_gpu_record_of_one_family_calibrates_that_family_on_another_gpu(no_gpu
     a100 = "nvidia-a100-sxm4-80gb"  # how `bench speed` files torch's "NVIDIA A100-SXM4-80GB"
     record = {"kind": "speed", "row": "df_seg_v1", "dataset": a100, "device": a100,
               "device_type": "cuda", "device_memory_gib": 79.2, "precision": "bf16", "matmul_peak_tflops": 250.0,
-              "matmul_peak_dtype": "bfloat16", "time": "2026-01-01T00:00:00Z",
+              "matmul_peak_dtype": "bfloat16", "time": "2026-01-01T00:00:00Z", "compile": False,
+              "channels_last": True, "cpu_threads": 8, "warmup": 10, "repeats": 5, "steps": 10, "git_commit": "abc",
+              "versions": {},
               "modes": {"train": {"size": [1024, 1024], "batch": 16, "images_per_s": 62.4, "peak_memory_gib": 30.0,
-                                  "flops_per_image": train_flops},
-                        "infer": {"size": [2048, 1024], "batch": 1, "images_per_s": 23.4,
-                                  "flops_per_image": infer_flops}}}
+                                  "step_s": 16 / 62.4, "flops_per_image": train_flops},
+                        "infer": {"size": [2048, 1024], "batch": 1, "images_per_s": 23.4, "step_s": 1 / 23.4,
+                                  "peak_memory_gib": None, "flops_per_image": infer_flops}}}
     path = results_dir() / "speed" / record["device"] / "df_seg_v1" / "20260101T000000Z-norun.json"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(record))

@@ -13,7 +13,7 @@ import math
 import os
 import platform
 import subprocess
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -288,7 +288,7 @@ def read_speed_record(path: Path) -> SpeedRecord:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BenchError(f"speed record {path} is unreadable ({exc}); remove it, or measure again with "
                          "`bench speed`") from None
-    return speed_record_from_json(data, f"speed record {path}")
+    return replace(speed_record_from_json(data, f"speed record {path}"), path=str(path))
 
 
 def load_speed_records(device: Optional[str] = None) -> list[SpeedRecord]:
