@@ -7,6 +7,7 @@ A run lives in runs/<dataset>/<row>/<stamp>/: `run.json` (its tracked run and st
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -25,7 +26,7 @@ from harness.config.benchmark import BEHIND_MARGIN, REFERENCE_DATASET
 from harness.config.plan import MACHINE_FIELDS, TrainPlan, make_plan
 from harness.config.spec import Spec, flatten, training_row
 from harness.cores import intra_op_threads, loader_workers
-from harness.data.cityscapes import CityscapesTrain, Sample, check_pairs, find_samples
+from harness.data.cityscapes import CityscapesTrain, Sample, check_pairs, find_samples, split_digest
 from harness.data.decoded import DecodedFrames, cached_or_built, open_cache
 from harness.data.loaders import eval_loader, train_loader
 from harness.data.source import cityscapes_root, synthetic_root
@@ -45,6 +46,7 @@ from harness.report.finish import TrainingOutcome, end_run, finish_training, run
 from harness.report.records import git_commit
 from harness.report.table import write_benchmark
 from harness.tracking.journal import JOURNAL_DIR
+from harness.tracking.system_metrics import SystemMetrics, next_step
 from harness.tracking.tracker import Tracker
 
 log = logging.getLogger(__name__)
@@ -146,6 +148,11 @@ class Data:
     train: list[Sample]
     val: list[Sample]
 
+    @functools.cached_property
+    def digests(self) -> dict[str, str]:
+        """Each split's digest (its files' paths and sizes): in MLflow's dataset inputs and the record."""
+        return {"train": split_digest(self.root, self.train), "val": split_digest(self.root, self.val)}
+
 
 def find_data(checked: CheckedRun, world: World) -> Data:
     """The dataset's train and val samples, their headers checked before any training. The synthetic dataset is
@@ -203,6 +210,9 @@ def open_run(checked: CheckedRun, tracker: Tracker, spec: Spec, plan: TrainPlan,
             folder.end("FAILED")
             raise
         tracker.log_text(json.dumps(spec.to_dict(), indent=2), "spec.json")
+        for split, context in (("train", "training"), ("val", "validation")):
+            tracker.log_dataset(data.dataset, split, context, data.digests[split], len(getattr(data, split)),
+                                str(data.root))
     folder.update(mlflow_run_id=run_id, options=saved_options(options))
     return folder, run_id
 
@@ -269,6 +279,9 @@ def _train(checked: CheckedRun, options: RunOptions, spec: Spec, world: World, d
 
     started = time.perf_counter()
     status = "FAILED"
+    system = None
+    if tracker is not None and tracker.journal is not None and not options.no_system_metrics:
+        system = SystemMetrics(tracker.log_metrics, next_step(tracker.journal.metric_history())).start()
     try:
         result = trainer.fit(loader, sampler, val_loader)
         status = "FINISHED"
@@ -277,11 +290,15 @@ def _train(checked: CheckedRun, options: RunOptions, spec: Spec, world: World, d
         raise
     except StoppedBehind:
         status = "KILLED"  # MLflow's word for a run ended before its budget; run.json says why
+        if system is not None:
+            system.stop()
         if folder is not None:
             end_run(folder, tracker, status)
             folder.update(status=STOPPED_BEHIND)
         raise
     finally:
+        if system is not None:
+            system.stop()
         if world.is_main and status != "FINISHED" and not (folder and folder.info.get("status") == STOPPED_BEHIND):
             end_run(folder, tracker, status)
     if not world.is_main:
@@ -293,7 +310,8 @@ def _train(checked: CheckedRun, options: RunOptions, spec: Spec, world: World, d
         record = finish_training(tracker, folder, TrainingOutcome(
             spec=spec, plan=plan, dataset=data.dataset, processes=world.size, device_type=device.type, result=result,
             wall_time_s=time.perf_counter() - started, starting_weights=starting, commit=git_commit(),
-            train_images=len(data.train), val_images=len(data.val), behind=folder.info.get("behind")), panels)
+            train_images=len(data.train), val_images=len(data.val), behind=folder.info.get("behind"),
+            data_digests=data.digests), panels)
     except BaseException:
         end_run(folder, tracker, "FAILED")
         raise

@@ -175,6 +175,13 @@ class Tracker:
     def set_tag(self, key: str, value: str) -> None:
         self.set_tags({key: value})
 
+    def log_dataset(self, name: str, split: str, context: str, digest: str, images: int, source: str) -> None:
+        """The data a run read, as an MLflow dataset input: `name` (the dataset), `split`, how many images, the
+        split's digest (harness.data.cityscapes.split_digest) and where it lay; `context` is MLflow's word for its
+        use ("training", "validation")."""
+        self._submit({"op": "dataset", "name": name, "split": split, "context": context, "digest": digest,
+                      "images": int(images), "source": source})
+
     def log_artifact(self, local: Path, artifact_path: Optional[str] = None) -> None:
         assert self.journal is not None
         relative = Path(artifact_path or ".") / Path(local).name
