@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import click
 
-from harness.config.benchmark import DATASETS, REFERENCE_DATASET
+from harness.config.benchmark import BEHIND_MARGIN, DATASETS, REFERENCE_DATASET
 from harness.config.precision import PRECISIONS
 from harness.errors import BenchError
 from harness.logs import configure_logging
@@ -136,6 +136,12 @@ def show(row: str) -> None:
 @click.option("--decoded-cache", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Read decoded frames from this folder (built on first use, ~8 MiB a frame) instead of decoding "
                    "PNGs every epoch: for rows that train faster than the cores can decode.")
+@click.option("--stop-if-behind", type=float, is_flag=False, flag_value=BEHIND_MARGIN, default=None,
+              metavar="[MIOU]", help=f"End the run (checkpoint kept, resumable) at the first evaluation more than MIOU "
+                                     f"points (default {BEHIND_MARGIN:g}) or 3x their spread behind earlier runs of "
+                                     "the row, dataset and budget.")
+@click.option("--no-system-metrics", is_flag=True,
+              help="Do not log CPU, memory, disk, network and GPU metrics to MLflow.")
 def run(row: str, seed: int, seeds_text: Optional[str], gpus: int, nnodes: int, node_rank: int,
         master_addr: Optional[str], master_port: Optional[int], compile_model: bool, **options: Any) -> None:
     """Train and evaluate one row; track it, write a result record, regenerate benchmark.md."""

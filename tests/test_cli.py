@@ -70,11 +70,21 @@ def test_torchrun_workers_run_the_parsed_options_not_the_raw_command_line():
     from harness.launch.options import RunOptions, worker_argv
 
     options = RunOptions(row="df_seg_v1", synthetic=True, iters=7, device="cpu", deterministic=True,
-                         eval_every=3, offline_tracking=True, resume="latest")
+                         eval_every=3, offline_tracking=True, resume="latest", stop_if_behind=3.5,
+                         no_system_metrics=True)
     argv = worker_argv(options, [0, 2])
     assert argv[0] == "run" and not {"--gpus", "--nnodes", "--master-port"} & set(argv)
     parsed = run_command.make_context("run", argv[1:]).params
-    for name in ("row", "synthetic", "iters", "device", "deterministic", "eval_every", "offline_tracking", "resume"):
+    for name in ("row", "synthetic", "iters", "device", "deterministic", "eval_every", "offline_tracking", "resume",
+                 "stop_if_behind", "no_system_metrics"):
         assert parsed[name] == getattr(options, name), name
     assert parsed["seeds_text"] == "0,2"
     assert worker_argv(options, [5])[-2:] == ["--seed", "5"]
+    # --stop-if-behind alone takes the default floor; a value outside 0-100 is refused in one line.
+    assert run_command.make_context("run", ["--row", "x", "--stop-if-behind"]).params["stop_if_behind"] == 2.0
+
+
+def test_stop_if_behind_outside_0_to_100_is_refused_in_one_line(synthetic_root):
+    for value in ("nan", "150"):
+        result = invoke("run", "--row", "df_seg_v1", "--synthetic", "--stop-if-behind", value)
+        assert_one_line_error(result, f"--stop-if-behind {float(value)}", "mIoU points from 0 to 100")

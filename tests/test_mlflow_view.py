@@ -5,6 +5,7 @@ headline column shown (headless Chromium), its server ended with it on SIGINT, S
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from harness.cli import main
 from harness.commands.evaluate import EvalOptions, evaluate_checkpoint
 from harness.launch.run import RunOptions, closing_line, run
 from harness.config.spec import load_spec
-from harness.data.cityscapes import CLASS_NAMES
+from harness.data.cityscapes import CLASS_NAMES, find_samples
 from harness.errors import BenchError
 from harness.paths import default_tracking_uri
 from harness.report.verdicts import measured_miou
@@ -76,7 +77,9 @@ def test_training_and_eval_runs_line_up(tmp_path, monkeypatch, synthetic_root, o
     listed = next(row for row in every.splitlines() if "| tiny " in row and Path(record["_path"]).name in row)
     assert f"| {shown} " in listed and "dataset 'synthetic', not Cityscapes" in listed and "| synthetic " in listed
     # metrics logged at 6 significant digits, not float32 noise
-    assert all(len(repr(v).replace("-", "").replace(".", "").lstrip("0")) <= 6 for v in t.values()), t
+    # (system metrics are MLflow's own monitors' values: disk megabytes run to 7 digits)
+    assert all(len(repr(v).replace("-", "").replace(".", "").lstrip("0")) <= 6 for k, v in t.items()
+               if not k.startswith("system/")), t
 
     # twins named alike in both kinds of run: raw weights are val/miou in each (this eval scored raw weights)
     assert TWINS <= set(t) and t["final_miou"] == pytest.approx(record["miou_final"], abs=1e-4)
@@ -180,7 +183,7 @@ def test_bench_ui_opens_on_the_newest_runs_table_with_the_headline_and_ends_on_s
         client = MlflowClient(default_tracking_uri())
         experiment = client.get_experiment_by_name("segbench-synthetic")
         assert url == (f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}/runs"
-                       "?viewStateShareKey=segbench-training-runs")
+                       "?viewStateShareKey=segbench-training-runs&workflowType=machine_learning")
         if shutil.which("ss"):  # loopback only (iproute2's ss; where it is absent the URL's host says as much)
             listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
             local = {line.split()[3] for line in listening.splitlines() if line.strip()}
@@ -191,6 +194,8 @@ def test_bench_ui_opens_on_the_newest_runs_table_with_the_headline_and_ends_on_s
     finally:
         ui.send_signal(signal.SIGTERM)
         out, err = ui.communicate(timeout=60)
+    # MLflow 3's model-training view: its sidebar's Runs and Models, not the GenAI view's Training runs and Judges.
+    assert ">Runs<" in dom and ">Models<" in dom and ">Training runs<" not in dom and ">Judges<" not in dom
     # The saved view filtered out the eval run, and its headline column shows the run's value as MLflow holds it.
     assert ">tiny<" in dom and "eval tiny" not in dom, dom[-2000:]
     value = repr(metric_value(record["miou"]))
@@ -228,3 +233,29 @@ def test_bench_ui_start_up_that_never_answers_ends_its_server_in_one_line(monkey
         mlflow_ui.serve_ui("synthetic", None, "127.0.0.1", port, echo=lambda line: None)
     (server,) = started
     assert group_gone(server.group) and port_free(port) and not server.log.exists()
+
+
+def test_a_training_run_logs_system_metrics_and_its_dataset(tmp_path, monkeypatch, synthetic_root, one_thread):
+    """MLflow's system metrics (CPU and memory at least; sampled every second here) and the train and val splits
+    as dataset inputs whose digest is the record's."""
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    monkeypatch.setenv("SEGBENCH_EXPERIMENTS", str(experiments_with(tmp_path, {"tiny": TINY})))
+    record = run(RunOptions(row="tiny", synthetic=True, iters=2, progress=False))
+    client = MlflowClient(default_tracking_uri())
+    train = client.get_run(record["mlflow_run_id"])
+    system = {k for k in train.data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
+            "system/system_memory_usage_percentage"} <= system, system
+    assert 0 < train.data.metrics["system/system_memory_usage_megabytes"]
+    inputs = {i.dataset.name: i for i in train.inputs.dataset_inputs}
+    assert set(inputs) == {"synthetic-train", "synthetic-val"}
+    for split, context in (("train", "training"), ("val", "validation")):
+        logged = inputs[f"synthetic-{split}"]
+        # The digest from outside the code: SHA-256 of "path<TAB>size" of the split's images and labels, sorted.
+        files = sorted(f"{p.relative_to(synthetic_root).as_posix()}\t{p.stat().st_size}"
+                       for sample in find_samples(synthetic_root, split) for p in (sample.image, sample.label))
+        expected = hashlib.sha256("\n".join(files).encode()).hexdigest()[:32]
+        assert logged.dataset.digest == record["data_digests"][split] == expected
+        assert json.loads(logged.dataset.profile) == {"split": split,
+                                                      "num_images": record[f"{split}_images"]}
+        assert {t.key: t.value for t in logged.tags}["mlflow.data.context"] == context

@@ -117,7 +117,8 @@ def test_sweep_status_shows_each_state(tmp_path):
     jobs_dir = sweep / "jobs"
     run_folder = runs_dir() / "synthetic" / "tiny" / "20250101-000001"
     (run_folder / "checkpoints").mkdir(parents=True)
-    (run_folder / "run.json").write_text(json.dumps({"status": "finished"}))
+    behind = {"flagged": True, "behind_miou": 3.25, "iteration": 8, "stop": False}  # its early warning at 8
+    (run_folder / "run.json").write_text(json.dumps({"status": "finished", "behind": behind}))
     (run_folder / "checkpoints" / "ckpt-00000016.pt").write_bytes(b"")
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -142,6 +143,7 @@ def test_sweep_status_shows_each_state(tmp_path):
         assert result.exit_code == 0, result.output
         lines = {line.split()[1]: line for line in result.output.splitlines() if line.startswith("tiny ")}
         assert lines["0"].split()[2] == "done" and "16/?" in lines["0"] and "mIoU 1.00" in lines["0"]
+        assert "behind" in result.output.splitlines()[1] and " 3.2 at 8 " in lines["0"]
         assert lines["1"].split()[2] == "failed" and "exited with 1" in lines["1"] and str(logs / "failed.err") in lines["1"]
         assert lines["2"].split()[2] == "pending" and str(waiting.pid) in lines["2"]
         assert lines["3"].split()[2] == "requeued"

@@ -76,6 +76,10 @@ def test_offline_run_is_synced_later(tiny_row, tmp_path, one_thread):
     assert {m.step for m in client.get_metric_history(run_id, "train/loss")} == set(range(1, 5))
     assert mlflow_run.data.metrics["miou"] == pytest.approx(record["miou_ema_best"], abs=1e-4)
     assert {a.path for a in client.list_artifacts(run_id, "plots")} >= {"plots/training_curves.png"}
+    # journalled like the rest: the dataset inputs and the system metrics arrive with the sync
+    inputs = {i.dataset.name: i.dataset.digest for i in mlflow_run.inputs.dataset_inputs}
+    assert inputs == {f"synthetic-{split}": record["data_digests"][split] for split in ("train", "val")}
+    assert "system/cpu_utilization_percentage" in mlflow_run.data.metrics
     again = CliRunner().invoke(main, ["sync", str(run_dir)])  # nothing left: sends nothing twice
     assert again.exit_code == 0 and "already complete" in again.output
 

@@ -10,6 +10,9 @@ FRAME_SIZE = (2048, 1024)  # a Cityscapes frame, [width, height]
 REFERENCE_DATASET = "cityscapes"  # the data the table's reference mIoU was measured on
 SYNTHETIC_DATASET = "synthetic"  # the generated stand-in in Cityscapes' layout (proves the pipeline, never a figure)
 DATASETS = (REFERENCE_DATASET, SYNTHETIC_DATASET)
+# Early warning (harness.report.behind): mIoU points below the lowest earlier run of the same row, dataset and budget
+# that an evaluation may fall before it is flagged (or 3 x their spread, when wider); `--stop-if-behind` takes it.
+BEHIND_MARGIN = 2.0
 UP_GPUS = 8  # every United-Perception row trained on 8 GPUs (pt_sync_bn group_size 8)
 # The cities of each split of Cityscapes' gtFine_trainvaltest / leftImg8bit_trainvaltest packages (the folder names
 # under <split>/): 18 train, 3 val, 6 test.

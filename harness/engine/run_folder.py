@@ -3,7 +3,7 @@ written atomically on every change, and its checkpoints beside it.
 
 run.json says which row and dataset, the tracked run and its store, the options the run was started with (so a bare
 `--resume` needs nothing else), the process that trains it, and its status: running, finished, failed or
-interrupted. A run marked running whose process is gone reads as interrupted.
+interrupted (or stopped behind, by `--stop-if-behind`). A run marked running whose process is gone reads as interrupted.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from harness.files import atomic_write_text
 RUN_FILE = "run.json"
 # A run's statuses as its tracking journal holds them (every tracking backend takes these words) and run.json's.
 RUN_STATUS = {"RUNNING": "running", "FINISHED": "finished", "FAILED": "failed", "KILLED": "interrupted"}
+# run.json's status of a run that `--stop-if-behind` ended early (MLflow's KILLED): resumable like an interrupted one.
+STOPPED_BEHIND = "stopped behind"
 
 
 def process_gone(info: dict[str, Any]) -> bool:

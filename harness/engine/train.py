@@ -33,7 +33,7 @@ from harness.data.augment import EvalTransform, TrainTransform
 from harness.data.loaders import endless_batches
 from harness.engine import checkpoint
 from harness.engine.device import peak_memory_gib
-from harness.engine.distributed import ShardedTrainSampler, World, all_reduce_sum, broadcast_tensors
+from harness.engine.distributed import ShardedTrainSampler, World, all_reduce_sum, broadcast_object, broadcast_tensors
 from harness.engine.ema import ExpEMA
 from harness.engine.evaluate import TestMode, evaluate
 from harness.engine.losses import SegmentationLoss
@@ -65,6 +65,15 @@ class TrainResult:
 
 class Diverged(BenchError):
     pass
+
+
+class StoppedBehind(Exception):
+    """The run's evaluation at `iteration` fell behind its earlier runs and it was asked to stop then
+    (`--stop-if-behind`): a checkpoint was written there (`path`), from which `--resume` continues."""
+
+    def __init__(self, iteration: int, path: Optional[Path], reason: str):
+        super().__init__(f"stopped behind at iteration {iteration}: {reason}")
+        self.iteration, self.path, self.reason = iteration, path, reason
 
 
 class Interrupted(Exception):
@@ -128,6 +137,7 @@ def grouped_running_stats(model: nn.Module) -> list[torch.Tensor]:
 
 
 MetricsLogger = Callable[[dict[str, float], int], None]
+EvaluationHook = Callable[[int, float], Optional[str]]
 
 
 def make_optimizer(model: nn.Module, plan: TrainPlan, fused: bool) -> torch.optim.SGD:
@@ -145,7 +155,8 @@ class Trainer:
     def __init__(self, plan: TrainPlan, model: nn.Module, device: torch.device, world: World, *,
                  log_metrics: Optional[MetricsLogger] = None, checkpoint_dir: Optional[Path] = None,
                  progress: bool = True, extra_state: Optional[dict[str, Any]] = None, compile_model: bool = False,
-                 plain: bool = False, compute: Optional[Compute] = None):
+                 plain: bool = False, compute: Optional[Compute] = None,
+                 on_evaluation: Optional[EvaluationHook] = None):
         self.plan, self.device, self.world = plan, device, world
         if plain:
             compute = PLAIN
@@ -156,6 +167,9 @@ class Trainer:
                              "recipe's")
         self.compute = compute
         self.log_metrics = log_metrics or (lambda metrics, step: None)
+        # Rank 0: told each evaluation's headline mIoU (iteration, mIoU); returns why to stop there, or None.
+        self.on_evaluation = on_evaluation
+        self._stop_behind: Optional[str] = None
         self.checkpoint_dir, self.progress = checkpoint_dir, progress
         self.extra_state = extra_state or {}  # saved with every checkpoint (the spec, the starting weights)
         model = convert_norm(model, world, device.type).to(device)
@@ -307,6 +321,9 @@ class Trainer:
             self.best_ema = Score(ema_metrics.miou, self.iteration)
         if improved_ema if self.ema is not None else improved_raw:
             self.best_checkpoint = self.save_best()
+        headline = ema_metrics.miou if ema_metrics is not None else metrics.miou
+        stop = self.on_evaluation(self.iteration, headline) if self.on_evaluation and self.world.is_main else None
+        self._stop_behind = broadcast_object(stop)  # every rank stops at the same evaluation
         return metrics, ema_metrics
 
     # --- training ------------------------------------------------------------------------------
@@ -452,6 +469,9 @@ class Trainer:
             # the evaluation wrote for best.pt is not written again.
             if eval_due:
                 self.run_evaluation(val_loader)
+                if self._stop_behind is not None:
+                    log.close()
+                    raise StoppedBehind(step, self.save_checkpoint(), self._stop_behind)
             if checkpoint_due:
                 self.save_checkpoint()
         log.close()

@@ -51,6 +51,9 @@ class RunOptions:
     decoded_cache: Optional[str] = None  # a folder of decoded frames (harness.data.decoded), built when missing
     offline_tracking: bool = False  # journal locally only; `bench sync` logs the run to the store later
     progress: bool = True
+    # Stop at the first evaluation more than this many mIoU points (or 3 x their spread) behind earlier runs.
+    stop_if_behind: Optional[float] = None
+    no_system_metrics: bool = False  # MLflow's CPU, memory, disk, network (and GPU) metrics are logged unless set
 
     @property
     def dataset(self) -> str:
@@ -128,6 +131,10 @@ def check_options(options: RunOptions, seeds: Sequence[int] = ()) -> None:
     check_device_name(options.device)
     check_counts(options.iters, options.eval_every)
     check_data_options(options.synthetic, options.data_root)
+    behind = options.stop_if_behind
+    if behind is not None and not (0 <= behind < 100):  # NaN fails this too
+        raise BenchError(f"--stop-if-behind {behind}: give mIoU points from 0 to 100 (e.g. --stop-if-behind 2), or "
+                         "the bare flag for the default")
 
 
 def check_data_root(options: RunOptions) -> None:

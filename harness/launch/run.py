@@ -7,6 +7,7 @@ A run lives in runs/<dataset>/<row>/<stamp>/: `run.json` (its tracked run and st
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -21,29 +22,31 @@ import torch
 from torch.utils.data import DataLoader
 
 from harness import paths
-from harness.config.benchmark import REFERENCE_DATASET
+from harness.config.benchmark import BEHIND_MARGIN, REFERENCE_DATASET
 from harness.config.plan import MACHINE_FIELDS, TrainPlan, make_plan
 from harness.config.spec import Spec, flatten, training_row
 from harness.cores import intra_op_threads, loader_workers
-from harness.data.cityscapes import CityscapesTrain, Sample, check_pairs, find_samples
+from harness.data.cityscapes import CityscapesTrain, Sample, check_pairs, find_samples, split_digest
 from harness.data.decoded import DecodedFrames, cached_or_built, open_cache
 from harness.data.loaders import eval_loader, train_loader
 from harness.data.source import cityscapes_root, synthetic_root
 from harness.engine import checkpoint, distributed
 from harness.engine.device import pick_device, seed_everything, set_deterministic
 from harness.engine.distributed import ShardedTrainSampler, World, world_from_env
-from harness.engine.run_folder import RUN_FILE, RUN_STATUS, RunFolder, disk_usage, latest
-from harness.engine.train import Interrupted, Trainer
+from harness.engine.run_folder import RUN_FILE, RUN_STATUS, STOPPED_BEHIND, RunFolder, disk_usage, latest
+from harness.engine.train import Interrupted, StoppedBehind, Trainer
 from harness.errors import BenchError
 from harness.files import format_bytes
 from harness.launch.options import CheckedRun, LaunchOptions, RunOptions, validate_run, worker_argv
 from harness.models import build_model
 from harness.models.weights import apply_starting_weights
 from harness.outputs.panels import prediction_panels
+from harness.report.behind import EarlyWarning
 from harness.report.finish import TrainingOutcome, end_run, finish_training, run_tags, training_params
 from harness.report.records import git_commit
 from harness.report.table import write_benchmark
 from harness.tracking.journal import JOURNAL_DIR
+from harness.tracking.system_metrics import SystemMetrics, next_step
 from harness.tracking.tracker import Tracker
 
 log = logging.getLogger(__name__)
@@ -145,6 +148,11 @@ class Data:
     train: list[Sample]
     val: list[Sample]
 
+    @functools.cached_property
+    def digests(self) -> dict[str, str]:
+        """Each split's digest (its files' paths and sizes): in MLflow's dataset inputs and the record."""
+        return {"train": split_digest(self.root, self.train), "val": split_digest(self.root, self.val)}
+
 
 def find_data(checked: CheckedRun, world: World) -> Data:
     """The dataset's train and val samples, their headers checked before any training. The synthetic dataset is
@@ -202,6 +210,9 @@ def open_run(checked: CheckedRun, tracker: Tracker, spec: Spec, plan: TrainPlan,
             folder.end("FAILED")
             raise
         tracker.log_text(json.dumps(spec.to_dict(), indent=2), "spec.json")
+        for split, context in (("train", "training"), ("val", "validation")):
+            tracker.log_dataset(data.dataset, split, context, data.digests[split], len(getattr(data, split)),
+                                str(data.root))
     folder.update(tracking_run_id=run_id, options=saved_options(options))
     return folder, run_id
 
@@ -258,23 +269,38 @@ def _train(checked: CheckedRun, options: RunOptions, spec: Spec, world: World, d
         folder, run_id = open_run(checked, tracker, spec, plan, data, device, starting, resume)
         log_start(spec, plan, data, world, device, folder, tracker, run_id)
     checkpoints = Path(distributed.broadcast_object(str(folder.checkpoints) if folder else None))
+    on_evaluation = early_warning(options, spec, plan, data.dataset, folder, tracker) \
+        if folder is not None and tracker is not None else None
     trainer = Trainer(plan, model, device, world, log_metrics=tracker.log_metrics if tracker else None,
                       checkpoint_dir=checkpoints, progress=options.progress, compile_model=options.compile,
                       compute=checked.compute,
-                      extra_state={"spec": spec.to_dict(), "starting_weights": starting})
+                      extra_state={"spec": spec.to_dict(), "starting_weights": starting}, on_evaluation=on_evaluation)
     if resume is not None:
         trainer.load_state_dict(resume[1])
 
     started = time.perf_counter()
     status = "FAILED"
+    system = None
+    if tracker is not None and tracker.journal is not None and not options.no_system_metrics:
+        system = SystemMetrics(tracker.log_metrics, next_step(tracker.journal.metric_history())).start()
     try:
         result = trainer.fit(loader, sampler, val_loader)
         status = "FINISHED"
     except Interrupted:
         status = "KILLED"
         raise
+    except StoppedBehind:
+        status = "KILLED"  # MLflow's word for a run ended before its budget; run.json says why
+        if system is not None:
+            system.stop()
+        if folder is not None:
+            end_run(folder, tracker, status)
+            folder.update(status=STOPPED_BEHIND)
+        raise
     finally:
-        if world.is_main and status != "FINISHED":
+        if system is not None:
+            system.stop()
+        if world.is_main and status != "FINISHED" and not (folder and folder.info.get("status") == STOPPED_BEHIND):
             end_run(folder, tracker, status)
     if not world.is_main:
         return {}
@@ -285,13 +311,41 @@ def _train(checked: CheckedRun, options: RunOptions, spec: Spec, world: World, d
         record = finish_training(tracker, folder, TrainingOutcome(
             spec=spec, plan=plan, dataset=data.dataset, processes=world.size, device_type=device.type, result=result,
             wall_time_s=time.perf_counter() - started, starting_weights=starting, commit=git_commit(),
-            train_images=len(data.train), val_images=len(data.val)), panels)
+            train_images=len(data.train), val_images=len(data.val), behind=folder.info.get("behind"),
+            data_digests=data.digests), panels)
     except BaseException:
         end_run(folder, tracker, "FAILED")
         raise
     if data.dataset == REFERENCE_DATASET:  # benchmark.md shows Cityscapes runs only: other runs leave it as it is
         write_benchmark(after_record=True)
     return record
+
+
+def early_warning(options: RunOptions, spec: Spec, plan: TrainPlan, dataset: str, folder: RunFolder,
+                  tracker: Tracker) -> Callable[[int, float], Optional[str]]:
+    """Rank 0's hook at each evaluation: the headline mIoU against earlier runs of the row, dataset and budget
+    (harness.report.behind), said in the log, MLflow (`behind_miou`, tag `behind`) and run.json (`behind`: the
+    newest comparison, kept in the record); with --stop-if-behind, why to stop at an evaluation that is behind."""
+    stop = options.stop_if_behind is not None
+    margin = options.stop_if_behind if options.stop_if_behind is not None else BEHIND_MARGIN
+    warning = EarlyWarning(spec, dataset, plan.iters, folder.path, margin=margin)
+
+    def hook(iteration: int, miou: float) -> Optional[str]:
+        comparison = warning.compare(iteration, miou)
+        if comparison is None:
+            return None
+        tracker.log_metrics({"behind_miou": comparison.behind_miou}, iteration)
+        stopping = comparison.flagged and stop and iteration < plan.iters
+        folder.update(behind={**comparison.as_dict(), "stop": stopping})
+        if not comparison.flagged:
+            log.info("early warning: %s", comparison.describe())
+            return None
+        tracker.set_tags({"behind": f"{comparison.behind_miou:.2f} mIoU behind at iteration {iteration}"})
+        then = "stopping here (resume with --resume)" if stopping else "pass --stop-if-behind to stop such a run"
+        log.warning("warning: behind: %s; %s", comparison.describe(), then)
+        return comparison.describe() if stopping else None
+
+    return hook
 
 
 def make_loaders(checked: CheckedRun, plan: TrainPlan, data: Data, world: World, device: torch.device
@@ -328,6 +382,9 @@ def run(options: RunOptions) -> dict[str, Any]:
     re-exports it), through the same checks as the command line (`checked_run`)."""
     checked = checked_run(options, [options.seed], LaunchOptions())
     return train(checked, options.seed)
+
+
+STOPPED_BEHIND_EXIT = 3  # `--stop-if-behind` ended the run: not a failure, not a finished run either
 
 
 def exit_code_for(interrupt: Interrupted) -> int:
@@ -426,6 +483,13 @@ def main(options: RunOptions, seeds: Sequence[int], launch: LaunchOptions,
                 if seeds[index + 1:]:
                     log.warning("seeds not started: %s", ",".join(map(str, seeds[index + 1:])))
             return exit_code_for(stop)
+        except StoppedBehind as behind:
+            if world.is_main:
+                where = f"; checkpoint {behind.path}" if behind.path else ""
+                log.warning("%s%s; continue it anyway with: bench run --row %s --resume", behind, where, row)
+                if seeds[index + 1:]:
+                    log.warning("seeds not started: %s", ",".join(map(str, seeds[index + 1:])))
+            return STOPPED_BEHIND_EXIT
         if not record:
             continue  # a non-zero rank of a distributed run
         echo(closing_line(record))

@@ -873,6 +873,23 @@ def progress(run_dir: Optional[str]) -> str:
     return f"{step if step is not None else 0}/{total if total is not None else '?'}"
 
 
+def behind(run_dir: Optional[str]) -> str:
+    """The run's newest early-warning comparison (run.json's `behind`): '-' without one, 'ok' within the threshold,
+    else how far behind, at which iteration (and 'stopped' when --stop-if-behind ended it)."""
+    if not run_dir or not RunFolder.is_run_folder(Path(run_dir)):
+        return "-"
+    try:
+        comparison = RunFolder.open(Path(run_dir)).info.get("behind")
+    except BenchError:
+        return "-"
+    if not comparison:
+        return "-"
+    if not comparison.get("flagged"):
+        return "ok"
+    return (f"{comparison['behind_miou']:.1f} at {comparison['iteration']}"
+            + (", stopped" if comparison.get("stop") else ""))
+
+
 def last_line(log: Optional[str]) -> str:
     if not log:
         return "-"
@@ -894,7 +911,8 @@ def status_rows(sweep_dir: Optional[Path] = None) -> tuple[Path, list[dict[str, 
         word, why = job_status(meta, job)
         state = read_state(Path(job["state_file"]))
         rows.append({"row": job["row"], "seed": job["seed"], "state": word, "job_id": job["job_id"] or "-",
-                     "progress": progress(state.get("run_folder")), "last_line": why or last_line(job["log"]),
+                     "progress": progress(state.get("run_folder")), "behind": behind(state.get("run_folder")),
+                     "last_line": why or last_line(job["log"]),
                      "log": job["log"], "run_folder": state.get("run_folder")})
     return sweep_dir, rows
 
@@ -903,8 +921,9 @@ def render_status(sweep_dir: Optional[Path] = None) -> str:
     from tabulate import tabulate
 
     sweep_dir, rows = status_rows(sweep_dir)
-    table = tabulate([[r["row"], r["seed"], r["state"], r["job_id"], r["progress"], r["last_line"], r["log"]]
-                      for r in rows], headers=["row", "seed", "state", "job", "progress", "last log line", "log"],
+    table = tabulate([[r["row"], r["seed"], r["state"], r["job_id"], r["progress"], r["behind"], r["last_line"],
+                       r["log"]] for r in rows],
+                     headers=["row", "seed", "state", "job", "progress", "behind", "last log line", "log"],
                      disable_numparse=True)
     counts: dict[str, int] = {}
     for r in rows:

@@ -140,6 +140,8 @@ class TrainingOutcome:
     commit: str
     train_images: int
     val_images: int
+    behind: Optional[dict[str, Any]] = None  # the newest early-warning comparison (harness.report.behind)
+    data_digests: Optional[dict[str, str]] = None  # split -> digest of its files, as in MLflow's dataset inputs
 
 
 def training_record(outcome: TrainingOutcome) -> dict[str, Any]:
@@ -172,7 +174,8 @@ def training_record(outcome: TrainingOutcome) -> dict[str, Any]:
         # The table counts a run only on the official split sizes (harness.report.verdicts.standing).
         "train_images": outcome.train_images, "val_images": outcome.val_images, "devices": outcome.processes,
         "device": outcome.device_type, "precision": plan.precision, "checkpoint": str(result.checkpoint),
-        "wall_time_s": round(outcome.wall_time_s, 1), "git_commit": outcome.commit,
+        "wall_time_s": round(outcome.wall_time_s, 1), "git_commit": outcome.commit, "behind": outcome.behind,
+        "data_digests": outcome.data_digests,
         "versions": package_versions(), "environment": environment(outcome.device_type), "plan": asdict(plan),
         "time": utc_now(),
     }

@@ -183,7 +183,7 @@ def describe_pending(entries: Iterable[dict[str, Any]]) -> str:
             other += 1
     parts = []
     if other:
-        parts.append(f"{other} run, param or tag entries")
+        parts.append(f"{other} run, param, tag or dataset entries")
     if values:
         shown = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
         parts.append(f"{values} metric values ({shown})")

@@ -99,11 +99,21 @@ def save_training_view(client: Any, experiment_id: str) -> str:
     return VIEW_ID
 
 
+# MLflow 3.17's UI picks GenAI or model training from `workflowType` (the URL's, else the browser's last choice,
+# GenAI by default), not from the experiment's `mlflow.experimentKind` tag: the URL names model training.
+WORKFLOW_TYPE = "machine_learning"
+
+
 def runs_table_url(host: str, port: int, experiment_id: str, view: str) -> str:
-    """The experiment's runs table on the saved view (not MLflow 3's GenAI overview)."""
+    """The experiment's runs table on the saved view, in MLflow 3's model-training view (not its GenAI one).
+
+    MLflow shows a "You're viewing a shared view ... Override saved view" banner whenever a shared view is open,
+    and a view's columns can only come from a shared view or the browser's own storage: without the view, the
+    runs table opens without the headline column. The banner stays (Esc or its close button dismisses it)."""
     from urllib.parse import quote
 
-    return f"http://{host}:{port}/#/experiments/{experiment_id}/runs?viewStateShareKey={quote(view)}"
+    return (f"http://{host}:{port}/#/experiments/{experiment_id}/runs?viewStateShareKey={quote(view)}"
+            f"&workflowType={WORKFLOW_TYPE}")
 
 
 def _last_line(log: Path) -> str:

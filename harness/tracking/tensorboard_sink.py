@@ -77,6 +77,9 @@ class TensorBoardSink(Sink):
         elif op == "metrics":
             for key, value in entry["metrics"].items():
                 writer.add_scalar(key, value, entry["step"], walltime=entry["time"] / 1000)
+        elif op == "dataset":
+            writer.add_text(f"datasets/{entry['split']}", _table({k: entry[k] for k in ("name", "split", "images",
+                                                                                      "digest", "source")}), 0)
         elif op == "artifact":
             local = journal.artifacts / entry["path"]
             if local.suffix == ".png":

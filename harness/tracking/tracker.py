@@ -29,7 +29,7 @@ _QUEUE_SIZE = 10000  # entries waiting for the sender; beyond that they stay jou
 FLUSH_TIMEOUT_S = 30.0  # how long the end of a run waits for a slow store before leaving the rest to `bench sync`
 HEADLINE = ("miou", "reference_miou", "delta_miou")  # one per run, ungrouped, so the runs table shows them first
 # Single-point summaries, ungrouped too: MLflow's run page charts grouped metrics (the curves) first, ungrouped last.
-SUMMARY_PREFIXES = ("best_", "final_")
+SUMMARY_PREFIXES = ("best_", "final_", "behind_")  # behind_miou: the early warning (harness.report.behind)
 SIGNIFICANT_DIGITS = 6  # what a metric is logged with: 54.6212, not 54.62123870849609
 
 __all__ = ["JOURNAL_DIR", "Journal", "Tracker", "open_store", "sync_journal"]
@@ -168,6 +168,13 @@ class Tracker:
 
     def set_tag(self, key: str, value: str) -> None:
         self.set_tags({key: value})
+
+    def log_dataset(self, name: str, split: str, context: str, digest: str, images: int, source: str) -> None:
+        """The data a run read, as an MLflow dataset input: `name` (the dataset), `split`, how many images, the
+        split's digest (harness.data.cityscapes.split_digest) and where it lay; `context` is MLflow's word for its
+        use ("training", "validation")."""
+        self._submit({"op": "dataset", "name": name, "split": split, "context": context, "digest": digest,
+                      "images": int(images), "source": source})
 
     def log_artifact(self, local: Path, artifact_path: Optional[str] = None) -> None:
         assert self.journal is not None
