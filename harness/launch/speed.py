@@ -38,8 +38,9 @@ from harness.report.records import git_commit, package_versions, utc_now, write_
 
 
 def speed(options: SpeedOptions) -> dict[str, Any]:
-    """Measure the requested modes, write the record under results/speed/<device>/, return it."""
-    from harness.paths import results_dir
+    """Measure the requested modes, write the record under results/speed/<device>/ (a CPU's under runs/speed/, out
+    of git and of benchmark.md's inference column, unless `keep_record`), return it."""
+    from harness.paths import results_dir, runs_dir
 
     check_speed_options(options)
     spec = load_spec(options.row)
@@ -68,7 +69,8 @@ def speed(options: SpeedOptions) -> dict[str, Any]:
         "matmul_peak_tflops": peak, "matmul_peak_dtype": peak_dtype, **counts, "modes": results,
         "git_commit": git_commit(), "versions": package_versions(), "time": utc_now(),
     }
-    record["_path"] = str(write_record(record, root=results_dir() / "speed"))
+    kept = device.type != "cpu" or options.keep_record  # a CPU's figures are this machine's, not the table's
+    record["_path"] = str(write_record(record, root=(results_dir() if kept else runs_dir()) / "speed"))
     return record
 
 
