@@ -14,6 +14,8 @@ from harness.errors import BenchError
 from harness.models.provenance import MISSING, FileCheck, check_file
 from harness.models.weights import expected_files
 
+WRAP_ROWS, WRAP_SOURCE = 30, 40  # columns the rows and the source wrap at
+
 
 @dataclass
 class WeightsReport:
@@ -23,6 +25,11 @@ class WeightsReport:
     @property
     def missing(self) -> int:
         return sum(1 for c in self.checks if c.status == MISSING)
+
+    @property
+    def verified_nothing(self) -> bool:
+        """Every file missing: `--verify` hashed none (exit non-zero, not a plain table and 0)."""
+        return bool(self.checks) and self.missing == len(self.checks)
 
     @property
     def mismatched(self) -> list[FileCheck]:
@@ -57,7 +64,10 @@ def weights(pattern: str = "*", verify: bool = False) -> WeightsReport:
         lines.append([str(path), ", ".join(rows), source, published, checked.describe()])
     if none:
         lines.append(["(none)", ", ".join(none), "random initialisation, as the table's run", "-", "-"])
-    text = tabulate(lines, headers=["file", "rows", "source", "published SHA-1", "status"], disable_numparse=True)
+    # The rows and the sources wrap (at spaces: a URL stays whole on its line) so that the table fits a terminal.
+    text = tabulate(lines, headers=["file", "rows", "source", "published SHA-1", "status"], disable_numparse=True,
+                    maxcolwidths=[None, WRAP_ROWS, WRAP_SOURCE, None, None], break_long_words=False,
+                    break_on_hyphens=False)
     if not verify and any(c.status != MISSING and c.source and c.source.sha1 for c in checks):
         text += "\n--verify hashes the present files against their published checksums"
     return WeightsReport(text, checks)

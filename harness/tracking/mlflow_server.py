@@ -21,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from harness import paths
 from harness.errors import BenchError
+from harness.tracking.mlflow_sink import server_environment
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +137,7 @@ def start_server(backend_store_uri: Optional[str], artifacts: Optional[Path], ho
     hosts = allowed_hosts(host)
     if hosts:
         command += ["--allowed-hosts", ",".join(hosts)]
-    # The server's background job runner serves GenAI features; training runs need none of it.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    process = subprocess.Popen(command, env=env, stdout=sys.stderr, start_new_session=True)
+    process = subprocess.Popen(command, env=server_environment(), stdout=sys.stderr, start_new_session=True)
     local = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else '[::1]' if host == '::' else host}:{port}"
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     while time.monotonic() < deadline:

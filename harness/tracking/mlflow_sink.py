@@ -23,6 +23,20 @@ EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 SOURCE_NAME, SOURCE_TYPE, GIT_COMMIT = "mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit"
 
 
+# Starlette's deprecation notice about MLflow's own use of it (one per server worker process): a user can act on
+# none of them, and they stood before `bench server`'s URL. Filtered in the server's processes by a warnings filter
+# in their environment; PYTHONWARNINGS names the message, since a category outside the standard library cannot be
+# named there (Python parses it before site-packages can be imported).
+QUIET_SERVER_WARNINGS = "ignore:starlette.middleware.wsgi is deprecated"
+
+
+def server_environment() -> dict[str, str]:
+    """The environment an MLflow server or UI process runs in: without MLflow's GenAI job runner (training runs
+    need none of it) and without Starlette's deprecation notices."""
+    warnings = ",".join(filter(None, (os.environ.get("PYTHONWARNINGS"), QUIET_SERVER_WARNINGS)))
+    return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PYTHONWARNINGS": warnings}
+
+
 def source_tags(commit: str, entry_point: str) -> dict[str, str]:
     """The commit and entry point in MLflow's source fields (other sinks keep them as plain tags)."""
     sha, dirty = (commit[:-len("-dirty")], True) if commit.endswith("-dirty") else (commit, False)
