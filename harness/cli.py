@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,15 +16,21 @@ from harness.errors import BenchError
 from harness.logs import configure_logging
 
 
+def worker_error_recorded(message: str) -> bool:
+    """A torchrun worker's error is reported once, by the launcher (only a worker has RANK set: anyone else's error
+    is answered without loading PyTorch)."""
+    from harness.engine.distributed import record_worker_error
+
+    return record_worker_error(message)
+
+
 class BenchGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         configure_logging()
         try:
             return super().invoke(ctx)
         except BenchError as exc:
-            from harness.engine.distributed import record_worker_error
-
-            if not record_worker_error(str(exc)):  # a torchrun worker's error is reported once, by the launcher
+            if not ("RANK" in os.environ and worker_error_recorded(str(exc))):
                 click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
@@ -227,19 +234,20 @@ def eval_command(panels: int, **options: Any) -> None:
 @main.command("predict")
 @with_options(CHECKPOINT_OPTIONS)
 @click.option("--split", default="test", show_default=True)
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for the labelId PNGs (<city>/<image name>).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the labelId PNGs (<city>/<image name>); default: the checkpoint's run folder's "
+                   "predictions/<split>-<weights>/ (under runs/, out of git).")
 @click.option("--zip", "zip_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The test-server zip (default: <out>.zip).")
-def predict_command(out: Path, zip_path: Optional[Path], row: Optional[str], checkpoint: str,
+def predict_command(out: Optional[Path], zip_path: Optional[Path], row: Optional[str], checkpoint: str,
                     weights: Optional[str], synthetic: bool, data_root: Optional[str], device: Optional[str],
                     precision: Optional[str], split: str) -> None:
     """Write labelId predictions for a split and pack them into the Cityscapes test-server zip."""
     from harness.commands.predict import predict_to_zip
 
-    written, packed = predict_to_zip(checkpoint, row, weights, synthetic, data_root, split, device, precision,
-                                     out, zip_path or out.with_suffix(".zip"))
-    click.echo(f"wrote {len(written)} predictions to {out}; packed {packed}")
+    written, packed, folder = predict_to_zip(checkpoint, row, weights, synthetic, data_root, split, device,
+                                             precision, out, zip_path)
+    click.echo(f"wrote {len(written)} predictions to {folder}; packed {packed}")
 
 
 @main.command()
@@ -315,6 +323,9 @@ def sync(run_dirs: tuple[Path, ...], tracking_uri: Optional[str], skip_damaged: 
 @click.option("--steps", type=int, default=None, help="Steps per timed run (default: 10 / 1).")
 @click.option("--onnx", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Also time onnxruntime on this exported ONNX file, beside PyTorch's inference at its size.")
+@click.option("--keep-record", is_flag=True,
+              help="On a CPU, file the record under results/speed/ (committed, read by benchmark.md's inference "
+                   "column) instead of runs/speed/ (out of git).")
 def speed(row: Optional[str], rows_pattern: Optional[str], budget_s: Optional[float], compile_model: bool,
           size: Optional[str], **options: Any) -> None:
     """Time a row's training step, inference, evaluation loop and data loading; write a record, print a table."""

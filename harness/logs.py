@@ -4,6 +4,7 @@ through `logging` under the "harness" logger. Progress bars and command output a
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -18,6 +19,19 @@ class StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value: Any) -> None:
         pass
+
+
+MIN_BAR_COLUMNS = 40  # narrower than this, a progress bar shows nothing useful (tqdm draws nothing at 0 columns)
+
+
+def bar_fits(stream: Any = None) -> bool:
+    """A progress bar can be drawn: `stream` (default stderr) is a terminal with a width. A terminal of 0 columns
+    (a pty as `script` or some CI runners give) gets plain lines instead."""
+    stream = sys.stderr if stream is None else stream
+    try:
+        return bool(stream.isatty()) and os.get_terminal_size(stream.fileno()).columns >= MIN_BAR_COLUMNS
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def configure_logging(level: int = logging.INFO) -> None:

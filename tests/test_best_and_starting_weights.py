@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 def test_periodic_evaluation_records_final_and_best_raw_and_ema(synthetic_root: Path, one_thread):
     record = run(RunOptions(row="df_seg_v1-ema", synthetic=True, iters=12, eval_every=4, progress=False))
-    history = MlflowClient(default_tracking_uri()).get_metric_history(record["tracking_run_id"], "val/miou")
+    history = MlflowClient(default_tracking_uri()).get_metric_history(record["tracking_run_id"], "val/miou_raw")
     ema_history = MlflowClient(default_tracking_uri()).get_metric_history(record["tracking_run_id"], "val/miou_ema")
     assert [m.step for m in history] == [4, 8, 12] and [m.step for m in ema_history] == [4, 8, 12]
     raw = {m.step: m.value for m in history}

@@ -58,7 +58,7 @@ def test_eval_reproduces_the_training_runs_miou_for_both_weight_sets(trained, tm
     client = MlflowClient(default_tracking_uri())
     eval_run = client.get_run(evals["raw"]["tracking_run_id"])
     assert eval_run.data.tags["kind"] == "eval" and eval_run.info.status == "FINISHED"
-    assert eval_run.data.metrics["val/miou"] == pytest.approx(evals["raw"]["miou"], abs=1e-4)
+    assert eval_run.data.metrics["val/miou_raw"] == pytest.approx(evals["raw"]["miou"], abs=1e-4)
     panels = client.list_artifacts(eval_run.info.run_id, "panels")
     assert len(panels) == 4 and all(a.path.endswith(".png") for a in panels)
     assert {"per_class_iou.csv", "report.md"} <= {a.path for a in client.list_artifacts(eval_run.info.run_id)}

@@ -56,7 +56,7 @@ def test_tensorboard_sink_writes_event_files_a_reader_opens(tmp_path: Path, synt
     reader = EventAccumulator(str(events[0].parent), size_guidance={"scalars": 0, "tensors": 0, "images": 0})
     reader.Reload()
     scalars = set(reader.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "val/miou", "miou"} <= scalars
+    assert {"train/loss", "train/lr", "val/miou_raw", "miou"} <= scalars
     assert reader.Scalars("miou")[-1].value == pytest.approx(record["miou_best"], abs=1e-4)
     assert [e.step for e in reader.Scalars("train/loss")][-1] == 4
     assert any(tag.startswith("plots/") for tag in reader.Tags()["images"])

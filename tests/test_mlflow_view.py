@@ -81,10 +81,10 @@ def test_training_and_eval_runs_line_up(tmp_path, monkeypatch, synthetic_root, o
     assert all(len(repr(v).replace("-", "").replace(".", "").lstrip("0")) <= 6 for k, v in t.items()
                if not k.startswith("system/")), t
 
-    # twins named alike in both kinds of run: raw weights are val/miou in each (this eval scored raw weights)
+    # twins named alike in both kinds of run: raw weights are val/miou_raw in each (this eval scored raw weights)
     assert TWINS <= set(t) and t["final_miou"] == pytest.approx(record["miou_final"], abs=1e-4)
     assert t["best_miou_ema"] == pytest.approx(record["miou_ema_best"], abs=1e-4)
-    assert e["val/miou"] == pytest.approx(t["final_miou"], abs=1e-4) and "val/miou_ema" not in e
+    assert e["val/miou_raw"] == pytest.approx(t["final_miou"], abs=1e-4) and "val/miou_ema" not in e
     history = client.get_metric_history(train.info.run_id, "val/miou_ema")
     assert [m.step for m in history] == [3, 6]
     assert {m.step for m in client.get_metric_history(train.info.run_id, "train/loss")} == set(range(1, 7))

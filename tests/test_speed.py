@@ -40,7 +40,9 @@ def test_speed_on_cpu_prints_every_column_and_writes_a_consistent_record(isolate
     assert re.search(r"PNG decode floors, one core, image \+ label: pillow \d+\.\d img/s", result.output)
     assert "on cpu" in rows["augment"] and "0 workers" in rows["eval"]
 
-    (path,) = (isolated_outputs / "results" / "speed").glob("*/sf_seg_v2/*.json")
+    # a CPU's record stays out of git and of benchmark.md unless --keep-record: under runs/speed/
+    assert not (isolated_outputs / "results" / "speed").exists()
+    (path,) = (isolated_outputs / "runs" / "speed").glob("*/sf_seg_v2/*.json")
     assert path.parent.parent.name == speed.device_name(torch.device("cpu"))
     record = json.loads(path.read_text())
     assert record["kind"] == "speed" and record["precision"] == "fp32" and record["matmul_peak_dtype"] == "float32"
@@ -214,7 +216,7 @@ def test_many_rows_in_one_call_stop_at_the_budget_and_list_the_rest(isolated_out
     # rows started at 0 and 10 (10 s each, so 10 s expected of the next): a third would end at 30, past 25
     assert [r.row for r in outcome.records] == rows[:2] and outcome.not_reached == rows[2:]
     assert len(shown) == 2 and all(f"record {r.path}" in text for r, text in zip(outcome.records, shown))
-    written = sorted(p.parent.name for p in (isolated_outputs / "results" / "speed").glob("*/*/*.json"))
+    written = sorted(p.parent.name for p in (isolated_outputs / "runs" / "speed").glob("*/*/*.json"))
     assert written == sorted(rows[:2])
     assert speed.rows_summary(outcome).endswith("not reached within --budget-s 25 (3): " + ", ".join(rows[2:]))
 

@@ -338,10 +338,9 @@ def test_the_log_says_once_when_training_waits_for_data(capsys):
 
 def test_five_periodic_checkpoints_keep_the_last_k_and_best_pt_is_a_link_not_a_copy(tmp_path, monkeypatch,
                                                                                    synthetic_root, one_thread):
-    """`train.keep_checkpoints` (3 here, not the default) is what the run keeps; best.pt (the final evaluation) is
+    """`synthetic.keep_checkpoints` (3 here, not the default) is what the run keeps; best.pt (the final evaluation) is
     the newest checkpoint's file under a second name; the run's folder size is printed once per file."""
-    row = {**TINY, "train": {"keep_checkpoints": 3},
-           "synthetic": {**TINY["synthetic"], "iters": 10, "checkpoint_every": 2}}
+    row = {**TINY, "synthetic": {**TINY["synthetic"], "iters": 10, "checkpoint_every": 2, "keep_checkpoints": 3}}
     monkeypatch.setenv("SEGBENCH_EXPERIMENTS", str(experiments_with(tmp_path, {"keeper": row})))
     result = CliRunner().invoke(main, ["run", "--row", "keeper", "--synthetic"])
     assert result.exit_code == 0, result.output

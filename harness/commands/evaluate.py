@@ -71,7 +71,7 @@ def evaluate_checkpoint(options: EvalOptions) -> dict[str, Any]:
             panels_dir=panels_dir if options.num_panels else None, num_panels=options.num_panels,
             progress=options.progress, desc=f"eval {loaded.weights}")
         per_class = dict(zip(CLASS_NAMES, metrics.iou))
-        suffix = "_ema" if loaded.weights == "ema" else ""  # the names training runs give the same weights
+        suffix = "_ema" if loaded.weights == "ema" else "_raw"  # the names training runs give the same weights
         record = {
             "kind": "eval", "row": spec.row, "dataset": dataset, "split": options.split, "weights": loaded.weights,
             "checkpoint": str(loaded.path), "miou": metrics.miou, "pixel_accuracy": metrics.pixel_accuracy,
@@ -84,7 +84,7 @@ def evaluate_checkpoint(options: EvalOptions) -> dict[str, Any]:
         return finish_run(spec, tracker, record, folder, headline=metrics.miou,
                           metrics={f"val/miou{suffix}": metrics.miou,
                                    f"val/pixel_accuracy{suffix}": metrics.pixel_accuracy},
-                          step=0, per_class={f"val_iou{suffix}": per_class},
+                          step=0, per_class={"val_iou_ema" if loaded.weights == "ema" else "val_iou": per_class},
                           panels=sorted(panels_dir.glob("*.png")))
     except BaseException:
         end_run(folder, tracker, "FAILED")

@@ -7,15 +7,18 @@ from pathlib import Path
 from typing import Optional
 
 from harness.engine.trained import load_for_evaluation
-from harness.outputs.predictions import make_submission_zip, predict_split
+from harness.outputs.predictions import make_submission_zip, predict_split, predictions_dir
 
 
 def predict_to_zip(checkpoint: str, row: Optional[str], weights: Optional[str], synthetic: bool,
                    data_root: Optional[str], split: str, device: Optional[str], precision: Optional[str],
-                   out_dir: Path, zip_path: Optional[Path], progress: bool = True) -> tuple[list[Path], Optional[Path]]:
-    """Write labelId PNGs for every image of a split and pack the server's zip."""
+                   out_dir: Optional[Path], zip_path: Optional[Path], progress: bool = True
+                   ) -> tuple[list[Path], Optional[Path], Path]:
+    """Write labelId PNGs for every image of a split (default: under the checkpoint's run folder, out of git) and
+    pack the server's zip (default: <out>.zip); returns the PNGs, the zip and the folder."""
     loaded = load_for_evaluation(checkpoint, row, weights, synthetic, data_root, split, device, precision,
                                  progress=progress)
-    written = predict_split(loaded.model, loaded.samples, loaded.plan, loaded.device, out_dir, progress=progress)
-    packed = make_submission_zip(out_dir, zip_path, loaded.samples) if zip_path is not None else None
-    return written, packed
+    out = out_dir if out_dir is not None else predictions_dir(loaded.path, split, loaded.weights)
+    written = predict_split(loaded.model, loaded.samples, loaded.plan, loaded.device, out, progress=progress)
+    packed = make_submission_zip(out, zip_path or out.with_suffix(".zip"), loaded.samples)
+    return written, packed, out

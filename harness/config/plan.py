@@ -164,7 +164,7 @@ def synthetic_budget(spec: Spec, train_images: int) -> Budget:
                   lr=s.lr, warmup_iters=s.warmup_iters, ema_decay=s.ema_decay, ema_ramp=s.ema_ramp,
                   ohem_min_kept=s.ohem_min_kept, loss_group_images=loss_group_images(spec, synthetic=True),
                   eval_every=s.eval_every, log_every=s.log_every, checkpoint_every=s.checkpoint_every,
-                  keep_checkpoints=spec.train.keep_checkpoints, workers=s.workers)
+                  keep_checkpoints=s.keep_checkpoints, workers=s.workers)
 
 
 def scaled_test_crop(spec: Spec, test_size: list[int]) -> tuple[Optional[list[int]], Optional[list[int]]]:

@@ -140,9 +140,7 @@ class SyntheticBudget:
     ohem_min_kept: int
     workers: int
     checkpoint_every: int
-    # Wall time of `bench run --row ROW --synthetic` from a fresh clone on a quiet 2-core CPU host, printed at the
-    # start of such a run so that nobody waits blind; None where nobody measured it.
-    expected_s: Optional[float] = None
+    keep_checkpoints: int  # periodic checkpoints a synthetic run keeps (best.pt besides); not in the recipe
 
 
 @dataclass
@@ -363,8 +361,9 @@ def _check_ranges(spec: Spec, where: str, table_row: bool = True) -> None:
         require(number >= 0, key, number, "zero or more")
     require(spec.loss.name in LOSSES, "loss.name", spec.loss.name, ", ".join(LOSSES))
     require(0 <= t.pad_value <= 255, "train.pad_value", t.pad_value, "a pixel value 0-255")
-    require(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints,
-            "1 or more (the newest checkpoint is what a resume needs)")
+    for key, kept in (("train.keep_checkpoints", t.keep_checkpoints),
+                      ("synthetic.keep_checkpoints", s.keep_checkpoints)):
+        require(kept >= 1, key, kept, "1 or more (the newest checkpoint is what a resume needs)")
     require(0 < spec.loss.ohem_thresh <= 1, "loss.ohem_thresh", spec.loss.ohem_thresh, "a probability, 0 < thresh <= 1")
     require(all(w >= 0 for w in spec.loss.aux_weights), "loss.aux_weights", spec.loss.aux_weights, "weights >= 0")
     require(len(spec.data.mean) == 3, "data.mean", spec.data.mean, "three numbers (R, G, B on 0-255)")

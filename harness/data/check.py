@@ -28,8 +28,8 @@ from harness.data.cityscapes import (
     LABEL_SUFFIX,
     LABEL_TO_TRAIN,
     MAX_PIXELS,
-    check_root,
 )
+from harness.data.roots import check_root
 from harness.data.synthetic import read_manifest
 from harness.errors import BenchError
 

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from harness.data.augment import IGNORE_INDEX, draw_augmentation
 from harness.data.png import decode_png, plain_mode
+from harness.data.roots import check_root
 from harness.errors import BenchError
 
 NUM_CLASSES = 19
@@ -88,17 +89,6 @@ def split_digest(root: Path, samples: Sequence[Sample]) -> str:
             if path is not None:
                 lines.append(f"{path.relative_to(root).as_posix()}\t{path.stat().st_size}")
     return hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()[:DIGEST_CHARS]
-
-
-def check_root(root: Path) -> Path:
-    """The dataset folder, or a one-line error saying what it is instead."""
-    root = Path(root)
-    fix = "pass --data-root (or set CITYSCAPES_DATASET) to the folder holding leftImg8bit/ and gtFine/"
-    if root.is_file():
-        raise BenchError(f"Cityscapes root {root} is a file, not a folder; {fix}")
-    if not root.is_dir():
-        raise BenchError(f"Cityscapes root {root} does not exist; {fix}")
-    return root
 
 
 def find_samples(root: Path, split: str, require_labels: bool = True) -> list[Sample]:

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from harness import paths
-from harness.data.cityscapes import check_root
-from harness.data.synthetic import ensure_synthetic
+from harness.data.roots import check_root
 from harness.errors import BenchError
 
 DATA_ROOT_ENV = "CITYSCAPES_DATASET"
@@ -27,6 +26,8 @@ def cityscapes_root(data_root: Optional[str], allow_synthetic_hint: bool = True)
 
 def synthetic_root(progress: bool = True) -> Path:
     """The synthetic dataset under the cache folder, generated on first use."""
+    from harness.data.synthetic import ensure_synthetic  # numpy and the drawing code: not for the option checks
+
     try:
         return ensure_synthetic(paths.cache_dir(), seed=0, progress=progress)
     except OSError as exc:

@@ -77,6 +77,7 @@ class SpeedOptions:
     steps: Optional[int] = None  # timed units per repeat
     plain: bool = True  # also time the plain fp32 NCHW eager loop
     onnx: Optional[str] = None  # an exported ONNX file: onnxruntime's inference beside PyTorch's, at its size
+    keep_record: bool = False  # a CPU's record under results/speed (committed, read by benchmark.md) too
 
 
 @dataclass

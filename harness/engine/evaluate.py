@@ -17,7 +17,6 @@ Only one image's logits exist at a time, so 500 images at 2048x1024 need the mem
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Optional
@@ -34,6 +33,7 @@ from harness.data.augment import EvalTransform
 from harness.data.cityscapes import NUM_CLASSES, Sample
 from harness.engine.metrics import ConfusionMatrix, SegMetrics
 from harness.errors import BenchError
+from harness.logs import bar_fits
 
 DEFAULT_STRIDE_FRACTION = 2 / 3  # of the crop, when the spec gives no stride (mmsegmentation's 769/513)
 
@@ -243,7 +243,7 @@ def evaluate(models: Mapping[str, nn.Module], loader: DataLoader, device: torch.
                              "or write predictions with `bench predict`")
     matrices = {name: ConfusionMatrix(num_classes, device=device) for name in models} if score else {}
     with _EvalModes(list(models.values())):
-        shown = progress and sys.stderr.isatty()
+        shown = progress and bar_fits()
         for image, label, index in tqdm(loader, desc=desc, disable=not shown, leave=False, dynamic_ncols=True):
             inputs = transform(image, device)
             label = label.to(device, non_blocking=True)

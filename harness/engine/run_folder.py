@@ -118,6 +118,24 @@ def latest(parent: Path, pattern: str = "*") -> Optional[Path]:
     return max(folders, key=lambda p: (p.name, str(p.parent))) if folders else None
 
 
+LATEST = "latest"  # stands for a row's newest run folder in a checkpoint path: runs/<dataset>/<row>/latest/...
+
+
+def resolve_latest(path: Path) -> Path:
+    """`runs/synthetic/df_seg_v1/latest/checkpoints/best.pt`: the newest run folder of that row in place of `latest`
+    (the README's lines say it where a run folder's name is not known in advance); any other path unchanged."""
+    parts = path.parts
+    if LATEST not in parts or path.exists():
+        return path
+    at = parts.index(LATEST)
+    parent = Path(*parts[:at]) if at else Path(".")
+    newest = latest(parent)
+    if newest is None:
+        raise BenchError(f"{path}: no run folder under {parent} for `{LATEST}` to stand for; train one first "
+                         f"(`bench run`), or give the run folder's name")
+    return newest.joinpath(*parts[at + 1:])
+
+
 def disk_usage(path: Path) -> int:
     """Bytes the files under `path` hold on disk, each file once however many names link to it (best.pt)."""
     seen: set[tuple[int, int]] = set()

@@ -39,6 +39,7 @@ from harness.engine.evaluate import TestMode, evaluate
 from harness.engine.losses import SegmentationLoss
 from harness.engine.metrics import SegMetrics
 from harness.errors import BenchError
+from harness.logs import bar_fits
 from harness.models.common import GroupedBatchNorm2d, set_norm_groups
 
 log = logging.getLogger(__name__)
@@ -308,7 +309,8 @@ class Trainer:
         (the EMA weights of an EMA row, the raw weights otherwise), in checkpoints/best.pt."""
         scored = self.evaluate(loader)
         metrics, ema_metrics = scored["raw"], scored.get("ema")
-        logged = {"val_miou": metrics.miou, "val_pixel_accuracy": metrics.pixel_accuracy}
+        # each curve names its weights (val/miou_raw beside val/miou_ema): the headline `miou` is one of them
+        logged = {"val_miou_raw": metrics.miou, "val_pixel_accuracy_raw": metrics.pixel_accuracy}
         if ema_metrics is not None:
             logged.update(val_miou_ema=ema_metrics.miou, val_pixel_accuracy_ema=ema_metrics.pixel_accuracy)
         if self.world.is_main:
@@ -435,9 +437,9 @@ class Trainer:
         self._first_bad.zero_()
         self._synced_at = self.iteration
         show = self.progress and self.world.is_main
-        # stdout redirected (a Slurm log, a file): plain lines there; a progress bar only on a terminal.
-        log = TrainLog(plan.row, plan.iters, self.iteration, self.device,
-                       bar=show and sys.stdout.isatty() and sys.stderr.isatty(), lines=show and not sys.stdout.isatty(),
+        # stdout redirected (a Slurm log, a file) or a terminal without a width: plain lines; else a progress bar.
+        bar = show and bar_fits(sys.stdout) and bar_fits()
+        log = TrainLog(plan.row, plan.iters, self.iteration, self.device, bar=bar, lines=show and not bar,
                        workers=plan.workers)
         window_images, window_start, data_wait = 0, time.perf_counter(), 0.0
         while self.iteration < plan.iters:
@@ -481,18 +483,54 @@ class Trainer:
 
 
 DATA_BOUND = 0.2  # share of a log window spent waiting for the loader past which the log says so, once
+# A run whose projected wall time passes SLOWER times its first estimate, and by SLOWER_BY_S at least (not a
+# millisecond's noise), is "much slower": said once.
+SLOWER, SLOWER_BY_S = 2.0, 30.0
 
 
 class TrainLog:
     """What a person watching sees: a progress bar on a terminal, plain lines every log interval otherwise (a
-    Slurm log, a file), with loss, lr, img/s, the share of time spent waiting for data, ETA and peak memory."""
+    Slurm log, a file, a terminal without a width), with loss, lr, img/s, the share of time spent waiting for data,
+    ETA and peak memory; an estimate of the whole run from this machine's measured rate after the first log windows,
+    and a note when the run becomes much slower than that estimate."""
 
     def __init__(self, row: str, total: int, start: int, device: torch.device, bar: bool, lines: bool,
-                 workers: int = 0):
-        self.total, self.device, self.lines, self.workers = total, device, lines, workers
-        self.started, self.start_step = time.perf_counter(), start
+                 workers: int = 0, clock: Callable[[], float] = time.perf_counter):
+        self.total, self.device, self.lines, self.workers, self.clock = total, device, lines, workers, clock
+        self.started, self.start_step = clock(), start
         self.bar = tqdm(total=total, initial=start, desc=row, dynamic_ncols=True) if bar else None
-        self.reports, self.said_data_bound = 0, False
+        self.reports, self.said_data_bound, self.said_slower = 0, False, False
+        self.first: Optional[tuple[int, float]] = None  # (step, time) of the first report: its window held start-up
+        self.estimate: Optional[tuple[int, float]] = None  # (step it was made at, the whole run's seconds)
+
+    def pace(self, step: int, now: float) -> None:
+        """The whole run's wall time from the rate measured since the first report (the first window includes the
+        loader workers' start and the first steps' warm-up, so it is left out); said once, and again only if the
+        run becomes much slower than it."""
+        if self.first is None:
+            self.first = (step, now)
+            return
+        step0, time0 = self.first
+        if step <= step0 or step >= self.total:
+            return
+        rate = (step - step0) / max(now - time0, 1e-9)  # iterations per second on this machine, now
+        projected = (now - self.started) + (self.total - step) / rate
+        if self.estimate is None:
+            self.estimate = (step, projected)
+            self.say(f"estimate: about {projected:.0f} s for this run's {self.total - self.start_step} iterations, "
+                     f"from this machine's rate over iterations {step0}-{step} ({rate:.2f} it/s; evaluations and "
+                     "checkpoints add to it)")
+        elif (projected > SLOWER * self.estimate[1] and projected - self.estimate[1] >= SLOWER_BY_S
+              and not self.said_slower):
+            self.said_slower = True
+            self.say(f"note: at iteration {step} the run is much slower than estimated: about {projected:.0f} s in "
+                     f"all at its rate since iteration {step0} ({rate:.2f} it/s), against {self.estimate[1]:.0f} s "
+                     f"estimated at iteration {self.estimate[0]}; the machine is busier than it was (other processes "
+                     "on its cores) or throttled")
+
+    def say(self, line: str) -> None:
+        if self.bar is not None or self.lines:
+            log.info(line)
 
     def advance(self) -> None:
         if self.bar is not None:
@@ -500,6 +538,8 @@ class TrainLog:
 
     def report(self, step: int, record: dict[str, float]) -> None:
         self.reports += 1
+        now = self.clock()
+        self.pace(step, now)
         # The first window includes the workers' start; after it, waiting for data means decoding is the limit.
         if self.reports > 1 and record["data_wait_fraction"] > DATA_BOUND and not self.said_data_bound:
             self.said_data_bound = True
@@ -508,14 +548,13 @@ class TrainLog:
                     "process): "
                     "decoding is the limit; give it more cores (train.workers) or read decoded frames with "
                     "--decoded-cache DIR (`bench data cache`)")
-            if self.bar is not None or self.lines:
-                log.info(note)
+            self.say(note)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{record['lr']:.2e}",
                                  img_s=f"{record['images_per_s']:.1f}")
         if self.lines:
             done = step - self.start_step
-            eta = (time.perf_counter() - self.started) / max(done, 1) * (self.total - step)
+            eta = (now - self.started) / max(done, 1) * (self.total - step)
             print(f"iter {step}/{self.total} loss {record['train_loss']:.4f} lr {record['lr']:.3e} "
                   f"img/s {record['images_per_s']:.1f} data-wait {100 * record['data_wait_fraction']:.0f}% "
                   f"eta {format_duration(eta)} mem {peak_memory_gib(self.device):.2f}GiB", flush=True)

@@ -19,6 +19,7 @@ from harness.data.source import check_data_options, cityscapes_root, synthetic_r
 from harness.engine import checkpoint
 from harness.engine.device import pick_device
 from harness.engine.distributed import World
+from harness.engine.run_folder import resolve_latest
 from harness.errors import BenchError
 from harness.models import build_model, check_implemented
 
@@ -50,7 +51,7 @@ def load_trained(path: str | Path, row: Optional[str] = None, weights: Optional[
 def load_trained_state(path: str | Path, row: Optional[str] = None, weights: Optional[str] = None
                        ) -> tuple[Spec, nn.Module, str, dict[str, Any]]:
     """`load_trained`, and the checkpoint's whole state (its plan, iteration, starting weights)."""
-    checkpoint_path = Path(path).expanduser()
+    checkpoint_path = resolve_latest(Path(path).expanduser())
     state = checkpoint.load(checkpoint_path)  # a bad file fails before anything else is touched
     row = row or state.get("spec", {}).get("row")
     if not row:
@@ -82,6 +83,7 @@ def load_for_evaluation(path: str, row: Optional[str], weights: Optional[str], s
                         data_root: Optional[str], split: str, device: Optional[str], precision: Optional[str],
                         progress: bool = True) -> LoadedCheckpoint:
     check_data_options(synthetic, data_root)
+    path = str(resolve_latest(Path(path).expanduser()))
     spec, model, chosen = load_trained(path, row, weights)
     torch_device = pick_device(device, World())
     resolved = resolve_precision(precision, torch_device.type)

@@ -20,11 +20,11 @@ from harness.config.plan import batch_per_process, dataset_batch, loss_group_ima
 from harness.config.precision import Compute, resolve_compute
 from harness.config.spec import Spec, load_spec
 from harness.data.source import check_data_options, cityscapes_root
-from harness.engine.device import check_device_name, default_device_type
 from harness.errors import BenchError
-from harness.models import build_model, check_implemented
-from harness.models.weights import checked_files
 from harness.report.records import check_output_folders
+
+# PyTorch and the model families (seconds to import) load only after the cheap checks (check_before_loading): a
+# misspelt row, a bad flag or a missing folder is answered within about a second.
 
 SEED_MAX = 2**32 - 1  # numpy's seed range; torch and random accept it too
 
@@ -126,6 +126,8 @@ def check_counts(iters: Optional[int], eval_every: Optional[int]) -> None:
 
 def check_options(options: RunOptions, seeds: Sequence[int] = ()) -> None:
     """Command-line values that cannot run: one line naming the option, the value and what is accepted."""
+    from harness.engine.device import check_device_name
+
     for seed in seeds or (options.seed,):
         check_seed(seed)
     check_device_name(options.device)
@@ -135,6 +137,20 @@ def check_options(options: RunOptions, seeds: Sequence[int] = ()) -> None:
     if behind is not None and not (0 <= behind < 100):  # NaN fails this too
         raise BenchError(f"--stop-if-behind {behind}: give mIoU points from 0 to 100 (e.g. --stop-if-behind 2), or "
                          "the bare flag for the default")
+
+
+def check_before_loading(options: RunOptions, seeds: Sequence[int], processes: int) -> None:
+    """The checks that need neither PyTorch nor a network (the process count, the seeds and counts, the row, the
+    data folder), before either loads; validate_run makes them again with the rest."""
+    if processes < 1:
+        raise BenchError(f"--gpus and --nnodes must be at least 1 (got {processes} processes)")
+    for seed in seeds or (options.seed,):
+        check_seed(seed)
+    check_counts(options.iters, options.eval_every)
+    check_data_options(options.synthetic, options.data_root)
+    load_spec(options.row)
+    if not options.resume:  # a resumed run takes its data folder from the run it continues
+        check_data_root(options)
 
 
 def check_data_root(options: RunOptions) -> None:
@@ -149,6 +165,7 @@ def check_batch_norm(spec: Spec, batch_key: str, batch: int, crop_key: str, crop
     at its first step. A forward on the meta device (shapes only, no compute) finds such a layer up front.
     SyncBatchNorm (several processes on GPUs) normalises over all processes; the layers UP normalised per GPU
     (GroupedBatchNorm2d) normalise over groups of `group_images` of a process's images, whatever the device."""
+    from harness.models import build_model
     from harness.models.common import GroupedBatchNorm2d
 
     per_group = group_images if group_images and per_rank // group_images > 1 else per_rank
@@ -188,6 +205,8 @@ def check_starting_weights(spec: Spec, options: RunOptions, init_checkpoint: Opt
     not the published one: it would train for days and then not count."""
     if options.synthetic or options.iters is not None or options.resume:
         return
+    from harness.models.weights import checked_files
+
     if init_checkpoint is not None:
         spec = replace(spec, model=replace(spec.model, init_checkpoint=str(init_checkpoint)))
     for path, checked in checked_files(spec):
@@ -202,6 +221,9 @@ def validate_run(options: RunOptions, seeds: Sequence[int], processes: int, *, c
     """Every check of a `bench run`, before anything starts; returns what they resolved."""
     if processes < 1:
         raise BenchError(f"--gpus and --nnodes must be at least 1 (got {processes} processes)")
+    from harness.engine.device import default_device_type
+    from harness.models import check_implemented
+
     check_options(options, seeds)
     spec = load_spec(options.row)
     check_implemented(spec)

@@ -52,8 +52,9 @@ from harness.tracking.tracker import Tracker
 log = logging.getLogger(__name__)
 
 # Spec and plan keys a resume may change: machine-dependent or disk policy, never a sample or a step.
+# (spec.synthetic.expected_s: older runs' specs carry it.)
 NOT_RECIPE = ({f"plan.{name}" for name in (*MACHINE_FIELDS, "keep_checkpoints")}
-              | {"spec.train.keep_checkpoints", "spec.synthetic.expected_s"})
+              | {"spec.train.keep_checkpoints", "spec.synthetic.keep_checkpoints", "spec.synthetic.expected_s"})
 
 
 # --- resume ---------------------------------------------------------------------------------------
@@ -371,10 +372,7 @@ def log_start(spec: Spec, plan: TrainPlan, data: Data, world: World, device: tor
     print(f"segbench: {spec.row} on {data.dataset} ({data.root}); {world.size} process(es) on {device.type} "
           f"({torch.get_num_threads()} thread(s), {plan.workers} loader worker(s) each), {plan.precision}; "
           f"{plan.iters} iterations of batch {plan.batch_size}; run folder {folder.path}; {where}", flush=True)
-    expected = spec.synthetic.expected_s
-    if data.dataset == "synthetic" and expected and plan.iters == spec.synthetic.iters and world.size == 1:
-        print(f"expected duration: about {expected:.0f} s on a quiet 2-core CPU (up to twice that on a slow or busy "
-              "one); the ETA on the log lines says how this machine does", flush=True)
+    # How long it will take is measured, not assumed: the log says so after the first iterations (TrainLog).
 
 
 def run(options: RunOptions) -> dict[str, Any]:

@@ -39,7 +39,8 @@ from harness.report.records import SpeedRecord, git_commit, package_versions, ut
 
 
 def speed(options: SpeedOptions) -> SpeedRecord:
-    """Measure the requested modes, write the record under results/speed/<device>/, return it."""
+    """Measure the requested modes, write the record under results/speed/<device>/ (a CPU's under runs/speed/, out
+    of git and of benchmark.md's inference column, unless `keep_record`), return it."""
     check_speed_options(options)
     spec = load_spec(options.row)
     modes = MODES if options.mode == "all" else (options.mode,)
@@ -66,7 +67,8 @@ def speed(options: SpeedOptions) -> SpeedRecord:
         channels_last=compute.channels_last, fused=compute.fused, cpu_threads=torch.get_num_threads(),
         matmul_peak_tflops=peak,
         matmul_peak_dtype=peak_dtype, warmup=counts["warmup"], repeats=counts["repeats"], steps=counts["steps"],
-        modes=results, git_commit=git_commit(), versions=package_versions(), time=utc_now()))
+        modes=results, git_commit=git_commit(), versions=package_versions(), time=utc_now()),
+        kept=device.type != "cpu" or options.keep_record)  # a CPU's figures are this machine's, not the table's
 
 
 def onnx_beside(options: SpeedOptions, device: torch.device) -> Any:

@@ -47,7 +47,9 @@ def per_class_chart(per_class: dict[str, dict[str, float]], path: Path, title: s
 def training_curves(history: dict[str, list[tuple[int, float]]], path: Path, title: str = "training") -> Path:
     """Loss, learning rate and validation mIoU (raw and EMA) against the iteration, one panel each."""
     plt = _pyplot()
-    panels = [("loss", ["train/loss"]), ("learning rate", ["train/lr"]), ("val mIoU", ["val/miou", "val/miou_ema"])]
+    # val/miou: the raw weights' curve as runs before val/miou_raw named it (a report written again for an old run)
+    panels = [("loss", ["train/loss"]), ("learning rate", ["train/lr"]),
+              ("val mIoU", ["val/miou_raw", "val/miou", "val/miou_ema"])]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), dpi=100)
     for ax, (label, keys) in zip(axes, panels):
         for key in keys:

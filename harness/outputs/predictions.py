@@ -36,6 +36,7 @@ from harness.engine.metrics import ConfusionMatrix, SegMetrics
 from harness.errors import BenchError
 from harness.files import atomic_output, new_temporary_file
 from harness.outputs.panels import PanelWriter, panel_indices
+from harness.paths import runs_dir
 
 
 def prediction_path(out_dir: Path, sample: Sample) -> Path:
@@ -109,6 +110,16 @@ def check_prediction(path: Path) -> None:
     if fmt != "PNG" or mode != "L":
         raise BenchError(f"prediction {path} is a {fmt} image of mode {mode}; expected a single-channel PNG of "
                          "labelIds")
+
+
+def predictions_dir(checkpoint: Path, split: str, weights: str) -> Path:
+    """Where `bench predict` writes by default: beside the checkpoint's run folder (runs/<dataset>/<row>/<stamp>/
+    predictions/<split>-<weights>/), or under runs/predictions/ for a checkpoint outside a run folder; never the
+    working directory, so that a checkout stays clean."""
+    checkpoint = Path(checkpoint).resolve()
+    if checkpoint.parent.name == "checkpoints":
+        return checkpoint.parent.parent / "predictions" / f"{split}-{weights}"
+    return runs_dir() / "predictions" / f"{checkpoint.stem}-{split}-{weights}"
 
 
 def make_submission_zip(folder: Path, zip_path: Path, samples: Optional[Sequence[Sample]] = None) -> Path:

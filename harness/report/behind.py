@@ -32,9 +32,10 @@ log = logging.getLogger(__name__)
 SPREAD_FACTOR = 3.0  # x the earlier runs' standard deviation, when that is wider than the margin
 
 
-def headline_curve_key(spec: Spec) -> str:
-    """The journal's name of the validation curve of the row's headline weights."""
-    return "val/miou_ema" if spec.columns.ema else "val/miou"
+def headline_curve_keys(spec: Spec) -> tuple[str, ...]:
+    """The journal's names of the validation curve of the row's headline weights, newest first (runs journalled
+    before the curves named their weights called the raw one val/miou)."""
+    return ("val/miou_ema",) if spec.columns.ema else ("val/miou_raw", "val/miou")
 
 
 @dataclass(frozen=True)
@@ -78,14 +79,17 @@ class Comparison:
         return {**asdict(self), "behind_miou": round(self.behind_miou, 4), "flagged": self.flagged}
 
 
-def _curve(journal_dir: Path, key: str, iters: int) -> Optional[dict[int, float]]:
-    """The run's `key` curve when its journal says it planned `iters` iterations (None otherwise)."""
+def _curve(journal_dir: Path, keys: tuple[str, ...], iters: int) -> Optional[dict[int, float]]:
+    """The run's curve under the first of `keys` it logged, when its journal says it planned `iters` iterations
+    (None otherwise)."""
     if not Journal.exists(journal_dir):
         return None
     journal = Journal(journal_dir)
     if journal.params().get("iters") != str(iters):
         return None
-    curve = {int(step): float(value) for step, value in journal.metric_history().get(key, [])}
+    history = journal.metric_history()
+    key = next((k for k in keys if k in history), None)
+    curve = {int(step): float(value) for step, value in history.get(key, [])} if key else {}
     return curve or None
 
 
@@ -104,7 +108,7 @@ def earlier_runs(spec: Spec, dataset: str, iters: int, this_run: Optional[Path])
                 continue
         except Exception:  # an unreadable run.json: not a yardstick
             continue
-        curve = _curve(folder / JOURNAL_DIR, headline_curve_key(spec), iters)
+        curve = _curve(folder / JOURNAL_DIR, headline_curve_keys(spec), iters)
         if curve:
             found.append(EarlierRun(folder, curve, folder.resolve() in counted))
     return found

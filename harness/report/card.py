@@ -164,16 +164,21 @@ def time_section(record: dict[str, Any]) -> list[str]:
 
 
 def per_class_section(record: dict[str, Any]) -> list[str]:
+    """Each column is the weights it names: a training run's raw weights (their final mIoU is `miou_final`) beside
+    its EMA weights (`miou_ema`); an evaluation's the weights it scored. The headline (`miou`, the best evaluation of
+    the row's weights) is in the verdict section, not here."""
     raw = record.get("per_class_iou") or {}
     ema = record.get("per_class_iou_ema")
-    headers = ["class", "IoU"] + (["IoU (EMA)"] if ema else [])
+    is_eval = record.get("kind", "train") == "eval"
+    first = f"IoU ({record.get('weights', 'raw')} weights)" if is_eval else "IoU (raw weights)"
+    headers = ["class", first] + (["IoU (EMA weights)"] if ema else [])
 
     def iou(value: Optional[float]) -> str:
         return "-" if value is None or math.isnan(value) else f"{value:.2f}"
 
     rows = [[name, iou(raw.get(name)), *([iou(ema.get(name))] if ema else [])] for name in CLASS_NAMES if name in raw]
-    rows.append(["**mIoU** (final evaluation)", iou(record.get("miou")),
-                 *([iou(record.get("miou_ema"))] if ema else [])])
+    final = record["miou"] if is_eval else record.get("miou_final", record.get("miou"))
+    rows.append(["**mIoU** (final evaluation)", iou(final), *([iou(record.get("miou_ema"))] if ema else [])])
     return (["## Per-class IoU (%)", "", "Of the final evaluation; `-`: a class absent from both the ground truth and "
              "the prediction (undefined, left out of the mean)."] + [""] + _table(headers, rows))
 
@@ -198,7 +203,11 @@ def reproduction_card(spec: Spec, record: dict[str, Any], *, figures: str = "", 
              f"record `{record.get('_path', '?')}`.", ""]
 
     lines += ["## Row and verdict", ""]
-    if reference:
+    if reference and record.get("dataset") != REFERENCE_DATASET:
+        lines += [f"{headline:.2f} mIoU ({statistic}) on the {record.get('dataset')} data: no reference, no Δ and no "
+                  f"verdict (the table measured Cityscapes; a run on other data proves the pipeline, it is never a "
+                  "reproduction).", ""]
+    elif reference:
         ref_mean = statistics.fmean(reference)
         verdict = judge(reference, [headline], tol)
         lines += _table(["row", "reference mIoU", "this run", "Δ", "verdict (this run alone)"],

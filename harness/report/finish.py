@@ -36,9 +36,10 @@ def training_params(spec: Spec, plan: TrainPlan, data_root: Path, train_images: 
 
 
 def run_tags(spec: Spec, dataset: str, commit: str, kind: str, entry_point: str, **extra: Any) -> dict[str, str]:
-    return {"kind": kind, "row": spec.row, "dataset": dataset,
-            "reference": " | ".join(repr(v) for v in spec.reference.miou),
-            "reference_source": spec.reference.source, **source_tags(commit, entry_point),
+    # The reference was measured on Cityscapes: a run on other data carries none (no tag, no metric, no Δ).
+    reference = {"reference": " | ".join(repr(v) for v in spec.reference.miou),
+                 "reference_source": spec.reference.source} if dataset == REFERENCE_DATASET else {}
+    return {"kind": kind, "row": spec.row, "dataset": dataset, **reference, **source_tags(commit, entry_point),
             **{k: str(v) for k, v in extra.items()}}
 
 

@@ -191,6 +191,12 @@ def speed_dir() -> Path:
     return results_dir() / SPEED
 
 
+def local_speed_dir() -> Path:
+    """runs/speed/: a CPU's `bench speed` records, this machine's figures, kept out of git and of benchmark.md's
+    inference column (`bench speed --keep-record` files them under speed_dir)."""
+    return runs_dir() / SPEED
+
+
 # The fields every mode's entry holds (harness.engine.benchmark.timing_fields), with their JSON types; each mode adds
 # its own (flops_per_image, workers, providers, ...), kept as measured.
 NUMBER = (int, float)
@@ -298,8 +304,9 @@ def load_speed_records(device: Optional[str] = None) -> list[SpeedRecord]:
     return sorted((r for r in records if device is None or r.device == device), key=lambda r: r.time)
 
 
-def write_speed_record(record: SpeedRecord) -> SpeedRecord:
-    """File `record` under results/speed/<device>/<row>/ (never replacing one); returns it with its path."""
+def write_speed_record(record: SpeedRecord, kept: bool = True) -> SpeedRecord:
+    """File `record` under results/speed/<device>/<row>/ (runs/speed/ unless `kept`; never replacing one); returns
+    it with its path."""
     data = record.to_json()
-    written = write_record(data, root=speed_dir(), group=record.device)
+    written = write_record(data, root=speed_dir() if kept else local_speed_dir(), group=record.device)
     return SpeedRecord(**{**asdict(record), "path": str(written)})

@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import statistics
+import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -302,6 +303,14 @@ def _markdown(frame: pd.DataFrame) -> str:
     return tabulate(frame, headers="keys", tablefmt="github", showindex=False, disable_numparse=True)
 
 
+PROSE_WIDTH = 118  # the table's prose wraps here (one paragraph still, as markdown renders it); tables cannot
+
+
+def wrap(paragraph: str) -> str:
+    """A paragraph of prose as lines a terminal or a diff shows whole (words and code spans never split inside)."""
+    return textwrap.fill(paragraph, PROSE_WIDTH, break_long_words=False, break_on_hyphens=False)
+
+
 def render(dataset: str = REFERENCE_DATASET, specs: Optional[list[Spec]] = None,
            records: Optional[list[dict[str, Any]]] = None, tolerance: Optional[float] = None,
            all_records: bool = False, figure: Optional[str] = FIGURE_NAME, ours: Optional[list[Spec]] = None) -> str:
@@ -324,7 +333,7 @@ def render(dataset: str = REFERENCE_DATASET, specs: Optional[list[Spec]] = None,
     if dataset == SYNTHETIC_DATASET:
         note = ("SYNTHETIC DATA: these runs prove the pipeline works; they are not reproductions of the table. "
                 "One line per row and budget actually run (iterations, global batch, crop); no reference, no Δ.")
-        text = f"{header}{note}\n\n{_markdown(synthetic_frame(specs, records))}\n"
+        text = f"{header}{wrap(note)}\n\n{_markdown(synthetic_frame(specs, records))}\n"
     else:
         note = (
             f"A run counts only if it trained its row's full planned budget (the table's epochs over the "
@@ -342,7 +351,7 @@ def render(dataset: str = REFERENCE_DATASET, specs: Optional[list[Spec]] = None,
             f"{INFER_COLUMN}: the whole-image forward at 2048x1024, one image at a time, from `bench speed` records "
             f"(results/speed/), with the device and precision it ran on; \"{NOT_MEASURED}\" where no record exists."
         )
-        text = f"{header}{note}\n\n{_markdown(table_frame(specs, records, 'cityscapes', tolerance))}\n"
+        text = f"{header}{wrap(note)}\n\n{_markdown(table_frame(specs, records, 'cityscapes', tolerance))}\n"
         if figure:
             text += f"\n![measured vs reference per row, and mIoU against GFLOPs]({figure})\n"
         if not all_records:

@@ -13,11 +13,19 @@ from harness.errors import BenchError
 from harness.models.provenance import MISSING, FileCheck, check_file
 from harness.models.weights import expected_files, verify_file, weights_folder_problem
 
+WRAP_ROWS, WRAP_SOURCE = 30, 40  # columns the rows and the source wrap at
+
 
 @dataclass
 class WeightsReport:
     text: str
     checks: list[FileCheck]
+    verify: bool = False
+
+    @property
+    def verified_nothing(self) -> bool:
+        """`--verify` with every file missing hashed none (exit non-zero, not a plain table and 0)."""
+        return self.verify and bool(self.checks) and self.missing == len(self.checks)
 
     @property
     def missing(self) -> int:
@@ -39,11 +47,14 @@ class WeightsReport:
             where = checked.source.where if checked.source else "?"
             lines.append(f"error: {checked.path}: {checked.describe()}; it is not the file the rows expect, and a run "
                          f"on it does not count: fetch it again from {where}")
+        if self.verified_nothing:
+            lines.append(f"error: --verify verified nothing: all {self.missing} file(s) are missing; bring them from "
+                         "the sources shown, then verify again")
         return lines
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.mismatched else 0
+        return 1 if self.mismatched or self.verified_nothing else 0
 
 
 def files_by_row(pattern: str = "*") -> tuple[dict[Path, list[Spec]], list[str], dict[Path, str]]:
@@ -77,7 +88,10 @@ def weights_report(pattern: str = "*", verify: bool = False) -> WeightsReport:
         lines.append([str(path), ", ".join(s.row for s in specs), source, published, checked.describe()])
     if none:
         lines.append(["(none)", ", ".join(none), "random initialisation, as the table's run", "-", "-"])
-    text = tabulate(lines, headers=["file", "rows", "source", "published SHA-1", "status"], disable_numparse=True)
+    # The rows and the sources wrap (at spaces: a URL stays whole on its line) so that the table fits a terminal.
+    text = tabulate(lines, headers=["file", "rows", "source", "published SHA-1", "status"], disable_numparse=True,
+                    maxcolwidths=[None, WRAP_ROWS, WRAP_SOURCE, None, None], break_long_words=False,
+                    break_on_hyphens=False)
     if not verify and any(c.status != MISSING and c.source and c.source.sha1 for c in checks):
         text += "\n--verify hashes the present files against their published checksums"
-    return WeightsReport(text, checks)
+    return WeightsReport(text, checks, verify)

@@ -169,7 +169,7 @@ class Journal:
 
 
 def describe_pending(entries: Iterable[dict[str, Any]]) -> str:
-    """'12 metric values (train/loss, val/miou), 2 artifacts (plots/curves.png, ...), the status FINISHED'."""
+    """'12 metric values (train/loss, val/miou_raw), 2 artifacts (plots/curves.png, ...), the status FINISHED'."""
     values, keys, artifacts, other, status = 0, [], [], 0, None
     for entry in entries:
         if entry["op"] == "metrics":

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 from harness import paths
 from harness.errors import BenchError
 from harness.files import check_writable
+from harness.tracking.mlflow_sink import server_environment
 from harness.tracking.mlflow_ui import Stopped, check_port, die_with_parent, stop_signals
 
 log = logging.getLogger(__name__)
@@ -131,9 +132,7 @@ def start_server(backend_store_uri: Optional[str], artifacts: Optional[Path], ho
     hosts = allowed_hosts(host)
     if hosts:
         command += ["--allowed-hosts", ",".join(hosts)]
-    # The server's background job runner serves GenAI features; training runs need none of it.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    process = subprocess.Popen(command, env=env, stdout=sys.stderr, start_new_session=True,
+    process = subprocess.Popen(command, env=server_environment(), stdout=sys.stderr, start_new_session=True,
                                preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
     try:
         local = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else '[::1]' if host == '::' else host}:{port}"

@@ -25,6 +25,20 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RE
 # The experiment's kind, as MLflow 3 marks it: model training, not GenAI. MLflow 3.17's UI reads it only where its
 # GenAI / model-training switch is off; `bench ui`'s URL names the workflow too (harness.tracking.mlflow_ui).
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+# Starlette's deprecation notice about MLflow's own use of it (one per server worker process): a user can act on
+# none of them, and they stood before `bench server`'s URL. Filtered in the server's processes by a warnings filter
+# in their environment; PYTHONWARNINGS names the message, since a category outside the standard library cannot be
+# named there (Python parses it before site-packages can be imported).
+QUIET_SERVER_WARNINGS = "ignore:starlette.middleware.wsgi is deprecated"
+
+
+def server_environment() -> dict[str, str]:
+    """The environment an MLflow server or UI process runs in: without MLflow's GenAI job runner (training runs
+    need none of it) and without Starlette's deprecation notices."""
+    warnings = ",".join(filter(None, (os.environ.get("PYTHONWARNINGS"), QUIET_SERVER_WARNINGS)))
+    return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PYTHONWARNINGS": warnings}
+
+
 def artifact_location(tracking_uri: str) -> Optional[str]:
     """Artifacts beside a local SQLite store, instead of MLflow's default of ./mlruns in the working directory."""
     if tracking_uri.startswith("sqlite:///"):

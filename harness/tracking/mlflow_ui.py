@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 from harness.config.benchmark import REFERENCE_DATASET
 from harness.errors import BenchError
-from harness.tracking.mlflow_sink import connect, ensure_experiment
+from harness.tracking.mlflow_sink import connect, ensure_experiment, server_environment
 from harness.tracking.tracker import EXPERIMENT_PREFIX, HEADLINE, experiment_name
 
 # MLflow's server took over 90 s to answer on a loaded 2-core machine: wait long, and say so while waiting.
@@ -146,7 +146,7 @@ class UiServer:
                 [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri, "--host", host,
                  "--port", str(port), "--workers", str(workers)],
                 # Without MLflow's GenAI job runner (a dozen huey processes a runs table does not use).
-                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                env=server_environment(),
                 stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
                 preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
         self.group = self.process.pid  # start_new_session: the server leads its own group

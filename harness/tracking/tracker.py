@@ -40,7 +40,7 @@ def experiment_name(dataset: str) -> str:
 
 
 def metric_name(key: str) -> str:
-    """The training loop's keys grouped as trackers chart them: `val_miou` -> `val/miou`, `train_loss` ->
+    """The training loop's keys grouped as trackers chart them: `val_miou_raw` -> `val/miou_raw`, `train_loss` ->
     `train/loss`, anything else of the loop (`lr`, `images_per_s`) under `train/`; grouped names pass."""
     if "/" in key or key in HEADLINE or key.startswith(SUMMARY_PREFIXES):
         return key
