@@ -115,8 +115,8 @@ def test_bench_speed_times_the_gpu_shaped_step_and_evaluation_loop_on_cpu(one_th
     evaluation = speed(SpeedOptions(row="df_seg_v1", mode="eval", device="cpu", size=(64, 32), warmup=0, repeats=1,
                                     steps=1, workers=0, precision="bf16", channels_last=True, fused=True))
     for measured in (record, evaluation):
-        assert (measured["precision"], measured["channels_last"], measured["fused"]) == ("bf16", True, True)
-    assert record["modes"]["train"]["images_per_s"] > 0 and evaluation["modes"]["eval"]["images_per_s"] > 0
+        assert (measured.precision, measured.channels_last, measured.fused) == ("bf16", True, True)
+    assert record.modes["train"]["images_per_s"] > 0 and evaluation.modes["eval"]["images_per_s"] > 0
 
 
 # --- two gloo processes through the GPU path's norms ---------------------------------------------------------

@@ -84,7 +84,7 @@ def card_record(dataset: str) -> dict:
             "miou_weights": "ema", "miou_iteration": 160, "miou_final": 43.78, "miou_ema": 39.50, "miou_best": 43.80,
             "best_iteration": 150, "miou_ema_best": 39.53, "best_iteration_ema": 160, "iterations": 160,
             "per_class_iou": raw, "per_class_iou_ema": ema, "train_images": 24, "val_images": 8,
-            "starting_weights": "random", "time": "2026-12-06T16:00:00Z", "_path": "results/x.json"}
+            "starting_weights": "random", "tracking_run_id": None, "time": "2026-12-06T16:00:00Z", "_path": "results/x.json"}
 
 
 def test_a_synthetic_card_has_no_reference_and_its_columns_are_the_weights_they_name():
@@ -209,6 +209,7 @@ def test_the_server_processes_start_without_starlettes_deprecation_notices():
 
 
 def test_weights_verify_with_every_file_missing_verified_nothing_and_exits_1(tmp_path, monkeypatch):
+    (tmp_path / "weights").mkdir()  # an empty weights folder: nothing to verify
     monkeypatch.setenv("SEGBENCH_WEIGHTS", str(tmp_path / "weights"))
     listed = CliRunner().invoke(main, ["weights", "--rows", "sf_seg_v2*"])
     assert listed.exit_code == 0  # the plain listing stays what it was
@@ -217,7 +218,7 @@ def test_weights_verify_with_every_file_missing_verified_nothing_and_exits_1(tmp
     assert verified.stderr.strip().splitlines()[-1] == (
         "error: --verify verified nothing: all 1 file(s) are missing; bring them from the sources shown, then verify "
         "again")
-    assert not (tmp_path / "weights").exists()
+    assert not any((tmp_path / "weights").iterdir())
 
 
 def test_the_weights_table_fits_a_wide_terminal_not_330_columns():

@@ -80,18 +80,18 @@ def test_the_main_job_says_nothing_of_cityscapes_and_names_its_weights(synthetic
 
     # the MLflow run: no reference tag or metric; the curves name their weights
     client = MlflowClient(default_tracking_uri())
-    mlflow_run = client.get_run(record["mlflow_run_id"])
+    mlflow_run = client.get_run(record["tracking_run_id"])
     tags, metrics = mlflow_run.data.tags, mlflow_run.data.metrics
     assert not {k for k in tags if k.startswith("reference")}, tags
     assert not {k for k in metrics if "reference" in k or "delta" in k}, sorted(metrics)
     assert not carries_reference(json.dumps({k: v for k, v in tags.items() if not k.startswith("mlflow.")}), figures)
     assert metrics["miou"] == pytest.approx(record["miou"], abs=1e-4)
     assert "val/miou" not in metrics
-    raw_curve = client.get_metric_history(record["mlflow_run_id"], "val/miou_raw")
-    ema_curve = client.get_metric_history(record["mlflow_run_id"], "val/miou_ema")
+    raw_curve = client.get_metric_history(record["tracking_run_id"], "val/miou_raw")
+    ema_curve = client.get_metric_history(record["tracking_run_id"], "val/miou_ema")
     assert max(raw_curve, key=lambda m: m.step).value == pytest.approx(record["miou_final"], abs=1e-4)
     assert max(ema_curve, key=lambda m: m.step).value == pytest.approx(record["miou_ema"], abs=1e-4)
     assert max(m.value for m in ema_curve) == pytest.approx(record["miou"], abs=1e-4)
     (tmp_path / "artifact").mkdir()
-    card_artifact = Path(client.download_artifacts(record["mlflow_run_id"], "report.md", str(tmp_path / "artifact")))
+    card_artifact = Path(client.download_artifacts(record["tracking_run_id"], "report.md", str(tmp_path / "artifact")))
     assert "no reference, no Δ and no verdict" in card_artifact.read_text()

@@ -242,7 +242,7 @@ def test_a_training_run_logs_system_metrics_and_its_dataset(tmp_path, monkeypatc
     monkeypatch.setenv("SEGBENCH_EXPERIMENTS", str(experiments_with(tmp_path, {"tiny": TINY})))
     record = run(RunOptions(row="tiny", synthetic=True, iters=2, progress=False))
     client = MlflowClient(default_tracking_uri())
-    train = client.get_run(record["mlflow_run_id"])
+    train = client.get_run(record["tracking_run_id"])
     system = {k for k in train.data.metrics if k.startswith("system/")}
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
             "system/system_memory_usage_percentage"} <= system, system

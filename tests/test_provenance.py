@@ -39,9 +39,27 @@ def publish(monkeypatch, name: str, content: bytes) -> None:
 
 
 def table_lines(output: str) -> dict[str, str]:
-    """The output's table lines by file name."""
-    return {Path(line.split()[0]).name: line for line in output.splitlines()[2:] if line.split()
-            and line.split()[0].endswith(".pth")}
+    """The output's table entries by file name, each column's wrapped lines joined back (the table wraps its rows
+    and sources to fit a terminal), the columns two spaces apart."""
+    lines = output.splitlines()
+    rule = next(i for i, line in enumerate(lines) if line.startswith("---"))
+    spans, start = [], 0
+    for dashes in lines[rule].split("  "):
+        if dashes:
+            spans.append((start, start + len(dashes)))
+        start += len(dashes) + 2
+    entries: dict[str, list[list[str]]] = {}
+    current: list[list[str]] = []
+    for line in lines[rule + 1:]:
+        cells = [line[a:b].strip() for a, b in spans]
+        if cells[0].endswith(".pth"):
+            current = [[cell] for cell in cells]
+            entries[Path(cells[0]).name] = current
+        elif current and not cells[0] and any(cells):
+            for column, cell in zip(current, cells):
+                if cell:
+                    column.append(cell)
+    return {name: "  ".join(" ".join(column) for column in columns) for name, columns in entries.items()}
 
 
 def test_each_expected_file_is_listed_once_with_its_rows_source_and_status(weights_dir):

@@ -76,6 +76,7 @@ def test_every_everyday_line_of_the_readme_runs_on_a_fresh_checkout(tmp_path, mo
     monkeypatch.setattr(paths, "PROJECT_ROOT", clone)
     for variable in ("SEGBENCH_RESULTS", "SEGBENCH_BENCHMARK", "SEGBENCH_RUNS", "MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(variable, raising=False)
+    (tmp_path / "no-weights").mkdir()
     monkeypatch.setenv("SEGBENCH_WEIGHTS", str(tmp_path / "no-weights"))  # a fresh clone has none
     monkeypatch.chdir(clone)  # the README's lines run in the checkout's root
     lines = everyday_lines()
