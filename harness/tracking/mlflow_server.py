@@ -23,7 +23,15 @@ from harness import paths
 from harness.errors import BenchError
 from harness.files import check_writable
 from harness.tracking.mlflow_sink import server_environment
-from harness.tracking.mlflow_ui import Stopped, check_port, die_with_parent, stop_signals
+from harness.tracking.mlflow_ui import (
+    STOP_SIGNALS,
+    Stopped,
+    check_port,
+    check_stopped,
+    owned_child_setup,
+    stop_signals,
+    wait_stoppable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +140,21 @@ def start_server(backend_store_uri: Optional[str], artifacts: Optional[Path], ho
     hosts = allowed_hosts(host)
     if hosts:
         command += ["--allowed-hosts", ",".join(hosts)]
-    process = subprocess.Popen(command, env=server_environment(), stdout=sys.stderr, start_new_session=True,
-                               preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
+    # A stop signal while the child starts would leave it running unowned: it waits, blocked, until `process` is
+    # held and the try below can end it.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
+        process = subprocess.Popen(command, env=server_environment(), stdout=sys.stderr, start_new_session=True,
+                                   preexec_fn=owned_child_setup)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a stop signal that came meanwhile is raised here
         local = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else '[::1]' if host == '::' else host}:{port}"
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while time.monotonic() < deadline:
+            check_stopped()
             if process.poll() is not None:
                 raise BenchError(f"the MLflow server exited with code {process.returncode} before answering (its "
                                  "output above says why)")
@@ -185,7 +202,7 @@ def serve(backend_store_uri: Optional[str], artifacts: Optional[Path], host: str
             echo(f"MLflow tracking server: {uri} (store {shown(store)}, artifacts {folder})")
             echo(f"log jobs to it: bench sweep ... --tracking-uri {uri}   (or export MLFLOW_TRACKING_URI={uri})")
             echo("Ctrl-C stops it.")
-            code = process.wait()
+            code = wait_stoppable(process)
             raise BenchError(f"the MLflow server exited with code {code}")
         except KeyboardInterrupt:
             return 0

@@ -134,6 +134,17 @@ def die_with_parent() -> None:
         pass
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
+def owned_child_setup() -> None:
+    """In a child started with the stop signals blocked (so that its parent always holds it when a signal comes):
+    take them again, and die with the parent on Linux."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    if sys.platform.startswith("linux"):
+        die_with_parent()
+
+
 class UiServer:
     """`mlflow ui` in its own process group, its output in a log file; `stop` ends every process of the group."""
 
@@ -175,6 +186,7 @@ class UiServer:
                 echo(f"waiting for the MLflow UI on {self.host}:{self.port} ({said - started:.0f} s; a busy machine "
                      f"takes a while, up to {timeout:.0f} s)")
             time.sleep(0.5)
+            check_stopped()
         self.stop()
         raise BenchError(f"the MLflow UI did not answer on {self.host}:{self.port} within {timeout:.0f} s (the "
                          "machine may be overloaded); try again when it is quieter")
@@ -214,19 +226,44 @@ class Stopped(Exception):
         self.signum = signum
 
 
+_RECEIVED: list[int] = []  # the signals handled under stop_signals, newest last
+
+
 @contextmanager
 def stop_signals() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise `Stopped` (SIGINT raises KeyboardInterrupt as always), so that the block's cleanup
-    runs on any of them."""
+    """SIGTERM and SIGHUP raise `Stopped` and SIGINT KeyboardInterrupt, so that the block's cleanup runs on any of
+    them. Python drops an exception a handler raises while the interpreter runs an at-fork callback (logging's, in
+    the parent, as subprocess starts a child): the block's waits call `check_stopped`, which raises it again."""
     def handler(signum: int, frame: Any) -> None:
-        raise Stopped(signum)
+        _RECEIVED.append(signum)
+        check_stopped()
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    _RECEIVED.clear()
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
     try:
         yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        _RECEIVED.clear()
+
+
+def check_stopped() -> None:
+    """Raise what the newest signal under `stop_signals` means (nothing when none came)."""
+    if _RECEIVED:
+        if _RECEIVED[-1] == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Stopped(_RECEIVED[-1])
+
+
+def wait_stoppable(process: subprocess.Popen) -> int:
+    """The process's exit code, looking for a signal under `stop_signals` twice a second meanwhile."""
+    while True:
+        check_stopped()
+        try:
+            return process.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def open_view(dataset: Optional[str], tracking_uri: str) -> tuple[str, str, str]:
@@ -252,7 +289,7 @@ def serve_ui(dataset: Optional[str], tracking_uri: Optional[str], host: str = "1
             server.wait_ready(echo)
             echo(f"MLflow UI ({experiment_name(chosen)}, training runs, best mIoU first): "
                  f"{runs_table_url(host, port, experiment_id, view)}\nCtrl-C stops it.")
-            server.process.wait()
+            wait_stoppable(server.process)
             raise BenchError(f"the MLflow UI stopped by itself (exit code {server.process.returncode}): "
                              f"{_last_line(server.log) or 'no output'}")
         except KeyboardInterrupt:
