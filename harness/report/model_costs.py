@@ -11,13 +11,12 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
 from harness.config.spec import Spec
-from harness.files import new_temporary_file
+from harness.files import atomic_write_text
 from harness.paths import PROJECT_ROOT, cache_dir
 
 log = logging.getLogger(__name__)
@@ -77,22 +76,11 @@ class ModelCosts:
 
     def _save(self, values: dict[str, Any]) -> None:
         """Replace the file atomically; a cache that cannot be written only costs the next process the count."""
-        tmp = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            handle, tmp = new_temporary_file(self.path.parent, prefix=".tmp-model-costs-", suffix=".json")
-            with os.fdopen(handle, "w") as f:
-                json.dump(values, f)
-            os.replace(tmp, self.path)
-            tmp = None
+            atomic_write_text(self.path, json.dumps(values))
         except OSError as exc:
             log.debug("model costs not cached at %s: %s", self.path, exc)
-        finally:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
 
     def training(self, spec: Spec, width: int, height: int) -> TrainingCost:
         def count() -> list[int]:
