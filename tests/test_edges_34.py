@@ -257,10 +257,16 @@ def test_a_signal_while_the_server_starts_ends_it_and_its_port(tmp_path, signum,
     started = process_tree(server.pid) - {server.pid}
     assert started, "bench server started no MLflow server"
     server.send_signal(signum)
-    out, err = server.communicate(timeout=120)
+    try:
+        out, err = server.communicate(timeout=120)
+    finally:  # what is left fails the test below, and is ended here either way
+        left = [pid for pid in started if alive(pid)]
+        for pid in process_tree(server.pid) | set(left):
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
     assert "MLflow tracking server: " not in out, "the signal came while the server waited for MLflow"
     assert server.returncode == code and said in out + err and "Traceback" not in err, (server.returncode, out, err)
-    assert not [pid for pid in started if alive(pid)], "a process of the MLflow server is left"
+    assert not left, "a process of the MLflow server is left"
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", port)) != 0, f"something still listens on {port}"
 
