@@ -226,3 +226,13 @@ class ListeningSocketsWatch(threading.Thread):
         while self.process.poll() is None:
             self.seen |= listening_addresses(process_tree(self.process.pid))
             time.sleep(0.2)
+
+
+@pytest.fixture
+def weights_dir(tmp_path, monkeypatch) -> Path:
+    """An empty $SEGBENCH_WEIGHTS folder of the test's own."""
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    monkeypatch.setenv("SEGBENCH_WEIGHTS", str(folder))
+    return folder
+

@@ -208,3 +208,26 @@ def listening_addresses(pids: set[int]) -> set[str]:
 
 
 LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1 and ::1 as /proc/net writes them
+
+
+GLOO_TIMEOUT_S = 120
+
+
+def two_gloo_processes(target, folder: Path) -> list[dict]:
+    """Run `target(rank, world_size, store_path, folder)` in two forked processes (they start with this one's modules
+    loaded; a spawned one spends seconds importing them) and return what each saved as folder/rank<N>.pt."""
+    import time
+
+    import pytest
+
+    processes = torch.multiprocessing.start_processes(target, args=(2, str(folder / "store"), str(folder)), nprocs=2,
+                                                      join=False, start_method="fork")
+    deadline = time.monotonic() + GLOO_TIMEOUT_S
+    while not processes.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in processes.processes:
+                process.kill()
+                process.join()
+            pytest.fail(f"the two gloo processes did not finish within {GLOO_TIMEOUT_S} s")
+    return [torch.load(folder / f"rank{rank}.pt") for rank in range(2)]
+

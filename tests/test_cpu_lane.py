@@ -6,7 +6,6 @@ can, this lane says so. tests/test_cuda_branches.py keeps every other CUDA-only 
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from harness.launch.run import RunOptions, run
 from harness.launch.speed import speed
 from harness.models import build_model
 from harness.models.common import GroupedBatchNorm2d
-from tests.helpers import experiments_with
+from tests.helpers import experiments_with, two_gloo_processes
 from tests.test_training_resilience import TINY
 
 pytestmark = pytest.mark.slow
@@ -121,7 +120,6 @@ def test_bench_speed_times_the_gpu_shaped_step_and_evaluation_loop_on_cpu(one_th
 
 # --- two gloo processes through the GPU path's norms ---------------------------------------------------------
 
-GLOO_TIMEOUT_S = 120
 IMAGES, SIZE = 8, 64
 
 
@@ -168,16 +166,7 @@ def _gloo_process(rank: int, size: int, store: str, out: str) -> None:
 
 
 def test_two_gloo_processes_convert_to_syncbn_keep_sfnets_grouped_head_norms_and_train_in_bf16(tmp_path, one_thread):
-    processes = torch.multiprocessing.start_processes(
-        _gloo_process, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=False, start_method="fork")
-    deadline = time.monotonic() + GLOO_TIMEOUT_S
-    while not processes.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in processes.processes:
-                process.kill()
-                process.join()
-            pytest.fail(f"the two gloo processes did not finish within {GLOO_TIMEOUT_S} s")
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    ranks = two_gloo_processes(_gloo_process, tmp_path)
     for result in ranks:
         # SFNet v1's 10 head norms (UP's per-GPU GroupedBatchNorm2d) stay per process; every other norm syncs.
         assert result["kinds"]["grouped"] == 10 and result["kinds"]["sync"] > 10 and result["kinds"]["plain"] == 0

@@ -56,14 +56,6 @@ def doctor_line(output: str, check: str) -> list[str]:
 # --- starting weights (models/provenance.py, models/weights.py) ------------------------------------------------
 
 
-@pytest.fixture
-def weights_dir(tmp_path, monkeypatch) -> Path:
-    folder = tmp_path / "weights"
-    folder.mkdir()
-    monkeypatch.setenv("SEGBENCH_WEIGHTS", str(folder))
-    return folder
-
-
 def dfnet1_file(folder: Path) -> Path:
     """df_seg_v1's starting file as SFSegNets publishes it (DFNet1's backbone names plus an ImageNet classifier); no
     checksum of it is published."""

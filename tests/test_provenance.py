@@ -9,26 +9,17 @@ import dataclasses
 import hashlib
 from pathlib import Path
 
-import pytest
 import torch
 from click.testing import CliRunner
 
 from harness.cli import main
-from harness.launch.options import RunOptions, validate_run
 from harness.config.spec import load_all, load_spec
+from harness.launch.options import RunOptions, validate_run
 from harness.models import build_model, provenance
 from harness.models.weights import apply_starting_weights, expected_files
 from harness.paths import PROJECT_ROOT
 from harness.report.verdicts import OTHER_WEIGHTS, standing
 from tests.table_fixtures import full_budget_record
-
-
-@pytest.fixture
-def weights_dir(tmp_path, monkeypatch) -> Path:
-    folder = tmp_path / "weights"
-    folder.mkdir()
-    monkeypatch.setenv("SEGBENCH_WEIGHTS", str(folder))
-    return folder
 
 
 def publish(monkeypatch, name: str, content: bytes) -> None:

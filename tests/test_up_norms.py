@@ -5,7 +5,6 @@ integer buffers alone."""
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -13,15 +12,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from harness.launch.options import check_batch_norm
 from harness.config.plan import make_plan
 from harness.config.spec import load_spec
 from harness.engine.distributed import World, _loopback_interface
 from harness.engine.ema import ExpEMA
 from harness.engine.train import Trainer, convert_norm
 from harness.errors import BenchError
+from harness.launch.options import check_batch_norm
 from harness.models import build_model
 from harness.models.common import GroupedBatchNorm2d, count_parameters
+from tests.helpers import two_gloo_processes
 from tests.test_models_up_sfnet import UP_PARAMS
 
 
@@ -113,7 +113,6 @@ def test_ema_averages_floating_point_tensors_and_leaves_integer_buffers_alone():
 # --- one process and two (gloo) ------------------------------------------------------------------------
 
 IMAGES, SIZE = 16, 64  # UP's global batch of SFNet, tiny frames
-GLOO_TIMEOUT_S = 120
 
 
 def one_step(world: World) -> dict[str, dict[str, torch.Tensor] | torch.Tensor]:
@@ -159,17 +158,7 @@ def _process(rank: int, size: int, store: str, out: str) -> None:
 
 def test_one_process_and_two_gloo_processes_give_the_same_head_statistics_and_outputs(tmp_path, one_thread):
     single = one_step(World())
-    # Forked: the processes start with this one's modules loaded (a spawned one spends seconds importing them).
-    processes = torch.multiprocessing.start_processes(_process, args=(2, str(tmp_path / "store"), str(tmp_path)),
-                                                      nprocs=2, join=False, start_method="fork")
-    deadline = time.monotonic() + GLOO_TIMEOUT_S
-    while not processes.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in processes.processes:
-                process.kill()
-                process.join()
-            pytest.fail(f"the two gloo processes did not finish within {GLOO_TIMEOUT_S} s")
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    ranks = two_gloo_processes(_process, tmp_path)
     for rank, result in enumerate(ranks):
         assert torch.allclose(result["logits"], single["logits"][rank::2], atol=1e-5), rank
         assert set(result["stats"]) == set(single["stats"]) and len(single["stats"]) == 30  # 10 x mean, var, count
