@@ -29,9 +29,8 @@ from harness.data.cityscapes import (
     LABEL_TO_TRAIN,
     MAX_PIXELS,
 )
-from harness.data.roots import check_root
+from harness.data.source import cityscapes_root
 from harness.data.synthetic import read_manifest
-from harness.errors import BenchError
 
 OFFICIAL_COUNTS = OFFICIAL_SPLIT_IMAGES
 OFFICIAL_SIZE = FRAME_SIZE
@@ -154,13 +153,6 @@ class Listing:
     frame: Optional[tuple[int, ...]] = None  # the synthetic dataset's frame size, from its manifest
 
 
-def resolve_root(data_root: Optional[str]) -> Path:
-    root_text = data_root or os.environ.get("CITYSCAPES_DATASET")
-    if not root_text:
-        raise BenchError("no dataset given: pass --data-root DIR (or set CITYSCAPES_DATASET), or --synthetic")
-    return check_root(Path(root_text).expanduser())
-
-
 def list_tree(root: Path, official: bool = True) -> Listing:
     """Pairs, counts per split and (with `official`) the official counts and cities, from the file names alone. The
     synthetic dataset (its manifest at the root) is held to its generated counts instead, what differs from
@@ -224,7 +216,7 @@ def check_tree(data_root: Optional[str], workers: Optional[int] = None, official
     """Every defect of the tree at `data_root` (default: $CITYSCAPES_DATASET). `official`: also require the
     official split sizes, cities and 2048x1024 frames (off for a subset); the synthetic dataset is held to its own
     counts and frame size instead, what differs from Cityscapes reported as notes. `full`: decode every image."""
-    listing = list_tree(resolve_root(data_root), official)
+    listing = list_tree(cityscapes_root(data_root), official)
     root, rule, frame = listing.report.root, listing.report.rule, listing.frame
     summaries, defects, notes = listing.report.splits, listing.report.defects, listing.report.notes
     image_jobs, label_jobs = listing.image_jobs, listing.label_jobs

@@ -83,12 +83,13 @@ class DoctorOptions:
 
 
 def check_dataset(options: DoctorOptions) -> Check:
-    from harness.data.check import RULES, cut_files, list_tree, resolve_root
+    from harness.data.check import RULES, cut_files, list_tree
+    from harness.data.source import cityscapes_root
 
     if options.synthetic:
         return Check("dataset", GO, "the synthetic dataset (generated on first use)")
     try:
-        root = resolve_root(options.data_root)
+        root = cityscapes_root(options.data_root)
     except BenchError as exc:
         return Check("dataset", NO_GO, str(exc), "give the Cityscapes root (leftImg8bit/ and gtFine/ inside)")
     listing = list_tree(root)
