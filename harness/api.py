@@ -10,6 +10,7 @@ mean and std, the row's test mode (whole image, or sliding window, flips and sca
 logits resized back to the image's size, argmax. Everything here is a thin layer over the commands' own code.
 
     record = api.run(api.RunOptions(row="sf_seg_v2", synthetic=True))   # train one seed, as `bench run` does
+    print(record.miou, record.checkpoint)                              # its result record, an api.TrainRecord
 
 `run` is `bench run`'s own way in (harness.launch.run.checked_run): the same checks, the same refusals.
 """
@@ -34,8 +35,9 @@ from harness.errors import BenchError
 from harness.launch.run import RunOptions, run
 from harness.models import build_model as build_network
 from harness.models import check_implemented
+from harness.report.records import TrainRecord
 
-__all__ = ["RunOptions", "Segmenter", "build_model", "load_checkpoint", "load_row", "predict", "run"]
+__all__ = ["RunOptions", "Segmenter", "TrainRecord", "build_model", "load_checkpoint", "load_row", "predict", "run"]
 
 
 class Segmenter(nn.Module):

@@ -22,7 +22,7 @@ import torch
 from harness.data.synthetic import ensure_synthetic
 from harness.logs import configure_logging
 from harness.paths import PROJECT_ROOT
-from harness.report.records import load_records
+from harness.report.records import TrainRecord, load_records
 from tests.cluster import postgres_uri, slurm_cluster, tracking_server  # noqa: F401  (session services)
 from tests.helpers import PAIR, bench, experiments_with, listening_addresses, process_tree
 
@@ -152,7 +152,7 @@ class FinishedRun:
 
     root: Path
     env: dict[str, str]
-    record: dict
+    record: TrainRecord
     folder: Path
 
     @property
@@ -175,7 +175,8 @@ def finished_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory)
             with mock.patch.dict(os.environ, env), mock.patch("harness.launch.run.write_benchmark"):
                 run(RunOptions(row="sf_seg_v1-ema", synthetic=True, iters=2, progress=False))
     (record,) = load_records(root / "results", dataset="synthetic")
-    folder = Path(record["checkpoint"]).parent.parent
+    assert isinstance(record, TrainRecord)
+    folder = Path(record.checkpoint).parent.parent
     return FinishedRun(root, env, record, folder)
 
 
@@ -183,7 +184,7 @@ def finished_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory)
 class PairRun:
     """One training of the PAIR row: its record, final checkpoint and logged losses."""
 
-    record: dict[str, Any]
+    record: TrainRecord
     state: dict[str, Any]
     losses: list[float]
     listening: set[str]  # local addresses its processes listened on (/proc/net/tcp's hex), seen while it trained
@@ -208,8 +209,9 @@ def pair_reference(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Pat
             assert process.returncode == 0, err
             (root / "listening.json").write_text(json.dumps(sorted(listening.seen)))
     (record,) = load_records(root / "results", dataset="synthetic")
-    history = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_metric_history(record["tracking_run_id"], "train/loss")
-    state = torch.load(record["checkpoint"], map_location="cpu", weights_only=True)
+    assert isinstance(record, TrainRecord)
+    history = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_metric_history(record.tracking_run_id, "train/loss")
+    state = torch.load(record.checkpoint, map_location="cpu", weights_only=True)
     listening = set(json.loads((root / "listening.json").read_text()))
     return PairRun(record, state, [m.value for m in sorted(history, key=lambda m: m.step)], listening)
 

@@ -24,26 +24,26 @@ pytestmark = pytest.mark.slow
 
 def test_periodic_evaluation_records_final_and_best_raw_and_ema(synthetic_root: Path, one_thread):
     record = run(RunOptions(row="df_seg_v1-ema", synthetic=True, iters=12, eval_every=4, progress=False))
-    history = MlflowClient(default_tracking_uri()).get_metric_history(record["tracking_run_id"], "val/miou_raw")
-    ema_history = MlflowClient(default_tracking_uri()).get_metric_history(record["tracking_run_id"], "val/miou_ema")
+    history = MlflowClient(default_tracking_uri()).get_metric_history(record.tracking_run_id, "val/miou_raw")
+    ema_history = MlflowClient(default_tracking_uri()).get_metric_history(record.tracking_run_id, "val/miou_ema")
     assert [m.step for m in history] == [4, 8, 12] and [m.step for m in ema_history] == [4, 8, 12]
     raw = {m.step: m.value for m in history}
     ema = {m.step: m.value for m in ema_history}
     # final = the last evaluation; best = the highest with its iteration, for raw and EMA weights alike
-    assert record["miou_final"] == pytest.approx(raw[12], abs=1e-4)
-    assert record["miou_ema"] == pytest.approx(ema[12], abs=1e-4)
+    assert record.miou_final == pytest.approx(raw[12], abs=1e-4)
+    assert record.miou_ema == pytest.approx(ema[12], abs=1e-4)
     best_step = max(raw, key=lambda s: (raw[s], -s))
     best_ema_step = max(ema, key=lambda s: (ema[s], -s))
-    assert (record["miou_best"], record["best_iteration"]) == (pytest.approx(raw[best_step], abs=1e-4), best_step)
-    assert (record["miou_ema_best"], record["best_iteration_ema"]) == (pytest.approx(ema[best_ema_step], abs=1e-4),
+    assert (record.miou_best, record.best_iteration) == (pytest.approx(raw[best_step], abs=1e-4), best_step)
+    assert (record.miou_ema_best, record.best_iteration_ema) == (pytest.approx(ema[best_ema_step], abs=1e-4),
                                                                        best_ema_step)
     # the headline is the row's statistic: the best EMA evaluation of this EMA row
-    assert record["miou"] == record["miou_ema_best"] and record["miou_weights"] == "ema"
+    assert record.miou == record.miou_ema_best and record.miou_weights == "ema"
     # best.pt holds the weights of the best EMA evaluation (UP evaluated the EMA model of an EMA row)
-    best = checkpoint.load(Path(record["best_checkpoint"]))
+    best = checkpoint.load(Path(record.best_checkpoint))
     assert best["iteration"] == best_ema_step
     assert best["best_ema"]["miou"] == pytest.approx(ema[best_ema_step], abs=1e-4)
-    assert Path(record["checkpoint"]).name == "ckpt-00000012.pt"
+    assert Path(record.checkpoint).name == "ckpt-00000012.pt"
 
 
 # df_seg_v1's recipe and starting-weight file at CPU size, for runs on a Cityscapes-layout folder.
@@ -65,12 +65,12 @@ def test_missing_starting_weights_warn_tag_record_and_mark_the_table(synthetic_r
     record = run(RunOptions(row=small_row, data_root=str(synthetic_root), iters=2, progress=False))
     stderr = capsys.readouterr().err
     assert f"WARNING: row '{small_row}' starts from" in stderr and "df1_imagenet.pth" in stderr
-    assert record["starting_weights"].startswith("missing") and "df1_imagenet.pth" in record["starting_weights"]
-    tracked = MlflowClient(default_tracking_uri()).get_run(record["tracking_run_id"]).data
-    assert tracked.tags["starting_weights"] == record["starting_weights"]
+    assert record.starting_weights.startswith("missing") and "df1_imagenet.pth" in record.starting_weights
+    tracked = MlflowClient(default_tracking_uri()).get_run(record.tracking_run_id).data
+    assert tracked.tags["starting_weights"] == record.starting_weights
     # a Cityscapes run, the reference's own data: the reference and the delta against it are logged
     assert tracked.metrics["reference_miou"] == 71.8
-    assert tracked.metrics["delta_miou"] == pytest.approx(record["miou"] - 71.8, abs=1e-4)
+    assert tracked.metrics["delta_miou"] == pytest.approx(record.miou - 71.8, abs=1e-4)
     (stored,) = load_records(dataset="cityscapes")
     table = render("cityscapes", records=[stored])
     measured, elsewhere = table.split("## Runs that do not count")
@@ -93,7 +93,7 @@ def test_starting_weights_present_are_loaded_and_reported(synthetic_root: Path, 
     assert "WARNING" not in stderr
     total = len(model.backbone.state_dict())
     assert f"loaded {total}/{total} tensors" in stderr
-    assert record["starting_weights"] == f"loaded {tmp_path / 'weights' / 'df1_imagenet.pth'}"
+    assert record.starting_weights == f"loaded {tmp_path / 'weights' / 'df1_imagenet.pth'}"
 
 
 def test_mseg_checkpoint_with_194_classes_loads_all_but_the_classifier(tmp_path, capsys):

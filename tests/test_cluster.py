@@ -43,13 +43,13 @@ FINISHER = """
 import sys, time
 from pathlib import Path
 from tests.table_fixtures import full_budget_record
-from harness.report.records import write_record
+from harness.report.records import write_result_record
 from harness.report.table import write_benchmark
 seed, go = int(sys.argv[1]), Path(sys.argv[2])
 go.with_name(f"ready-{seed}").touch()
 while not go.exists():
     time.sleep(0.005)
-write_record(full_budget_record("bisenet-r18", 70.0 + seed / 10, seed=seed))
+write_result_record(full_budget_record("bisenet-r18", 70.0 + seed / 10, seed=seed))
 write_benchmark(after_record=True)
 """
 
@@ -121,7 +121,7 @@ def sweep_folders() -> list[Path]:
 
 
 def run_ids(records: list[dict]) -> list[str]:
-    return [r["tracking_run_id"] for r in records]
+    return [r.tracking_run_id for r in records]
 
 
 @pytest.mark.slow
@@ -138,15 +138,15 @@ def test_four_jobs_at_once_log_to_bench_server_on_postgresql(tiny_rows, tracking
     assert "submitted 4 of 4 job(s) to local" in out, out
     assert [line.split()[2] for line in out.splitlines() if line.startswith(("tiny ", "tiny2 "))][-4:] == ["done"] * 4
     records = load_records(dataset="synthetic")
-    assert sorted((r["row"], r["seed"], r["iterations"]) for r in records) == [
+    assert sorted((r.row, r.seed, r.iterations) for r in records) == [
         ("tiny", 0, 2), ("tiny", 1, 2), ("tiny2", 0, 2), ("tiny2", 1, 2)]
     client = MlflowClient(uri)
     for record in records:
-        run = client.get_run(record["tracking_run_id"])
+        run = client.get_run(record.tracking_run_id)
         assert run.info.status == "FINISHED" and run.data.tags["kind"] == "train", run.info
         metrics = run.data.metrics
         # logged to 6 significant digits
-        assert metrics["miou"] == pytest.approx(measured_miou(load_spec(record["row"]), record), rel=1e-5), \
+        assert metrics["miou"] == pytest.approx(measured_miou(load_spec(record.row), record), rel=1e-5), \
             (metrics, record)
         for key in ("final_miou", "best_miou", "final_miou_ema", "val/miou_raw"):
             assert key in metrics, (key, sorted(metrics))
@@ -158,7 +158,7 @@ def test_four_jobs_at_once_log_to_bench_server_on_postgresql(tiny_rows, tracking
     assert table.exit_code == 0, table.output
     for row in tiny_rows:
         line = line_of(table.output, row)
-        values = [measured_miou(load_spec(row), r) for r in records if r["row"] == row]
+        values = [measured_miou(load_spec(row), r) for r in records if r.row == row]
         assert line["runs"] == "2" and line["mean"] == f"{sum(values) / 2:.2f}", line
     check = CliRunner().invoke(main, ["check", "--rows", "tiny*", "--json"])
     assert check.exit_code == 0, check.output
@@ -231,19 +231,19 @@ def test_sweep_on_a_real_slurm_submits_requeues_resumes_and_cancels(tiny_rows, s
     assert "resuming tiny from" in log, log[-3000:]
     final = read_state(state_file)
     assert final["run_folder"] == started["run_folder"] and final["attempt"].split(":")[1] == "1", final
-    records = {(r["row"], r["seed"]): r for r in load_records(dataset="synthetic")}
+    records = {(r.row, r.seed): r for r in load_records(dataset="synthetic")}
     assert sorted(records) == sorted(jobs)
-    assert Path(records[("tiny", 0)]["checkpoint"]).parent.parent == Path(started["run_folder"])
+    assert Path(records[("tiny", 0)].checkpoint).parent.parent == Path(started["run_folder"])
     seed0 = [f for f in (runs_dir() / "synthetic" / "tiny").glob("*/run.json")
              if json.loads(f.read_text())["options"]["seed"] == 0]
     assert len(seed0) == 1  # resumed, not restarted
-    a, b = (torch.load(records[(row, 0)]["checkpoint"], map_location="cpu", weights_only=True)
+    a, b = (torch.load(records[(row, 0)].checkpoint, map_location="cpu", weights_only=True)
             for row in ("tiny", "tiny2"))
     assert a["iteration"] == b["iteration"] == 16
     assert_same_tensors(a["model"], b["model"])
     assert_same_tensors(a["ema"], b["ema"])
     runs = MlflowClient(tracking_server.uri)
-    assert all(runs.get_run(r["tracking_run_id"]).info.status == "FINISHED" for r in records.values())
+    assert all(runs.get_run(r.tracking_run_id).info.status == "FINISHED" for r in records.values())
 
     result = CliRunner().invoke(main, ["sweep", "--rows", "tiny", "--seeds", "2", "--iters", "16", *common])
     assert result.exit_code == 0, result.output
@@ -267,10 +267,10 @@ def pair_row(tmp_path, monkeypatch, synthetic_root):
 
 
 def assert_same_training(record: dict, reference) -> None:
-    assert record["devices"] == 2 and record["iterations"] == reference.record["iterations"]
-    state = torch.load(record["checkpoint"], map_location="cpu", weights_only=True)
+    assert record.devices == 2 and record.iterations == reference.record.iterations
+    state = torch.load(record.checkpoint, map_location="cpu", weights_only=True)
     assert_same_tensors(state["model"], reference.state["model"])
-    assert record["miou"] == reference.record["miou"]
+    assert record.miou == reference.record.miou
 
 
 @pytest.mark.slow

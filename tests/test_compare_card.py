@@ -49,11 +49,11 @@ def test_finished_run_has_a_card_with_every_section_in_its_folder_and_in_mlflow(
     for heading in SECTIONS:
         assert heading in card, heading
     record = finished_run.record
-    assert RunFolder.open(finished_run.folder).info["record"] == record["_path"]
+    assert RunFolder.open(finished_run.folder).info["record"] == record.path
     # A synthetic run has no reference, Δ or verdict (the table measured Cityscapes): the headline alone; the
     # counting rule says why it does not count.
     verdict = card.split("## Row and verdict", 1)[1].split("## ", 1)[0]
-    assert f"{record['miou_ema_best']:.2f} mIoU (best evaluation of the EMA weights" in verdict
+    assert f"{record.miou_ema_best:.2f} mIoU (best evaluation of the EMA weights" in verdict
     assert "no reference, no Δ and no verdict" in verdict and "72.96" not in card and "below" not in verdict
     assert "**Does not count** (other data): dataset 'synthetic', not Cityscapes" in card
     # Starting weights with their checksum (the row's ImageNet file is absent here: said so).
@@ -69,8 +69,8 @@ def test_finished_run_has_a_card_with_every_section_in_its_folder_and_in_mlflow(
         assert "UP config not available" in card and recipe["momentum"] == ["0.9", "", ""]
     # Environment, time, figures (whose links resolve from the run folder) and all 19 classes with both weight sets.
     environment = table_rows(card, "## Environment")
-    assert environment["torch"] == [record["versions"]["torch"]] and environment["GPU"] == ["none (CPU run)"]
-    assert environment["commit"][0] == record["git_commit"].removesuffix("-dirty")
+    assert environment["torch"] == [record.versions["torch"]] and environment["GPU"] == ["none (CPU run)"]
+    assert environment["commit"][0] == record.git_commit.removesuffix("-dirty")
     assert table_rows(card, "## Time")["GPU-hours"] == ["0 (a CPU run)"]
     for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", card):
         assert (finished_run.folder / link).is_file(), link
@@ -78,15 +78,15 @@ def test_finished_run_has_a_card_with_every_section_in_its_folder_and_in_mlflow(
     assert all(len(per_class[name]) == 2 for name in CLASS_NAMES)
 
     client = MlflowClient(finished_run.tracking_uri)
-    assert "report.md" in {a.path for a in client.list_artifacts(record["tracking_run_id"])}
-    logged = Path(client.download_artifacts(record["tracking_run_id"], "report.md", str(finished_run.root / "dl")))
+    assert "report.md" in {a.path for a in client.list_artifacts(record.tracking_run_id)}
+    logged = Path(client.download_artifacts(record.tracking_run_id, "report.md", str(finished_run.root / "dl")))
     assert "![training curves](plots/training_curves.png)" in logged.read_text()
-    assert read_record(Path(record["_path"]))["weight_files"][0]["sha256"] is None
+    assert read_record(Path(str(record.path))).weight_files[0]["sha256"] is None
 
 
 def test_card_says_when_ups_config_is_not_beside_the_checkout(finished_run, tmp_path, monkeypatch):
     monkeypatch.setenv("SEGBENCH_REFERENCE", str(tmp_path / "nothing"))
-    card = reproduction_card(load_spec("sf_seg_v1-ema"), read_record(Path(finished_run.record["_path"])))
+    card = reproduction_card(load_spec("sf_seg_v1-ema"), read_record(Path(str(finished_run.record.path))))
     assert "UP config not available" in card and "| iters | 2 | - |" not in card
     assert table_rows(card, "## Recipe")["iters"] == ["2", "", ""]
 
@@ -110,8 +110,7 @@ def test_bench_report_writes_the_card_of_an_older_run_and_logs_it(finished_run, 
 @pytest.fixture
 def changed_record(finished_run, tmp_path) -> Path:
     """A second synthetic run's record: run A's, with another learning rate, another torch and a worse road."""
-    record = read_record(Path(finished_run.record["_path"]))
-    record.pop("_path")
+    record = json.loads(Path(str(finished_run.record.path)).read_text())
     record["plan"]["lr"] = 0.02
     record["versions"]["torch"] = "2.4.0"
     record["per_class_iou_ema"]["road"] = record["per_class_iou_ema"]["road"] + 7.5
@@ -126,7 +125,7 @@ def test_compare_two_runs_side_by_side_with_the_differing_recipe_and_versions(fi
                     "--tracking-uri", finished_run.tracking_uri)
     assert result.exit_code == 0, result.output
     text = result.output
-    ema = finished_run.record["per_class_iou_ema"]
+    ema = finished_run.record.per_class_iou_ema
     lines = {line.split("  ")[0]: line for line in text.splitlines()}
     for name in CLASS_NAMES:  # every class, both IoUs and the gap
         assert name in lines, name
@@ -137,7 +136,7 @@ def test_compare_two_runs_side_by_side_with_the_differing_recipe_and_versions(fi
     recipe = text.split("recipe fields that differ")[1].split("versions")[0]
     assert re.search(r"\blr\s+0\.01\s+0\.02", recipe) and "(1 of" in text
     versions = text.split("versions and environment that differ")[1]
-    assert re.search(rf"\btorch\s+{re.escape(finished_run.record['versions']['torch'])}\s+2\.4\.0", versions)
+    assert re.search(rf"\btorch\s+{re.escape(finished_run.record.versions['torch'])}\s+2\.4\.0", versions)
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = tmp_path / "again.png"
     invoke("compare", str(finished_run.folder), str(changed_record), "--figure", str(again))
@@ -151,7 +150,7 @@ def test_compare_two_runs_side_by_side_with_the_differing_recipe_and_versions(fi
 
 def test_compare_an_mlflow_run_with_its_row_and_refuse_a_bad_argument(finished_run, monkeypatch):
     use(finished_run, monkeypatch)
-    run_id = finished_run.record["tracking_run_id"]
+    run_id = finished_run.record.tracking_run_id
     parsed = json.loads(invoke("compare", run_id, "sf_seg_v1-ema", "--dataset", "synthetic", "--json").output)
     assert [r["source"].split(" (")[0] for r in parsed["runs"]] == ["MLflow run", "row"]
     assert parsed["recipe_differences"] == {} and parsed["version_differences"] == {}

@@ -105,7 +105,7 @@ def test_a_short_gpu_shaped_deterministic_bench_run_completes_on_cpu(tmp_path, m
     monkeypatch.setenv("SEGBENCH_EXPERIMENTS", str(experiments_with(tmp_path, {"tiny": TINY})))
     record = run(RunOptions(row="tiny", synthetic=True, iters=4, device="cpu", progress=False, offline_tracking=True,
                             precision="bf16", channels_last=True, fused=True, deterministic=True))
-    assert record["precision"] == "bf16" and record["iterations"] == 4 and 0 <= record["miou"] <= 100
+    assert record.precision == "bf16" and record.iterations == 4 and 0 <= record.miou <= 100
 
 
 def test_bench_speed_times_the_gpu_shaped_step_and_evaluation_loop_on_cpu(one_thread):

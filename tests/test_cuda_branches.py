@@ -73,7 +73,7 @@ INVENTORY: dict[tuple[str, str, str], str] = {
     ("outputs/model_export.py", "onnx_session", 'device == "cuda"'): ORT_CUDA,
     ("outputs/predictions.py", "default_workers", 'torch.device(device).type == "cuda"'): DEFAULT,
     ("report/card.py", "time_section",
-     '(record.get("environment") or {}).get("device_type", record.get("device")) == "cuda"'): RECORD,
+     'record.environment.get("device_type", record.device) == "cuda"'): RECORD,
     ("report/records.py", "environment", 'device_type == "cuda"'): CUDA_RUNTIME,
     ("report/records.py", "environment", "torch.cuda.is_available()"): CUDA_RUNTIME,
     ("report/table.py", "infer_speeds", 'record.device_type == "cuda"'): RECORD,

@@ -68,7 +68,7 @@ def test_bench_data_cache_then_a_run_reading_it_trains_the_same_weights(syntheti
     for options in ([], ["--decoded-cache", str(cache)]):
         result = CliRunner().invoke(main, ["run", "--row", "tiny", "--synthetic", "--deterministic", *options])
         assert result.exit_code == 0, result.output
-    plain, cached = sorted(load_records(dataset="synthetic"), key=lambda r: r["time"])
-    a, b = (torch.load(r["checkpoint"], map_location="cpu", weights_only=True)["model"] for r in (plain, cached))
+    plain, cached = sorted(load_records(dataset="synthetic"), key=lambda r: r.time)
+    a, b = (torch.load(r.checkpoint, map_location="cpu", weights_only=True)["model"] for r in (plain, cached))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert plain["miou"] == cached["miou"]
+    assert plain.miou == cached.miou

@@ -107,7 +107,7 @@ def test_a_sabotaged_run_is_flagged_and_stopped_another_seed_is_not(tmp_path, mo
                               progress=False, stop_if_behind=MARGIN, **more))
 
     first = train(TINY, 0)
-    assert first["behind"] is None  # nothing to compare with
+    assert first.behind is None  # nothing to compare with
 
     with pytest.raises(StoppedBehind) as stopped:
         train(SABOTAGED, 0)
@@ -124,8 +124,8 @@ def test_a_sabotaged_run_is_flagged_and_stopped_another_seed_is_not(tmp_path, mo
     assert [e["status"] for e in journal.entries() if e["op"] == "status"] == ["KILLED"]
 
     second = train(TINY, 1)  # compared with the first run only: the stopped one is no yardstick
-    assert second["behind"] is not None and second["behind"]["runs"] == 1 and not second["behind"]["flagged"]
+    assert second.behind is not None and second.behind["runs"] == 1 and not second.behind["flagged"]
 
     resumed = train(SABOTAGED, 0, resume=str(folder.path))  # continues past the evaluation it stopped at
-    assert resumed["iterations"] == ITERS and RunFolder.open(folder.path).status == "finished"
-    assert Path(resumed["checkpoint"]).parent.parent == folder.path
+    assert resumed.iterations == ITERS and RunFolder.open(folder.path).status == "finished"
+    assert Path(resumed.checkpoint).parent.parent == folder.path

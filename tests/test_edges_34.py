@@ -362,10 +362,9 @@ def test_compare_refuses_runs_of_different_datasets(tmp_path):
     per_class = {"road": 97.0, "car": 90.0}
     paths = []
     for dataset in ("cityscapes", "synthetic"):
-        record = {k: v for k, v in full_budget_record("sf_seg_v1", 72.6, per_class_iou=per_class).items()
-                  if k != "_path"}
+        record = full_budget_record("sf_seg_v1", 72.6, per_class_iou=per_class, dataset=dataset)
         paths.append(tmp_path / f"{dataset}.json")
-        paths[-1].write_text(json.dumps({**record, "dataset": dataset}))
+        paths[-1].write_text(json.dumps(record.to_json()))
     for flags in ((), ("--json",)):
         error_line(invoke("compare", *map(str, paths), *flags), 2,
                    f"{paths[0]} on cityscapes, {paths[1]} on synthetic", "different datasets",

@@ -23,9 +23,9 @@ def test_bench_run_synthetic_records_a_result(row, synthetic_root):
     result = CliRunner().invoke(main, ["run", "--row", row, "--synthetic", "--iters", "1"])
     assert result.exit_code == 0, result.output
     (record,) = load_records(dataset="synthetic")
-    assert record["row"] == row and record["iterations"] == 1 and len(record["per_class_iou"]) == 19
-    assert 0.0 <= record["miou"] <= 100.0
-    assert (record["miou_ema"] is not None) == load_spec(row).columns.ema
+    assert record.row == row and record.iterations == 1 and len(record.per_class_iou) == 19
+    assert 0.0 <= record.miou <= 100.0
+    assert (record.miou_ema is not None) == load_spec(row).columns.ema
 
 
 def size_columns() -> dict[str, dict[str, str]]:

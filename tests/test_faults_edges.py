@@ -22,7 +22,7 @@ import harness.data.decoded as decoded
 from harness.cli import main
 from harness.engine.run_folder import RunFolder
 from harness.paths import runs_dir
-from harness.report.records import load_records, write_record
+from harness.report.records import load_records, write_result_record
 from harness.tracking.journal import JOURNAL_DIR
 from harness.tracking.tracker import Tracker
 from tests.helpers import experiments_with
@@ -41,8 +41,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def test_bench_check_with_a_record_that_is_not_an_object_names_the_file(isolated_outputs):
-    good = write_record({k: v for k, v in full_budget_record("sf_seg_v1", 72.6).items() if k != "_path"})
-    bad = good.parent / "20260101T000000Z-list.json"
+    good = write_result_record(full_budget_record("sf_seg_v1", 72.6))
+    bad = Path(str(good.path)).parent / "20260101T000000Z-list.json"
     bad.write_text("[1, 2]\n")
     before = snapshot(isolated_outputs / "results")
     line = one_line(invoke("check"), str(bad), "holds a JSON list, not an object", "fix or remove it")

@@ -30,9 +30,11 @@ from harness.paths import PROJECT_ROOT
 from harness.report.card import reproduction_card
 from harness.report.finish import run_tags
 from harness.report.readiness import DoctorOptions, check_dataset
+from harness.report.records import PerClass, TrainRecord
 from harness.report.table import PROSE_WIDTH
 from harness.tracking.mlflow_sink import server_environment
 from tests.helpers import experiments_with
+from tests.table_fixtures import full_budget_record
 
 BENCH = [sys.executable, "-m", "harness.cli"]
 
@@ -75,16 +77,16 @@ def test_doctor_on_the_synthetic_set_says_so_not_every_official_split(synthetic_
 # --- the card and the tags of a synthetic run --------------------------------------------------------------------
 
 
-def card_record(dataset: str) -> dict:
+def card_record(dataset: str) -> TrainRecord:
     """A finished EMA-row record whose four figures all differ (the issue's numbers): the headline is the EMA
     weights' best, the raw weights' final is another figure."""
-    raw = {name: 40.0 + i for i, name in enumerate(CLASS_NAMES)}
-    ema = {name: 30.0 + i for i, name in enumerate(CLASS_NAMES)}
-    return {"kind": "train", "row": "sf_seg_v2-ema", "dataset": dataset, "seed": 0, "miou": 39.53,
-            "miou_weights": "ema", "miou_iteration": 160, "miou_final": 43.78, "miou_ema": 39.50, "miou_best": 43.80,
-            "best_iteration": 150, "miou_ema_best": 39.53, "best_iteration_ema": 160, "iterations": 160,
-            "per_class_iou": raw, "per_class_iou_ema": ema, "train_images": 24, "val_images": 8,
-            "starting_weights": "random", "tracking_run_id": None, "time": "2026-12-06T16:00:00Z", "_path": "results/x.json"}
+    raw: PerClass = {name: 40.0 + i for i, name in enumerate(CLASS_NAMES)}
+    ema: PerClass = {name: 30.0 + i for i, name in enumerate(CLASS_NAMES)}
+    return full_budget_record(
+        "sf_seg_v2-ema", 39.53, dataset=dataset, miou_weights="ema", miou_iteration=160, miou_final=43.78,
+        miou_ema=39.50, miou_best=43.80, best_iteration=150, miou_ema_best=39.53, best_iteration_ema=160,
+        iterations=160, per_class_iou=raw, per_class_iou_ema=ema, train_images=24, val_images=8,
+        starting_weights="random", time="2026-12-06T16:00:00Z", path="results/x.json")
 
 
 def test_a_synthetic_card_has_no_reference_and_its_columns_are_the_weights_they_name():

@@ -33,7 +33,7 @@ def test_bench_speed_times_the_step_and_optimizer_bench_run_trains_with(monkeypa
     monkeypatch.setattr(train, "make_optimizer", counted_optimizer)
     current = ["run"]
     record = run(RunOptions(row="df_seg_v1", synthetic=True, iters=3, offline_tracking=True, progress=False))
-    assert record["iterations"] == 3
+    assert record.iterations == 3
     current[0] = "speed"
     measured = speed(SpeedOptions(row="df_seg_v1", mode="train", device="cpu", batch=2, warmup=0, repeats=1,
                                   steps=2))
@@ -57,14 +57,14 @@ def test_tensorboard_sink_writes_event_files_a_reader_opens(tmp_path: Path, synt
     reader.Reload()
     scalars = set(reader.Tags()["scalars"])
     assert {"train/loss", "train/lr", "val/miou_raw", "miou"} <= scalars
-    assert reader.Scalars("miou")[-1].value == pytest.approx(record["miou_best"], abs=1e-4)
+    assert reader.Scalars("miou")[-1].value == pytest.approx(record.miou_best, abs=1e-4)
     assert [e.step for e in reader.Scalars("train/loss")][-1] == 4
     assert any(tag.startswith("plots/") for tag in reader.Tags()["images"])
     texts = reader.Tags()["tensors"]
     assert any(tag.startswith("status") for tag in texts) and any(tag.startswith("params") for tag in texts)
     # The record names the run's TensorBoard folder as its tracked run, and the MLflow store got nothing.
     (stored,) = load_records(dataset="synthetic")
-    assert stored["tracking_run_id"] == str(events[0].parent.relative_to(logs))
+    assert stored.tracking_run_id == str(events[0].parent.relative_to(logs))
     store = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert [e.name for e in store.search_experiments()] == ["Default"]
     assert not store.search_runs([e.experiment_id for e in store.search_experiments()])

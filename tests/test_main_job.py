@@ -54,13 +54,14 @@ def test_the_main_job_says_nothing_of_cityscapes_and_names_its_weights(synthetic
 
     # the closing line: the EMA headline, then the raw figure, and no reference
     closing = next(line for line in result.output.splitlines() if line.startswith("sf_seg_v2-ema seed 0 on synthetic"))
-    assert f"mIoU {record['miou']:.2f} (EMA, best at" in closing and f"; raw {record['miou_best']:.2f}" in closing
+    assert f"mIoU {record.miou:.2f} (EMA, best at" in closing and f"; raw {record.miou_best:.2f}" in closing
     assert not carries_reference(closing, figures), closing
 
     # the record: headline of the EMA weights, no reference or delta field
-    assert record["miou_weights"] == "ema" and record["miou"] == record["miou_ema_best"]
-    assert not {k for k in record if "reference" in k or "delta" in k}, sorted(record)
-    assert not carries_reference(json.dumps({k: v for k, v in record.items() if k != "plan"}), figures)
+    assert record.miou_weights == "ema" and record.miou == record.miou_ema_best
+    written = json.loads(Path(str(record.path)).read_text())
+    assert not {k for k in written if "reference" in k or "delta" in k}, sorted(written)
+    assert not carries_reference(json.dumps({k: v for k, v in written.items() if k != "plan"}), figures)
 
     # run.json and the card in the run folder
     (folder,) = (runs_dir() / "synthetic" / "sf_seg_v2-ema").iterdir()
@@ -73,25 +74,25 @@ def test_the_main_job_says_nothing_of_cityscapes_and_names_its_weights(synthetic
     per_class = card.split("## Per-class IoU", 1)[1]
     assert "| class | IoU (raw weights) | IoU (EMA weights) |" in per_class
     final_row = next(line for line in per_class.splitlines() if line.startswith("| **mIoU** (final evaluation)"))
-    assert final_row == f"| **mIoU** (final evaluation) | {record['miou_final']:.2f} | {record['miou_ema']:.2f} |"
+    assert final_row == f"| **mIoU** (final evaluation) | {record.miou_final:.2f} | {record.miou_ema:.2f} |"
     road = next(line for line in per_class.splitlines() if line.startswith("| road |"))
-    assert road == (f"| road | {record['per_class_iou']['road']:.2f} | "
-                    f"{record['per_class_iou_ema']['road']:.2f} |")
+    assert road == (f"| road | {record.per_class_iou['road']:.2f} | "
+                    f"{record.per_class_iou_ema['road']:.2f} |")
 
     # the MLflow run: no reference tag or metric; the curves name their weights
     client = MlflowClient(default_tracking_uri())
-    mlflow_run = client.get_run(record["tracking_run_id"])
+    mlflow_run = client.get_run(record.tracking_run_id)
     tags, metrics = mlflow_run.data.tags, mlflow_run.data.metrics
     assert not {k for k in tags if k.startswith("reference")}, tags
     assert not {k for k in metrics if "reference" in k or "delta" in k}, sorted(metrics)
     assert not carries_reference(json.dumps({k: v for k, v in tags.items() if not k.startswith("mlflow.")}), figures)
-    assert metrics["miou"] == pytest.approx(record["miou"], abs=1e-4)
+    assert metrics["miou"] == pytest.approx(record.miou, abs=1e-4)
     assert "val/miou" not in metrics
-    raw_curve = client.get_metric_history(record["tracking_run_id"], "val/miou_raw")
-    ema_curve = client.get_metric_history(record["tracking_run_id"], "val/miou_ema")
-    assert max(raw_curve, key=lambda m: m.step).value == pytest.approx(record["miou_final"], abs=1e-4)
-    assert max(ema_curve, key=lambda m: m.step).value == pytest.approx(record["miou_ema"], abs=1e-4)
-    assert max(m.value for m in ema_curve) == pytest.approx(record["miou"], abs=1e-4)
+    raw_curve = client.get_metric_history(record.tracking_run_id, "val/miou_raw")
+    ema_curve = client.get_metric_history(record.tracking_run_id, "val/miou_ema")
+    assert max(raw_curve, key=lambda m: m.step).value == pytest.approx(record.miou_final, abs=1e-4)
+    assert max(ema_curve, key=lambda m: m.step).value == pytest.approx(record.miou_ema, abs=1e-4)
+    assert max(m.value for m in ema_curve) == pytest.approx(record.miou, abs=1e-4)
     (tmp_path / "artifact").mkdir()
-    card_artifact = Path(client.download_artifacts(record["tracking_run_id"], "report.md", str(tmp_path / "artifact")))
+    card_artifact = Path(client.download_artifacts(record.tracking_run_id, "report.md", str(tmp_path / "artifact")))
     assert "no reference, no Δ and no verdict" in card_artifact.read_text()

@@ -41,7 +41,7 @@ TWINS = {"final_miou", "final_miou_ema", "best_miou", "best_miou_ema", "best_ite
 def train_and_eval(tmp_path: Path, monkeypatch, iters: int, eval_every: int = 0) -> tuple[dict, dict]:
     monkeypatch.setenv("SEGBENCH_EXPERIMENTS", str(experiments_with(tmp_path, {"tiny": TINY})))
     record = run(RunOptions(row="tiny", synthetic=True, iters=iters, eval_every=eval_every, progress=False))
-    evaluated = evaluate_checkpoint(EvalOptions(row="tiny", checkpoint=record["checkpoint"], synthetic=True,
+    evaluated = evaluate_checkpoint(EvalOptions(row="tiny", checkpoint=record.checkpoint, synthetic=True,
                                                 weights="raw", num_panels=2, progress=False))
     return record, evaluated
 
@@ -49,7 +49,7 @@ def train_and_eval(tmp_path: Path, monkeypatch, iters: int, eval_every: int = 0)
 def test_training_and_eval_runs_line_up(tmp_path, monkeypatch, synthetic_root, one_thread):
     record, evaluated = train_and_eval(tmp_path, monkeypatch, iters=6, eval_every=3)
     client = MlflowClient(default_tracking_uri())
-    train, evaluation = client.get_run(record["tracking_run_id"]), client.get_run(evaluated["tracking_run_id"])
+    train, evaluation = client.get_run(record.tracking_run_id), client.get_run(evaluated.tracking_run_id)
     spec = load_spec("tiny")
 
     # kind tags, names that cannot be confused, the commit in MLflow's own field
@@ -62,19 +62,19 @@ def test_training_and_eval_runs_line_up(tmp_path, monkeypatch, synthetic_root, o
 
     # one headline per run (the table's statistic); no reference or delta on synthetic data (they are Cityscapes')
     t = train.data.metrics
-    assert record["miou"] == pytest.approx(measured_miou(spec, record)) == record["miou_ema_best"]  # an EMA row
-    assert t["miou"] == pytest.approx(record["miou"], abs=1e-4) and record["miou_weights"] == "ema"
+    assert record.miou == pytest.approx(measured_miou(spec, record)) == record.miou_ema_best  # an EMA row
+    assert t["miou"] == pytest.approx(record.miou, abs=1e-4) and record.miou_weights == "ema"
     assert not {"reference_miou", "delta_miou"} & set(t)
     e = evaluation.data.metrics
-    assert e["miou"] == pytest.approx(evaluated["miou"], abs=1e-4) and "delta_miou" not in e
+    assert e["miou"] == pytest.approx(evaluated.miou, abs=1e-4) and "delta_miou" not in e
     # the same number, as people read it, in the closing line and both tables
-    shown = f"{record['miou']:.2f}"
+    shown = f"{record.miou:.2f}"
     line = closing_line(record)
-    assert line.split(": mIoU ")[1].startswith(f"{shown} (EMA, best at {record['miou_iteration']}); raw "), line
+    assert line.split(": mIoU ")[1].startswith(f"{shown} (EMA, best at {record.miou_iteration}); raw "), line
     synthetic = CliRunner().invoke(main, ["table", "--dataset", "synthetic"]).output
     assert shown in next(row for row in synthetic.splitlines() if row.startswith("| tiny "))
     every = CliRunner().invoke(main, ["table", "--all"]).output
-    listed = next(row for row in every.splitlines() if "| tiny " in row and Path(record["_path"]).name in row)
+    listed = next(row for row in every.splitlines() if "| tiny " in row and Path(record.path).name in row)
     assert f"| {shown} " in listed and "dataset 'synthetic', not Cityscapes" in listed and "| synthetic " in listed
     # metrics logged at 6 significant digits, not float32 noise
     # (system metrics are MLflow's own monitors' values: disk megabytes run to 7 digits)
@@ -82,8 +82,8 @@ def test_training_and_eval_runs_line_up(tmp_path, monkeypatch, synthetic_root, o
                if not k.startswith("system/")), t
 
     # twins named alike in both kinds of run: raw weights are val/miou_raw in each (this eval scored raw weights)
-    assert TWINS <= set(t) and t["final_miou"] == pytest.approx(record["miou_final"], abs=1e-4)
-    assert t["best_miou_ema"] == pytest.approx(record["miou_ema_best"], abs=1e-4)
+    assert TWINS <= set(t) and t["final_miou"] == pytest.approx(record.miou_final, abs=1e-4)
+    assert t["best_miou_ema"] == pytest.approx(record.miou_ema_best, abs=1e-4)
     assert e["val/miou_raw"] == pytest.approx(t["final_miou"], abs=1e-4) and "val/miou_ema" not in e
     history = client.get_metric_history(train.info.run_id, "val/miou_ema")
     assert [m.step for m in history] == [3, 6]
@@ -91,9 +91,9 @@ def test_training_and_eval_runs_line_up(tmp_path, monkeypatch, synthetic_root, o
     assert {m.step for m in client.get_metric_history(train.info.run_id, "train/lr")} == set(range(1, 7))
     for name in CLASS_NAMES:
         key = name.replace(" ", "_")
-        if record["per_class_iou"][name] == record["per_class_iou"][name]:  # NaN (class absent) is not logged
-            assert t[f"val_iou/{key}"] == pytest.approx(record["per_class_iou"][name], abs=1e-4)
-            assert e[f"val_iou/{key}"] == pytest.approx(record["per_class_iou"][name], abs=1e-4)
+        if record.per_class_iou[name] == record.per_class_iou[name]:  # NaN (class absent) is not logged
+            assert t[f"val_iou/{key}"] == pytest.approx(record.per_class_iou[name], abs=1e-4)
+            assert e[f"val_iou/{key}"] == pytest.approx(record.per_class_iou[name], abs=1e-4)
     assert not any(k.startswith(("val_miou", "train_", "iou_")) or k == "lr" for k in {**t, **e})
 
     # params: what ran (the resolved plan), not the spec's recipe blocks again
@@ -111,7 +111,7 @@ def test_training_and_eval_runs_line_up(tmp_path, monkeypatch, synthetic_root, o
     assert len(artifacts(evaluation.info.run_id, "panels")) == 2
 
     # the run folder and MLflow agree on how each run ended
-    run_json = json.loads((Path(record["checkpoint"]).parent.parent / "run.json").read_text())
+    run_json = json.loads((Path(record.checkpoint).parent.parent / "run.json").read_text())
     assert run_json["status"] == "finished" and run_json["tracking_run_id"] == train.info.run_id
 
 
@@ -198,7 +198,7 @@ def test_bench_ui_opens_on_the_newest_runs_table_with_the_headline_and_ends_on_s
     assert ">Runs<" in dom and ">Models<" in dom and ">Training runs<" not in dom and ">Judges<" not in dom
     # The saved view filtered out the eval run, and its headline column shows the run's value as MLflow holds it.
     assert ">tiny<" in dom and "eval tiny" not in dom, dom[-2000:]
-    value = repr(metric_value(record["miou"]))
+    value = repr(metric_value(record.miou))
     cell = re.search(r'cell-metrics\.`miou`-\d+"[^>]*>(?:<[^>]*>)*\s*([^<\s]+)', dom)
     assert cell is not None and cell.group(1) == value, (value, cell and cell.group(1))
     # SIGTERM ended bench ui and every process of its server, and freed the port.
@@ -242,7 +242,7 @@ def test_a_training_run_logs_system_metrics_and_its_dataset(tmp_path, monkeypatc
     monkeypatch.setenv("SEGBENCH_EXPERIMENTS", str(experiments_with(tmp_path, {"tiny": TINY})))
     record = run(RunOptions(row="tiny", synthetic=True, iters=2, progress=False))
     client = MlflowClient(default_tracking_uri())
-    train = client.get_run(record["tracking_run_id"])
+    train = client.get_run(record.tracking_run_id)
     system = {k for k in train.data.metrics if k.startswith("system/")}
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
             "system/system_memory_usage_percentage"} <= system, system
@@ -255,7 +255,7 @@ def test_a_training_run_logs_system_metrics_and_its_dataset(tmp_path, monkeypatc
         files = sorted(f"{p.relative_to(synthetic_root).as_posix()}\t{p.stat().st_size}"
                        for sample in find_samples(synthetic_root, split) for p in (sample.image, sample.label))
         expected = hashlib.sha256("\n".join(files).encode()).hexdigest()[:32]
-        assert logged.dataset.digest == record["data_digests"][split] == expected
+        assert logged.dataset.digest == record.data_digests[split] == expected
         assert json.loads(logged.dataset.profile) == {"split": split,
-                                                      "num_images": record[f"{split}_images"]}
+                                                      "num_images": getattr(record, f"{split}_images")}
         assert {t.key: t.value for t in logged.tags}["mlflow.data.context"] == context

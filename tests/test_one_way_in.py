@@ -18,7 +18,7 @@ from tests.test_doctor import complete_tree, small_disk, weights_ok  # noqa: F40
 def started(monkeypatch) -> list:
     """The options each training would have started with (nothing trains)."""
     seen: list = []
-    monkeypatch.setattr("harness.launch.run.train", lambda checked, seed: seen.append(checked.options) or {})
+    monkeypatch.setattr("harness.launch.run.train", lambda checked, seed: seen.append(checked.options) or None)
     return seen
 
 

@@ -90,15 +90,15 @@ def test_five_architectures_train_through_bench_run_and_are_tabled_under_our_row
         result = CliRunner().invoke(main, ["run", "--row", f"ours-{arch.lower()}", "--synthetic", "--iters", "2"])
         assert result.exit_code == 0, result.output
     records = load_records(dataset="synthetic")
-    assert sorted(r["row"] for r in records) == sorted(f"ours-{a.lower()}" for a in FIVE)
+    assert sorted(r.row for r in records) == sorted(f"ours-{a.lower()}" for a in FIVE)
     text = render("synthetic")
     before, heading, after = text.partition(f"\n## {OURS_HEADING}\n")
     assert heading and before == seed_table  # the seed table is untouched; our rows follow it
     for record in records:
-        line = line_of(after, record["row"])
+        line = line_of(after, record.row)
         assert line["iterations"] == "2" and line["crop"] == "[64, 64]"
-        assert line["mean"] == f"{record['miou_best']:.2f}"
-        assert f"| {record['row']} " not in before
+        assert line["mean"] == f"{record.miou_best:.2f}"
+        assert f"| {record.row} " not in before
 
 
 def test_our_rows_follow_the_cityscapes_table_with_their_own_reference_or_none(ours, monkeypatch):
@@ -194,7 +194,7 @@ def test_new_row_writes_a_file_that_loads_inherits_its_recipe_and_runs(ours, syn
     run = CliRunner().invoke(main, ["run", "--row", "unet-r18", "--synthetic", "--iters", "1"])
     assert run.exit_code == 0, run.output
     (record,) = load_records(dataset="synthetic")
-    assert record["row"] == "unet-r18" and record["iterations"] == 1
+    assert record.row == "unet-r18" and record.iterations == 1
 
 
 def test_new_row_refuses_a_bad_encoder_without_leaving_a_file(ours):
@@ -215,10 +215,10 @@ def test_an_our_row_has_the_rest_of_the_pipeline(ours, synthetic_root, one_threa
     trained = runner.invoke(main, ["run", "--row", "ours-fpn", "--synthetic", "--iters", "2", "--seeds", "0,1"])
     assert trained.exit_code == 0, trained.output
     records = load_records(dataset="synthetic")
-    assert sorted(r["seed"] for r in records) == [0, 1]
+    assert sorted(r.seed for r in records) == [0, 1]
     again = runner.invoke(main, ["run", "--row", "ours-fpn", "--synthetic", "--resume"])
     assert again.exit_code == 2 and "already finished" in again.output
-    evaluated = runner.invoke(main, ["eval", "--checkpoint", records[0]["checkpoint"], "--synthetic", "--panels", "0"])
+    evaluated = runner.invoke(main, ["eval", "--checkpoint", records[0].checkpoint, "--synthetic", "--panels", "0"])
     assert evaluated.exit_code == 0 and evaluated.output.startswith("ours-fpn "), evaluated.output
     sizes = runner.invoke(main, ["list", "--sizes"])
     assert sizes.exit_code == 0 and any(l.startswith("ours-fpn") for l in sizes.output.splitlines())

@@ -107,4 +107,4 @@ def test_a_new_row_sweeps_through_the_local_executor(tmp_path, monkeypatch, synt
     from harness.report.records import load_records
 
     (record,) = load_records(dataset="synthetic")
-    assert record["row"] == "fpn-r18" and record["iterations"] == 1
+    assert record.row == "fpn-r18" and record.iterations == 1

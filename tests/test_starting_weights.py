@@ -322,11 +322,11 @@ def test_mseg_row_starts_from_an_earlier_run_and_beats_scratch(tmp_path, monkeyp
     pretrained = run(RunOptions(row="df-pretrain", synthetic=True, progress=False))
     scratch = run(RunOptions(row="df-scratch", synthetic=True, progress=False))
     capsys.readouterr()
-    started = run(RunOptions(row="df-mseg", synthetic=True, progress=False, init_checkpoint=pretrained["checkpoint"]))
+    started = run(RunOptions(row="df-mseg", synthetic=True, progress=False, init_checkpoint=pretrained.checkpoint))
     total = len(build_model(load_spec("df_seg_v1")).state_dict())
-    assert f"init_checkpoint {pretrained['checkpoint']}: loaded {total}/{total} tensors" in capsys.readouterr().err
-    assert started["iterations"] == scratch["iterations"] == few
-    assert started["miou"] > scratch["miou"] + 5.0, (started["miou"], scratch["miou"], pretrained["miou"])
+    assert f"init_checkpoint {pretrained.checkpoint}: loaded {total}/{total} tensors" in capsys.readouterr().err
+    assert started.iterations == scratch.iterations == few
+    assert started.miou > scratch.miou + 5.0, (started.miou, scratch.miou, pretrained.miou)
 
     # A mismatched whole-model checkpoint (a DF-Seg v2's, another backbone) is refused by `bench run`, in one line.
     wrong = tmp_path / "df_seg_v2.pt"

@@ -73,7 +73,7 @@ def test_preempted_local_job_is_requeued_and_resumes_to_the_same_weights(tiny_ro
     log = Path(json.loads((state_file.parent.parent / "sweep.json").read_text())["jobs"][0]["log"]).read_text()
     assert "resuming tiny from" in log
     (swept,) = load_records(dataset="synthetic")
-    assert Path(swept["checkpoint"]).parent.parent == Path(state["run_folder"])
+    assert Path(swept.checkpoint).parent.parent == Path(state["run_folder"])
     assert len(list((runs_dir() / "synthetic" / "tiny").glob("*/run.json"))) == 1  # resumed, not restarted
 
     # The reference trains with the jobs' one thread: OHEM's hard threshold turns a summation-order difference
@@ -84,8 +84,8 @@ def test_preempted_local_job_is_requeued_and_resumes_to_the_same_weights(tiny_ro
         reference = run(RunOptions(row="tiny", synthetic=True, iters=20, deterministic=True, progress=False))
     finally:
         torch.set_num_threads(threads)
-    a = torch.load(reference["checkpoint"], map_location="cpu", weights_only=True)
-    b = torch.load(swept["checkpoint"], map_location="cpu", weights_only=True)
+    a = torch.load(reference.checkpoint, map_location="cpu", weights_only=True)
+    b = torch.load(swept.checkpoint, map_location="cpu", weights_only=True)
     assert a["iteration"] == b["iteration"] == 20
     assert_same_tensors(a["model"], b["model"])
     assert_same_tensors(a["ema"], b["ema"])

@@ -14,7 +14,7 @@ from harness.cli import main
 from harness.config.spec import load_all, load_spec
 from harness.paths import benchmark_path
 from harness.report.figure import figure_png, gflops_by_row
-from harness.report.records import write_record
+from harness.report.records import write_result_record
 from harness.report.verdicts import row_verdicts
 from tests.table_fixtures import full_budget_record
 
@@ -32,7 +32,7 @@ def test_bench_table_writes_the_linked_figure_with_fixed_bytes(tmp_path: Path):
     assert figure.read_bytes() == first
 
     # Measured runs are drawn: the figure changes when a reproduction arrives.
-    write_record({k: v for k, v in full_budget_record("sf_seg_v1", 72.6).items() if k != "_path"})
+    write_result_record(full_budget_record("sf_seg_v1", 72.6))
     assert CliRunner().invoke(main, ["table"]).exit_code == 0
     assert figure.read_bytes() != first
 

@@ -3,6 +3,7 @@ and listed under its own heading. The rule is harness.report.verdicts.standing; 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -96,9 +97,9 @@ def test_a_run_records_its_split_sizes_and_crop(synthetic_root: Path, one_thread
     (A synthetic run: the Cityscapes recipe on a synthetic folder trains 1024-pixel crops, minutes on CPU.)"""
     run(RunOptions(row="df_seg_v1", synthetic=True, iters=1, progress=False))
     (stored,) = load_records(dataset="synthetic")
-    assert stored["train_images"] == len(list((synthetic_root / "leftImg8bit" / "train").rglob("*.png")))
-    assert stored["val_images"] == len(list((synthetic_root / "leftImg8bit" / "val").rglob("*.png")))
-    assert stored["crop_size"] == load_spec("df_seg_v1").synthetic.crop_size
+    assert stored.train_images == len(list((synthetic_root / "leftImg8bit" / "train").rglob("*.png")))
+    assert stored.val_images == len(list((synthetic_root / "leftImg8bit" / "val").rglob("*.png")))
+    assert stored.crop_size == load_spec("df_seg_v1").synthetic.crop_size
     assert standing(load_spec("df_seg_v1"), stored).kind == OTHER_DATA
     # The same record with the dataset name of a --data-root run is still not the official split.
-    assert standing(load_spec("df_seg_v1"), {**stored, "dataset": "cityscapes"}).kind == OTHER_DATA
+    assert standing(load_spec("df_seg_v1"), dataclasses.replace(stored, dataset="cityscapes")).kind == OTHER_DATA

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from harness.cli import main
-from harness.report.records import load_records, write_record
+from harness.report.records import load_records, write_result_record
 from harness.report.table import render
 from harness.report.verdicts import ABOVE, BELOW, IN_PROGRESS, NOT_RUN, REPRODUCED, judge
 from tests.table_fixtures import full_budget_record, line_of
@@ -94,7 +94,7 @@ def test_synthetic_table_shows_what_ran_per_budget_without_deltas():
 @pytest.fixture
 def committed_runs() -> None:
     for record in three_runs():
-        write_record({k: v for k, v in record.items() if k != "_path"})
+        write_result_record(record)
 
 
 def test_check_exits_0_inside_the_tolerance_and_1_outside_with_parseable_json(committed_runs):
@@ -120,7 +120,7 @@ def test_check_exits_0_inside_the_tolerance_and_1_outside_with_parseable_json(co
 
 def test_run_of_a_lightseg_row_says_so_and_trains_the_base_row(monkeypatch):
     started = []
-    monkeypatch.setattr("harness.launch.run.train", lambda checked, seed: started.append(checked.options) or {})
+    monkeypatch.setattr("harness.launch.run.train", lambda checked, seed: started.append(checked.options) or None)
     result = CliRunner().invoke(main, ["run", "--row", "sf_seg_v1-lightseg", "--synthetic"])
     assert result.exit_code == 0, result.output
     assert [o.row for o in started] == ["sf_seg_v1"]
@@ -138,7 +138,7 @@ def test_bad_seed_lists_are_refused_in_one_line(seeds):
 def test_seeds_run_one_after_another_each_with_its_own_record(synthetic_root: Path, one_thread):
     result = CliRunner().invoke(main, ["run", "--row", "df_seg_v1", "--synthetic", "--iters", "1", "--seeds", "2,0"])
     assert result.exit_code == 0, result.output
-    records = sorted(load_records(dataset="synthetic"), key=lambda r: r["time"] + r["_path"])
-    assert sorted(r["seed"] for r in records) == [0, 2]
-    assert len({r["tracking_run_id"] for r in records}) == 2 and len({r["_path"] for r in records}) == 2
+    records = sorted(load_records(dataset="synthetic"), key=lambda r: r.time + str(r.path))
+    assert sorted(r.seed for r in records) == [0, 2]
+    assert len({r.tracking_run_id for r in records}) == 2 and len({r.path for r in records}) == 2
     assert [l.split(" seed ")[1].split()[0] for l in result.output.splitlines() if " seed " in l] == ["2", "0"]

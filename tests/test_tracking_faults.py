@@ -62,8 +62,8 @@ def test_offline_run_is_synced_later(tiny_row, tmp_path, one_thread):
     uri = f"sqlite:///{tmp_path / 'later.db'}"
     record = run(RunOptions(row=tiny_row, synthetic=True, iters=4, tracking_uri=uri, offline_tracking=True,
                             progress=False))
-    assert record["tracking_run_id"] is None and Path(record["checkpoint"]).is_file()
-    run_dir = Path(record["checkpoint"]).parent.parent
+    assert record.tracking_run_id is None and Path(record.checkpoint).is_file()
+    run_dir = Path(record.checkpoint).parent.parent
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
     assert not (tmp_path / "later.db").exists()  # offline: the store was never touched
 
@@ -74,11 +74,11 @@ def test_offline_run_is_synced_later(tiny_row, tmp_path, one_thread):
     mlflow_run = client.get_run(run_id)
     assert mlflow_run.info.status == "FINISHED" and mlflow_run.data.tags["kind"] == "train"
     assert {m.step for m in client.get_metric_history(run_id, "train/loss")} == set(range(1, 5))
-    assert mlflow_run.data.metrics["miou"] == pytest.approx(record["miou_ema_best"], abs=1e-4)
+    assert mlflow_run.data.metrics["miou"] == pytest.approx(record.miou_ema_best, abs=1e-4)
     assert {a.path for a in client.list_artifacts(run_id, "plots")} >= {"plots/training_curves.png"}
     # journalled like the rest: the dataset inputs and the system metrics arrive with the sync
     inputs = {i.dataset.name: i.dataset.digest for i in mlflow_run.inputs.dataset_inputs}
-    assert inputs == {f"synthetic-{split}": record["data_digests"][split] for split in ("train", "val")}
+    assert inputs == {f"synthetic-{split}": record.data_digests[split] for split in ("train", "val")}
     assert "system/cpu_utilization_percentage" in mlflow_run.data.metrics
     again = CliRunner().invoke(main, ["sync", str(run_dir)])  # nothing left: sends nothing twice
     assert again.exit_code == 0 and "already complete" in again.output
@@ -134,14 +134,14 @@ def test_server_killed_mid_run_training_finishes_and_sync_completes_it(tiny_row,
     assert "Traceback" not in err
     assert "warning: not logged to MLflow" in err and "bench sync" in err, err
     (record,) = load_records(dataset="synthetic")
-    assert record["iterations"] == 30 and Path(record["checkpoint"]).name == "ckpt-00000030.pt"
-    run_dir = Path(record["checkpoint"]).parent.parent
+    assert record.iterations == 30 and Path(record.checkpoint).name == "ckpt-00000030.pt"
+    run_dir = Path(record.checkpoint).parent.parent
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
 
     server = start_server(db, artifacts, port)
     try:
         client = MlflowClient(uri)
-        run_id = record["tracking_run_id"]
+        run_id = record.tracking_run_id
         assert client.get_run(run_id).info.status == "RUNNING"  # what MLflow knew when its server died
         synced = CliRunner().invoke(main, ["sync", str(run_dir)])
         assert synced.exit_code == 0, synced.output
@@ -151,8 +151,8 @@ def test_server_killed_mid_run_training_finishes_and_sync_completes_it(tiny_row,
             logged = {m.step for m in client.get_metric_history(run_id, key)}
             assert logged == journal_steps(run_dir, key), key
         assert {m.step for m in client.get_metric_history(run_id, "train/loss")} == set(range(1, 31))
-        assert mlflow_run.data.metrics["miou"] == pytest.approx(record["miou_ema_best"], abs=1e-4)
-        assert mlflow_run.data.tags["result_record"] == record["_path"]
+        assert mlflow_run.data.metrics["miou"] == pytest.approx(record.miou_ema_best, abs=1e-4)
+        assert mlflow_run.data.tags["result_record"] == record.path
         assert {a.path for a in client.list_artifacts(run_id, "plots")} >= {"plots/training_curves.png"}
     finally:
         kill_server(server)

@@ -47,7 +47,7 @@ def tiny_row(tmp_path, monkeypatch, synthetic_root):
 
 
 def final_state(record: dict) -> dict:
-    return torch.load(record["checkpoint"], map_location="cpu", weights_only=True)
+    return torch.load(record.checkpoint, map_location="cpu", weights_only=True)
 
 
 def assert_same_tensors(a: dict, b: dict) -> None:
@@ -81,15 +81,15 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tiny_row):
     assert not (killed_run / "checkpoints" / "ckpt-00000016.pt").exists(), "the run finished before it was killed"
 
     resumed = run(RunOptions(row=tiny_row, synthetic=True, deterministic=True, resume="latest", progress=False))
-    assert Path(resumed["checkpoint"]).parent.parent == killed_run
+    assert Path(resumed.checkpoint).parent.parent == killed_run
     a, b = final_state(reference), final_state(resumed)
     assert a["iteration"] == b["iteration"] == 16
     assert_same_tensors(a["model"], b["model"])
     assert_same_tensors(a["ema"], b["ema"])
-    assert resumed["miou"] == reference["miou"] and resumed["miou_ema"] == reference["miou_ema"]
+    assert resumed.miou == reference.miou and resumed.miou_ema == reference.miou_ema
     # The resumed training went on in the killed run's MLflow run, which now finished.
     client = MlflowClient(default_tracking_uri())
-    assert client.get_run(resumed["tracking_run_id"]).info.status == "FINISHED"
+    assert client.get_run(resumed.tracking_run_id).info.status == "FINISHED"
     assert len(client.search_runs([client.get_experiment_by_name(experiment_name("synthetic")).experiment_id])) == 2
 
 
@@ -108,8 +108,8 @@ def test_sigterm_checkpoints_and_the_next_resume_goes_on(tiny_row):
     assert run_id.info.status == "KILLED"
 
     resumed = run(RunOptions(row=tiny_row, synthetic=True, resume="latest", progress=False))
-    assert resumed["iterations"] == 16 and final_state(resumed)["iteration"] == 16
-    history = client.get_metric_history(resumed["tracking_run_id"], "train/lr")
+    assert resumed.iterations == 16 and final_state(resumed)["iteration"] == 16
+    history = client.get_metric_history(resumed.tracking_run_id, "train/lr")
     assert max(m.step for m in history) == 16 and min(m.step for m in history) == 1
 
 
@@ -129,7 +129,7 @@ def test_log_lines_without_a_terminal_and_a_bare_resume_keeps_the_original_optio
     assert "\r" not in out + err
 
     resumed = run(RunOptions(row=tiny_row, resume="latest", progress=False))
-    assert resumed["dataset"] == "synthetic" and resumed["iterations"] == 40 and final_state(resumed)["iteration"] == 40
+    assert resumed.dataset == "synthetic" and resumed.iterations == 40 and final_state(resumed)["iteration"] == 40
 
 
 def test_truncated_checkpoint_falls_back_to_previous_with_warning(tmp_path, capsys):
@@ -175,7 +175,7 @@ def test_finished_run_is_not_resumed(tiny_row):
     with pytest.raises(BenchError, match="finished; start a new run without --resume"):
         run(RunOptions(row=tiny_row, synthetic=True, iters=2, resume="latest", progress=False))
     with pytest.raises(BenchError, match="already finished"):
-        run(RunOptions(row=tiny_row, synthetic=True, iters=2, resume=record["checkpoint"], progress=False))
+        run(RunOptions(row=tiny_row, synthetic=True, iters=2, resume=record.checkpoint, progress=False))
 
 
 def test_divergence_stops_with_failed_run_and_no_record(tmp_path, monkeypatch, synthetic_root):
@@ -232,15 +232,15 @@ def test_two_gloo_processes_equal_one_process(tmp_path, monkeypatch, synthetic_r
 
     (one,) = load_records(dataset="synthetic")
     two = pair_reference.record
-    assert (one["devices"], two["devices"]) == (1, 2) and one["batch_size"] == two["batch_size"] == 4
+    assert (one.devices, two.devices) == (1, 2) and one.batch_size == two.batch_size == 4
     client = MlflowClient(default_tracking_uri())
-    history = client.get_metric_history(one["tracking_run_id"], "train/loss")
+    history = client.get_metric_history(one.tracking_run_id, "train/loss")
     losses = [m.value for m in sorted(history, key=lambda m: m.step)]
     assert len(losses) == 3 and losses == pytest.approx(pair_reference.losses, rel=1e-4)
     a, b = final_state(one)["model"], pair_reference.state["model"]
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), rtol=1e-4, atol=1e-5), key
-    assert two["miou"] == pytest.approx(one["miou"], abs=0.5)
+    assert two.miou == pytest.approx(one.miou, abs=0.5)
 
 
 def children(pid: int) -> list[int]:
@@ -316,9 +316,9 @@ def test_sigterm_to_one_of_two_processes_stops_both_with_one_checkpoint_that_res
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     (record,) = load_records(dataset="synthetic")
-    assert record["iterations"] == 14 and final_state(record)["iteration"] == 14 and record["devices"] == 2
+    assert record.iterations == 14 and final_state(record)["iteration"] == 14 and record.devices == 2
     client = MlflowClient(default_tracking_uri())
-    assert client.get_run(record["tracking_run_id"]).info.status == "FINISHED"
+    assert client.get_run(record.tracking_run_id).info.status == "FINISHED"
 
 
 def test_the_log_says_once_when_training_waits_for_data(capsys):

@@ -7,7 +7,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from harness import paths
 from harness.data.cityscapes import CLASS_NAMES
@@ -16,7 +16,7 @@ from harness.engine.run_folder import RunFolder
 from harness.engine.trained import LoadedCheckpoint, load_for_evaluation
 from harness.outputs.predictions import evaluate_split
 from harness.report.finish import end_run, finish_run, run_tags
-from harness.report.records import environment, git_commit, package_versions, utc_now
+from harness.report.records import EvalRecord, PerClass, environment, git_commit, package_versions, utc_now
 from harness.tracking.journal import JOURNAL_DIR
 from harness.tracking.tracker import Tracker
 
@@ -40,7 +40,7 @@ class EvalOptions:
     offline_tracking: bool = False
 
 
-def evaluate_checkpoint(options: EvalOptions) -> dict[str, Any]:
+def evaluate_checkpoint(options: EvalOptions) -> EvalRecord:
     """Score a checkpoint on a labelled split, track it as an evaluation run (tag kind=eval, named "eval <row> ..."
     so it is never taken for a training run) and write a result record (kind "eval")."""
     loaded = load_for_evaluation(options.checkpoint, options.row, options.weights, options.synthetic,
@@ -70,17 +70,17 @@ def evaluate_checkpoint(options: EvalOptions) -> dict[str, Any]:
             save_predictions_dir=Path(options.save_predictions) if options.save_predictions else None,
             panels_dir=panels_dir if options.num_panels else None, num_panels=options.num_panels,
             progress=options.progress, desc=f"eval {loaded.weights}")
-        per_class = dict(zip(CLASS_NAMES, metrics.iou))
+        per_class: PerClass = dict(zip(CLASS_NAMES, metrics.iou))
         suffix = "_ema" if loaded.weights == "ema" else "_raw"  # the names training runs give the same weights
-        record = {
-            "kind": "eval", "row": spec.row, "dataset": dataset, "split": options.split, "weights": loaded.weights,
-            "checkpoint": str(loaded.path), "miou": metrics.miou, "pixel_accuracy": metrics.pixel_accuracy,
-            "per_class_iou": per_class, "test_size": plan.test_size, "test_mode": mode.describe(),
-            "device": loaded.device.type, "precision": plan.precision,
-            "wall_time_s": round(time.perf_counter() - started, 1),
-            "git_commit": commit, "versions": package_versions(), "environment": environment(loaded.device.type),
-            "plan": asdict(plan), "tracking_run_id": run_id, "time": utc_now(),
-        }
+        record = EvalRecord(
+            row=spec.row, dataset=dataset, split=options.split, weights=loaded.weights,
+            checkpoint=str(loaded.path), miou=metrics.miou, pixel_accuracy=metrics.pixel_accuracy,
+            per_class_iou=per_class, test_size=list(plan.test_size), test_mode=mode.describe(),
+            device=loaded.device.type, precision=plan.precision,
+            wall_time_s=round(time.perf_counter() - started, 1),
+            git_commit=commit, versions=package_versions(), environment=environment(loaded.device.type),
+            plan=asdict(plan), tracking_run_id=run_id, time=utc_now(),
+        )
         return finish_run(spec, tracker, record, folder, headline=metrics.miou,
                           metrics={f"val/miou{suffix}": metrics.miou,
                                    f"val/pixel_accuracy{suffix}": metrics.pixel_accuracy},
@@ -91,9 +91,9 @@ def evaluate_checkpoint(options: EvalOptions) -> dict[str, Any]:
         raise
 
 
-def closing_line(record: dict[str, Any]) -> str:
-    return (f"{record['row']} {record['weights']} weights on {record['dataset']} {record['split']}: "
-            f"mIoU {record['miou']:.2f} ({record['test_mode']}); record {record['_path']}")
+def closing_line(record: EvalRecord) -> str:
+    return (f"{record.row} {record.weights} weights on {record.dataset} {record.split}: "
+            f"mIoU {record.miou:.2f} ({record.test_mode}); record {record.path}")
 
 
 __all__ = ["EvalOptions", "LoadedCheckpoint", "closing_line", "evaluate_checkpoint"]

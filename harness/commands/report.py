@@ -3,26 +3,17 @@ run's tracked run (for runs that finished before cards existed, or after the row
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from harness.config.spec import load_spec
 from harness.engine.run_folder import RUN_STATUS, RunFolder
 from harness.errors import BenchError
 from harness.report.card import CARD
-from harness.report.compare import folder_recipe, record_of_folder
+from harness.report.compare import record_of_folder
 from harness.report.finish import write_cards
 from harness.tracking.journal import JOURNAL_DIR, Journal
 from harness.tracking.tracker import log_artifact_later
-
-
-def _literal(text: str) -> Any:
-    """A plan value back from the text MLflow params keep (numbers, lists, booleans; anything else stays text)."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 def report(run: Path, tracking_uri: Optional[str] = None) -> tuple[Path, str]:
@@ -32,11 +23,9 @@ def report(run: Path, tracking_uri: Optional[str] = None) -> tuple[Path, str]:
         raise BenchError(f"run {run} is {folder.status}, not finished: a reproduction card describes a finished run "
                          "(resume it with `bench run --resume`)")
     record = record_of_folder(folder)
-    if not isinstance(record.get("plan"), dict):  # an older record: the plan its run logged at its start
-        record["plan"] = {k: _literal(v) for k, v in folder_recipe(run).items()}
-    spec = load_spec(str(record["row"]))
+    spec = load_spec(record.row)
     journal_dir = run / JOURNAL_DIR
-    path = write_cards(spec, record, Journal(journal_dir).artifacts, folder, weights=record.get("weight_files"))
+    path = write_cards(spec, record, Journal(journal_dir).artifacts, folder, weights=record.weight_files)
     if not Journal.exists(journal_dir):
         return path, "the run folder has no tracking journal: not logged"
     return path, log_artifact_later(journal_dir, CARD, tracking_uri)

@@ -43,8 +43,8 @@ from harness.models.weights import apply_starting_weights
 from harness.outputs.panels import prediction_panels
 from harness.report.behind import EarlyWarning
 from harness.report.finish import TrainingOutcome, end_run, finish_training, run_tags, training_params
-from harness.report.records import git_commit
-from harness.report.table import write_benchmark
+from harness.report.records import TrainRecord, git_commit
+from harness.report.table import random_start, write_benchmark
 from harness.tracking.journal import JOURNAL_DIR
 from harness.tracking.system_metrics import SystemMetrics, next_step
 from harness.tracking.tracker import Tracker
@@ -218,9 +218,9 @@ def open_run(checked: CheckedRun, tracker: Tracker, spec: Spec, plan: TrainPlan,
     return folder, run_id
 
 
-def train(checked: CheckedRun, seed: int) -> dict[str, Any]:
+def train(checked: CheckedRun, seed: int) -> Optional[TrainRecord]:
     """Train and evaluate one seed of a checked run in this process (one rank of it under torchrun); returns the
-    result record on rank 0 and {} on the other ranks."""
+    result record on rank 0 and None on the other ranks."""
     world = world_from_env()
     options = replace(checked.options, seed=seed)
     spec = checked.spec
@@ -243,7 +243,8 @@ def train(checked: CheckedRun, seed: int) -> dict[str, Any]:
         distributed.shutdown()
 
 
-def _train(checked: CheckedRun, options: RunOptions, spec: Spec, world: World, device: torch.device) -> dict[str, Any]:
+def _train(checked: CheckedRun, options: RunOptions, spec: Spec, world: World, device: torch.device
+           ) -> Optional[TrainRecord]:
     data = find_data(checked, world)
     plan = make_plan(spec, data.dataset, len(data.train), precision=checked.compute.precision, world_size=world.size,
                      machine_workers=loader_workers(world.local_size), seed=options.seed, iters=options.iters,
@@ -304,7 +305,7 @@ def _train(checked: CheckedRun, options: RunOptions, spec: Spec, world: World, d
         if world.is_main and status != "FINISHED" and not (folder and folder.info.get("status") == STOPPED_BEHIND):
             end_run(folder, tracker, status)
     if not world.is_main:
-        return {}
+        return None
     assert folder is not None and tracker is not None
     try:
         weights = trainer.ema.module if trainer.ema is not None else trainer.model
@@ -375,9 +376,10 @@ def log_start(spec: Spec, plan: TrainPlan, data: Data, world: World, device: tor
     # How long it will take is measured, not assumed: the log says so after the first iterations (TrainLog).
 
 
-def run(options: RunOptions) -> dict[str, Any]:
+def run(options: RunOptions) -> Optional[TrainRecord]:
     """Check and train one seed (`options.seed`) in this process: the Python entry point of `bench run` (harness.api
-    re-exports it), through the same checks as the command line (`checked_run`)."""
+    re-exports it), through the same checks as the command line (`checked_run`). Returns its result record (None in
+    a torchrun worker other than rank 0)."""
     checked = checked_run(options, [options.seed], LaunchOptions())
     return train(checked, options.seed)
 
@@ -389,18 +391,18 @@ def exit_code_for(interrupt: Interrupted) -> int:
     return 128 + int(interrupt.signum) if interrupt.signum else 1
 
 
-def closing_line(record: dict[str, Any]) -> str:
+def closing_line(record: TrainRecord) -> str:
     """'sf_seg_v2-ema seed 0 on synthetic: mIoU 54.62 (EMA, best at 400); raw 56.20; ...': the headline the record,
     MLflow and the tables hold, named, then the other weights' figure beside it."""
-    weights = record.get("miou_weights", "raw")
-    named = f"{'EMA, ' if weights == 'ema' else ''}best at {record['miou_iteration']}"
-    if weights == "ema":
-        at = record["best_iteration"]
-        other = f"; raw {record['miou_best']:.2f}" + ("" if at == record["miou_iteration"] else f" (best at {at})")
+    ema = record.miou_weights == "ema"
+    named = f"{'EMA, ' if ema else ''}best at {record.miou_iteration}"
+    if ema:
+        at = record.best_iteration
+        other = f"; raw {record.miou_best:.2f}" + ("" if at == record.miou_iteration else f" (best at {at})")
     else:
-        other = "" if record["best_iteration"] == record["iterations"] else f"; final {record['miou_final']:.2f}"
-    return (f"{record['row']} seed {record['seed']} on {record['dataset']}: mIoU {record['miou']:.2f} ({named})"
-            f"{other}; {record['iterations']} iterations, {record['wall_time_s']:.0f} s; record {record['_path']}")
+        other = "" if record.best_iteration == record.iterations else f"; final {record.miou_final:.2f}"
+    return (f"{record.row} seed {record.seed} on {record.dataset}: mIoU {record.miou:.2f} ({named})"
+            f"{other}; {record.iterations} iterations, {record.wall_time_s:.0f} s; record {record.path}")
 
 
 def folder_line(path: Path) -> str:
@@ -488,10 +490,10 @@ def main(options: RunOptions, seeds: Sequence[int], launch: LaunchOptions,
                 if seeds[index + 1:]:
                     log.warning("seeds not started: %s", ",".join(map(str, seeds[index + 1:])))
             return STOPPED_BEHIND_EXIT
-        if not record:
+        if record is None:
             continue  # a non-zero rank of a distributed run
         echo(closing_line(record))
-        echo(folder_line(Path(record["checkpoint"]).parent.parent))
-        if record["dataset"] != "synthetic" and record["starting_weights"].startswith("missing"):
-            log.warning("warning: started from random weights (%s); see `bench weights`", record["starting_weights"])
+        echo(folder_line(Path(record.checkpoint).parent.parent))
+        if random_start(record):
+            log.warning("warning: started from random weights (%s); see `bench weights`", record.starting_weights)
     return 0

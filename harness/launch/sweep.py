@@ -44,7 +44,7 @@ from harness.errors import BenchError
 from harness.files import atomic_write_text
 from harness.launch.options import RunOptions, check_data_root, check_options, worker_argv
 from harness.logs import configure_logging
-from harness.report.records import load_records
+from harness.report.records import ResultRecord, TrainRecord, load_records
 from harness.report.verdicts import standing
 from harness.tracking.backends import check_store, prepare_store
 from harness.tracking.journal import JOURNAL_DIR, Journal
@@ -204,19 +204,19 @@ def target_iterations(spec: Spec, options: SweepOptions) -> int:
     return spec.synthetic.iters if options.synthetic else planned_iterations(spec)
 
 
-def done_record(spec: Spec, seed: int, options: SweepOptions, records: list[dict[str, Any]]) -> Optional[dict]:
+def done_record(spec: Spec, seed: int, options: SweepOptions, records: list[ResultRecord]) -> Optional[TrainRecord]:
     """The record that makes (row, seed) done: on Cityscapes at the planned budget, a counted record
     (harness.report.verdicts.standing); otherwise (synthetic, or a chosen --iters) a training record of that row,
     seed and number of iterations on the same dataset."""
     iters = target_iterations(spec, options)
     counted_rule = not options.synthetic and iters == planned_iterations(spec)
     for record in records:
-        if record.get("row") != spec.row or record.get("seed") != seed or record.get("kind", "train") != "train":
+        if not isinstance(record, TrainRecord) or record.row != spec.row or record.seed != seed:
             continue
         if counted_rule:
             if standing(spec, record).counts:
                 return record
-        elif record.get("dataset") == options.dataset and record.get("iterations") == iters:
+        elif record.dataset == options.dataset and record.iterations == iters:
             return record
     return None
 
@@ -277,7 +277,7 @@ def plan_tasks(options: SweepOptions) -> list[Task]:
         for seed in options.seeds:
             record = done_record(spec, seed, options, records)
             if record is not None:
-                tasks.append(Task(spec.row, seed, "skip", f"done: {record.get('_path')}"))
+                tasks.append(Task(spec.row, seed, "skip", f"done: {record.path}"))
                 continue
             running = [f for f in run_folders(spec.row, options.dataset)
                        if (f.info.get("options") or {}).get("seed") == seed and f.still_running()]

@@ -97,8 +97,8 @@ def earlier_runs(spec: Spec, dataset: str, iters: int, this_run: Optional[Path])
     """The other runs of the row on `dataset` that planned `iters` iterations and evaluated at least once."""
     counted = set()
     for record in load_records(dataset=dataset):
-        if record.get("row") == spec.row and record.get("checkpoint") and standing(spec, record).counts:
-            counted.add(Path(record["checkpoint"]).resolve().parent.parent)
+        if record.row == spec.row and standing(spec, record).counts:
+            counted.add(Path(record.checkpoint).resolve().parent.parent)
     found = []
     for folder in sorted((paths.runs_dir() / dataset / spec.row).glob("*")):
         if not RunFolder.is_run_folder(folder) or (this_run is not None and folder.resolve() == this_run.resolve()):

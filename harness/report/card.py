@@ -12,12 +12,12 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional
 
-from harness.config.benchmark import REFERENCE_DATASET, SYNTHETIC_DATASET
+from harness.config.benchmark import OFFICIAL_SPLIT_IMAGES, REFERENCE_DATASET, SYNTHETIC_DATASET
 from harness.config.spec import Spec
 from harness.config.up_configs import TABLE_WINS, config_name, config_path, read_config, up_base_row, up_values
 from harness.data.cityscapes import CLASS_NAMES
 from harness.models.weights import expected_files
-from harness.report.records import PACKAGES
+from harness.report.records import PACKAGES, EvalRecord, ResultRecord, TrainRecord
 from harness.report.verdicts import judge, measured_miou, resolve_tolerance, standing
 
 CARD = "report.md"
@@ -47,11 +47,11 @@ def file_checksums(paths: list[tuple[str, Path]]) -> list[dict[str, Any]]:
     return out
 
 
-def weight_files(spec: Spec, record: dict[str, Any]) -> list[dict[str, Any]]:
+def weight_files(spec: Spec, record: ResultRecord) -> list[dict[str, Any]]:
     """The files a run's weights came from, with checksums: the starting-weight file of a training run, the
     checkpoint an evaluation scored."""
-    if record.get("kind", "train") == "eval":
-        return file_checksums([("checkpoint", Path(record["checkpoint"]))])
+    if isinstance(record, EvalRecord):
+        return file_checksums([("checkpoint", Path(record.checkpoint))])
     return file_checksums(expected_files(spec))
 
 
@@ -79,9 +79,9 @@ def _same(ours: Any, theirs: Any) -> bool:
     return bool(ours == theirs)
 
 
-def recipe_section(spec: Spec, plan: dict[str, Any], record: dict[str, Any],
-                   reference_root: Optional[Path] = None) -> list[str]:
+def recipe_section(spec: Spec, record: ResultRecord, reference_root: Optional[Path] = None) -> list[str]:
     """The resolved plan field by field beside the value UP's config gives it, and why a value differs."""
+    plan = record.plan
     lines = ["## Recipe: this run beside United-Perception's config", ""]
     path = config_path(spec, reference_root)
     config = read_config(spec, reference_root)
@@ -93,9 +93,11 @@ def recipe_section(spec: Spec, plan: dict[str, Any], record: dict[str, Any],
     else:
         lines += [f"UP's values from `configs/seg/{config_name(spec)}.yaml` (UP at c477a744); `=` marks a field "
                   "that matches.", ""]
-    theirs = up_values(spec, config, record.get("train_images") or 2975) if config is not None else {}
+    # UP's epochs become iterations over the train split: the run's own, or (an evaluation) the official one
+    train_images = record.train_images if isinstance(record, TrainRecord) else 0
+    theirs = up_values(spec, config, train_images or OFFICIAL_SPLIT_IMAGES["train"]) if config is not None else {}
     wins = TABLE_WINS.get(up_base_row(spec.row), {})
-    synthetic = record.get("dataset") == SYNTHETIC_DATASET
+    synthetic = record.dataset == SYNTHETIC_DATASET
     starting = spec.model.init_checkpoint or spec.model.backbone_checkpoint
     fields = [(k, v) for k, v in plan.items() if k != "row"] + [("starting_weights", starting)]
     rows = []
@@ -117,7 +119,7 @@ def recipe_section(spec: Spec, plan: dict[str, Any], record: dict[str, Any],
             note = "the MSeg-trained whole model (the row's own start)"
         elif synthetic and name in SYNTHETIC_FIELDS:
             note = "synthetic budget (CPU-sized)"
-        elif name == "iters" and record.get("dataset") == REFERENCE_DATASET:
+        elif name == "iters" and record.dataset == REFERENCE_DATASET:
             note = "--iters (not the planned budget)"
         else:
             note = "differs"
@@ -125,86 +127,81 @@ def recipe_section(spec: Spec, plan: dict[str, Any], record: dict[str, Any],
     return lines + _table(["field", "this run", "UP config", "note"], rows)
 
 
-def environment_section(record: dict[str, Any]) -> list[str]:
-    env = record.get("environment") or {}
-    versions = record.get("versions") or {}
-    commit = str(record.get("git_commit", "unknown"))
+def _processes(record: ResultRecord) -> int:
+    """The processes the run took: a training's, or the one of an evaluation."""
+    return record.devices if isinstance(record, TrainRecord) else 1
+
+
+def environment_section(record: ResultRecord) -> list[str]:
+    env, versions, commit = record.environment, record.versions, record.git_commit
     dirty = commit.endswith("-dirty")
-    rows: list[list[Any]] = []
-    if env:
-        gpu = env.get("gpu")
-        rows += [["device", f"{env.get('device_type')} x {record.get('devices', 1)} process(es)"],
-                 ["GPU", f"{gpu} (x{env.get('gpu_count')} on this machine)" if gpu else "none (CPU run)"],
-                 ["NVIDIA driver", env.get("driver")], ["CUDA (PyTorch build)", env.get("cuda_build")],
-                 ["cuDNN", env.get("cudnn")], ["CPU", f"{env.get('cpu')} ({env.get('cpu_count')} cores)"],
-                 ["OS", env.get("os")]]
-    else:
-        rows += [["device", f"{record.get('device', '?')} x {record.get('devices', 1)} (GPU model, driver, CUDA and "
-                            "cuDNN not recorded by this older run)"]]
-    rows += [["precision", record.get("precision")]]
+    gpu = env.get("gpu")
+    rows: list[list[Any]] = [
+        ["device", f"{env.get('device_type')} x {_processes(record)} process(es)"],
+        ["GPU", f"{gpu} (x{env.get('gpu_count')} on this machine)" if gpu else "none (CPU run)"],
+        ["NVIDIA driver", env.get("driver")], ["CUDA (PyTorch build)", env.get("cuda_build")],
+        ["cuDNN", env.get("cudnn")], ["CPU", f"{env.get('cpu')} ({env.get('cpu_count')} cores)"],
+        ["OS", env.get("os")]]
+    rows += [["precision", record.precision]]
     rows += [[name, versions[name]] for name in ("python", *PACKAGES) if name in versions]
     rows += [["commit", commit.removesuffix("-dirty")],
              ["uncommitted changes", "yes (dirty)" if dirty else "no" if commit != "unknown" else "unknown"]]
     return ["## Environment", ""] + _table(["", ""], rows)
 
 
-def time_section(record: dict[str, Any]) -> list[str]:
-    wall = record.get("wall_time_s")
-    if wall is None:
-        return ["## Time", "", "not recorded", ""]
-    processes = int(record.get("devices") or 1)
+def time_section(record: ResultRecord) -> list[str]:
+    wall = record.wall_time_s
+    processes = _processes(record)
     hours, rest = divmod(int(round(wall)), 3600)
-    on_gpu = (record.get("environment") or {}).get("device_type", record.get("device")) == "cuda"
-    rows = [["wall time", f"{hours}:{rest // 60:02d}:{rest % 60:02d} ({wall:g} s)"],
+    on_gpu = record.environment.get("device_type", record.device) == "cuda"
+    rows: list[list[Any]] = [["wall time", f"{hours}:{rest // 60:02d}:{rest % 60:02d} ({wall:g} s)"],
             ["GPU-hours", f"{wall * processes / 3600:.3f} ({processes} GPU(s))" if on_gpu else "0 (a CPU run)"]]
-    iterations = record.get("iterations")
+    iterations = record.iterations if isinstance(record, TrainRecord) else None
     if iterations:
         rows.append(["iterations", f"{iterations} ({iterations / wall:.2f} it/s)" if wall else iterations])
     return ["## Time", ""] + _table(["", ""], rows)
 
 
-def per_class_section(record: dict[str, Any]) -> list[str]:
+def per_class_section(record: ResultRecord) -> list[str]:
     """Each column is the weights it names: a training run's raw weights (their final mIoU is `miou_final`) beside
     its EMA weights (`miou_ema`); an evaluation's the weights it scored. The headline (`miou`, the best evaluation of
     the row's weights) is in the verdict section, not here."""
-    raw = record.get("per_class_iou") or {}
-    ema = record.get("per_class_iou_ema")
-    is_eval = record.get("kind", "train") == "eval"
-    first = f"IoU ({record.get('weights', 'raw')} weights)" if is_eval else "IoU (raw weights)"
+    raw = record.per_class_iou
+    if isinstance(record, TrainRecord):
+        first, final, ema, ema_final = "IoU (raw weights)", record.miou_final, record.per_class_iou_ema, record.miou_ema
+    else:
+        first, final, ema, ema_final = f"IoU ({record.weights} weights)", record.miou, None, None
     headers = ["class", first] + (["IoU (EMA weights)"] if ema else [])
 
     def iou(value: Optional[float]) -> str:
         return "-" if value is None or math.isnan(value) else f"{value:.2f}"
 
-    rows = [[name, iou(raw.get(name)), *([iou(ema.get(name))] if ema else [])] for name in CLASS_NAMES if name in raw]
-    final = record["miou"] if is_eval else record.get("miou_final", record.get("miou"))
-    rows.append(["**mIoU** (final evaluation)", iou(final), *([iou(record.get("miou_ema"))] if ema else [])])
+    rows = [[name, iou(raw[name]), *([iou(ema.get(name))] if ema else [])] for name in CLASS_NAMES if name in raw]
+    rows.append(["**mIoU** (final evaluation)", iou(final), *([iou(ema_final)] if ema else [])])
     return (["## Per-class IoU (%)", "", "Of the final evaluation; `-`: a class absent from both the ground truth and "
              "the prediction (undefined, left out of the mean)."] + [""] + _table(headers, rows))
 
 
-def reproduction_card(spec: Spec, record: dict[str, Any], *, figures: str = "", figure_names: tuple[str, ...] = (),
+def reproduction_card(spec: Spec, record: ResultRecord, *, figures: str = "", figure_names: tuple[str, ...] = (),
                       tolerance: Optional[float] = None, reference_root: Optional[Path] = None,
                       weights: Optional[list[dict[str, Any]]] = None) -> str:
     """The card of the run whose result record is `record`. `figures` prefixes the figures' paths (they live in
     the run's artifact root), `figure_names` the figures the run has; `weights` the checksummed weight files
     (default: computed now)."""
-    plan = record.get("plan") or {}
-    kind = record.get("kind", "train")
-    is_eval = kind == "eval"
-    headline = record["miou"] if is_eval else measured_miou(spec, record)
+    is_eval = isinstance(record, EvalRecord)
+    headline = measured_miou(spec, record) if isinstance(record, TrainRecord) else record.miou
     statistic = ("mIoU of the evaluated weights" if is_eval else
                  f"best evaluation of the {'EMA' if spec.columns.ema else 'raw'} weights (UP's auto_save_best)")
     reference = list(spec.reference.miou)
     tol = resolve_tolerance(tolerance)
     lines = [f"# Reproduction card: {spec.row}", "",
-             f"{'Evaluation' if is_eval else 'Training'} run on **{record.get('dataset')}**, finished "
-             f"{record.get('time', '?')}; tracking run `{record['tracking_run_id'] or 'none (offline)'}`; result "
-             f"record `{record.get('_path', '?')}`.", ""]
+             f"{'Evaluation' if is_eval else 'Training'} run on **{record.dataset}**, finished "
+             f"{record.time}; tracking run `{record.tracking_run_id or 'none (offline)'}`; result "
+             f"record `{record.path or '?'}`.", ""]
 
     lines += ["## Row and verdict", ""]
-    if reference and record.get("dataset") != REFERENCE_DATASET:
-        lines += [f"{headline:.2f} mIoU ({statistic}) on the {record.get('dataset')} data: no reference, no Δ and no "
+    if reference and record.dataset != REFERENCE_DATASET:
+        lines += [f"{headline:.2f} mIoU ({statistic}) on the {record.dataset} data: no reference, no Δ and no "
                   f"verdict (the table measured Cityscapes; a run on other data proves the pipeline, it is never a "
                   "reproduction).", ""]
     elif reference:
@@ -222,8 +219,8 @@ def reproduction_card(spec: Spec, record: dict[str, Any], *, figures: str = "", 
 
     decision = standing(spec, record)
     lines += ["## Counting rule", ""]
-    if decision.counts:
-        lines += [f"**Counts** as a reproduction of {spec.row}: the full planned budget ({record.get('iterations')} "
+    if decision.counts and isinstance(record, TrainRecord):
+        lines += [f"**Counts** as a reproduction of {spec.row}: the full planned budget ({record.iterations} "
                   "iterations), Cityscapes with the official 2975 / 500 split, from the row's expected starting "
                   "weights.", ""]
     else:
@@ -232,10 +229,10 @@ def reproduction_card(spec: Spec, record: dict[str, Any], *, figures: str = "", 
 
     lines += ["## Weights", ""]
     files = weights if weights is not None else weight_files(spec, record)
-    if is_eval:
-        lines += [f"Scored the **{record.get('weights')}** weights of the checkpoint below.", ""]
+    if isinstance(record, EvalRecord):
+        lines += [f"Scored the **{record.weights}** weights of the checkpoint below.", ""]
     else:
-        lines += [f"Starting weights: {record.get('starting_weights', 'unknown')}.", ""]
+        lines += [f"Starting weights: {record.starting_weights}.", ""]
     if files:
         lines += _table(["file", "role", "bytes", "sha256"],
                         [[f"`{f['path']}`", f["what"], f.get("bytes"), f"`{f['sha256']}`" if f["sha256"] else
@@ -243,8 +240,7 @@ def reproduction_card(spec: Spec, record: dict[str, Any], *, figures: str = "", 
     else:
         lines += ["The row names no starting-weight file (it trains from random weights, as UP's did).", ""]
 
-    lines += recipe_section(spec, plan, record, reference_root) if plan else [
-        "## Recipe: this run beside United-Perception's config", "", "not recorded by this older run", ""]
+    lines += recipe_section(spec, record, reference_root)
     lines += environment_section(record)
     lines += time_section(record)
 

@@ -19,7 +19,7 @@ from harness.data.cityscapes import CLASS_NAMES
 from harness.engine.run_folder import RUN_FILE, RunFolder
 from harness.errors import BenchError
 from harness.paths import experiments_dir, results_dir
-from harness.report.records import load_records, read_record
+from harness.report.records import ResultRecord, TrainRecord, load_records, read_record
 from harness.report.verdicts import measured_miou, standing
 from harness.tracking.journal import JOURNAL_DIR, Journal
 from harness.tracking.sink import GIT_COMMIT
@@ -68,15 +68,19 @@ def _spec(row: str) -> Optional[Spec]:
         return None  # a record of a row since removed: compared without the row's statistic
 
 
-def _uses_ema(spec: Optional[Spec], record: dict[str, Any]) -> bool:
-    return bool(record.get("per_class_iou_ema")) and (spec is None or spec.columns.ema)
+def _ema_per_class(spec: Optional[Spec], record: ResultRecord) -> Optional[dict[str, Optional[float]]]:
+    """The per-class IoU of the EMA weights where they are the ones compared: a training run of an EMA row (or of
+    a row since removed) that has them."""
+    if isinstance(record, TrainRecord) and record.per_class_iou_ema and (spec is None or spec.columns.ema):
+        return record.per_class_iou_ema
+    return None
 
 
-def record_versions(record: dict[str, Any]) -> dict[str, str]:
-    versions = {name: _text(v) for name, v in (record.get("versions") or {}).items()}
-    versions["git_commit"] = _text(record.get("git_commit", "unknown"))
-    env = record.get("environment") or {}
-    versions.update({f"env.{name}": _text(env.get(name)) for name in ENVIRONMENT_FIELDS if name in env})
+def record_versions(record: ResultRecord) -> dict[str, str]:
+    versions = {name: _text(v) for name, v in record.versions.items()}
+    versions["git_commit"] = _text(record.git_commit)
+    env = record.environment
+    versions.update({f"env.{name}": _text(env[name]) for name in ENVIRONMENT_FIELDS if name in env})
     return versions
 
 
@@ -88,40 +92,33 @@ def folder_recipe(folder: Path) -> dict[str, str]:
     return {k: _text(v) for k, v in params.items() if k in PLAN_FIELDS}
 
 
-def record_recipe(record: dict[str, Any]) -> dict[str, str]:
-    """The record's resolved plan; an older record holds none: then its run folder's (beside its checkpoint)."""
-    plan = record.get("plan")
-    if isinstance(plan, dict):
-        recipe = {k: _text(v) for k, v in plan.items() if k in PLAN_FIELDS}
-    else:
-        recipe = {}
-        checkpoint = record.get("checkpoint")
-        if checkpoint:
-            folder = Path(checkpoint).parent.parent
-            if (folder / RUN_FILE).is_file():
-                recipe = folder_recipe(folder)
-    if "starting_weights" in record:
-        recipe["starting_weights"] = _text(record["starting_weights"])
+def record_recipe(record: ResultRecord) -> dict[str, str]:
+    """The record's resolved plan, and a training run's starting weights."""
+    recipe = {k: _text(v) for k, v in record.plan.items() if k in PLAN_FIELDS}
+    if isinstance(record, TrainRecord):
+        recipe["starting_weights"] = _text(record.starting_weights)
     return recipe
 
 
-def from_record(record: dict[str, Any], label: str, source: str = "result record") -> Comparable:
-    row = str(record.get("row"))
-    spec = _spec(row)
-    ema = _uses_ema(spec, record)
-    per_class = record.get("per_class_iou_ema" if ema else "per_class_iou") or {}
-    if record.get("kind", "train") == "train" and spec is not None:
+def from_record(record: ResultRecord, label: str, source: str = "result record") -> Comparable:
+    spec = _spec(record.row)
+    ema = _ema_per_class(spec, record)
+    if isinstance(record, TrainRecord) and spec is not None:
         headline = _number(measured_miou(spec, record))
     else:
-        headline = _number(record.get("miou"))
-    return Comparable(label=label, source=source, row=row, dataset=str(record.get("dataset")), headline=headline,
-                      miou=_number(record.get("miou_ema" if ema else "miou")),
-                      weights=str(record.get("weights") or ("ema" if ema else "raw")),
+        headline = _number(record.miou)
+    if isinstance(record, TrainRecord):
+        miou, weights = (record.miou_ema, "ema") if ema is not None else (record.miou, "raw")
+    else:
+        miou, weights = record.miou, record.weights
+    per_class = ema if ema is not None else record.per_class_iou
+    return Comparable(label=label, source=source, row=record.row, dataset=record.dataset, headline=headline,
+                      miou=_number(miou), weights=weights,
                       per_class={name: _number(per_class.get(name)) for name in CLASS_NAMES},
                       recipe=record_recipe(record), versions=record_versions(record))
 
 
-def record_of_folder(folder: RunFolder) -> dict[str, Any]:
+def record_of_folder(folder: RunFolder) -> ResultRecord:
     """The result record a finished run folder wrote: the one run.json names, else the record of its MLflow run or
     its checkpoints (older folders)."""
     named = folder.info.get("record")
@@ -130,9 +127,9 @@ def record_of_folder(folder: RunFolder) -> dict[str, Any]:
     run_id = folder.tracking_run_id
     inside = str(folder.path.resolve()) + "/"
     for record in load_records(dataset=folder.info.get("dataset")):
-        if run_id and record["tracking_run_id"] == run_id:
+        if run_id and record.tracking_run_id == run_id:
             return record
-        if str(Path(str(record.get("checkpoint", ""))).resolve()).startswith(inside):
+        if str(Path(record.checkpoint).resolve()).startswith(inside):
             return record
     raise BenchError(f"run folder {folder.path} has no result record (its status is {folder.status}); compare "
                      "finished runs, or give their result records")
@@ -188,14 +185,13 @@ def from_row(row: str, dataset: str) -> Comparable:
     where nothing counts, every training record of the row)."""
     spec = load_spec(row)
     runs_of = base_row(row)
-    training = [r for r in load_records(dataset=dataset)
-                if r.get("row") == runs_of and r.get("kind", "train") == "train"]
+    training = [r for r in load_records(dataset=dataset) if isinstance(r, TrainRecord) and r.row == runs_of]
     counted = [r for r in training if standing(spec, r).counts] if dataset == REFERENCE_DATASET else training
     if not counted:
         what = "counted runs" if dataset == REFERENCE_DATASET else "training records"
         raise BenchError(f"bench compare: row {row!r} has no {what} on {dataset} under {results_dir()} "
                          f"({len(training)} record(s) of {runs_of}; see `bench table --all`)")
-    items = [from_record(r, r.get("_path", "?")) for r in counted]
+    items = [from_record(r, r.path or "?") for r in counted]
 
     def mean(values: list[Optional[float]]) -> Optional[float]:
         defined = [v for v in values if v is not None]
@@ -203,7 +199,7 @@ def from_row(row: str, dataset: str) -> Comparable:
 
     keys = lambda attr: sorted({k for item in items for k in getattr(item, attr)})  # noqa: E731
     return Comparable(
-        label=row, source=f"row ({len(items)} {'counted ' if dataset == 'cityscapes' else ''}run(s) on {dataset}, "
+        label=row, source=f"row ({len(items)} {'counted ' if dataset == REFERENCE_DATASET else ''}run(s) on {dataset}, "
                           "averaged)",
         row=row, dataset=dataset, headline=mean([i.headline for i in items]), miou=mean([i.miou for i in items]),
         weights=_agreed([i.weights for i in items]),

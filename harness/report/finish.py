@@ -4,7 +4,8 @@ same status; a finished run logs its headline metric, twins, per-class IoU and i
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,8 +19,17 @@ from harness.errors import BenchError
 from harness.files import atomic_write_text
 from harness.outputs import plots
 from harness.report import card
-from harness.report.records import SCHEMA_VERSION, environment, package_versions, utc_now, write_record
-from harness.report.verdicts import measured_miou
+from harness.report.records import (
+    AnyResult,
+    PerClass,
+    ResultRecord,
+    TrainRecord,
+    environment,
+    package_versions,
+    utc_now,
+    write_result_record,
+)
+from harness.report.verdicts import headline_miou
 from harness.tracking.sink import source_tags
 from harness.tracking.tracker import Tracker, class_key
 
@@ -50,14 +60,16 @@ def end_run(folder: Optional[RunFolder], tracker: Optional[Tracker], status: str
     return tracker.finish(status) if tracker is not None else None
 
 
-def finish_run(spec: Spec, tracker: Tracker, record: dict[str, Any], folder: Optional[RunFolder], *, headline: float,
-               metrics: dict[str, Optional[float]], step: int, per_class: dict[str, Optional[dict[str, float]]],
-               panels: list[Path]) -> dict[str, Any]:
+def finish_run(spec: Spec, tracker: Tracker, record: AnyResult, folder: Optional[RunFolder], *, headline: float,
+               metrics: dict[str, Optional[float]], step: int, per_class: dict[str, Optional[PerClass]],
+               panels: list[Path]) -> AnyResult:
     """Log the headline (`miou`, the table's statistic), on Cityscapes the reference and the delta, the twins in
     `metrics`, per-class IoU (`val_iou/<class>`), the per-class table and chart, the training curves and the
     prediction panels; write the record; end the MLflow run and the run folder FINISHED."""
-    reference = reference_miou(spec, record["dataset"])  # None (not logged) off Cityscapes or without a reference
-    present = {group: values for group, values in per_class.items() if values}
+    reference = reference_miou(spec, record.dataset)  # None (not logged) off Cityscapes or without a reference
+    # an undefined IoU (null in a record read back) is NaN here, as the metrics hold it
+    present = {group: {name: math.nan if v is None else v for name, v in values.items()}
+               for group, values in per_class.items() if values}
     logged = {"miou": headline, "reference_miou": reference,
               "delta_miou": None if reference is None else headline - reference, **metrics}
     for group, values in present.items():
@@ -77,21 +89,20 @@ def finish_run(spec: Spec, tracker: Tracker, record: dict[str, Any], folder: Opt
     for panel in panels:
         tracker.log_artifact(panel, "panels")
     weights = card.weight_files(spec, record)
-    record = {**record, "schema": SCHEMA_VERSION, "tracking_run_id": tracker.run_id,
-              "weight_files": [{k: f[k] for k in ("what", "path", "sha256")} for f in weights]}
-    path = write_record(record)
-    record["_path"] = str(path)
-    tracker.set_tag("result_record", str(path))
+    record = write_result_record(replace(
+        record, tracking_run_id=tracker.run_id,
+        weight_files=[{k: f[k] for k in ("what", "path", "sha256")} for f in weights]))
+    tracker.set_tag("result_record", str(record.path))
     try:
         write_cards(spec, record, tracker.journal.artifacts, folder, tracker=tracker, weights=weights)
     except (OSError, BenchError) as exc:  # the run and its record stand; the card can be written again
         log.warning("warning: could not write the reproduction card (%s); write it later with `bench report %s`",
-                    exc, folder.path if folder else record["_path"])
+                    exc, folder.path if folder else record.path)
     end_run(folder, tracker, "FINISHED")
     return record
 
 
-def write_cards(spec: Spec, record: dict[str, Any], artifacts: Path, folder: Optional[RunFolder], *,
+def write_cards(spec: Spec, record: ResultRecord, artifacts: Path, folder: Optional[RunFolder], *,
                 tracker: Optional[Tracker] = None, weights: Optional[list[dict[str, Any]]] = None) -> Path:
     """The reproduction card in the run's artifacts (figures beside it; logged when `tracker` is given) and, with
     the figures' paths from there, as report.md in the run folder. Returns the run folder's copy (or the
@@ -107,7 +118,7 @@ def write_cards(spec: Spec, record: dict[str, Any], artifacts: Path, folder: Opt
         artifacts.as_posix() + "/"
     local = card.reproduction_card(spec, record, figures=prefix, figure_names=figures, weights=weights)
     path = atomic_write_text(folder.path / card.CARD, local)
-    folder.update(record=record.get("_path"), report=str(path))
+    folder.update(record=record.path, report=str(path))
     return path
 
 
@@ -145,55 +156,49 @@ class TrainingOutcome:
     data_digests: Optional[dict[str, str]] = None  # split -> digest of its files, as in MLflow's dataset inputs
 
 
-def training_record(outcome: TrainingOutcome) -> dict[str, Any]:
-    """The result record of a training run (before it is written)."""
-    result, plan = outcome.result, outcome.plan
-    ema = result.ema_metrics
-    assert result.best is not None
-    figures = {
-        "miou_final": result.metrics.miou, "pixel_accuracy": result.metrics.pixel_accuracy,
-        "miou_ema": ema.miou if ema else None,
-        # UP evaluated every 5 epochs and kept the best (auto_save_best): the table reports the best, the
-        # record keeps both so nothing is hidden.
-        "miou_best": result.best.miou, "best_iteration": result.best.iteration,
-        "miou_ema_best": result.best_ema.miou if result.best_ema else None,
-        "best_iteration_ema": result.best_ema.iteration if result.best_ema else None,
-    }
-    use_ema = outcome.spec.columns.ema and figures["miou_ema_best"] is not None
-    return {
-        "kind": "train", "row": outcome.spec.row, "dataset": outcome.dataset, "seed": plan.seed,
-        # The one headline, the row's statistic (harness.report.verdicts.measured_miou): what MLflow's `miou`, the
-        # closing line and both tables show. The raw final figure is `miou_final`.
-        "miou": measured_miou(outcome.spec, figures), "miou_weights": "ema" if use_ema else "raw",
-        "miou_iteration": figures["best_iteration_ema" if use_ema else "best_iteration"],
-        **figures,
-        "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
-        "starting_weights": outcome.starting_weights,
-        "per_class_iou": dict(zip(CLASS_NAMES, result.metrics.iou)),
-        "per_class_iou_ema": dict(zip(CLASS_NAMES, ema.iou)) if ema else None,
-        "iterations": plan.iters, "batch_size": plan.batch_size, "crop_size": plan.crop_size,
-        # The table counts a run only on the official split sizes (harness.report.verdicts.standing).
-        "train_images": outcome.train_images, "val_images": outcome.val_images, "devices": outcome.processes,
-        "device": outcome.device_type, "precision": plan.precision, "checkpoint": str(result.checkpoint),
-        "wall_time_s": round(outcome.wall_time_s, 1), "git_commit": outcome.commit, "behind": outcome.behind,
-        "data_digests": outcome.data_digests,
-        "versions": package_versions(), "environment": environment(outcome.device_type), "plan": asdict(plan),
-        "time": utc_now(),
-    }
+def training_record(outcome: TrainingOutcome) -> TrainRecord:
+    """The result record of a training run (before it is written: its tracked run and weight files are added by
+    `finish_run`)."""
+    result, plan, spec = outcome.result, outcome.plan, outcome.spec
+    ema, best, best_ema = result.ema_metrics, result.best, result.best_ema
+    assert best is not None
+    use_ema = spec.columns.ema and best_ema is not None
+    return TrainRecord(
+        row=spec.row, dataset=outcome.dataset, seed=plan.seed,
+        miou=headline_miou(spec, best.miou, best_ema.miou if best_ema else None, ema.miou if ema else None),
+        miou_weights="ema" if use_ema else "raw",
+        miou_iteration=best_ema.iteration if use_ema and best_ema else best.iteration,
+        miou_final=result.metrics.miou, pixel_accuracy=result.metrics.pixel_accuracy,
+        miou_ema=ema.miou if ema else None,
+        miou_best=best.miou, best_iteration=best.iteration,
+        miou_ema_best=best_ema.miou if best_ema else None,
+        best_iteration_ema=best_ema.iteration if best_ema else None,
+        best_checkpoint=str(result.best_checkpoint) if result.best_checkpoint else None,
+        starting_weights=outcome.starting_weights,
+        per_class_iou=dict(zip(CLASS_NAMES, result.metrics.iou)),
+        per_class_iou_ema=dict(zip(CLASS_NAMES, ema.iou)) if ema else None,
+        iterations=plan.iters, batch_size=plan.batch_size, crop_size=list(plan.crop_size),
+        train_images=outcome.train_images, val_images=outcome.val_images, devices=outcome.processes,
+        device=outcome.device_type, precision=plan.precision, checkpoint=str(result.checkpoint),
+        wall_time_s=round(outcome.wall_time_s, 1), git_commit=outcome.commit, behind=outcome.behind,
+        data_digests=outcome.data_digests,
+        versions=package_versions(), environment=environment(outcome.device_type), plan=asdict(plan),
+        time=utc_now(),
+    )
 
 
 def finish_training(tracker: Tracker, folder: RunFolder, outcome: TrainingOutcome, panels: list[Path]
-                    ) -> dict[str, Any]:
+                    ) -> TrainRecord:
     """The end of a finished training: its record, headline and twins, per-class IoU and images."""
     record = training_record(outcome)
     ema = outcome.result.ema_metrics
     twins = {  # raw and EMA, final and best: the same names in every training run
-        "final_miou": record["miou_final"], "final_pixel_accuracy": record["pixel_accuracy"],
-        "final_miou_ema": record["miou_ema"], "final_pixel_accuracy_ema": ema.pixel_accuracy if ema else None,
-        "best_miou": record["miou_best"], "best_iteration": record["best_iteration"],
-        "best_miou_ema": record["miou_ema_best"], "best_iteration_ema": record["best_iteration_ema"],
+        "final_miou": record.miou_final, "final_pixel_accuracy": record.pixel_accuracy,
+        "final_miou_ema": record.miou_ema, "final_pixel_accuracy_ema": ema.pixel_accuracy if ema else None,
+        "best_miou": record.miou_best, "best_iteration": record.best_iteration,
+        "best_miou_ema": record.miou_ema_best, "best_iteration_ema": record.best_iteration_ema,
     }
-    return finish_run(outcome.spec, tracker, record, folder, headline=record["miou"],
+    return finish_run(outcome.spec, tracker, record, folder, headline=record.miou,
                       metrics=twins, step=outcome.plan.iters,
-                      per_class={"val_iou": record["per_class_iou"], "val_iou_ema": record["per_class_iou_ema"]},
+                      per_class={"val_iou": record.per_class_iou, "val_iou_ema": record.per_class_iou_ema},
                       panels=panels)

@@ -1,10 +1,14 @@
 """One JSON record per finished run under results/<dataset>/<row>/, written atomically, never overwritten; and the
 environment a record names (commit, package versions).
 
-`bench speed`'s records are typed (`SpeedRecord`): their folder (`speed_dir`), their fields, the one writer
-(`write_speed_record`) and the one reader (`read_speed_record`, `load_speed_records`) live here. A record names the
-schema it was written by (`schema`); records of schema 0 (written before there was one, with the device's name also
-in a field called "dataset") still read."""
+Records are typed, one dataclass per kind: a training run (`TrainRecord`, what `bench run` writes), an evaluation
+(`EvalRecord`, `bench eval`) and a speed measurement (`SpeedRecord`, `bench speed`, in its own folder `speed_dir`).
+Their fields, the one writer of each (`write_result_record`, `write_speed_record`) and the one reader
+(`read_record` / `load_records`, `read_speed_record` / `load_speed_records`) live here; the reader checks every
+field against the dataclass's type hints and refuses a file that does not match in one line naming the file, the
+field and the fix. A record names the schema it was written by (`schema`); records of schema 0 (written before there
+was one: a training or evaluation record naming its tracked run `mlflow_run_id`, a speed record with the device's
+name also in a field called "dataset") still read."""
 
 from __future__ import annotations
 
@@ -13,11 +17,11 @@ import math
 import os
 import platform
 import subprocess
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from harness.errors import BenchError
 from harness.files import check_writable, new_temporary_file
@@ -89,40 +93,40 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def strict_json(record: dict[str, Any]) -> dict[str, Any]:
-    """`record` as strict JSON allows: a per-class IoU that is undefined (a class absent from ground truth and
-    prediction) becomes null; any other non-finite number is an error, never NaN in a file."""
+def strict_json(data: dict[str, Any]) -> dict[str, Any]:
+    """A record's JSON object as strict JSON allows: a per-class IoU that is undefined (a class absent from ground
+    truth and prediction) becomes null; any other non-finite number is an error, never NaN in a file."""
 
     def clean(value: Any, key: str, nested: bool) -> Any:
         if isinstance(value, float) and not math.isfinite(value):
             if nested:
                 return None
             raise BenchError(f"result {key} is {value} (undefined); no record is written for run "
-                             f"{record.get('row')} on {record.get('dataset')}")
+                             f"{data.get('row')} on {data.get('dataset')}")
         if isinstance(value, dict):
             return {k: clean(v, f"{key}.{k}" if key else str(k), nested or bool(key)) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [clean(v, f"{key}[{i}]", nested) for i, v in enumerate(value)]
         return value
 
-    return clean(record, "", False)
+    return clean(data, "", False)
 
 
-def write_record(record: dict[str, Any], root: Optional[Path] = None, group: Optional[str] = None) -> Path:
-    """Publish `record` under <root>/<group (default: its dataset)>/<row>/ with a new name; an existing record is
-    never replaced, and a failed write leaves nothing behind (not even a partial temporary file)."""
+def write_record(data: dict[str, Any], root: Optional[Path] = None, group: Optional[str] = None) -> Path:
+    """Publish a record's JSON object under <root>/<group (default: its dataset)>/<row>/ with a new name; an
+    existing record is never replaced, and a failed write leaves nothing behind (not even a partial temporary file).
+    The file writer of every kind (`write_result_record`, `write_speed_record`)."""
     root = root or results_dir()
-    record = strict_json(record)
-    folder = root / (group or record["dataset"]) / record["row"]
-    stamp = record["time"].replace(":", "").replace("-", "")
-    run_id = record.get("tracking_run_id", record.get("mlflow_run_id"))  # a speed record has no tracked run
-    base = f"{stamp}-{str(run_id or 'norun')[:8]}"
+    data = strict_json(data)
+    folder = root / (group or data["dataset"]) / data["row"]
+    stamp = data["time"].replace(":", "").replace("-", "")
+    base = f"{stamp}-{str(data.get('tracking_run_id') or 'norun')[:8]}"  # a speed record has no tracked run
     tmp = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
         handle, tmp = new_temporary_file(folder, prefix=".tmp-", suffix=".json")
         with os.fdopen(handle, "w") as f:
-            json.dump(record, f, indent=2, sort_keys=True, allow_nan=False)
+            json.dump(data, f, indent=2, sort_keys=True, allow_nan=False)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
@@ -152,35 +156,225 @@ def check_output_folders(dataset: str, create: bool = True) -> None:
     check_writable(results_dir() / dataset, "results folder", "set SEGBENCH_RESULTS to another folder", create)
 
 
-def read_record(path: Path) -> dict[str, Any]:
-    """One result record; a file that is not a JSON object is a one-line error naming it. A record of schema 0
-    (written before records named their schema) is read as schema 1: its `mlflow_run_id` is `tracking_run_id`."""
+# --- typed records: what every kind shares -------------------------------------------------------
+
+
+class TypedRecord:
+    """What the record dataclasses share: their kind, the fix a reader names when it refuses one of their files,
+    and their JSON form (the kind first; the path it was read from or written to is no part of it)."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]  # each subclass is a dataclass
+    kind: ClassVar[str]
+    fix: ClassVar[str]  # how to mend a file the reader refuses
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        del data["path"]
+        return {"kind": self.kind, **data}
+
+
+# JSON's names for the types a record's fields hold, as a refusal says them
+JSON_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
+
+
+def _json_name(hint: Any) -> str:
+    if get_origin(hint) is Union:
+        return " or ".join("null" if arg is type(None) else _json_name(arg) for arg in get_args(hint))
+    return JSON_NAMES.get(get_origin(hint) or hint, str(hint))
+
+
+def _check(value: Any, hint: Any, name: str, where: str, fix: str, shown: Any = None) -> None:
+    """Refuse `value` unless it and its items are of the type hint `hint` (str, int, float, bool, Any, Optional,
+    list[...], dict[str, ...]): a one-line error naming the file (`where`), the field and `fix`. A bool is no
+    number; an int is a float (a float field may hold a whole number). `shown`: the hint the error names."""
+    origin, args = get_origin(hint), get_args(hint)
+    shown = shown or hint
+    if hint is Any or (value is None and origin is Union and type(None) in args):
+        return
+    if origin is Union:  # Optional[X] holding a value: an X
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        _check(value, inner, name, where, fix, shown)
+        return
+    if hint is float:
+        matches = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif hint is int:
+        matches = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        matches = isinstance(value, origin or hint)
+    if not matches:
+        raise BenchError(f"{where}: field {name!r} is {json.dumps(value)[:40]} ({type(value).__name__}), not "
+                         f"{_json_name(shown)}; {fix}")
+    if isinstance(value, list) and args:
+        for i, item in enumerate(value):
+            _check(item, args[0], f"{name}[{i}]", where, fix)
+    elif isinstance(value, dict) and args:
+        for key, item in value.items():
+            _check(item, args[1], f"{name}.{key}", where, fix)
+
+
+def checked_fields(data: dict[str, Any], hints: dict[str, Any], where: str, fix: str) -> dict[str, Any]:
+    """data's value of each field in `hints` (name -> type hint), every one present and of its type."""
+    for name, hint in hints.items():
+        if name not in data:
+            raise BenchError(f"{where}: field {name!r} is missing; {fix}")
+        _check(data[name], hint, name, where, fix)
+    return {name: data[name] for name in hints}
+
+
+def record_fields(cls: type[TypedRecord]) -> dict[str, Any]:
+    """The fields a record of `cls` holds in its file, with their type hints (the dataclass's own, so a field's
+    type is written once)."""
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls) if f.name != "path"}
+
+
+# --- training and evaluation records -------------------------------------------------------------
+
+TRAIN, EVAL = "train", "eval"  # the kinds of result record under results/<dataset>/
+PerClass = dict[str, Optional[float]]  # class name -> IoU (%); None (NaN before it is written): undefined
+
+
+@dataclass(frozen=True)
+class TrainRecord(TypedRecord):
+    """What `bench run` writes when a training finishes (harness.report.finish.training_record)."""
+
+    kind: ClassVar[str] = TRAIN
+    fix: ClassVar[str] = "correct the file or remove it (train the run again with `bench run`)"
+
+    row: str
+    dataset: str
+    seed: int
+    # The one headline, the row's statistic (harness.report.verdicts.measured_miou): what MLflow's `miou`, the
+    # closing line and both tables show; of the weights `miou_weights` ("ema" or "raw") at `miou_iteration`.
+    miou: float
+    miou_weights: str
+    miou_iteration: int
+    miou_final: float  # the raw weights' final evaluation
+    pixel_accuracy: float
+    miou_ema: Optional[float]  # the EMA weights' final evaluation; None for a row without EMA
+    # UP evaluated every 5 epochs and kept the best (auto_save_best): the table reports the best, the record keeps
+    # both so nothing is hidden.
+    miou_best: float
+    best_iteration: int
+    miou_ema_best: Optional[float]
+    best_iteration_ema: Optional[int]
+    best_checkpoint: Optional[str]  # None: no evaluation kept a best checkpoint
+    starting_weights: str  # harness.config.starting_weights: "loaded ...", "missing ...", "other ...", ...
+    per_class_iou: PerClass  # of the raw weights
+    per_class_iou_ema: Optional[PerClass]
+    iterations: int
+    batch_size: int
+    crop_size: list[int]
+    # The table counts a run only on the official split sizes (harness.report.verdicts.standing).
+    train_images: int
+    val_images: int
+    devices: int  # processes that trained
+    device: str  # "cuda" or "cpu"
+    precision: str
+    checkpoint: str  # the final checkpoint
+    wall_time_s: float
+    git_commit: str
+    behind: Optional[dict[str, Any]]  # the newest early-warning comparison (harness.report.behind); None: none made
+    data_digests: Optional[dict[str, str]]  # split -> digest of its files; None: a schema-0 record
+    versions: dict[str, str]
+    environment: dict[str, Any]  # harness.report.records.environment
+    plan: dict[str, Any]  # the resolved TrainPlan
+    time: str
+    tracking_run_id: Optional[str] = None  # None: tracked offline (or not yet started, before finish_run)
+    weight_files: list[dict[str, Any]] = field(default_factory=list)  # what, path, sha256 of the starting weights
+    schema: int = SCHEMA_VERSION
+    path: Optional[str] = field(default=None, compare=False)  # the file it was read from or written to
+
+
+@dataclass(frozen=True)
+class EvalRecord(TypedRecord):
+    """What `bench eval` writes: a checkpoint's weights scored on a labelled split
+    (harness.commands.evaluate.evaluate_checkpoint)."""
+
+    kind: ClassVar[str] = EVAL
+    fix: ClassVar[str] = "correct the file or remove it (evaluate the checkpoint again with `bench eval`)"
+
+    row: str
+    dataset: str
+    split: str
+    weights: str  # "ema" or "raw": which weights of the checkpoint were scored
+    checkpoint: str
+    miou: float
+    pixel_accuracy: float
+    per_class_iou: PerClass  # of the scored weights
+    test_size: list[int]
+    test_mode: str  # harness.engine.evaluate.TestMode.describe
+    device: str
+    precision: str
+    wall_time_s: float
+    git_commit: str
+    versions: dict[str, str]
+    environment: dict[str, Any]
+    plan: dict[str, Any]
+    tracking_run_id: Optional[str]  # None: tracked offline
+    time: str
+    weight_files: list[dict[str, Any]] = field(default_factory=list)  # the checkpoint, with its checksum
+    schema: int = SCHEMA_VERSION
+    path: Optional[str] = field(default=None, compare=False)
+
+
+ResultRecord = Union[TrainRecord, EvalRecord]
+RESULT_KINDS: dict[str, type[ResultRecord]] = {TRAIN: TrainRecord, EVAL: EvalRecord}
+# Fields a schema-0 record may lack: added to records the day the schema was, with the value that says so.
+SCHEMA_0_ABSENT = {TRAIN: {"behind": None, "data_digests": None}, EVAL: {}}
+
+
+def result_record_from_json(data: Any, where: str) -> ResultRecord:
+    """A training or evaluation record from its JSON object, every field checked for its type (`where` names it in
+    errors). A record of schema 0 (written before records named their schema) is read as schema 1: its
+    `mlflow_run_id` is `tracking_run_id`, and the fields added with the schema are null."""
+    if not isinstance(data, dict):
+        raise BenchError(f"{where} holds a JSON {type(data).__name__}, not an object (a record is one JSON object, "
+                         "as `bench run` writes it); fix or remove it")
+    data = dict(data)
+    cls = RESULT_KINDS.get(str(data.get("kind")))
+    if cls is None:
+        shown = json.dumps(data["kind"])[:40] if "kind" in data else "missing"
+        raise BenchError(f"{where}: field 'kind' is {shown}, not one of {', '.join(map(json.dumps, RESULT_KINDS))} "
+                         "(a result record of `bench run` or `bench eval`); correct the file or remove it")
+    if "schema" not in data:
+        data["schema"] = 0
+        if "tracking_run_id" not in data:  # schema 0 named the tracked run after MLflow
+            data["tracking_run_id"] = data.pop("mlflow_run_id", None)
+        data = {**SCHEMA_0_ABSENT[cls.kind], **data}
+    return cls(**checked_fields(data, record_fields(cls), where, cls.fix), path=None)
+
+
+def read_record(path: Path) -> ResultRecord:
+    """One result record (training or evaluation); a file that is not a JSON object of either kind, or a field of
+    the wrong type, is a one-line error naming the file and the field."""
     try:
-        record = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BenchError(f"result record {path} is unreadable ({exc}); fix or remove it") from None
-    if not isinstance(record, dict):
-        raise BenchError(f"result record {path} holds a JSON {type(record).__name__}, not an object (a record is "
-                         "one JSON object, as `bench run` writes it); fix or remove it")
-    if "schema" not in record:
-        record = {**record, "schema": 0}
-        if "tracking_run_id" not in record:  # schema 0 named the tracked run after MLflow
-            record["tracking_run_id"] = record.pop("mlflow_run_id", None)
-    record["_path"] = str(path)
-    return record
+    return replace(result_record_from_json(data, f"result record {path}"), path=str(path))
 
 
-def record_order(record: dict[str, Any]) -> tuple[str, str]:
+def record_order(record: ResultRecord) -> tuple[str, str]:
     """The order of result records, the one sort key: oldest first, runs finished in the same second by their
     tracked run's id."""
-    return record["time"], record["tracking_run_id"] or ""
+    return record.time, record.tracking_run_id or ""
 
 
-def load_records(root: Optional[Path] = None, dataset: Optional[str] = None) -> list[dict[str, Any]]:
-    """Every record under `root` (default: results/), of one dataset or all."""
+def load_records(root: Optional[Path] = None, dataset: Optional[str] = None) -> list[ResultRecord]:
+    """Every record under `root` (default: results/), of one dataset or all, in their files' order."""
     root = root or results_dir()
     pattern = f"{dataset}/*/*.json" if dataset else "*/*/*.json"
     return [read_record(path) for path in sorted(root.glob(pattern)) if not path.name.startswith(".")]
+
+
+AnyResult = TypeVar("AnyResult", TrainRecord, EvalRecord)
+
+
+def write_result_record(record: AnyResult) -> AnyResult:
+    """File a training or evaluation record under results/<dataset>/<row>/ (never replacing one); returns it with
+    its path."""
+    return replace(record, path=str(write_record(record.to_json())))
 
 
 # --- bench speed's records -----------------------------------------------------------------------
@@ -197,18 +391,19 @@ def local_speed_dir() -> Path:
     return runs_dir() / SPEED
 
 
-# The fields every mode's entry holds (harness.engine.benchmark.timing_fields), with their JSON types; each mode adds
-# its own (flops_per_image, workers, providers, ...), kept as measured.
-NUMBER = (int, float)
-MODE_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {  # name -> (types, may be null)
-    "batch": ((int,), False), "size": ((list,), False), "images_per_s": (NUMBER, True),
-    "step_s": (NUMBER, True), "peak_memory_gib": (NUMBER, True)}
+# The fields every mode's entry holds (harness.engine.benchmark.timing_fields), with their types; each mode adds its
+# own (flops_per_image, workers, providers, ...), kept as measured.
+MODE_FIELDS: dict[str, Any] = {"batch": int, "size": list[int], "images_per_s": Optional[float],
+                               "step_s": Optional[float], "peak_memory_gib": Optional[float]}
 
 
 @dataclass(frozen=True)
-class SpeedRecord:
+class SpeedRecord(TypedRecord):
     """What `bench speed` measured of one row on one device: `modes` maps each mode timed ("train", "infer",
     "eval", "data", ...) to its figures (MODE_FIELDS and the mode's own)."""
+
+    kind: ClassVar[str] = SPEED
+    fix: ClassVar[str] = "remove the file, or measure again with `bench speed`"
 
     row: str
     device: str  # its name as harness.engine.device.device_name spells it (cpu-amd-epyc, nvidia-h100-80gb-hbm3)
@@ -231,37 +426,6 @@ class SpeedRecord:
     schema: int = SCHEMA_VERSION
     path: Optional[str] = field(default=None, compare=False)  # the file it was read from or written to
 
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        del data["path"]
-        return {"kind": SPEED, **data}
-
-
-# name -> (types, may be null); bool is not a number here
-SPEED_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
-    "row": ((str,), False), "device": ((str,), False), "device_type": ((str,), False),
-    "device_memory_gib": (NUMBER, True), "precision": ((str,), False), "compile": ((bool,), False),
-    "channels_last": ((bool,), False), "fused": ((bool,), False), "cpu_threads": ((int,), False),
-    "matmul_peak_tflops": (NUMBER, True),
-    "matmul_peak_dtype": ((str,), True), "warmup": ((int,), False), "repeats": ((int,), False),
-    "steps": ((int,), False), "modes": ((dict,), False), "git_commit": ((str,), False),
-    "versions": ((dict,), False), "time": ((str,), False), "schema": ((int,), False)}
-
-
-def _checked(data: dict[str, Any], name: str, rule: tuple[tuple[type, ...], bool], where: str) -> Any:
-    """data[name] if it is of the rule's type, else a one-line error naming the file and the field."""
-    types, nullable = rule
-    if name not in data:
-        raise BenchError(f"{where}: field {name!r} is missing; remove the file, or measure again with `bench speed`")
-    value = data[name]
-    if value is None and nullable:
-        return None
-    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-        expected = " or ".join(t.__name__ for t in types) + (" or null" if nullable else "")
-        raise BenchError(f"{where}: field {name!r} is {json.dumps(value)[:40]} ({type(value).__name__}), not "
-                         f"{expected}; remove the file, or measure again with `bench speed`")
-    return value
-
 
 def speed_record_from_json(data: Any, where: str) -> SpeedRecord:
     """A speed record from its JSON object, every field checked for its type (`where` names it in errors)."""
@@ -273,17 +437,12 @@ def speed_record_from_json(data: Any, where: str) -> SpeedRecord:
     if data["schema"] == 0 and "device" not in data and isinstance(data.get("dataset"), str):
         data["device"] = data["dataset"]  # schema 0 named the device twice, once as "dataset"
     data.setdefault("fused", False)
-    values = {name: _checked(data, name, rule, where) for name, rule in SPEED_FIELDS.items()}
+    values = checked_fields(data, record_fields(SpeedRecord), where, SpeedRecord.fix)
     for mode, entry in values["modes"].items():
-        if not isinstance(entry, dict):
-            raise BenchError(f"{where}: field 'modes.{mode}' is {type(entry).__name__}, not object; remove the file, "
-                             "or measure again with `bench speed`")
-        for name, rule in MODE_FIELDS.items():
-            _checked(entry, name, rule, f"{where}: modes.{mode}")
-        size = entry["size"]
-        if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
-            raise BenchError(f"{where}: field 'modes.{mode}.size' is {json.dumps(size)[:40]}, not [width, height]; "
-                             "remove the file, or measure again with `bench speed`")
+        checked_fields(entry, MODE_FIELDS, f"{where}: modes.{mode}", SpeedRecord.fix)
+        if len(entry["size"]) != 2:
+            raise BenchError(f"{where}: field 'modes.{mode}.size' is {json.dumps(entry['size'])[:40]}, not [width, "
+                             f"height]; {SpeedRecord.fix}")
     return SpeedRecord(**values, path=where)
 
 
@@ -307,6 +466,5 @@ def load_speed_records(device: Optional[str] = None) -> list[SpeedRecord]:
 def write_speed_record(record: SpeedRecord, kept: bool = True) -> SpeedRecord:
     """File `record` under results/speed/<device>/<row>/ (runs/speed/ unless `kept`; never replacing one); returns
     it with its path."""
-    data = record.to_json()
-    written = write_record(data, root=speed_dir() if kept else local_speed_dir(), group=record.device)
-    return SpeedRecord(**{**asdict(record), "path": str(written)})
+    written = write_record(record.to_json(), root=speed_dir() if kept else local_speed_dir(), group=record.device)
+    return replace(record, path=str(written))

@@ -18,7 +18,7 @@ import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import pandas as pd
 from tabulate import tabulate
@@ -29,7 +29,14 @@ from harness.config.spec import ALL_ROWS, Spec, load_all, load_ours, select_rows
 from harness.errors import BenchError
 from harness.files import write_if_changed
 from harness.paths import benchmark_path, results_dir
-from harness.report.records import SpeedRecord, load_records, load_speed_records, record_order
+from harness.report.records import (
+    ResultRecord,
+    SpeedRecord,
+    TrainRecord,
+    load_records,
+    load_speed_records,
+    record_order,
+)
 from harness.report.verdicts import (
     EVALUATION,
     NOT_COUNTED,
@@ -58,10 +65,11 @@ def reference_cell(spec: Spec) -> str:
     return cell
 
 
-def random_start(record: dict[str, Any]) -> bool:
+def random_start(record: ResultRecord) -> bool:
     """A Cityscapes run lacked the starting weights its row names: not the table's experiment. (Synthetic runs
     prove the pipeline and usually have no weights; they are never reproductions anyway.)"""
-    return record.get("dataset") != "synthetic" and started_without_weights(record)
+    return (isinstance(record, TrainRecord) and record.dataset != SYNTHETIC_DATASET
+            and started_without_weights(record))
 
 
 def _fmt(value: Optional[float], spec: str = ".2f", empty: str = "-") -> str:
@@ -155,7 +163,7 @@ def verdict_frame(specs: list[Spec], verdicts: list[RowVerdict],
     return pd.DataFrame(rows)
 
 
-def our_verdicts(specs: list[Spec], records: list[dict[str, Any]], tolerance: Optional[float] = None,
+def our_verdicts(specs: list[Spec], records: list[ResultRecord], tolerance: Optional[float] = None,
                  dataset: str = REFERENCE_DATASET) -> list[RowVerdict]:
     """Verdicts of our rows: against their own reference when they give one, else the counted runs, mean and std
     with no delta and the verdict "no reference"."""
@@ -167,7 +175,7 @@ def our_verdicts(specs: list[Spec], records: list[dict[str, Any]], tolerance: Op
             verdicts.append(judged[spec.row])
             continue
         values = [measured_miou(spec, r) for r in _train_records(records)
-                  if r.get("row") == spec.row and standing(spec, r).counts]
+                  if r.row == spec.row and standing(spec, r).counts]
         v = RowVerdict(row=spec.row, reference=[], runs_of=spec.row, values=values,
                        tolerance=resolve_tolerance(tolerance),
                        in_progress=runs_in_progress(spec.row, dataset), verdict=NO_REFERENCE)
@@ -178,21 +186,21 @@ def our_verdicts(specs: list[Spec], records: list[dict[str, Any]], tolerance: Op
     return verdicts
 
 
-def _train_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _train_records(records: list[ResultRecord]) -> list[TrainRecord]:
     # Training runs only: `bench eval` of a run's own checkpoint would count that run twice.
-    return sorted((r for r in records if r.get("kind", "train") == "train"), key=record_order)
+    return sorted((r for r in records if isinstance(r, TrainRecord)), key=record_order)
 
 
-def synthetic_frame(specs: list[Spec], records: list[dict[str, Any]]) -> pd.DataFrame:
+def synthetic_frame(specs: list[Spec], records: list[ResultRecord]) -> pd.DataFrame:
     """What ran, one line per row and budget (iterations, batch, crop): runs of different budgets never average."""
     groups: dict[tuple, list[float]] = {}
     order = {s.row: i for i, s in enumerate(specs)}
     by_row = {s.row: s for s in specs}
     for r in _train_records(records):
-        if r["row"] in by_row:
-            crop = r.get("crop_size")
-            key = (order[r["row"]], r["row"], r.get("iterations"), r.get("batch_size"), tuple(crop) if crop else None)
-            groups.setdefault(key, []).append(measured_miou(by_row[r["row"]], r))
+        if r.row in by_row:
+            crop = r.crop_size
+            key = (order[r.row], r.row, r.iterations, r.batch_size, tuple(crop) if crop else None)
+            groups.setdefault(key, []).append(measured_miou(by_row[r.row], r))
     rows = []
     for (_, row, iterations, batch, crop), values in sorted(groups.items(), key=lambda kv: kv[0][:3]):
         c = by_row[row].columns
@@ -208,18 +216,18 @@ def synthetic_frame(specs: list[Spec], records: list[dict[str, Any]]) -> pd.Data
     return pd.DataFrame(rows, columns=columns)
 
 
-def table_frame(specs: list[Spec], records: list[dict[str, Any]], dataset: Optional[str] = None,
+def table_frame(specs: list[Spec], records: list[ResultRecord], dataset: Optional[str] = None,
                 tolerance: Optional[float] = None) -> pd.DataFrame:
     """The table of `dataset` (default: the records' own, when they are all synthetic; else Cityscapes)."""
     if dataset is None:
-        every_synthetic = bool(records) and all(r.get("dataset") == SYNTHETIC_DATASET for r in records)
+        every_synthetic = bool(records) and all(r.dataset == SYNTHETIC_DATASET for r in records)
         dataset = SYNTHETIC_DATASET if every_synthetic else REFERENCE_DATASET
     if dataset == SYNTHETIC_DATASET:
         return synthetic_frame(specs, records)
     return verdict_frame(specs, row_verdicts(specs, records, tolerance))
 
 
-def records_frame(specs: list[Spec], records: list[dict[str, Any]],
+def records_frame(specs: list[Spec], records: list[ResultRecord],
                   kinds: Optional[tuple[str, ...]] = None) -> pd.DataFrame:
     """Records with their standing, grouped by kind (in `kinds` order) and table order; every record if kinds is
     None."""
@@ -228,7 +236,7 @@ def records_frame(specs: list[Spec], records: list[dict[str, Any]],
     all_kinds = (REPRODUCTION, *NOT_COUNTED, EVALUATION)
     listed = []
     for r in sorted(records, key=record_order):
-        spec = by_row.get(str(r.get("row")))
+        spec = by_row.get(r.row)
         if spec is None:
             continue
         s = standing(spec, r)
@@ -236,49 +244,59 @@ def records_frame(specs: list[Spec], records: list[dict[str, Any]],
             listed.append((all_kinds.index(s.kind), order[spec.row], spec, r, s))
     rows = []
     for _, _, spec, r, s in sorted(listed, key=lambda item: item[:2]):
-        miou = measured_miou(spec, r) if r.get("kind", "train") == "train" else r.get("miou")
-        planned = planned_iterations(spec) if r.get("dataset") == REFERENCE_DATASET else None
+        planned = planned_iterations(spec) if r.dataset == REFERENCE_DATASET else None
+        iterations, images, seed = _training_cells(r)
         rows.append({
             "kind": s.kind, "row": spec.row,
-            "mIoU": _fmt(miou) + (RANDOM_START_MARK if random_start(r) else ""),
-            "iterations": "-" if r.get("iterations") is None else
-                          f"{r['iterations']}" + (f" of {planned}" if planned else ""),
-            "train / val images": f"{r.get('train_images', '?')} / {r.get('val_images', '?')}",
-            "seed": str(r.get("seed", "-")), "time": str(r.get("time", "-")),
+            "mIoU": _fmt(_listed_miou(spec, r)) + (RANDOM_START_MARK if random_start(r) else ""),
+            "iterations": iterations + (f" of {planned}" if planned and isinstance(r, TrainRecord) else ""),
+            "train / val images": images, "seed": seed, "time": r.time,
             "why it does not count": s.reason or "-",
-            "record": Path(r["_path"]).name if r.get("_path") else "-",
+            "record": _file_name(r),
         })
     columns = ["kind", "row", "mIoU", "iterations", "train / val images", "seed", "time", "why it does not count",
                "record"]
     return pd.DataFrame(rows, columns=columns)
 
 
+def _listed_miou(spec: Optional[Spec], record: ResultRecord) -> float:
+    """A listed record's mIoU: a training run's headline (the row's statistic; without the row's spec, the one it
+    recorded), an evaluation's figure."""
+    return measured_miou(spec, record) if spec is not None and isinstance(record, TrainRecord) else record.miou
+
+
+def _training_cells(record: ResultRecord) -> tuple[str, str, str]:
+    """The iterations, "train / val images" and seed cells of a listed record: an evaluation trained nothing."""
+    if isinstance(record, TrainRecord):
+        return str(record.iterations), f"{record.train_images} / {record.val_images}", str(record.seed)
+    return "-", "? / ?", "-"
+
+
+def _file_name(record: ResultRecord) -> str:
+    return Path(record.path).name if record.path else "-"
+
+
 UNKNOWN_ROW = "unknown row"
 
 
-def every_record_frame(specs: list[Spec], records: list[dict[str, Any]]) -> pd.DataFrame:
+def every_record_frame(specs: list[Spec], records: list[ResultRecord]) -> pd.DataFrame:
     """Every record of every dataset, table rows and ours, with its kind and why it does or does not count; a
     record of a row no spec defines any more is listed too."""
     by_row = {s.row: s for s in specs}
     order = {s.row: i for i, s in enumerate(specs)}
     rows = []
-    for r in sorted(records, key=lambda r: (str(r.get("dataset")), order.get(str(r.get("row")), len(order)),
-                                            str(r.get("time", "")))):
-        spec = by_row.get(str(r.get("row")))
+    for r in sorted(records, key=lambda r: (r.dataset, order.get(r.row, len(order)), r.time)):
+        spec = by_row.get(r.row)
         if spec is None:
-            kind, why, miou = UNKNOWN_ROW, f"no spec experiments/{r.get('row')}.yaml defines its row", r.get("miou")
+            kind, why = UNKNOWN_ROW, f"no spec experiments/{r.row}.yaml defines its row"
         else:
             s = standing(spec, r)
             kind, why = s.kind, s.reason or "counts: the full budget on the official split from the row's weights"
-            miou = measured_miou(spec, r) if r.get("kind", "train") == "train" else r.get("miou")
+        iterations, images, seed = _training_cells(r)
         rows.append({
-            "dataset": str(r.get("dataset", "-")), "kind": kind, "row": str(r.get("row", "-")),
-            "mIoU": _fmt(miou if isinstance(miou, (int, float)) else None),
-            "iterations": str(r.get("iterations", "-")),
-            "train / val images": f"{r.get('train_images', '?')} / {r.get('val_images', '?')}",
-            "seed": str(r.get("seed", "-")), "time": str(r.get("time", "-")),
-            "why it does or does not count": why,
-            "record": Path(r["_path"]).name if r.get("_path") else "-",
+            "dataset": r.dataset, "kind": kind, "row": r.row, "mIoU": _fmt(_listed_miou(spec, r)),
+            "iterations": iterations, "train / val images": images, "seed": seed, "time": r.time,
+            "why it does or does not count": why, "record": _file_name(r),
         })
     columns = ["dataset", "kind", "row", "mIoU", "iterations", "train / val images", "seed", "time",
                "why it does or does not count", "record"]
@@ -290,7 +308,7 @@ def render_every_record() -> str:
     specs = select_rows(ALL_ROWS)
     by_row = {s.row: s for s in specs}
     records = load_records()
-    counted = sum(1 for r in records if r.get("row") in by_row and standing(by_row[r["row"]], r).counts)
+    counted = sum(1 for r in records if r.row in by_row and standing(by_row[r.row], r).counts)
     text = (f"# Every record under {results_dir()}\n\n{len(records)} record(s), {counted} of them counted in "
             "benchmark.md (a Cityscapes reproduction: the row's full budget on the official split, from its "
             "starting weights); every other record, synthetic runs included, says why it does not count.\n")
@@ -312,7 +330,7 @@ def wrap(paragraph: str) -> str:
 
 
 def render(dataset: str = REFERENCE_DATASET, specs: Optional[list[Spec]] = None,
-           records: Optional[list[dict[str, Any]]] = None, tolerance: Optional[float] = None,
+           records: Optional[list[ResultRecord]] = None, tolerance: Optional[float] = None,
            all_records: bool = False, figure: Optional[str] = FIGURE_NAME, ours: Optional[list[Spec]] = None) -> str:
     """The markdown of `dataset`'s table; with `all_records`, every record of the dataset is listed with its kind.
     `ours` (default: our rows from experiments/ when `specs` is not given, else none) follow under "Our rows"."""
@@ -324,9 +342,9 @@ def render(dataset: str = REFERENCE_DATASET, specs: Optional[list[Spec]] = None,
     specs = specs if specs is not None else load_all()
     records = records if records is not None else load_records(dataset=dataset)
     mine = {s.row for s in ours}
-    our_records = [r for r in records if r.get("dataset") == dataset and r.get("row") in mine]
+    our_records = [r for r in records if r.dataset == dataset and r.row in mine]
     known = {s.row for s in specs}
-    records = [r for r in records if r.get("dataset") == dataset and r.get("row") in known]
+    records = [r for r in records if r.dataset == dataset and r.row in known]
     header = (f"# {table_title()}\n\n"
               f"Generated by `bench table` from `experiments/` and `results/` (dataset: {dataset}); do not edit by "
               "hand.\n")
@@ -371,7 +389,7 @@ def render(dataset: str = REFERENCE_DATASET, specs: Optional[list[Spec]] = None,
     return text
 
 
-def _ours_section(dataset: str, ours: list[Spec], records: list[dict[str, Any]], tolerance: float,
+def _ours_section(dataset: str, ours: list[Spec], records: list[ResultRecord], tolerance: float,
                   all_records: bool) -> str:
     """Our rows, apart from the seed table: the same frames and rule as the table's rows."""
     text = (f"\n## {OURS_HEADING}\n\nRows added beside the benchmark table (spec files `experiments/_table.yaml` does "
@@ -412,7 +430,7 @@ def write_benchmark(path: Optional[Path] = None, tolerance: Optional[float] = No
         counters["rendered"] = counters.get("registered", 0)  # every ticket so far: their records are on disk
         specs, ours = load_all(), load_ours()
         all_records = load_records(dataset=REFERENCE_DATASET)
-        records = [r for r in all_records if r.get("row") in {s.row for s in specs}]
+        records = [r for r in all_records if r.row in {s.row for s in specs}]
         write_if_changed(path, render(REFERENCE_DATASET, specs, all_records, tolerance=tolerance, ours=ours).encode())
         write_figure(path.with_name(FIGURE_NAME), specs, row_verdicts(specs, records, tolerance))
     return path

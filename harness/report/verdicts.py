@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -20,7 +21,7 @@ from harness.config.spec import Spec, base_row, select_rows, table_tolerance
 from harness.config.starting_weights import MISSING, OTHER
 from harness.engine.run_folder import RUN_STATUS, RunFolder
 from harness.errors import BenchError
-from harness.report.records import load_records, record_order
+from harness.report.records import ResultRecord, TrainRecord, load_records, record_order
 
 OFFICIAL_TRAIN_IMAGES = OFFICIAL_SPLIT_IMAGES["train"]
 OFFICIAL_VAL_IMAGES = OFFICIAL_SPLIT_IMAGES["val"]
@@ -44,12 +45,20 @@ IN_PROGRESS = "in progress"
 OUTSIDE = (BELOW, ABOVE)
 
 
-def measured_miou(spec: Spec, record: dict[str, Any]) -> float:
-    """A training record's headline: the statistic UP reported, the best of its evaluations every 5 epochs
-    (auto_save_best), of the EMA weights for an EMA row and of the raw weights otherwise. Records from before
-    best-keeping hold only the final evaluation."""
-    final, best = ("miou_ema", "miou_ema_best") if spec.columns.ema else ("miou", "miou_best")
-    return record[best] if record.get(best) is not None else record[final]
+def headline_miou(spec: Spec, best: float, ema_best: Optional[float], ema_final: Optional[float]) -> float:
+    """The row's statistic, as UP reported it: the best of its evaluations every 5 epochs (auto_save_best), of the
+    EMA weights for an EMA row (their final evaluation if none was kept as best) and of the raw weights otherwise
+    (also for a run that holds no EMA figure, as its record's `miou_weights` then says)."""
+    if spec.columns.ema:
+        ema = ema_best if ema_best is not None else ema_final
+        if ema is not None:
+            return ema
+    return best
+
+
+def measured_miou(spec: Spec, record: TrainRecord) -> float:
+    """A training record's headline (`headline_miou`)."""
+    return headline_miou(spec, record.miou_best, record.miou_ema_best, record.miou_ema)
 
 
 @dataclass(frozen=True)
@@ -62,34 +71,32 @@ class Standing:
         return self.kind == REPRODUCTION
 
 
-def started_without_weights(record: dict[str, Any]) -> bool:
+def started_without_weights(record: TrainRecord) -> bool:
     """The run lacked the starting weights its row names and trained from random weights instead."""
-    return str(record.get("starting_weights", "")).startswith(MISSING)
+    return record.starting_weights.startswith(MISSING)
 
 
-def standing(spec: Spec, record: dict[str, Any]) -> Standing:
+def standing(spec: Spec, record: ResultRecord) -> Standing:
     """The one rule: a record is a reproduction of `spec`'s row only if it trained the full planned budget on
     Cityscapes with the official split (500 val images), from the row's expected starting weights.
 
-    The first failing condition names the kind: other data (not the official split, or split sizes not
-    recorded), smoke (less than one epoch of the plan), partial (another number of iterations), random start,
-    other starting weights (a file of the expected name whose checksum is not the published one)."""
-    if record.get("kind", "train") != "train":
+    The first failing condition names the kind: other data (not the official split), smoke (less than one epoch of
+    the plan), partial (another number of iterations), random start, other starting weights (a file of the expected
+    name whose checksum is not the published one)."""
+    if not isinstance(record, TrainRecord):
         return Standing(EVALUATION, "an evaluation of a checkpoint, not a training run")
-    if record.get("dataset") != REFERENCE_DATASET:
-        return Standing(OTHER_DATA, f"dataset {record.get('dataset')!r}, not Cityscapes")
-    val, train = record.get("val_images"), record.get("train_images")
-    if val is None or train is None:
-        return Standing(OTHER_DATA, "the record does not say how many train/val images it used")
+    if record.dataset != REFERENCE_DATASET:
+        return Standing(OTHER_DATA, f"dataset {record.dataset!r}, not Cityscapes")
+    val, train = record.val_images, record.train_images
     if val != OFFICIAL_VAL_IMAGES or train != OFFICIAL_TRAIN_IMAGES:
         return Standing(OTHER_DATA, f"{train} train / {val} val images, not the official "
                                     f"{OFFICIAL_TRAIN_IMAGES} / {OFFICIAL_VAL_IMAGES}")
-    planned, done = planned_iterations(spec), record.get("iterations")
+    planned, done = planned_iterations(spec), record.iterations
     if done != planned:
         one_epoch = planned // spec.columns.epochs
-        kind = SMOKE if done is None or done < one_epoch else PARTIAL
+        kind = SMOKE if done < one_epoch else PARTIAL
         return Standing(kind, f"{done} of the {planned} planned iterations")
-    weights = str(record.get("starting_weights", ""))
+    weights = record.starting_weights
     if started_without_weights(record):
         return Standing(RANDOM_START, f"started without the row's weights ({weights})")
     if weights.startswith(f"{OTHER} "):
@@ -157,15 +164,15 @@ def resolve_tolerance(tolerance: Optional[float]) -> float:
     return tolerance
 
 
-def row_verdicts(specs: list[Spec], records: list[dict[str, Any]], tolerance: Optional[float] = None,
+def row_verdicts(specs: list[Spec], records: Sequence[ResultRecord], tolerance: Optional[float] = None,
                  dataset: str = REFERENCE_DATASET) -> list[RowVerdict]:
     """One verdict per spec, from the records that count (a light-seg row: its base row's)."""
     tolerance = resolve_tolerance(tolerance)
     by_row = {s.row: s for s in specs}
     counted: dict[str, list[float]] = {}
     for record in sorted(records, key=record_order):
-        spec = by_row.get(str(record.get("row")))
-        if spec is not None and standing(spec, record).counts:
+        spec = by_row.get(record.row)
+        if spec is not None and isinstance(record, TrainRecord) and standing(spec, record).counts:
             counted.setdefault(base_row(spec.row), []).append(measured_miou(spec, record))
     verdicts = []
     for spec in specs:
