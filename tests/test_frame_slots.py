@@ -130,3 +130,15 @@ def test_the_evaluation_loader_hands_whole_images_over_through_slots_too(frames)
     for sample, (image, label, _) in zip(frames, arrived):
         expected_image, expected_label = decode_pair(sample)
         assert torch.equal(image, expected_image) and torch.equal(label, expected_label)
+
+
+def test_the_slot_count_follows_the_batch_and_stays_within_shared_memory_and_open_files(monkeypatch):
+    eight_mib = 2048 * 1024 * 4
+    assert frame_slots.slots_for(0, 8, 2, eight_mib) is None  # no workers: frames stay in the process
+    monkeypatch.setattr(frame_slots, "FrameSlots", lambda workers, per_worker, slot_bytes: (workers, per_worker))
+    monkeypatch.setattr(frame_slots.resource, "getrlimit", lambda _: (1024, 4096))
+    monkeypatch.setattr(frame_slots.os, "statvfs", lambda _: SimpleNamespace(f_bavail=64 << 20, f_frsize=4096))
+    assert frame_slots.slots_for(2, 3, 2, eight_mib) == (2, 3 * (2 + 2))  # prefetched, in use, the one before
+    assert frame_slots.slots_for(16, 8, 2, eight_mib) == (16, 1024 // 4 // 16)  # a quarter of the open files
+    monkeypatch.setattr(frame_slots.os, "statvfs", lambda _: SimpleNamespace(f_bavail=8 << 10, f_frsize=4096))
+    assert frame_slots.slots_for(2, 8, 2, eight_mib) is None  # 32 MiB of /dev/shm: not a slot a worker

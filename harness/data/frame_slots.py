@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import threading
 import uuid
 import weakref
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 SHM = Path("/dev/shm")
 SHM_SHARE = 4  # the slots take at most this fraction of /dev/shm's free space (the batches in flight need the rest)
+FD_SHARE = 4  # and at most this fraction of the open-file limit
 
 _POOLS: weakref.WeakValueDictionary[str, FrameSlots] = weakref.WeakValueDictionary()  # the main process's pools
 
@@ -148,8 +150,10 @@ def slots_for(workers: int, samples_per_batch: int, prefetch: int, frame_bytes: 
         per_worker = min(per_worker, stats.f_bavail * stats.f_frsize // SHM_SHARE // (frame_bytes * workers))
     except OSError:
         pass  # no /dev/shm to ask (PyTorch shares through another folder): the default count
+    # Each slot keeps a file descriptor open in every process, beside the ones the batches in flight need.
+    per_worker = min(per_worker, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // FD_SHARE // workers)
     if per_worker < 1:
-        log.info("no shared frame slots: /dev/shm is too short for %d workers of %d-byte frames", workers,
-                 frame_bytes)
+        log.info("no shared frame slots: /dev/shm or the open-file limit is too small for %d workers of %d-byte "
+                 "frames", workers, frame_bytes)
         return None
     return FrameSlots(workers, per_worker, frame_bytes)
