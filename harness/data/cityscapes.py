@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from harness.data.augment import IGNORE_INDEX, draw_augmentation
+from harness.data.frame_slots import Frame, FrameSlots
 from harness.data.png import decode_png, plain_mode
 from harness.data.roots import check_root
 from harness.errors import BenchError
@@ -50,8 +51,20 @@ IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
 
 
+# LABEL_TO_TRAIN for two labelIds at once: entry (second << 8 | first) holds both trainIds, little-endian as a
+# uint16 view of the label's bytes reads them.
+_FIRST, _SECOND = np.arange(1 << 16) & 0xFF, np.arange(1 << 16) >> 8
+LABEL_PAIR_TO_TRAIN = (LABEL_TO_TRAIN[_SECOND].astype("<u2") << 8 | LABEL_TO_TRAIN[_FIRST]).astype("<u2")
+
+
 def label_ids_to_train_ids(label_ids: np.ndarray) -> np.ndarray:
-    return LABEL_TO_TRAIN.take(label_ids)  # the same values as LABEL_TO_TRAIN[label_ids], in a fraction of its time
+    """The same values as LABEL_TO_TRAIN[label_ids]; two labels per lookup where the pixels allow it (half the
+    time of `take` on a 2048x1024 label, which costs 0.8 ns a pixel)."""
+    if label_ids.dtype != np.uint8 or label_ids.size % 2 or not label_ids.flags.c_contiguous:
+        return LABEL_TO_TRAIN.take(label_ids)
+    train_ids = np.empty_like(label_ids)
+    np.take(LABEL_PAIR_TO_TRAIN, label_ids.reshape(-1).view("<u2"), out=train_ids.reshape(-1).view("<u2"))
+    return train_ids
 
 
 def train_ids_to_label_ids(train_ids: np.ndarray) -> np.ndarray:
@@ -207,14 +220,41 @@ def load_train_ids(path: Path) -> torch.Tensor:
     return decode_train_ids(path).long()
 
 
+def decode_pair_arrays(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 HxWx3 image, uint8 HxW trainIds) as arrays; an empty label for a sample without ground truth."""
+    image = _read_png(sample.image, "RGB")
+    if sample.label is None:
+        return image, np.empty(0, dtype=np.uint8)
+    label = label_ids_to_train_ids(_read_png(sample.label, "L"))
+    _same_size(label.shape, image.shape[:2], sample.label)
+    return image, label
+
+
 def decode_pair(sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 HxWx3 image, uint8 HxW trainIds); an empty label for a sample without ground truth."""
-    image = decode_image(sample.image)
-    if sample.label is None:
-        return image, torch.empty(0, dtype=torch.uint8)
-    label = decode_train_ids(sample.label)
-    _same_size(tuple(label.shape), tuple(image.shape[:2]), sample.label)
-    return image, label
+    image, label = decode_pair_arrays(sample)
+    return torch.from_numpy(image), torch.from_numpy(label)
+
+
+def _pair_arrays(sample: Sample, decoded: Optional[DecodedSource], index: int) -> tuple[np.ndarray, np.ndarray]:
+    if decoded is not None:
+        image, label = decoded[index]
+        return image.numpy(), label.numpy()
+    return decode_pair_arrays(sample)
+
+
+def _handed_over(slots: Optional[FrameSlots], image: np.ndarray, label: np.ndarray) -> tuple[Frame, Frame]:
+    """How a worker returns a decoded pair: in a shared slot where one is free, else as tensors."""
+    in_slots = slots.put(image, label) if slots is not None else None
+    return in_slots if in_slots is not None else (torch.from_numpy(image), torch.from_numpy(label))
+
+
+def frame_bytes(samples: Sequence[Sample]) -> int:
+    """The bytes of the first sample's image and trainIds, as a worker hands them over (0 without samples)."""
+    if not samples:
+        return 0
+    header = read_header(samples[0].image)
+    return header.width * header.height * 4
 
 
 class DecodedSource(Protocol):
@@ -233,18 +273,19 @@ class CityscapesTrain(Dataset):
         self.samples = samples
         self.crop_size, self.scale_range, self.flip = list(crop_size), list(scale_range), flip
         self.decoded = decoded
+        self.slots: Optional[FrameSlots] = None  # set by the loader that starts workers (loaders.train_loader)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Frame, Frame, torch.Tensor]:
         # A (index, seed) key makes the augmentation a function of the key alone: the same on any
         # number of processes or workers, and after a resume (see distributed.ShardedTrainSampler).
         index, seed = key if isinstance(key, tuple) else (key, None)
         rng = random.Random(seed) if seed is not None else random
-        image, label = self.decoded[index] if self.decoded is not None else decode_pair(self.samples[index])
+        image, label = _pair_arrays(self.samples[index], self.decoded, index)
         draw = draw_augmentation(rng, tuple(label.shape), self.crop_size, self.scale_range, self.flip)
-        return image, label, draw.as_tensor()
+        return *_handed_over(self.slots, image, label), draw.as_tensor()
 
 
 class CityscapesEval(Dataset):
@@ -255,10 +296,10 @@ class CityscapesEval(Dataset):
     def __init__(self, samples: list[Sample], decoded: Optional[DecodedSource] = None):
         self.samples = samples
         self.decoded = decoded
+        self.slots: Optional[FrameSlots] = None  # set by the loader that starts workers (loaders.eval_loader)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        image, label = self.decoded[index] if self.decoded is not None else decode_pair(self.samples[index])
-        return image, label, index
+    def __getitem__(self, index: int) -> tuple[Frame, Frame, int]:
+        return *_handed_over(self.slots, *_pair_arrays(self.samples[index], self.decoded, index)), index

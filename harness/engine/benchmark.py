@@ -211,14 +211,15 @@ def time_loader(dataset, batch: int, workers: int, device: torch.device, warmup:
                 steps: int) -> tuple[list[float], Any]:
     """Seconds per batch of the training loader over `dataset` (keys 0, 1, ... as (index, seed)), and one more
     batch for the device-side timing."""
-    from harness.data.loaders import train_loader
+    from harness.data.loaders import batches, train_loader
 
     keys = [(index, index) for index in range(len(dataset))]  # (index, augmentation seed), as the training sampler
-    batches = iter(train_loader(dataset, keys, batch, workers, device, seed=0))  # type: ignore[arg-type]
-    fetch = batches.__next__
+    loaded = batches(train_loader(dataset, keys, batch, workers, device, seed=0))  # type: ignore[arg-type]
+    fetch = loaded.__next__
     times = time_steps(fetch, torch.device("cpu"), warmup, repeats, steps)
     last = fetch()
-    del fetch, batches  # stops the workers before their files are removed
+    loaded.close()  # stops the workers before their files are removed
+    del fetch, loaded
     return times, last
 
 
@@ -307,10 +308,10 @@ def measure_eval(spec: Spec, plan: TrainPlan, device: torch.device, config: Step
     normalisation, the row's test mode, scoring on the device) over whole frames of `size` evaluated at `size`,
     one image at a time; the time between consecutive scored images, after a warm-up past the loader's queue."""
     from harness.data.augment import EvalTransform
-    from harness.data.loaders import eval_loader
+    from harness.data.loaders import EVAL_PREFETCH, eval_loader
     from harness.engine.evaluate import TestMode, evaluate
 
-    warmup = max(warmup, workers * 4) + 1  # eval_loader queues 4 images per worker
+    warmup = max(warmup, workers * EVAL_PREFETCH) + 1  # past the images eval_loader queues
     needed = warmup + repeats * steps
     model, forward = build_for_timing(spec, device, config)
     crop_test, crop_stride = scaled_test_crop(spec, list(size))

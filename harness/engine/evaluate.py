@@ -31,6 +31,7 @@ from harness.config.plan import TrainPlan
 from harness.config.precision import autocast_dtype
 from harness.data.augment import EvalTransform
 from harness.data.cityscapes import NUM_CLASSES, Sample
+from harness.data.loaders import batches
 from harness.engine.metrics import ConfusionMatrix, SegMetrics
 from harness.errors import BenchError
 from harness.logs import bar_fits
@@ -244,7 +245,8 @@ def evaluate(models: Mapping[str, nn.Module], loader: DataLoader, device: torch.
     matrices = {name: ConfusionMatrix(num_classes, device=device) for name in models} if score else {}
     with _EvalModes(list(models.values())):
         shown = progress and bar_fits()
-        for image, label, index in tqdm(loader, desc=desc, disable=not shown, leave=False, dynamic_ncols=True):
+        for image, label, index in tqdm(batches(loader), desc=desc, total=len(loader), disable=not shown, leave=False,
+                                        dynamic_ncols=True):
             inputs = transform(image, device)
             label = label.to(device, non_blocking=True)
             out_size = tuple(label.shape) if label.numel() else tuple(image.shape[:2])
