@@ -13,7 +13,17 @@ from click.testing import CliRunner
 from harness.cli import main
 from harness.report.records import load_records, write_result_record
 from harness.report.table import render
-from harness.report.verdicts import ABOVE, BELOW, IN_PROGRESS, NOT_RUN, REPRODUCED, judge
+from harness.report.verdicts import (
+    ABOVE,
+    BELOW,
+    IN_PROGRESS,
+    NO_REFERENCE,
+    NOT_RUN,
+    REPRODUCED,
+    check_report,
+    judge,
+    row_verdicts,
+)
 from tests.table_fixtures import full_budget_record, line_of
 
 SEEDS = (72.4, 72.6, 72.8)  # three full-budget runs of sf_seg_v1 (reference 72.5; light-seg figure 72.11)
@@ -53,6 +63,19 @@ def test_verdicts_use_the_tolerance_or_the_references_own_spread():
     assert judge([74.6, 75.0], [75.0], tolerance=0.0) == REPRODUCED
     assert judge([74.6, 75.0], [75.1], tolerance=0.0) == ABOVE
     assert judge([79.5], [], 0.5) == NOT_RUN
+
+
+def test_a_row_the_table_does_not_list_is_measured_but_not_judged():
+    from harness.config.spec import select_rows
+
+    records = [full_budget_record("deeplabv3plus-r50", v, seed=i, time=f"2026-01-0{i + 1}T00:00:00Z")
+               for i, v in enumerate((78.0, 79.0))]
+    [verdict] = row_verdicts(select_rows("deeplabv3plus-r50"), records, tolerance=0.5)
+    assert (verdict.n, verdict.mean, verdict.delta, verdict.verdict) == (2, 78.5, None, NO_REFERENCE)
+    assert not verdict.outside
+    report = check_report([verdict])
+    assert "no reference" in report and "78.50" in report and "within the tolerance" not in report
+    assert judge([], [78.0], 0.5) == NO_REFERENCE and judge([], [], 0.5) == NOT_RUN
 
 
 def test_a_running_run_shows_in_progress_for_its_row_and_light_seg_row(isolated_outputs: Path):

@@ -42,6 +42,7 @@ BELOW = "below"
 ABOVE = "above"
 NOT_RUN = "not run"
 IN_PROGRESS = "in progress"
+NO_REFERENCE = "no reference"  # one of our rows, which the table does not list: measured, not judged
 OUTSIDE = (BELOW, ABOVE)
 
 
@@ -147,6 +148,8 @@ def judge(reference: list[float], values: list[float], tolerance: float) -> str:
     own runs when the table lists several; otherwise below or above."""
     if not values:
         return NOT_RUN
+    if not reference:
+        return NO_REFERENCE
     mean = statistics.fmean(values)
     delta = mean - statistics.fmean(reference)
     within_spread = len(reference) > 1 and min(reference) <= mean <= max(reference)
@@ -186,7 +189,7 @@ def row_verdicts(specs: list[Spec], records: Sequence[ResultRecord], tolerance: 
         if values:
             v.mean = statistics.fmean(values)
             v.std = statistics.stdev(values) if len(values) > 1 else None
-            v.delta = v.mean - statistics.fmean(v.reference)
+            v.delta = v.mean - statistics.fmean(v.reference) if v.reference else None
         v.verdict = judge(v.reference, values, tolerance)
         if not values and v.in_progress:
             v.verdict = IN_PROGRESS
@@ -215,7 +218,7 @@ def check_report(verdicts: list[RowVerdict], as_json: bool = False) -> str:
               + (f" (runs of {v.runs_of})" if v.runs_of != v.row else "")]
              for v in verdicts]
     text = tabulate(lines, headers=["row", "reference", "runs", "mean", "std", "Δ", "verdict"], disable_numparse=True)
-    checked = sum(1 for v in verdicts if v.values)
+    checked = sum(1 for v in verdicts if v.values and v.reference)  # our own rows are measured, not judged
     tol = verdicts[0].tolerance if verdicts else table_tolerance()
     if not checked:
         summary = "no checked row has a Cityscapes reproduction yet (see `bench table --all` for every record)"
