@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,16 +11,8 @@ import click
 
 from harness.config.benchmark import BEHIND_MARGIN, DATASETS, REFERENCE_DATASET
 from harness.config.precision import PRECISIONS
-from harness.errors import BenchError
+from harness.errors import BenchError, record_worker_error
 from harness.logs import configure_logging
-
-
-def worker_error_recorded(message: str) -> bool:
-    """A torchrun worker's error is reported once, by the launcher (only a worker has RANK set: anyone else's error
-    is answered without loading PyTorch)."""
-    from harness.engine.distributed import record_worker_error
-
-    return record_worker_error(message)
 
 
 class BenchGroup(click.Group):
@@ -30,7 +21,7 @@ class BenchGroup(click.Group):
         try:
             return super().invoke(ctx)
         except BenchError as exc:
-            if not ("RANK" in os.environ and worker_error_recorded(str(exc))):
+            if not record_worker_error(str(exc)):  # a torchrun worker's error is reported once, by its launcher
                 click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
