@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -64,6 +64,15 @@ TOLERANCE_OPTION = click.option(
     "--tolerance", type=float, default=None,
     help="mIoU points the mean may differ from the reference mean (or lie within the reference's span); "
          "default: the table's (experiments/_table.yaml).")
+
+
+def reply(text: str, problems: Sequence[str] = (), exit_code: int = 0) -> None:
+    """Show what a verb's layer answered: its text on stdout, then its problems on stderr (one line each), and exit
+    with its code."""
+    click.echo(text)
+    for line in problems:
+        click.echo(line, err=True)
+    sys.exit(exit_code)
 
 
 def with_options(*groups: tuple[Callable, ...]) -> Callable:
@@ -161,10 +170,7 @@ def weights(pattern: str, verify: bool) -> None:
     from harness.commands.weights import weights as list_weights
 
     report = list_weights(pattern, verify)
-    click.echo(report.text)
-    for line in report.problems():
-        click.echo(line, err=True)
-    sys.exit(report.exit_code)
+    reply(report.text, report.problems(), report.exit_code)
 
 
 @main.command()
@@ -193,8 +199,7 @@ def check(pattern: str, tolerance: Optional[float], as_json: bool) -> None:
     from harness.commands.check import check as check_verdicts
 
     text, code = check_verdicts(pattern, tolerance, as_json)
-    click.echo(text)
-    sys.exit(code)
+    reply(text, exit_code=code)
 
 
 CHECKPOINT_OPTIONS = (
@@ -279,19 +284,10 @@ def server(backend_store_uri: Optional[str], artifacts: Optional[Path], host: st
 def sync(run_dirs: tuple[Path, ...], tracking_uri: Optional[str], skip_damaged: bool) -> None:
     """Send what runs logged locally (offline, or while the store was unreachable) to the tracking store, or to
     another one with --tracking-uri; default: every run with entries that store lacks."""
-    from harness.commands.sync import sync_runs
+    from harness.commands.sync import sync as sync_runs
 
-    report = sync_runs(list(run_dirs), tracking_uri)
-    for line in report.lines:
-        click.echo(line)
-    for damaged in report.damaged:  # one line each, naming the file, the line and the fix
-        if skip_damaged:
-            click.echo(f"warning: damaged journal line not sent (accepted with --skip-damaged): {damaged}", err=True)
-        else:
-            click.echo(f"error: damaged journal line not sent: {damaged}; the rest was sent; fix or delete the line "
-                       "and sync again, or pass --skip-damaged to accept its loss", err=True)
-    if report.damaged and not skip_damaged:
-        sys.exit(1)
+    report = sync_runs(list(run_dirs), tracking_uri, skip_damaged)
+    reply(report.text, report.problems(), report.exit_code)
 
 
 @main.command()
@@ -458,8 +454,7 @@ def data_check(synthetic: bool, data_root: Optional[str], workers: Optional[int]
     from harness.commands.data import check as check_tree
 
     text, code = check_tree(data_root, workers, subset, full, synthetic)
-    click.echo(text)
-    sys.exit(code)
+    reply(text, exit_code=code)
 
 
 @main.group("sweep", invoke_without_command=True)
