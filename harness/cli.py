@@ -342,9 +342,8 @@ def doctor_command(**options: Any) -> None:
     from harness.commands.doctor import doctor
     from harness.report.readiness import DoctorOptions
 
-    text, checks = doctor(DoctorOptions(**options))
-    click.echo(text)
-    sys.exit(1 if any(c.no_go for c in checks) else 0)
+    report = doctor(DoctorOptions(**options))
+    reply(report.text, exit_code=report.exit_code)
 
 
 @main.command("plan")
