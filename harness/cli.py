@@ -153,11 +153,10 @@ def run(row: str, seed: int, seeds_text: Optional[str], gpus: int, nnodes: int, 
         master_addr: Optional[str], master_port: Optional[int], compile_model: bool, **options: Any) -> None:
     """Train and evaluate one row; track it, write a result record, regenerate benchmark.md."""
     from harness.commands.run import run as run_rows
-    from harness.launch.options import LaunchOptions, RunOptions, run_seeds
+    from harness.launch.options import LaunchOptions, RunOptions
 
-    seeds = run_seeds(seed, seeds_text, options.get("resume"))
     launch = LaunchOptions(gpus, nnodes, node_rank, master_addr, master_port)
-    sys.exit(run_rows(RunOptions(row=row, seed=seeds[0], compile=compile_model, **options), seeds, launch,
+    sys.exit(run_rows(RunOptions(row=row, seed=seed, compile=compile_model, **options), seeds_text, launch,
                       echo=click.echo))
 
 
@@ -291,7 +290,7 @@ def sync(run_dirs: tuple[Path, ...], tracking_uri: Optional[str], skip_damaged: 
 
 
 @main.command()
-@click.option("--row", default=None, help="Row id (see `bench list`).")
+@click.option("--row", default="", help="Row id (see `bench list`).")
 @click.option("--rows", "rows_pattern", default=None, metavar="GLOB[,GLOB]",
               help="Several rows one after another ('all': every row; a light-seg row is its base row's network).")
 @click.option("--budget-s", type=float, default=None,
@@ -313,14 +312,14 @@ def sync(run_dirs: tuple[Path, ...], tracking_uri: Optional[str], skip_damaged: 
 @click.option("--keep-record", is_flag=True,
               help="On a CPU, file the record under results/speed/ (committed, read by benchmark.md's inference "
                    "column) instead of runs/speed/ (out of git).")
-def speed(row: Optional[str], rows_pattern: Optional[str], budget_s: Optional[float], compile_model: bool,
+def speed(row: str, rows_pattern: Optional[str], budget_s: Optional[float], compile_model: bool,
           size: Optional[str], **options: Any) -> None:
     """Time a row's training step, inference, evaluation loop and data loading; write a record, print a table."""
     from harness.commands.speed import speed as measure_speed
     from harness.engine.benchmark import SpeedOptions
     from harness.launch.options import parse_size
 
-    speed_options = SpeedOptions(row=row or "", compile=compile_model, size=parse_size(size), **options)
+    speed_options = SpeedOptions(row=row, compile=compile_model, size=parse_size(size), **options)
     measure_speed(speed_options, rows_pattern, budget_s, echo=click.echo)
 
 
@@ -487,12 +486,9 @@ def sweep_group(ctx: click.Context, rows: Optional[str], seeds_text: str, slurm_
     if ctx.invoked_subcommand is not None:
         return
     from harness.commands.sweep import sweep
-    from harness.launch.options import parse_seeds
-    from harness.launch.sweep import DEFAULT_MAX_REQUEUES, SweepOptions, parse_slurm_args
+    from harness.launch.sweep import sweep_options
 
-    sweep(SweepOptions(rows=rows or "", seeds=parse_seeds(seeds_text), slurm_args=parse_slurm_args(slurm_args),
-                       time=time_limit, max_requeues=DEFAULT_MAX_REQUEUES if max_requeues is None else max_requeues,
-                       **options), echo=click.echo)
+    sweep(sweep_options(rows, seeds_text, slurm_args, max_requeues, time=time_limit, **options), echo=click.echo)
 
 
 @sweep_group.command("status")
