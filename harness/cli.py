@@ -105,10 +105,8 @@ def new_row_command(name: str, arch: str, encoder: str, source: str) -> None:
     """Write experiments/NAME.yaml: one of our rows, ARCH on ENCODER with a table row's recipe."""
     from harness.commands.new_row import new_row
 
-    path, notes = new_row(name, arch, encoder, source)
-    for note in notes:
-        click.echo(f"note: {note}", err=True)
-    click.echo(f"wrote {path}; try it with: bench run --row {name} --synthetic")
+    text, notes = new_row(name, arch, encoder, source)
+    reply(text, notes)
 
 
 @main.command()
@@ -240,9 +238,8 @@ def predict_command(out: Optional[Path], zip_path: Optional[Path], row: Optional
     """Write labelId predictions for a split and pack them into the Cityscapes test-server zip."""
     from harness.commands.predict import predict_to_zip
 
-    written, packed, folder = predict_to_zip(checkpoint, row, weights, synthetic, data_root, split, device,
-                                             precision, out, zip_path)
-    click.echo(f"wrote {len(written)} predictions to {folder}; packed {packed}")
+    click.echo(predict_to_zip(checkpoint, row, weights, synthetic, data_root, split, device, precision, out,
+                              zip_path))
 
 
 @main.command()
@@ -385,8 +382,7 @@ def report(run: Path, tracking_uri: Optional[str]) -> None:
     """(Re)write the reproduction card report.md of a finished run folder and log it to its tracked run."""
     from harness.commands.report import report as write_report
 
-    path, logged = write_report(run, tracking_uri)
-    click.echo(f"wrote {path}; {logged}")
+    click.echo(write_report(run, tracking_uri))
 
 
 @main.command()
