@@ -35,6 +35,7 @@ from submitit.core.utils import DelayedSubmission
 
 from harness import paths
 from harness.config.benchmark import dataset_name
+from harness.config.curves import BEHIND_MIOU
 from harness.config.plan import planned_iterations
 from harness.config.spec import Spec, select_rows
 from harness.cores import CORES_ENV, job_cores
@@ -894,7 +895,7 @@ def behind(run_dir: Optional[str]) -> str:
         return "-"
     if not comparison.get("flagged"):
         return "ok"
-    return (f"{comparison['behind_miou']:.1f} at {comparison['iteration']}"
+    return (f"{comparison[BEHIND_MIOU]:.1f} at {comparison['iteration']}"
             + (", stopped" if comparison.get("stop") else ""))
 
 
