@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,16 +11,8 @@ import click
 
 from harness.config.benchmark import BEHIND_MARGIN, DATASETS, REFERENCE_DATASET
 from harness.config.precision import PRECISIONS
-from harness.errors import BenchError
+from harness.errors import BenchError, record_worker_error
 from harness.logs import configure_logging
-
-
-def worker_error_recorded(message: str) -> bool:
-    """A torchrun worker's error is reported once, by the launcher (only a worker has RANK set: anyone else's error
-    is answered without loading PyTorch)."""
-    from harness.engine.distributed import record_worker_error
-
-    return record_worker_error(message)
 
 
 class BenchGroup(click.Group):
@@ -30,7 +21,7 @@ class BenchGroup(click.Group):
         try:
             return super().invoke(ctx)
         except BenchError as exc:
-            if not ("RANK" in os.environ and worker_error_recorded(str(exc))):
+            if not record_worker_error(str(exc)):  # a torchrun worker's error is reported once, by its launcher
                 click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
@@ -75,6 +66,15 @@ TOLERANCE_OPTION = click.option(
          "default: the table's (experiments/_table.yaml).")
 
 
+def reply(text: str, problems: Sequence[str] = (), exit_code: int = 0) -> None:
+    """Show what a verb's layer answered: its text on stdout, then its problems on stderr (one line each), and exit
+    with its code."""
+    click.echo(text)
+    for line in problems:
+        click.echo(line, err=True)
+    sys.exit(exit_code)
+
+
 def with_options(*groups: tuple[Callable, ...]) -> Callable:
     """Apply option groups to a command, in the order listed."""
     def decorate(command: Callable) -> Callable:
@@ -105,10 +105,8 @@ def new_row_command(name: str, arch: str, encoder: str, source: str) -> None:
     """Write experiments/NAME.yaml: one of our rows, ARCH on ENCODER with a table row's recipe."""
     from harness.commands.new_row import new_row
 
-    path, notes = new_row(name, arch, encoder, source)
-    for note in notes:
-        click.echo(f"note: {note}", err=True)
-    click.echo(f"wrote {path}; try it with: bench run --row {name} --synthetic")
+    text, notes = new_row(name, arch, encoder, source)
+    reply(text, notes)
 
 
 @main.command()
@@ -153,11 +151,10 @@ def run(row: str, seed: int, seeds_text: Optional[str], gpus: int, nnodes: int, 
         master_addr: Optional[str], master_port: Optional[int], compile_model: bool, **options: Any) -> None:
     """Train and evaluate one row; track it, write a result record, regenerate benchmark.md."""
     from harness.commands.run import run as run_rows
-    from harness.launch.options import LaunchOptions, RunOptions, run_seeds
+    from harness.launch.options import LaunchOptions, RunOptions
 
-    seeds = run_seeds(seed, seeds_text, options.get("resume"))
     launch = LaunchOptions(gpus, nnodes, node_rank, master_addr, master_port)
-    sys.exit(run_rows(RunOptions(row=row, seed=seeds[0], compile=compile_model, **options), seeds, launch,
+    sys.exit(run_rows(RunOptions(row=row, seed=seed, compile=compile_model, **options), seeds_text, launch,
                       echo=click.echo))
 
 
@@ -170,10 +167,7 @@ def weights(pattern: str, verify: bool) -> None:
     from harness.commands.weights import weights as list_weights
 
     report = list_weights(pattern, verify)
-    click.echo(report.text)
-    for line in report.problems():
-        click.echo(line, err=True)
-    sys.exit(report.exit_code)
+    reply(report.text, report.problems(), report.exit_code)
 
 
 @main.command()
@@ -202,8 +196,7 @@ def check(pattern: str, tolerance: Optional[float], as_json: bool) -> None:
     from harness.commands.check import check as check_verdicts
 
     text, code = check_verdicts(pattern, tolerance, as_json)
-    click.echo(text)
-    sys.exit(code)
+    reply(text, exit_code=code)
 
 
 CHECKPOINT_OPTIONS = (
@@ -245,9 +238,8 @@ def predict_command(out: Optional[Path], zip_path: Optional[Path], row: Optional
     """Write labelId predictions for a split and pack them into the Cityscapes test-server zip."""
     from harness.commands.predict import predict_to_zip
 
-    written, packed, folder = predict_to_zip(checkpoint, row, weights, synthetic, data_root, split, device,
-                                             precision, out, zip_path)
-    click.echo(f"wrote {len(written)} predictions to {folder}; packed {packed}")
+    click.echo(predict_to_zip(checkpoint, row, weights, synthetic, data_root, split, device, precision, out,
+                              zip_path))
 
 
 @main.command()
@@ -288,23 +280,14 @@ def server(backend_store_uri: Optional[str], artifacts: Optional[Path], host: st
 def sync(run_dirs: tuple[Path, ...], tracking_uri: Optional[str], skip_damaged: bool) -> None:
     """Send what runs logged locally (offline, or while the store was unreachable) to the tracking store, or to
     another one with --tracking-uri; default: every run with entries that store lacks."""
-    from harness.commands.sync import sync_runs
+    from harness.commands.sync import sync as sync_runs
 
-    report = sync_runs(list(run_dirs), tracking_uri)
-    for line in report.lines:
-        click.echo(line)
-    for damaged in report.damaged:  # one line each, naming the file, the line and the fix
-        if skip_damaged:
-            click.echo(f"warning: damaged journal line not sent (accepted with --skip-damaged): {damaged}", err=True)
-        else:
-            click.echo(f"error: damaged journal line not sent: {damaged}; the rest was sent; fix or delete the line "
-                       "and sync again, or pass --skip-damaged to accept its loss", err=True)
-    if report.damaged and not skip_damaged:
-        sys.exit(1)
+    report = sync_runs(list(run_dirs), tracking_uri, skip_damaged)
+    reply(report.text, report.problems(), report.exit_code)
 
 
 @main.command()
-@click.option("--row", default=None, help="Row id (see `bench list`).")
+@click.option("--row", default="", help="Row id (see `bench list`).")
 @click.option("--rows", "rows_pattern", default=None, metavar="GLOB[,GLOB]",
               help="Several rows one after another ('all': every row; a light-seg row is its base row's network).")
 @click.option("--budget-s", type=float, default=None,
@@ -326,14 +309,14 @@ def sync(run_dirs: tuple[Path, ...], tracking_uri: Optional[str], skip_damaged: 
 @click.option("--keep-record", is_flag=True,
               help="On a CPU, file the record under results/speed/ (committed, read by benchmark.md's inference "
                    "column) instead of runs/speed/ (out of git).")
-def speed(row: Optional[str], rows_pattern: Optional[str], budget_s: Optional[float], compile_model: bool,
+def speed(row: str, rows_pattern: Optional[str], budget_s: Optional[float], compile_model: bool,
           size: Optional[str], **options: Any) -> None:
     """Time a row's training step, inference, evaluation loop and data loading; write a record, print a table."""
     from harness.commands.speed import speed as measure_speed
     from harness.engine.benchmark import SpeedOptions
     from harness.launch.options import parse_size
 
-    speed_options = SpeedOptions(row=row or "", compile=compile_model, size=parse_size(size), **options)
+    speed_options = SpeedOptions(row=row, compile=compile_model, size=parse_size(size), **options)
     measure_speed(speed_options, rows_pattern, budget_s, echo=click.echo)
 
 
@@ -355,9 +338,8 @@ def doctor_command(**options: Any) -> None:
     from harness.commands.doctor import doctor
     from harness.report.readiness import DoctorOptions
 
-    text, checks = doctor(DoctorOptions(**options))
-    click.echo(text)
-    sys.exit(1 if any(c.no_go for c in checks) else 0)
+    report = doctor(DoctorOptions(**options))
+    reply(report.text, exit_code=report.exit_code)
 
 
 @main.command("plan")
@@ -400,8 +382,7 @@ def report(run: Path, tracking_uri: Optional[str]) -> None:
     """(Re)write the reproduction card report.md of a finished run folder and log it to its tracked run."""
     from harness.commands.report import report as write_report
 
-    path, logged = write_report(run, tracking_uri)
-    click.echo(f"wrote {path}; {logged}")
+    click.echo(write_report(run, tracking_uri))
 
 
 @main.command()
@@ -467,8 +448,7 @@ def data_check(synthetic: bool, data_root: Optional[str], workers: Optional[int]
     from harness.commands.data import check as check_tree
 
     text, code = check_tree(data_root, workers, subset, full, synthetic)
-    click.echo(text)
-    sys.exit(code)
+    reply(text, exit_code=code)
 
 
 @main.group("sweep", invoke_without_command=True)
@@ -502,12 +482,9 @@ def sweep_group(ctx: click.Context, rows: Optional[str], seeds_text: str, slurm_
     if ctx.invoked_subcommand is not None:
         return
     from harness.commands.sweep import sweep
-    from harness.launch.options import parse_seeds
-    from harness.launch.sweep import DEFAULT_MAX_REQUEUES, SweepOptions, parse_slurm_args
+    from harness.launch.sweep import sweep_options
 
-    sweep(SweepOptions(rows=rows or "", seeds=parse_seeds(seeds_text), slurm_args=parse_slurm_args(slurm_args),
-                       time=time_limit, max_requeues=DEFAULT_MAX_REQUEUES if max_requeues is None else max_requeues,
-                       **options), echo=click.echo)
+    sweep(sweep_options(rows, seeds_text, slurm_args, max_requeues, time=time_limit, **options), echo=click.echo)
 
 
 @sweep_group.command("status")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -42,6 +45,33 @@ def bench(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
     full_env = {**os.environ, **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "harness.cli", *args], env=full_env, cwd=PROJECT_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+STOP_HOOK = Path(__file__).parent / "stop_hook"  # its sitecustomize.py carries out `stop_at`'s order
+STOP_ORDER_ENV = runpy.run_path(str(STOP_HOOK / "sitecustomize.py"))["ORDER_ENV"]
+
+
+def stop_at(iteration: int, then: str, ready: Path, signals: int = 1, rank: int = 0,
+            **run: str | int) -> dict[str, str]:
+    """The environment under which a `bench` command's training process of rank `rank` stops right after
+    `iteration`, however deep it runs (torchrun's workers, a sweep's jobs; `run`: row= and seed= where a sweep trains
+    several): `then` "SIGKILL" kills it there; "wait" holds it there until its signal handler has run `signals` times
+    (the test sends them once `ready` exists: see `held`). A kill or signal then lands at a known iteration, never
+    after a run that finished first."""
+    order = {"iteration": iteration, "then": then, "signals": signals, "rank": rank, "ready": str(ready), **run}
+    path = os.pathsep.join([str(STOP_HOOK), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {"PYTHONPATH": path, STOP_ORDER_ENV: json.dumps(order)}
+
+
+def held(ready: Path, process: subprocess.Popen | None = None, timeout: float = 300.0) -> dict:
+    """Wait until `stop_at`'s iteration is reached (its `ready` file written); returns {"pid", "iteration"} of the
+    process held there. `process`: the command, which must not end before."""
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        assert process is None or process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"no training process reached the iteration of {ready} in {timeout:g} s"
+        time.sleep(0.05)
+    return json.loads(ready.read_text())
 
 
 def fixed_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,8 +246,6 @@ GLOO_TIMEOUT_S = 120
 def two_gloo_processes(target, folder: Path) -> list[dict]:
     """Run `target(rank, world_size, store_path, folder)` in two forked processes (they start with this one's modules
     loaded; a spawned one spends seconds importing them) and return what each saved as folder/rank<N>.pt."""
-    import time
-
     import pytest
 
     processes = torch.multiprocessing.start_processes(target, args=(2, str(folder / "store"), str(folder)), nprocs=2,

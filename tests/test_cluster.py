@@ -26,7 +26,7 @@ from harness.report.figure import gflops_by_row
 from harness.report.records import load_records
 from harness.report.verdicts import measured_miou
 from tests.cluster import free_port
-from tests.helpers import PAIR, bench, experiments_with
+from tests.helpers import PAIR, bench, experiments_with, held, stop_at
 from tests.table_fixtures import line_of
 from tests.test_training_resilience import TINY, assert_same_tensors
 
@@ -194,11 +194,17 @@ def wait_for(condition, timeout: float = 300.0, what: str = "the jobs"):
 
 
 @pytest.mark.slow
-def test_sweep_on_a_real_slurm_submits_requeues_resumes_and_cancels(tiny_rows, slurm_cluster, tracking_server):
+def test_sweep_on_a_real_slurm_submits_requeues_resumes_and_cancels(tiny_rows, slurm_cluster, tracking_server,
+                                                                   tmp_path, monkeypatch):
     """`bench sweep --executor slurm` through submitit's Slurm executor on a one-node Slurm: two rows x two seeds,
     one CPU each; `bench sweep status` reads Slurm's states; a job requeued with `scontrol requeue` (what a
     preemption does) resumes its run folder from the checkpoint and ends with the weights of the same recipe run
     without interruption; `bench sweep cancel` cancels through scancel."""
+    # tiny seed 0's `bench run` is held after iteration 6 (past its checkpoint at 4) until a signal reaches it: the
+    # requeue lands while it trains, never after it finished. sbatch hands the jobs this environment.
+    ready = tmp_path / "held"
+    for name, value in stop_at(6, "wait", ready, row="tiny", seed=0).items():
+        monkeypatch.setenv(name, value)
     common = ["--executor", "slurm", "--gpus-per-node", "0", "--partition", "debug", "--time", "00:20:00",
               "--slurm-arg", "cpus-per-task=1", "--synthetic", "--deterministic", "--tracking-uri", tracking_server.uri]
     result = CliRunner().invoke(main, ["sweep", "--rows", "tiny,tiny2", "--seeds", "0,1", "--iters", "16", *common])
@@ -214,13 +220,11 @@ def test_sweep_on_a_real_slurm_submits_requeues_resumes_and_cancels(tiny_rows, s
     target = jobs[("tiny", 0)]
     state_file = Path(target["state_file"])
 
-    def running_with_checkpoint():
-        state = read_state(state_file)
-        folder = state.get("run_folder")
-        return state if state.get("state") == "running" and folder and \
-            (Path(folder) / "checkpoints" / "ckpt-00000004.pt").exists() else None
-
-    started = wait_for(running_with_checkpoint, what="tiny seed 0 to checkpoint")
+    held(ready, timeout=600)
+    # the job notes its run's folder within half a second of `bench run` making it
+    started = wait_for(lambda: read_state(state_file).get("run_folder") and read_state(state_file),
+                       what="tiny seed 0's run folder")
+    assert started["state"] == "running", started
     requeued = subprocess.run(["scontrol", "requeue", str(target["job_id"])], capture_output=True, text=True)
     assert requeued.returncode == 0, requeued.stderr
     # Slurm holds a requeued job back (cred_expire seconds) before it starts again.
@@ -228,7 +232,7 @@ def test_sweep_on_a_real_slurm_submits_requeues_resumes_and_cancels(tiny_rows, s
 
     wait_for(lambda: all(words[2] == "done" for words in status(sweep).values()), timeout=600)
     log = Path(target["log"]).read_text()
-    assert "resuming tiny from" in log, log[-3000:]
+    assert "resuming tiny from" in log and "(iteration 6)" in log, log[-3000:]
     final = read_state(state_file)
     assert final["run_folder"] == started["run_folder"] and final["attempt"].split(":")[1] == "1", final
     records = {(r.row, r.seed): r for r in load_records(dataset="synthetic")}

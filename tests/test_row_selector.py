@@ -90,7 +90,7 @@ def test_a_single_row_verb_refuses_a_glob_of_several_rows_and_names_the_closest_
 def test_doctor_checks_a_light_seg_row_as_the_row_it_trains():
     from harness.commands.doctor import doctor
 
-    _, checks = doctor(DoctorOptions(row="sf_seg_v2-lightseg", synthetic=True))
+    checks = doctor(DoctorOptions(row="sf_seg_v2-lightseg", synthetic=True)).checks
     assert checks  # ran, as sf_seg_v2 (a light-seg row has no recipe of its own to check)
 
 

@@ -22,7 +22,7 @@ from harness.launch.run import RunOptions, run
 from harness.launch.sweep import TrainingJob, read_state, sweeps_dir, write_state
 from harness.paths import runs_dir
 from harness.report.records import load_records
-from tests.helpers import bench, experiments_with
+from tests.helpers import bench, experiments_with, held, stop_at
 from tests.test_training_resilience import TINY, assert_same_tensors
 
 pytestmark = pytest.mark.slow
@@ -51,19 +51,17 @@ def wait_until(condition, process, timeout=300.0):
     raise AssertionError("timed out")
 
 
-def test_preempted_local_job_is_requeued_and_resumes_to_the_same_weights(tiny_rows):
-    # 20 iterations: after the checkpoint at 4, enough left that the signal lands while the job still trains.
+def test_preempted_local_job_is_requeued_and_resumes_to_the_same_weights(tiny_rows, tmp_path):
+    # The job's `bench run` is held after iteration 6 (past the checkpoint at 4) until the job's SIGTERM reaches it:
+    # the preemption lands while the job trains, never after it finished, and the run stops at 6 with a checkpoint.
+    ready = tmp_path / "held"
     process = bench("sweep", "--rows", "tiny", "--seeds", "0", "--executor", "local", "--synthetic", "--iters", "20",
-                    "--deterministic")
-    state_file = wait_until(lambda: next(iter(sweeps_dir().glob("*/jobs/tiny-seed0.json")), None), process)
-
-    def running_with_checkpoint():
-        state = read_state(state_file)
-        folder = state.get("run_folder")
-        return state if state.get("state") == "running" and folder and \
-            (Path(folder) / "checkpoints" / "ckpt-00000004.pt").exists() else None
-
-    state = wait_until(running_with_checkpoint, process)
+                    "--deterministic", env=stop_at(6, "wait", ready))
+    held(ready, process)
+    (state_file,) = sweeps_dir().glob("*/jobs/tiny-seed0.json")
+    # the job notes its run's folder within half a second of `bench run` making it
+    state = wait_until(lambda: read_state(state_file).get("run_folder") and read_state(state_file), process)
+    assert state["state"] == "running", state
     os.kill(state["pid"], signal.SIGUSR2)  # what Slurm sends before the time limit or on preemption
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, out + err
@@ -71,7 +69,7 @@ def test_preempted_local_job_is_requeued_and_resumes_to_the_same_weights(tiny_ro
     final = read_state(state_file)
     assert final["state"] == "done" and final["requeues"] == 1 and final["run_folder"] == state["run_folder"]
     log = Path(json.loads((state_file.parent.parent / "sweep.json").read_text())["jobs"][0]["log"]).read_text()
-    assert "resuming tiny from" in log
+    assert "resuming tiny from" in log and "(iteration 6)" in log, log
     (swept,) = load_records(dataset="synthetic")
     assert Path(swept.checkpoint).parent.parent == Path(state["run_folder"])
     assert len(list((runs_dir() / "synthetic" / "tiny").glob("*/run.json"))) == 1  # resumed, not restarted

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import signal
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from harness.launch.run import RunOptions, run
 from harness.paths import default_tracking_uri, runs_dir
 from harness.report.records import load_records
 from harness.tracking.tracker import experiment_name
-from tests.helpers import PAIR, bench, experiments_with
+from tests.helpers import PAIR, bench, experiments_with, held, stop_at
 
 pytestmark = pytest.mark.slow
 
@@ -60,25 +59,18 @@ def run_dirs(row: str) -> list[Path]:
     return sorted((runs_dir() / "synthetic" / row).glob("*"))
 
 
-def wait_for(path_glob, process, timeout=300.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if any(path_glob()):
-            return
-        assert process.poll() is None, process.communicate()
-        time.sleep(0.02)
-    raise AssertionError("timed out waiting for a checkpoint")
-
-
-def test_sigkill_then_resume_equals_uninterrupted_run(tiny_row):
+def test_sigkill_then_resume_equals_uninterrupted_run(tiny_row, tmp_path):
     reference = run(RunOptions(row=tiny_row, synthetic=True, deterministic=True, progress=False))
 
-    process = bench("run", "--row", tiny_row, "--synthetic", "--deterministic")
-    wait_for(lambda: [p for d in run_dirs(tiny_row)[1:] for p in d.glob("checkpoints/ckpt-00000008.pt")], process)
-    process.kill()  # SIGKILL: no handler runs, nothing is flushed
-    process.wait()
+    # Killed after iteration 10, between the checkpoints at 8 and 12: the resume redoes iterations 9 and 10.
+    ready = tmp_path / "killed"
+    process = bench("run", "--row", tiny_row, "--synthetic", "--deterministic",
+                    env=stop_at(10, "SIGKILL", ready))  # SIGKILL: no handler runs, nothing is flushed
+    process.communicate(timeout=300)
+    assert process.returncode == -signal.SIGKILL and held(ready)["iteration"] == 10
     killed_run = run_dirs(tiny_row)[-1]
     assert not (killed_run / "checkpoints" / "ckpt-00000016.pt").exists(), "the run finished before it was killed"
+    assert checkpoint.load_latest(killed_run / "checkpoints")[0]["iteration"] == 8
 
     resumed = run(RunOptions(row=tiny_row, synthetic=True, deterministic=True, resume="latest", progress=False))
     assert Path(resumed.checkpoint).parent.parent == killed_run
@@ -93,16 +85,19 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tiny_row):
     assert len(client.search_runs([client.get_experiment_by_name(experiment_name("synthetic")).experiment_id])) == 2
 
 
-def test_sigterm_checkpoints_and_the_next_resume_goes_on(tiny_row):
-    process = bench("run", "--row", tiny_row, "--synthetic")
-    wait_for(lambda: [p for d in run_dirs(tiny_row) for p in d.glob("checkpoints/ckpt-00000004.pt")], process)
+def test_sigterm_checkpoints_and_the_next_resume_goes_on(tiny_row, tmp_path):
+    # SIGTERM while the run is held after iteration 6 (past the checkpoint at 4): it stops at the next log point,
+    # iteration 6 itself (a log point every iteration), with a checkpoint there.
+    ready = tmp_path / "held"
+    process = bench("run", "--row", tiny_row, "--synthetic", env=stop_at(6, "wait", ready))
+    held(ready, process)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM" in err and "--resume" in err and "Traceback" not in err
     state, path = checkpoint.load_latest(run_dirs(tiny_row)[-1] / "checkpoints")
     stopped_at = state["iteration"]
-    assert 4 <= stopped_at < 16
+    assert stopped_at == 6 and path.name == "ckpt-00000006.pt", path
     client = MlflowClient(default_tracking_uri())
     run_id = next(iter(client.search_runs([client.get_experiment_by_name(experiment_name("synthetic")).experiment_id])))
     assert run_id.info.status == "KILLED"
@@ -113,12 +108,13 @@ def test_sigterm_checkpoints_and_the_next_resume_goes_on(tiny_row):
     assert max(m.step for m in history) == 16 and min(m.step for m in history) == 1
 
 
-def test_log_lines_without_a_terminal_and_a_bare_resume_keeps_the_original_options(tiny_row):
+def test_log_lines_without_a_terminal_and_a_bare_resume_keeps_the_original_options(tiny_row, tmp_path):
     """stdout is a pipe here, as in a Slurm log: a startup line and one plain line per log interval there, and no
-    progress-bar frames anywhere. After SIGTERM, `--resume` alone continues with the options the run started with
-    (--synthetic --iters 40)."""
-    process = bench("run", "--row", tiny_row, "--synthetic", "--iters", "40")
-    wait_for(lambda: [p for d in run_dirs(tiny_row) for p in d.glob("checkpoints/ckpt-00000004.pt")], process)
+    progress-bar frames anywhere. After SIGTERM (sent while the run is held after iteration 6), `--resume` alone
+    continues with the options the run started with (--synthetic --iters 40)."""
+    ready = tmp_path / "held"
+    process = bench("run", "--row", tiny_row, "--synthetic", "--iters", "40", env=stop_at(6, "wait", ready))
+    held(ready, process)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, err
@@ -243,62 +239,19 @@ def test_two_gloo_processes_equal_one_process(tmp_path, monkeypatch, synthetic_r
     assert two.miou == pytest.approx(one.miou, abs=0.5)
 
 
-def children(pid: int) -> list[int]:
-    """Every descendant process of `pid` (Linux /proc)."""
-    found, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            try:
-                kids = [int(k) for k in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            found += kids
-            frontier += kids
-    return found
-
-
-def worker_of_rank(pid: int, rank: int) -> int:
-    for child in children(pid):
-        try:
-            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in environ and b"LOCAL_RANK=" + str(rank).encode() in environ:
-            return child
-    raise AssertionError(f"no worker of rank {rank} under process {pid}")
-
-
-def logged_steps(row: str) -> int:
-    """The newest training step the run's rank 0 has journalled (one entry per log point)."""
-    steps = [0]
-    for journal in (runs_dir() / "synthetic" / row).glob("*/tracking/journal.jsonl"):
-        for line in journal.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:  # a line being written
-                continue
-            if entry.get("op") == "metrics" and "train/loss" in entry.get("metrics", {}):
-                steps.append(entry["step"])
-    return max(steps)
-
-
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the worker processes through Linux's /proc")
 def test_sigterm_to_one_of_two_processes_stops_both_with_one_checkpoint_that_resumes(tmp_path, monkeypatch,
                                                                                      synthetic_root):
-    """A signal reaching one rank only, at a random iteration: the stop is decided from the all-reduced flag, so
-    both ranks stop at the same log point, rank 0 writes one checkpoint, every process exits cleanly, and the run
-    resumes from it to the end."""
+    """A signal reaching one rank only, at a random iteration (that rank held there until it comes): the stop is
+    decided from the all-reduced flag, so both ranks stop at the same log point, rank 0 writes one checkpoint, every
+    process exits cleanly, and the run resumes from it to the end."""
     pair = {**TINY, "synthetic": {**TINY["synthetic"], "batch_size": 4, "iters": 14, "checkpoint_every": 100}}
     monkeypatch.setenv("SEGBENCH_EXPERIMENTS", str(experiments_with(tmp_path, {"pair": pair})))
     chooser = random.Random(29)  # seeded: a failure names its iteration and rank, and reruns the same
     at, rank = chooser.randint(1, 8), chooser.randint(0, 1)
-    process = bench("run", "--row", "pair", "--synthetic", "--device", "cpu", "--gpus", "2")
-    deadline = time.time() + 300
-    while logged_steps("pair") < at:
-        assert process.poll() is None and time.time() < deadline, process.communicate()
-        time.sleep(0.05)
-    os.kill(worker_of_rank(process.pid, rank), signal.SIGTERM)
+    ready = tmp_path / "held"
+    process = bench("run", "--row", "pair", "--synthetic", "--device", "cpu", "--gpus", "2",
+                    env=stop_at(at, "wait", ready, rank=rank))
+    os.kill(held(ready, process)["pid"], signal.SIGTERM)
     out, err = process.communicate(timeout=300)
     context = f"SIGTERM to rank {rank} after iteration {at}:\n{err}"
     assert process.returncode == 128 + signal.SIGTERM, context
@@ -309,7 +262,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_with_one_checkpoint_that_res
     saved = checkpoint.checkpoints(folder / "checkpoints")
     assert len(saved) == 1, (saved, context)
     stopped_at = checkpoint.load(saved[0])["iteration"]
-    assert at <= stopped_at < 14 and f"at iteration {stopped_at}" in err, context
+    # held after `at`, a log point (one every iteration): both ranks stop there
+    assert stopped_at == at and f"at iteration {stopped_at}" in err, context
     assert json.loads((folder / "run.json").read_text())["status"] == "interrupted"
 
     resumed = bench("run", "--row", "pair", "--resume", "--device", "cpu", "--gpus", "2")
@@ -378,37 +332,37 @@ def test_best_pt_is_a_copy_where_the_filesystem_has_no_hard_links(tmp_path, monk
 
 def test_ctrl_c_answers_at_once_and_a_second_one_stops_now_keeping_the_last_checkpoint(tmp_path, monkeypatch,
                                                                                        synthetic_root):
-    """Checkpoints every 20 iterations: after the first one, Ctrl-C is acknowledged at once (before the iteration
-    it names as its stop, told by the order of events, not by a wall-clock window) naming the iteration it will stop
-    at; Ctrl-C again stops at once, without writing, leaving the iteration-20 checkpoint whole and the run marked
-    interrupted in run.json and in MLflow."""
+    """Checkpoints every 20 iterations: Ctrl-C while the run is held after iteration 25 (past the first one) is
+    acknowledged at once, while the training still stands there (told by the order of events, not by a wall-clock
+    window), naming the iteration it will stop at; Ctrl-C again stops at once, at iteration 25, without writing,
+    leaving the iteration-20 checkpoint whole and the run marked interrupted in run.json and in MLflow."""
     import threading
 
     row = {**TINY, "synthetic": {**TINY["synthetic"], "iters": 4000, "checkpoint_every": 20, "log_every": 20}}
     monkeypatch.setenv("SEGBENCH_EXPERIMENTS", str(experiments_with(tmp_path, {"patient": row})))
-    process = bench("run", "--row", "patient", "--synthetic", env={"OMP_NUM_THREADS": "1"})  # see `one_thread`
-    lines: list[tuple[float, str]] = []
+    ready = tmp_path / "held"
+    process = bench("run", "--row", "patient", "--synthetic",  # OMP_NUM_THREADS: see `one_thread`
+                    env={"OMP_NUM_THREADS": "1", **stop_at(25, "wait", ready, signals=2)})
+    lines: list[str] = []
     assert process.stderr is not None
-    reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), l) for l in process.stderr), daemon=True)
+    reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
     reader.start()
-    wait_for(lambda: [p for d in run_dirs("patient") for p in d.glob("checkpoints/ckpt-00000020.pt")], process)
-    sent = time.monotonic()
+    held(ready, process)
     process.send_signal(signal.SIGINT)
-    deadline = sent + 60  # a bound on waiting, not the check: the order below is
-    while not any("Ctrl-C again" in line for _, line in lines) and time.monotonic() < deadline:
+    deadline = time.monotonic() + 60  # a bound on waiting, not the check: the order below is
+    while not any("Ctrl-C again" in line for line in lines) and time.monotonic() < deadline:
         time.sleep(0.02)
-    ack = next(((at, line) for at, line in lines if "Ctrl-C again" in line), None)
+    ack = next((line for line in lines if "Ctrl-C again" in line), None)
     assert ack is not None, lines
-    assert ack[1].strip() == "stopping at iteration 40 (the next log point); Ctrl-C again to stop now without a " \
-                             "checkpoint", ack[1]
+    assert ack.strip() == "stopping at iteration 40 (the next log point); Ctrl-C again to stop now without a " \
+                          "checkpoint", ack
     process.send_signal(signal.SIGINT)
-    again = time.monotonic()
     process.wait(timeout=60)
     reader.join(timeout=10)
-    err = "".join(line for _, line in lines)
-    assert time.monotonic() - again < 30 and process.returncode == 128 + signal.SIGINT, (process.returncode, err)
-    stopped = re.search(r"stopped at once by a second SIGINT at iteration (\d+), without a checkpoint", err)
-    assert stopped and 20 <= int(stopped.group(1)) < 40, err  # acknowledged and stopped before the named stop
+    err = "".join(lines)
+    assert process.returncode == 128 + signal.SIGINT, (process.returncode, err)
+    # stopped where it was held when the first Ctrl-C came: acknowledged there, before any further iteration
+    assert "stopped at once by a second SIGINT at iteration 25, without a checkpoint" in err, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     (folder,) = run_dirs("patient")
     assert f"the last checkpoint is {folder / 'checkpoints' / 'ckpt-00000020.pt'}" in err, err

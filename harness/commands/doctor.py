@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from harness.report.readiness import Check, DoctorOptions
+from harness.report.readiness import DoctorOptions, DoctorReport
 from harness.report.readiness import doctor as run_doctor
 
 
-def doctor(options: DoctorOptions) -> tuple[str, list[Check]]:
-    """The rendered table and the checks."""
+def doctor(options: DoctorOptions) -> DoctorReport:
+    """The checks, their rendered table and the exit code (1 on any no-go)."""
     return run_doctor(options)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from harness import paths
+from harness.config.curves import val_curve
 from harness.data.cityscapes import CLASS_NAMES
 from harness.engine.evaluate import TestMode
 from harness.engine.run_folder import RunFolder
@@ -71,7 +72,6 @@ def evaluate_checkpoint(options: EvalOptions) -> EvalRecord:
             panels_dir=panels_dir if options.num_panels else None, num_panels=options.num_panels,
             progress=options.progress, desc=f"eval {loaded.weights}")
         per_class: PerClass = dict(zip(CLASS_NAMES, metrics.iou))
-        suffix = "_ema" if loaded.weights == "ema" else "_raw"  # the names training runs give the same weights
         record = EvalRecord(
             row=spec.row, dataset=dataset, split=options.split, weights=loaded.weights,
             checkpoint=str(loaded.path), miou=metrics.miou, pixel_accuracy=metrics.pixel_accuracy,
@@ -82,8 +82,8 @@ def evaluate_checkpoint(options: EvalOptions) -> EvalRecord:
             plan=asdict(plan), tracking_run_id=run_id, time=utc_now(),
         )
         return finish_run(spec, tracker, record, folder, headline=metrics.miou,
-                          metrics={f"val/miou{suffix}": metrics.miou,
-                                   f"val/pixel_accuracy{suffix}": metrics.pixel_accuracy},
+                          metrics={val_curve("miou", loaded.weights): metrics.miou,  # as training runs name them
+                                   val_curve("pixel_accuracy", loaded.weights): metrics.pixel_accuracy},
                           step=0, per_class={"val_iou_ema" if loaded.weights == "ema" else "val_iou": per_class},
                           panels=sorted(panels_dir.glob("*.png")))
     except BaseException:

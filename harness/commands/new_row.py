@@ -52,8 +52,15 @@ def row_body(arch: str, encoder: str, source: str, root: Path) -> tuple[dict[str
     return body, notes
 
 
-def new_row(name: str, arch: str, encoder: str, source: str = DEFAULT_RECIPE, root: Optional[Path] = None
-            ) -> tuple[Path, list[str]]:
+def new_row(name: str, arch: str, encoder: str, source: str = DEFAULT_RECIPE) -> tuple[str, list[str]]:
+    """`bench new-row`: (the line saying what was written and how to try it, a `note:` line per inherited setting
+    the row drops)."""
+    path, notes = write_row(name, arch, encoder, source)
+    return f"wrote {path}; try it with: bench run --row {name} --synthetic", [f"note: {note}" for note in notes]
+
+
+def write_row(name: str, arch: str, encoder: str, source: str = DEFAULT_RECIPE, root: Optional[Path] = None
+              ) -> tuple[Path, list[str]]:
     """Write experiments/NAME.yaml after it loads and its network's settings check out; returns its path and notes
     on what it did not inherit."""
     import torch

@@ -16,8 +16,8 @@ from harness.tracking.journal import JOURNAL_DIR, Journal
 from harness.tracking.tracker import log_artifact_later
 
 
-def report(run: Path, tracking_uri: Optional[str] = None) -> tuple[Path, str]:
-    """(the card written, a line on where it was logged)."""
+def report(run: Path, tracking_uri: Optional[str] = None) -> str:
+    """The line naming the card written and where it was logged."""
     folder = RunFolder.open(run)
     if folder.status != RUN_STATUS["FINISHED"]:
         raise BenchError(f"run {run} is {folder.status}, not finished: a reproduction card describes a finished run "
@@ -27,5 +27,5 @@ def report(run: Path, tracking_uri: Optional[str] = None) -> tuple[Path, str]:
     journal_dir = run / JOURNAL_DIR
     path = write_cards(spec, record, Journal(journal_dir).artifacts, folder, weights=record.weight_files)
     if not Journal.exists(journal_dir):
-        return path, "the run folder has no tracking journal: not logged"
-    return path, log_artifact_later(journal_dir, CARD, tracking_uri)
+        return f"wrote {path}; the run folder has no tracking journal: not logged"
+    return f"wrote {path}; {log_artifact_later(journal_dir, CARD, tracking_uri)}"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from typing import Optional
 
 from harness.launch.options import LaunchOptions, RunOptions
 from harness.launch.start import start
 
 
-def run(options: RunOptions, seeds: Sequence[int], launch: LaunchOptions, echo: Callable[[str], None] = print) -> int:
-    """The exit code of training `options.row` once per seed on `launch`'s processes."""
-    return start(options, seeds, launch, echo=echo)
+def run(options: RunOptions, seeds_text: Optional[str], launch: LaunchOptions,
+        echo: Callable[[str], None] = print) -> int:
+    """The exit code of training `options.row` once per seed (`--seed`, or the `--seeds` list) on `launch`'s
+    processes."""
+    return start(options, seeds_text, launch, echo=echo)

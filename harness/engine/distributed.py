@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from harness.cores import process_cores
-from harness.errors import BenchError
+from harness.errors import WORKER_ERRORS, BenchError, worker_error_file
 
 log = logging.getLogger(__name__)
 
@@ -123,21 +123,6 @@ class ShardedTrainSampler(Sampler):
 def shard(items: Sequence, world: World) -> list:
     """Evaluation shard: every item on exactly one rank, none padded or repeated."""
     return list(items[world.rank :: world.size])
-
-
-WORKER_ERRORS = "SEGBENCH_WORKER_ERRORS"  # a folder where each torchrun worker leaves its one-line error
-
-
-def record_worker_error(message: str) -> bool:
-    """In a torchrun worker, leave `message` for the launcher to report; False when not a worker."""
-    folder = os.environ.get(WORKER_ERRORS)
-    if not folder or "RANK" not in os.environ:
-        return False
-    try:
-        Path(folder, f"rank-{os.environ['RANK']}").write_text(message.splitlines()[0] if message else "")
-    except OSError:
-        return False
-    return True
 
 
 def _loopback_interface() -> Optional[str]:
@@ -258,7 +243,7 @@ def stop_exit_code(exc) -> Optional[int]:
 def first_failure(exc, errors: Path) -> str:
     """The first failed worker's own error line (left by `record_worker_error`), else how it ended."""
     rank, failure = exc.get_first_failure()
-    left = errors / f"rank-{rank}"
+    left = worker_error_file(errors, rank)
     if left.is_file() and left.read_text().strip():
         return f"rank {rank}: {left.read_text().strip()}"
     if failure.exitcode is not None and failure.exitcode < 0:

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from harness.config.curves import val_curve
 from harness.config.plan import TrainPlan, size_pair
 from harness.config.precision import PLAIN, Compute, resolve_compute
 from harness.data.augment import EvalTransform, TrainTransform
@@ -309,10 +310,11 @@ class Trainer:
         (the EMA weights of an EMA row, the raw weights otherwise), in checkpoints/best.pt."""
         scored = self.evaluate(loader)
         metrics, ema_metrics = scored["raw"], scored.get("ema")
-        # each curve names its weights (val/miou_raw beside val/miou_ema): the headline `miou` is one of them
-        logged = {"val_miou_raw": metrics.miou, "val_pixel_accuracy_raw": metrics.pixel_accuracy}
+        # each curve names its weights (raw beside EMA): the headline `miou` is one of them
+        logged = {val_curve("miou", "raw"): metrics.miou, val_curve("pixel_accuracy", "raw"): metrics.pixel_accuracy}
         if ema_metrics is not None:
-            logged.update(val_miou_ema=ema_metrics.miou, val_pixel_accuracy_ema=ema_metrics.pixel_accuracy)
+            logged.update({val_curve("miou", "ema"): ema_metrics.miou,
+                           val_curve("pixel_accuracy", "ema"): ema_metrics.pixel_accuracy})
         if self.world.is_main:
             self.log_metrics(logged, self.iteration)
         improved_raw = self.best is None or metrics.miou > self.best.miou

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from harness import paths
 from harness.config.benchmark import BEHIND_MARGIN, REFERENCE_DATASET
+from harness.config.curves import BEHIND_MIOU
 from harness.config.plan import MACHINE_FIELDS, TrainPlan, make_plan
 from harness.config.spec import Spec, flatten, training_row
 from harness.cores import intra_op_threads, loader_workers
@@ -336,7 +337,7 @@ def early_warning(options: RunOptions, spec: Spec, plan: TrainPlan, dataset: str
         comparison = warning.compare(iteration, miou)
         if comparison is None:
             return None
-        tracker.log_metrics({"behind_miou": comparison.behind_miou}, iteration)
+        tracker.log_metrics({BEHIND_MIOU: comparison.behind_miou}, iteration)
         stopping = comparison.flagged and stop and iteration < plan.iters
         folder.update(behind={**comparison.as_dict(), "stop": stopping})
         if not comparison.flagged:

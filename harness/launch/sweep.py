@@ -35,6 +35,7 @@ from submitit.core.utils import DelayedSubmission
 
 from harness import paths
 from harness.config.benchmark import dataset_name
+from harness.config.curves import BEHIND_MIOU
 from harness.config.plan import planned_iterations
 from harness.config.spec import Spec, select_rows
 from harness.cores import CORES_ENV, job_cores
@@ -42,7 +43,7 @@ from harness.engine import checkpoint
 from harness.engine.run_folder import RUN_STATUS, RunFolder
 from harness.errors import BenchError
 from harness.files import atomic_write_text
-from harness.launch.options import RunOptions, check_data_root, check_options, worker_argv
+from harness.launch.options import RunOptions, check_data_root, check_options, parse_seeds, worker_argv
 from harness.logs import configure_logging
 from harness.report.records import ResultRecord, TrainRecord, load_records
 from harness.report.verdicts import standing
@@ -107,6 +108,14 @@ class SweepOptions:
 
 
 # --- option parsing ---------------------------------------------------------------------------------
+
+
+def sweep_options(rows: Optional[str], seeds_text: str, slurm_args: Sequence[str], max_requeues: Optional[int],
+                  **options: Any) -> SweepOptions:
+    """`bench sweep`'s options as typed: the seed list and the sbatch flags read, the requeue limit's default where
+    none was given (no --rows is refused by `sweep`, naming the subcommands too)."""
+    return SweepOptions(rows=rows or "", seeds=parse_seeds(seeds_text), slurm_args=parse_slurm_args(slurm_args),
+                        max_requeues=DEFAULT_MAX_REQUEUES if max_requeues is None else max_requeues, **options)
 
 
 def parse_slurm_args(items: Sequence[str]) -> dict[str, str]:
@@ -886,7 +895,7 @@ def behind(run_dir: Optional[str]) -> str:
         return "-"
     if not comparison.get("flagged"):
         return "ok"
-    return (f"{comparison['behind_miou']:.1f} at {comparison['iteration']}"
+    return (f"{comparison[BEHIND_MIOU]:.1f} at {comparison['iteration']}"
             + (", stopped" if comparison.get("stop") else ""))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from harness.config.curves import TRAIN_LOSS, TRAIN_LR, VAL_MIOU_EMA, VAL_MIOU_RAW, VAL_MIOU_UNNAMED
 from harness.data.cityscapes import PALETTE
 
 
@@ -47,9 +48,9 @@ def per_class_chart(per_class: dict[str, dict[str, float]], path: Path, title: s
 def training_curves(history: dict[str, list[tuple[int, float]]], path: Path, title: str = "training") -> Path:
     """Loss, learning rate and validation mIoU (raw and EMA) against the iteration, one panel each."""
     plt = _pyplot()
-    # val/miou: the raw weights' curve as runs before val/miou_raw named it (a report written again for an old run)
-    panels = [("loss", ["train/loss"]), ("learning rate", ["train/lr"]),
-              ("val mIoU", ["val/miou_raw", "val/miou", "val/miou_ema"])]
+    # the unnamed curve: the raw weights' in runs before the curves named their weights (an old run's report)
+    panels = [("loss", [TRAIN_LOSS]), ("learning rate", [TRAIN_LR]),
+              ("val mIoU", [VAL_MIOU_RAW, VAL_MIOU_UNNAMED, VAL_MIOU_EMA])]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), dpi=100)
     for ax, (label, keys) in zip(axes, panels):
         for key in keys:

@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 from harness import paths
 from harness.config.benchmark import BEHIND_MARGIN
+from harness.config.curves import BEHIND_MIOU, VAL_MIOU_EMA, VAL_MIOU_RAW, VAL_MIOU_UNNAMED
 from harness.config.spec import Spec
 from harness.engine.run_folder import STOPPED_BEHIND, RunFolder
 from harness.report.records import load_records
@@ -34,8 +35,8 @@ SPREAD_FACTOR = 3.0  # x the earlier runs' standard deviation, when that is wide
 
 def headline_curve_keys(spec: Spec) -> tuple[str, ...]:
     """The journal's names of the validation curve of the row's headline weights, newest first (runs journalled
-    before the curves named their weights called the raw one val/miou)."""
-    return ("val/miou_ema",) if spec.columns.ema else ("val/miou_raw", "val/miou")
+    before the curves named their weights logged the raw one unnamed)."""
+    return (VAL_MIOU_EMA,) if spec.columns.ema else (VAL_MIOU_RAW, VAL_MIOU_UNNAMED)
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class Comparison:
                 f"the same row, dataset and budget: {verdict}")
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "behind_miou": round(self.behind_miou, 4), "flagged": self.flagged}
+        return {**asdict(self), BEHIND_MIOU: round(self.behind_miou, 4), "flagged": self.flagged}
 
 
 def _curve(journal_dir: Path, keys: tuple[str, ...], iters: int) -> Optional[dict[int, float]]:

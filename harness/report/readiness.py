@@ -368,16 +368,29 @@ def run_checks(options: DoctorOptions, quick: bool = False) -> list[Check]:
             check_time(spec, options)]
 
 
-def doctor(options: DoctorOptions) -> tuple[str, list[Check]]:
-    """`bench doctor`: the rendered table and the checks; a light-seg row is checked as the row it trains."""
+@dataclass
+class DoctorReport:
+    checks: list[Check]
+
+    @property
+    def text(self) -> str:
+        return render(self.checks)
+
+    @property
+    def exit_code(self) -> int:
+        """1 on any no-go: a script stops before the expensive run."""
+        return 1 if any(c.no_go for c in self.checks) else 0
+
+
+def doctor(options: DoctorOptions) -> DoctorReport:
+    """`bench doctor`: the checks, their table and the exit code; a light-seg row is checked as the row it trains."""
     if options.gpus < 1 or options.nodes < 1 or options.writers < 1:
         raise BenchError(f"--gpus, --nodes and --writers must be at least 1 (got {options.gpus}, {options.nodes}, "
                          f"{options.writers})")
     if options.synthetic and options.data_root:
         raise BenchError("--synthetic and --data-root exclude each other; pass one")
     row, _ = training_row(options.row)
-    checks = run_checks(dataclasses.replace(options, row=row))
-    return render(checks), checks
+    return DoctorReport(run_checks(dataclasses.replace(options, row=row)))
 
 
 def render(checks: list[Check]) -> str:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from harness.config.curves import TRAIN, grouped
+
 JOURNAL_DIR = "tracking"
 JOURNAL_FILE = "journal.jsonl"
 SENT_FILE = "sent.jsonl"
@@ -151,7 +153,7 @@ class Journal:
     def training_step(self) -> Optional[int]:
         """The newest step at which the run logged a training metric (None before the first)."""
         steps = [int(e["step"]) for e in self.entries()
-                 if e.get("op") == "metrics" and any(k.startswith("train/") for k in e["metrics"])]
+                 if e.get("op") == "metrics" and any(k.startswith(grouped(TRAIN, "")) for k in e["metrics"])]
         return max(steps) if steps else None
 
     def end(self, status: str, time_ms: int) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
+from harness.config.curves import TRAIN, VAL, grouped
 from harness.errors import BenchError
 from harness.tracking.backends import open_sink
 from harness.tracking.journal import JOURNAL_DIR, Journal, describe_pending
@@ -40,14 +41,14 @@ def experiment_name(dataset: str) -> str:
 
 
 def metric_name(key: str) -> str:
-    """The training loop's keys grouped as trackers chart them: `val_miou_raw` -> `val/miou_raw`, `train_loss` ->
-    `train/loss`, anything else of the loop (`lr`, `images_per_s`) under `train/`; grouped names pass."""
+    """The training loop's keys grouped as trackers chart them (harness.config.curves): `train_loss` -> `train/loss`,
+    `val_miou` -> `val/miou`, anything else of the loop (`lr`, `images_per_s`) under `train/`; grouped names pass."""
     if "/" in key or key in HEADLINE or key.startswith(SUMMARY_PREFIXES):
         return key
-    for group in ("val", "train"):
+    for group in (VAL, TRAIN):
         if key.startswith(group + "_"):
-            return f"{group}/{key[len(group) + 1:]}"
-    return f"train/{key}"
+            return grouped(group, key[len(group) + 1:])
+    return grouped(TRAIN, key)
 
 
 def metric_value(value: float) -> float:
