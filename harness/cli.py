@@ -10,6 +10,7 @@ from typing import Any, Optional
 import click
 
 from harness.config.benchmark import BEHIND_MARGIN, DATASETS, REFERENCE_DATASET
+from harness.config.launchers import DEFAULT_MAX_REQUEUES, EXECUTORS
 from harness.config.precision import PRECISIONS
 from harness.errors import BenchError, record_worker_error
 from harness.logs import configure_logging
@@ -455,7 +456,7 @@ def data_check(synthetic: bool, data_root: Optional[str], workers: Optional[int]
 @click.option("--rows", "rows", default=None, metavar="GLOB[,GLOB]", help="Rows to run (globs; see `bench list`).")
 @click.option("--seeds", "seeds_text", default="0", show_default=True, metavar="LIST",
               help="Seeds per row, e.g. 0,1,2.")
-@click.option("--executor", type=click.Choice(["slurm", "local"]), default="slurm", show_default=True,
+@click.option("--executor", type=click.Choice(EXECUTORS), default=EXECUTORS[0], show_default=True,
               help="Slurm through submitit, or submitit's local executor (this machine).")
 @click.option("--gpus-per-node", type=int, default=None,
               help="GPUs (torchrun processes) per node (default: 8 on Slurm, 1 locally); 0: CPU-only nodes.")
@@ -469,7 +470,7 @@ def data_check(synthetic: bool, data_root: Optional[str], workers: Optional[int]
 @click.option("--qos", default=None, help="Slurm QOS.")
 @click.option("--slurm-arg", "slurm_args", multiple=True, metavar="KEY=VALUE", help="Extra sbatch flag (repeatable).")
 @click.option("--max-requeues", type=int, default=None,
-              help="Requeues per job before it is marked failed (default 20).")
+              help=f"Requeues per job before it is marked failed (default {DEFAULT_MAX_REQUEUES}).")
 @click.option("--dry-run", is_flag=True, help="Print the jobs and the sbatch script; submit nothing.")
 @click.option("--wait/--no-wait", default=None, help="Wait for the jobs (default: locally yes, on Slurm no).")
 @click.option("--device", default=None,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from harness import paths
-from harness.config.curves import val_curve
+from harness.config.curves import per_class_group, val_curve
 from harness.data.cityscapes import CLASS_NAMES
 from harness.engine.evaluate import TestMode
 from harness.engine.run_folder import RunFolder
@@ -84,7 +84,7 @@ def evaluate_checkpoint(options: EvalOptions) -> EvalRecord:
         return finish_run(spec, tracker, record, folder, headline=metrics.miou,
                           metrics={val_curve("miou", loaded.weights): metrics.miou,  # as training runs name them
                                    val_curve("pixel_accuracy", loaded.weights): metrics.pixel_accuracy},
-                          step=0, per_class={"val_iou_ema" if loaded.weights == "ema" else "val_iou": per_class},
+                          step=0, per_class={per_class_group(loaded.weights): per_class},
                           panels=sorted(panels_dir.glob("*.png")))
     except BaseException:
         end_run(folder, tracker, "FAILED")

@@ -34,3 +34,8 @@ VAL_MIOU_UNNAMED = grouped(VAL, "miou")
 
 # The early warning's metric (and its field in run.json's `behind`): mIoU points behind earlier runs of the row.
 BEHIND_MIOU = "behind_miou"
+
+
+def per_class_group(weights: str) -> str:
+    """`val_iou_ema`: the group of the per-class IoU of the `weights` ("raw" or "ema") scored (`val_iou_ema/road`)."""
+    return "val_iou_ema" if weights == "ema" else "val_iou"

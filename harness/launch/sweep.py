@@ -36,6 +36,7 @@ from submitit.core.utils import DelayedSubmission
 from harness import paths
 from harness.config.benchmark import dataset_name
 from harness.config.curves import BEHIND_MIOU
+from harness.config.launchers import DEFAULT_GPUS, DEFAULT_MAX_REQUEUES, EXECUTORS
 from harness.config.plan import planned_iterations
 from harness.config.spec import Spec, select_rows
 from harness.cores import CORES_ENV, job_cores
@@ -55,10 +56,7 @@ log = logging.getLogger(__name__)
 SWEEP_FILE = "sweep.json"
 SUBMITIT_DIR = "submitit"
 STATE_DIR = "jobs"
-EXECUTORS = ("slurm", "local")
-DEFAULT_GPUS = {"slurm": 8, "local": 1}  # every table row trained on 8 GPUs; a local machine is for small runs
 CORES_PER_LOCAL_JOB = 2  # the default --max-parallel leaves each local job a core for its loop and one to spare
-DEFAULT_MAX_REQUEUES = 20  # a 89k-iteration row may cross many time limits; preemptions count too
 SIGNAL_DELAY_S = 180  # Slurm's warning before the limit: time to reach the next sync point and checkpoint
 LOCAL_TIME_MIN = 7 * 24 * 60
 # Scheduler states in which a job may still run (sacct's words, submitit's local ones).

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from harness.config.benchmark import REFERENCE_DATASET
+from harness.config.curves import grouped, per_class_group
 from harness.config.plan import TrainPlan
 from harness.config.spec import Spec, base_row, load_spec
 from harness.data.cityscapes import CLASS_NAMES
@@ -160,8 +161,8 @@ def from_mlflow(run_id: str, label: str, tracking_uri: str) -> Comparable:
         return item
     row = tags.get("row", "?")
     spec = _spec(row)
-    ema = any(k.startswith("val_iou_ema/") for k in metrics) and (spec is None or spec.columns.ema)
-    group = "val_iou_ema" if ema else "val_iou"
+    ema = any(k.startswith(grouped(per_class_group("ema"), "")) for k in metrics) and (spec is None or spec.columns.ema)
+    group = per_class_group("ema" if ema else "raw")
     recipe = {k: v for k, v in params.items() if k in PLAN_FIELDS}
     if "starting_weights" in tags:
         recipe["starting_weights"] = tags["starting_weights"]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from harness.config.benchmark import REFERENCE_DATASET
+from harness.config.curves import TRAIN, grouped, per_class_group
 from harness.config.plan import TrainPlan
 from harness.config.spec import Spec
 from harness.data.cityscapes import CLASS_NAMES
@@ -82,7 +83,7 @@ def finish_run(spec: Spec, tracker: Tracker, record: AnyResult, folder: Optional
     tracker.log_artifact(chart, "plots")
     assert tracker.journal is not None
     history = tracker.journal.metric_history()
-    if any(key.startswith("train/") for key in history):
+    if any(key.startswith(grouped(TRAIN, "")) for key in history):
         curves = plots.training_curves(history, tracker.artifact_path("plots/training_curves.png"),
                                        title=f"{spec.row}: training curves")
         tracker.log_artifact(curves, "plots")
@@ -200,5 +201,6 @@ def finish_training(tracker: Tracker, folder: RunFolder, outcome: TrainingOutcom
     }
     return finish_run(outcome.spec, tracker, record, folder, headline=record.miou,
                       metrics=twins, step=outcome.plan.iters,
-                      per_class={"val_iou": record.per_class_iou, "val_iou_ema": record.per_class_iou_ema},
+                      per_class={per_class_group("raw"): record.per_class_iou,
+                                 per_class_group("ema"): record.per_class_iou_ema},
                       panels=panels)
