@@ -35,7 +35,7 @@ from harness.engine import checkpoint, distributed
 from harness.engine.device import pick_device, seed_everything, set_deterministic
 from harness.engine.distributed import ShardedTrainSampler, World, world_from_env
 from harness.engine.run_folder import RUN_FILE, RUN_STATUS, STOPPED_BEHIND, RunFolder, disk_usage, latest
-from harness.engine.train import Interrupted, StoppedBehind, Trainer
+from harness.engine.train import Interrupted, StoppedBehind, Trainer, TrainResult
 from harness.errors import BenchError
 from harness.files import format_bytes
 from harness.launch.options import CheckedRun, LaunchOptions, RunOptions, validate_run, worker_argv
@@ -259,7 +259,7 @@ def _train(checked: CheckedRun, options: RunOptions, spec: Spec, world: World, d
     tracker = open_tracker(options, data.dataset, resume) if world.is_main else None
     # Seeded before anything draws random numbers: the loaders' generators, then the model's initial weights.
     seed_everything(plan.seed)
-    loader, sampler, val_loader = make_loaders(checked, plan, data, world, device)
+    loaders = make_loaders(checked, plan, data, world, device)
     model = build_model(spec)
     if resume is None:
         # Every rank loads the file; rank 0 alone says what it loaded or missed.
@@ -282,29 +282,7 @@ def _train(checked: CheckedRun, options: RunOptions, spec: Spec, world: World, d
         trainer.load_state_dict(resume[1])
 
     started = time.perf_counter()
-    status = "FAILED"
-    system = None
-    if tracker is not None and tracker.journal is not None and not options.no_system_metrics:
-        system = SystemMetrics(tracker.log_metrics, next_step(tracker.journal.metric_history())).start()
-    try:
-        result = trainer.fit(loader, sampler, val_loader)
-        status = "FINISHED"
-    except Interrupted:
-        status = "KILLED"
-        raise
-    except StoppedBehind:
-        status = "KILLED"  # MLflow's word for a run ended before its budget; run.json says why
-        if system is not None:
-            system.stop()
-        if folder is not None:
-            end_run(folder, tracker, status)
-            folder.update(status=STOPPED_BEHIND)
-        raise
-    finally:
-        if system is not None:
-            system.stop()
-        if world.is_main and status != "FINISHED" and not (folder and folder.info.get("status") == STOPPED_BEHIND):
-            end_run(folder, tracker, status)
+    result = _fit(trainer, loaders, options, world, folder, tracker)
     if not world.is_main:
         return None
     assert folder is not None and tracker is not None
@@ -322,6 +300,36 @@ def _train(checked: CheckedRun, options: RunOptions, spec: Spec, world: World, d
     if data.dataset == REFERENCE_DATASET:  # benchmark.md shows Cityscapes runs only: other runs leave it as it is
         write_benchmark(after_record=True)
     return record
+
+
+def _fit(trainer: Trainer, loaders: tuple[DataLoader, ShardedTrainSampler, DataLoader], options: RunOptions,
+         world: World, folder: Optional[RunFolder], tracker: Optional[Tracker]) -> TrainResult:
+    """The training itself, with the machine's figures beside it; a run that does not finish ends in its folder and
+    its tracking run with the same status (KILLED: interrupted or stopped behind; FAILED: anything else)."""
+    status = "FAILED"
+    system = None
+    if tracker is not None and tracker.journal is not None and not options.no_system_metrics:
+        system = SystemMetrics(tracker.log_metrics, next_step(tracker.journal.metric_history())).start()
+    try:
+        result = trainer.fit(*loaders)
+        status = "FINISHED"
+        return result
+    except Interrupted:
+        status = "KILLED"
+        raise
+    except StoppedBehind:
+        status = "KILLED"  # MLflow's word for a run ended before its budget; run.json says why
+        if system is not None:
+            system.stop()
+        if folder is not None:
+            end_run(folder, tracker, status)
+            folder.update(status=STOPPED_BEHIND)
+        raise
+    finally:
+        if system is not None:
+            system.stop()
+        if world.is_main and status != "FINISHED" and not (folder and folder.info.get("status") == STOPPED_BEHIND):
+            end_run(folder, tracker, status)
 
 
 def early_warning(options: RunOptions, spec: Spec, plan: TrainPlan, dataset: str, folder: RunFolder,
