@@ -5,14 +5,12 @@ DIR of a `jsonl:DIR` URI. It is this module plus one registration
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from pathlib import Path
 from typing import Any, Optional
 
 from harness.errors import BenchError
-from harness.files import existing_parent
-from harness.tracking.backends import StoreCheck
+from harness.tracking.backends import StoreCheck, folder_store_check
 from harness.tracking.journal import Journal
 from harness.tracking.sink import Sink
 
@@ -47,10 +45,7 @@ def open_sink(uri: str) -> Sink:
 
 
 def check_store(uri: str, writers: int, reach: bool = True) -> StoreCheck:
-    folder = existing_parent(folder_of(uri))
-    if not os.access(folder, os.W_OK):
-        return StoreCheck(False, f"{uri}: {folder} is not writable", "choose a writable folder")
-    return StoreCheck(True, f"{uri}: JSON lines, one file per run")
+    return folder_store_check(uri, folder_of(uri), "JSON lines, one file per run")
 
 
 def runs(uri: str) -> dict[str, list[dict[str, Any]]]:

@@ -11,11 +11,14 @@ Adding a backend is its module plus one `register` call; nothing above this pack
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Optional
 
 from harness.errors import BenchError
+from harness.files import existing_parent
 
 if TYPE_CHECKING:
     from harness.tracking.sink import Sink
@@ -31,6 +34,15 @@ class StoreCheck:
     ok: Optional[bool]
     detail: str
     fix: str = ""
+
+
+def folder_store_check(uri: str, root: Path, found: str) -> StoreCheck:
+    """A store kept in a folder (`root`, which need not exist yet): fit when the nearest existing folder on its path
+    is writable; `found` says what the store is ("event files, one folder per run")."""
+    folder = existing_parent(root)
+    if not os.access(folder, os.W_OK):
+        return StoreCheck(False, f"{uri}: {folder} is not writable", "choose a writable folder")
+    return StoreCheck(True, f"{uri}: {found}")
 
 
 @dataclass(frozen=True)

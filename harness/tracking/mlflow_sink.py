@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from harness.errors import BenchError
 from harness.files import existing_parent
-from harness.tracking.backends import StoreCheck, StoredRun
+from harness.tracking.backends import StoreCheck, StoredRun, folder_store_check
 from harness.tracking.journal import Journal
 from harness.tracking.sink import TERMINAL, Sink, first_line
 
@@ -223,11 +223,9 @@ def check_store(uri: str, writers: int, reach: bool = True) -> StoreCheck:
         if not ok:
             return StoreCheck(False, f"{uri}: /health did not answer 200", "check the server")
         return StoreCheck(True, f"{uri}: a tracking server, fit for {writers} concurrent writer(s)")
-    folder = existing_parent(Path(uri.removeprefix("file://").removeprefix("file:")))
     if "://" not in uri or uri.startswith("file:"):
-        if not os.access(folder, os.W_OK):
-            return StoreCheck(False, f"{uri}: {folder} is not writable", "choose a writable folder")
-        return StoreCheck(True, f"{uri}: a file store (one folder per run)")
+        return folder_store_check(uri, Path(uri.removeprefix("file://").removeprefix("file:")),
+                                  "a file store (one folder per run)")
     return StoreCheck(None, f"{uri}: not checked (a store only MLflow itself can reach)")
 
 

@@ -8,15 +8,13 @@ files beside the events, and the status a text entry. Needs the `tensorboard` pa
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 from harness.errors import BenchError
-from harness.files import existing_parent
-from harness.tracking.backends import StoreCheck
+from harness.tracking.backends import StoreCheck, folder_store_check
 from harness.tracking.journal import Journal
 from harness.tracking.sink import TERMINAL, Sink
 
@@ -113,7 +111,4 @@ def open_sink(uri: str) -> Sink:
 
 
 def check_store(uri: str, writers: int, reach: bool = True) -> StoreCheck:
-    folder = existing_parent(log_root(uri))
-    if not os.access(folder, os.W_OK):
-        return StoreCheck(False, f"{uri}: {folder} is not writable", "choose a writable folder")
-    return StoreCheck(True, f"{uri}: event files under a writable folder, one folder per run")
+    return folder_store_check(uri, log_root(uri), "event files under a writable folder, one folder per run")
