@@ -72,7 +72,7 @@ class FrameSlots:
         self.per_worker, self.slot_bytes = per_worker, slot_bytes
         self.slots = [torch.empty(slot_bytes, dtype=torch.uint8).share_memory_() for _ in range(workers * per_worker)]
         for slot in self.slots:
-            slot.fill_(0)  # faulted in once here, not in a worker's first batches
+            slot.fill_(0)  # the pages allocated once here: a worker's first write to a slot only maps them
         self.free = torch.ones(len(self.slots), dtype=torch.uint8).share_memory_()  # 1: its worker may fill it
         self._baseline = _use_count(self.slots[0]) if self.slots else 0
         self._unviewed: dict[int, int] = {}  # main process: slots not handed back -> their parts not yet viewed
