@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Sampler
 from harness.data.augment import collate_raw
 from harness.data.cityscapes import CityscapesEval, CityscapesTrain, Sample, frame_bytes
 from harness.data.decoded import DecodedFrames
-from harness.data.frame_slots import resolved, slots_for
+from harness.data.frame_slots import FrameSlots, resolved, slots_for
 
 # Batches each worker keeps ready. A batch of full frames is 8 MiB an image in shared memory, so this stays small:
 # with a worker per core the queue already spans more batches than a step's worth of decoding.
@@ -47,12 +47,17 @@ class EpochSampler(Protocol):
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None: ...
 
 
+def _slots(samples: Sequence[Sample], workers: int, per_batch: int, prefetch: int) -> Optional[FrameSlots]:
+    # Only workers hand frames over: without them no slot is made and no file is opened to size one.
+    return slots_for(workers, per_batch, prefetch, frame_bytes(samples)) if workers > 0 else None
+
+
 def train_loader(dataset: CityscapesTrain, sampler: Sampler, batch_size: int, workers: int,
                  device: torch.device, seed: int) -> DataLoader:
     """Decoded frames and their augmentation draws (augment.RawBatch), `batch_size` per step, from `workers`
     persistent processes that hand the frames over through reused shared-memory slots (frame_slots; iterate with
     `batches` or `endless_batches`, which view them)."""
-    dataset.slots = slots_for(workers, batch_size, PREFETCH_BATCHES, frame_bytes(dataset.samples))
+    dataset.slots = _slots(dataset.samples, workers, batch_size, PREFETCH_BATCHES)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=collate_raw,
                       num_workers=workers, pin_memory=torch.device(device).type == "cuda",
                       persistent_workers=workers > 0, prefetch_factor=PREFETCH_BATCHES if workers else None,
@@ -65,7 +70,7 @@ def eval_loader(samples: Sequence[Sample], device: torch.device, workers: int = 
     """Decoded whole images one at a time (image, label, position in `samples`), the next ones decoding in
     `workers` processes while the current one runs (iterate with `batches`, which views the shared slots)."""
     dataset = CityscapesEval(list(samples), decoded)
-    dataset.slots = slots_for(workers, 1, EVAL_PREFETCH, frame_bytes(dataset.samples))
+    dataset.slots = _slots(dataset.samples, workers, 1, EVAL_PREFETCH)
     return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
                       pin_memory=torch.device(device).type == "cuda", persistent_workers=persistent and workers > 0,
                       prefetch_factor=EVAL_PREFETCH if workers else None, worker_init_fn=keep_freed_memory)
