@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from harness.data.augment import Draw, EvalTransform, TrainTransform, collate_raw, draw_augmentation
 from harness.data.cityscapes import IMAGENET_MEAN, IMAGENET_STD, CityscapesTrain, decode_pair, find_samples
+from harness.data.labels import LABEL_TO_TRAIN
 from harness.data.loaders import endless_batches, train_loader
 from harness.engine.distributed import ShardedTrainSampler, World
 
@@ -57,7 +58,9 @@ def test_device_augmentation_equals_the_reference_on_the_same_draws(frames, crop
     images, labels = TrainTransform(crop, pad_value, IMAGENET_MEAN, IMAGENET_STD)(batch, torch.device("cpu"))
     assert images.shape == (len(draws), 3, crop[1], crop[0]) and labels.dtype == torch.int64
     for i, ((image, label), d) in enumerate(zip(pairs, draws)):
-        expected_image, expected_label = reference_sample(image, label, d, crop, pad_value)
+        # The loader's labels are labelIds as stored; the official table maps them (the padding's 255 stays 255).
+        expected_image, expected_label = reference_sample(image, torch.from_numpy(LABEL_TO_TRAIN[label.numpy()]), d,
+                                                          crop, pad_value)
         torch.testing.assert_close(images[i], expected_image, rtol=0, atol=1e-4)
         assert torch.equal(labels[i], expected_label), i
 

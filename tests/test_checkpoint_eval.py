@@ -13,9 +13,10 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from harness.cli import main
-from harness.launch.run import RunOptions, run
 from harness.config.spec import load_spec
-from harness.data.cityscapes import TRAIN_ID_TO_LABEL_ID, find_samples
+from harness.data.cityscapes import find_samples
+from harness.data.labels import TRAIN_ID_TO_LABEL_ID
+from harness.launch.run import RunOptions, run
 from harness.outputs.predictions import score_predictions
 from harness.paths import default_tracking_uri
 from harness.report.records import EvalRecord, load_records

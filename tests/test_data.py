@@ -6,16 +6,8 @@ import torch
 from PIL import Image
 
 from harness.data.augment import TrainTransform, collate_raw
-from harness.data.cityscapes import (
-    IGNORE_INDEX,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    LABEL_TO_TRAIN,
-    CityscapesEval,
-    CityscapesTrain,
-    find_samples,
-    label_ids_to_train_ids,
-)
+from harness.data.cityscapes import IMAGENET_MEAN, IMAGENET_STD, CityscapesEval, CityscapesTrain, find_samples
+from harness.data.labels import IGNORE_INDEX, LABEL_TO_TRAIN, label_ids_to_train_ids, train_ids_of
 from harness.data.synthetic import write_synthetic
 from harness.errors import BenchError
 
@@ -38,11 +30,12 @@ def test_synthetic_layout_and_train_ids(synthetic_root: Path):
     assert len(train_ids) >= 10, train_ids
     assert {0, 1, 2, 5, 7, 8, 10, 11, 13} <= train_ids  # road sidewalk building pole sign vegetation sky person car
     assert (label_ids == 1).any() or (label_ids == 4).any(), "synthetic data should contain ignored labelIds"
-    # Through the dataset: exactly the official mapping of the PNG.
+    # Through the dataset: the PNG's labelIds as stored, which the device maps with exactly the official mapping.
     image, label, index = CityscapesEval(val)[0]
-    expected = LABEL_TO_TRAIN[np.asarray(Image.open(val[0].label))]
+    stored = np.array(Image.open(val[0].label))
     assert index == 0 and image.dtype == label.dtype == torch.uint8 and image.shape == (128, 256, 3)
-    assert torch.equal(label, torch.from_numpy(expected)) and torch.equal(image, torch.from_numpy(np.array(Image.open(val[0].image))))
+    assert torch.equal(label, torch.from_numpy(stored)) and torch.equal(image, torch.from_numpy(np.array(Image.open(val[0].image))))
+    assert torch.equal(train_ids_of(label), torch.from_numpy(LABEL_TO_TRAIN[stored]))
 
 
 def test_synthetic_is_deterministic(tmp_path: Path):

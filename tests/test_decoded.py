@@ -49,6 +49,12 @@ def test_a_changed_or_missing_dataset_is_refused_in_one_line(tree: Path, tmp_pat
     open_cache(tmp_path / "cache", tree, "val", samples)
     with pytest.raises(BenchError, match="holds 8 val frames, the dataset 7"):
         open_cache(tmp_path / "cache", tree, "val", samples[:7])
+    index = tmp_path / "cache" / "val.json"
+    built = index.read_text()
+    index.write_text(built.replace('"format": 2', '"format": 1'))  # a cache of trainIds, from before labelIds
+    with pytest.raises(BenchError, match="in format 1, this version reads format 2; rebuild it with: bench data cache"):
+        open_cache(tmp_path / "cache", tree, "val", samples)
+    index.write_text(built)
     stamp = samples[2].label.stat()
     os.utime(samples[2].label, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1_000_000_000))
     with pytest.raises(BenchError, match=f"stale: {samples[2].image} changed"):

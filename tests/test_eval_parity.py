@@ -14,7 +14,8 @@ from PIL import Image
 from torch import nn
 
 from harness.config.spec import load_spec
-from harness.data.cityscapes import CLASS_NAMES, TRAIN_ID_TO_LABEL_ID, Sample, find_samples
+from harness.data.cityscapes import CLASS_NAMES, Sample, find_samples
+from harness.data.labels import TRAIN_ID_TO_LABEL_ID
 from harness.engine.metrics import SegMetrics
 from harness.outputs import predictions as export
 from harness.outputs.predictions import evaluate_split, score_predictions

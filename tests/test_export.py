@@ -14,7 +14,8 @@ from torch import nn
 
 from harness.config.spec import load_spec
 from harness.data.augment import EvalTransform
-from harness.data.cityscapes import PALETTE, TRAIN_ID_TO_LABEL_ID, decode_image, find_samples, load_train_ids
+from harness.data.cityscapes import PALETTE, decode_image, find_samples, load_train_ids
+from harness.data.labels import TRAIN_ID_TO_LABEL_ID
 from harness.engine.evaluate import infer_logits
 from harness.errors import BenchError
 from harness.outputs import panels as visualize

@@ -13,15 +13,9 @@ from torch.utils.data._utils.pin_memory import pin_memory
 
 from harness.data import frame_slots
 from harness.data.augment import RawBatch
-from harness.data.cityscapes import (
-    IGNORE_INDEX,
-    TRAIN_ID_TO_LABEL_ID,
-    CityscapesTrain,
-    decode_pair,
-    find_samples,
-    label_ids_to_train_ids,
-)
+from harness.data.cityscapes import CityscapesTrain, decode_pair, find_samples
 from harness.data.frame_slots import FrameSlots
+from harness.data.labels import IGNORE_INDEX, TRAIN_ID_TO_LABEL_ID, label_ids_to_train_ids, train_ids_of
 from harness.data.loaders import batches, eval_loader, train_loader
 from harness.data.synthetic import write_synthetic
 
@@ -35,7 +29,7 @@ def expected_train_ids(label_ids: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("shape", [(64, 128), (63, 127), (1, 1), (0,)])
-def test_paired_lookup_maps_every_label_id_as_the_table_does(shape):
+def test_the_cpu_and_device_lookups_map_every_label_id_as_the_table_does(shape):
     rng = np.random.default_rng(3)
     label_ids = rng.integers(0, 256, shape, dtype=np.uint8)
     if label_ids.size >= 512:  # every labelId as the first and as the second byte of a pair
@@ -43,6 +37,7 @@ def test_paired_lookup_maps_every_label_id_as_the_table_does(shape):
     assert np.array_equal(label_ids_to_train_ids(label_ids), expected_train_ids(label_ids))
     strided = label_ids[..., ::2] if label_ids.ndim == 2 else label_ids
     assert np.array_equal(label_ids_to_train_ids(strided), expected_train_ids(strided))
+    assert torch.equal(train_ids_of(torch.from_numpy(label_ids)), torch.from_numpy(expected_train_ids(label_ids)))
 
 
 @pytest.fixture(scope="module")

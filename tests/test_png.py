@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from harness.data import png
-from harness.data.cityscapes import decode_image, decode_train_ids, label_ids_to_train_ids
+from harness.data.cityscapes import decode_image, decode_train_ids
+from harness.data.labels import label_ids_to_train_ids
 from harness.data.synthetic import PHOTO_LIKE, write_synthetic
 from harness.errors import BenchError
 
@@ -40,9 +41,10 @@ def test_every_installed_decoder_gives_pillows_pixels_on_frames_and_labels(decod
         encoded(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8), transparency=(0, 0, 0)),  # tRNS: not applied
     ]
     for data in inputs:
-        assert png.plain_mode(data) in ("L", "RGB")
         with Image.open(io.BytesIO(data)) as img:
             expected = np.asarray(img)
+            assert png.plain_header(data) == png.PngHeader(img.width, img.height, img.mode)  # the IHDR read as Pillow
+        assert img.mode in ("L", "RGB")
         got = png.decode_png(data, decoder)
         assert got.dtype == np.uint8 and got.shape == expected.shape and np.array_equal(got, expected)
         assert got.flags.writeable
@@ -55,14 +57,14 @@ def test_the_loader_decodes_with_pyspng_where_installed_and_other_modes_with_pil
     palette = Image.fromarray(ids, mode="P")
     palette.putpalette([v for i in range(256) for v in (i, 255 - i, i // 2)])
     palette.save(tmp_path / "palette.png")
-    assert png.plain_mode((tmp_path / "palette.png").read_bytes()) is None
+    assert png.plain_header((tmp_path / "palette.png").read_bytes()) is None
     assert np.array_equal(decode_train_ids(tmp_path / "palette.png").numpy(), label_ids_to_train_ids(ids))
     rgba = np.random.default_rng(2).integers(0, 256, (16, 24, 4), dtype=np.uint8)
     (tmp_path / "rgba.png").write_bytes(encoded(rgba))
-    assert png.plain_mode((tmp_path / "rgba.png").read_bytes()) is None
+    assert png.plain_header((tmp_path / "rgba.png").read_bytes()) is None
     assert np.array_equal(decode_image(tmp_path / "rgba.png").numpy(), rgba[..., :3])
     (tmp_path / "grey16.png").write_bytes(encoded(np.full((8, 8), 1000, dtype=np.uint16)))
-    assert png.plain_mode((tmp_path / "grey16.png").read_bytes()) is None
+    assert png.plain_header((tmp_path / "grey16.png").read_bytes()) is None
 
 
 def test_a_truncated_frame_is_a_one_line_error(tmp_path: Path, frames: list[Path]):

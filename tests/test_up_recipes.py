@@ -26,7 +26,7 @@ from harness.config.up_configs import (
     up_base_row,
     up_values,
 )
-from harness.data.cityscapes import IGNORE_INDEX
+from harness.data.labels import IGNORE_INDEX
 from harness.engine.distributed import World
 from harness.engine.ema import ExpEMA
 from harness.engine.train import learning_rate
@@ -212,8 +212,8 @@ def test_loader_workers_come_from_the_machine_unless_the_spec_sets_them(monkeypa
     one kept for each training loop; a spec's own number wins; the count is no part of the recipe at resume."""
     import os
 
-    from harness.launch.run import refuse_changed_recipe
     from harness.cores import loader_workers
+    from harness.launch.run import refuse_changed_recipe
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     for given in ("SEGBENCH_CORES", "SLURM_CPUS_PER_TASK"):

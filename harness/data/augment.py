@@ -1,11 +1,11 @@
 """Training augmentation and evaluation input, split where each part is cheapest.
 
-Loader workers only decode: a uint8 image, a uint8 trainId label and, for training, the sample's augmentation
-*draw* (`Draw`: UP's seg_rand_resize scale, the flip, the crop window), taken from a `random.Random` seeded by the
-sample's (seed, epoch, index) key, so a sample's augmentation depends on that key alone, on any number of
-processes or workers and after a resume. The arithmetic (scale, flip, pad, crop, normalisation; the evaluation
-resize) runs on the training device in the training process (`TrainTransform`, `EvalTransform`): on a GPU it costs
-milliseconds per batch where the CPU needed a worker-second per image.
+Loader workers only decode: a uint8 image, a uint8 label of labelIds as stored and, for training, the sample's
+augmentation *draw* (`Draw`: UP's seg_rand_resize scale, the flip, the crop window), taken from a `random.Random`
+seeded by the sample's (seed, epoch, index) key, so a sample's augmentation depends on that key alone, on any number
+of processes or workers and after a resume. The arithmetic (scale, flip, pad, crop, labelIds to trainIds,
+normalisation; the evaluation resize) runs on the training device in the training process (`TrainTransform`,
+`EvalTransform`): on a GPU it costs milliseconds per batch where the CPU needed a worker-second per image.
 
 The order is UP's: scale the whole image (bilinear, sizes truncated to int), flip, pad on the right/bottom with
 `pad_value` (a 0-255 pixel value, before normalisation) and the ignore label, crop, then normalise with the
@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.config.precision import resolve_compute
-
-IGNORE_INDEX = 255
+from harness.data.labels import IGNORE_INDEX, train_ids_of
 
 
 class Rng(Protocol):
@@ -73,7 +72,7 @@ class RawBatch(NamedTuple):
     A NamedTuple of lists so the DataLoader pins every tensor."""
 
     images: list[torch.Tensor]  # uint8 HxWx3
-    labels: list[torch.Tensor]  # uint8 HxW trainIds, 255 ignored
+    labels: list[torch.Tensor]  # uint8 HxW labelIds as stored (TrainTransform maps them to trainIds)
     draws: torch.Tensor  # int64 (N, 5): Draw.as_tensor of each sample
 
 
@@ -97,8 +96,8 @@ def channels_last(requested: Optional[bool], device: torch.device) -> bool:
 
 @dataclass(frozen=True)
 class TrainTransform:
-    """A RawBatch -> (normalised float images N x 3 x crop_h x crop_w, int64 labels N x crop_h x crop_w), on
-    `device`."""
+    """A RawBatch -> (normalised float images N x 3 x crop_h x crop_w, int64 trainIds N x crop_h x crop_w, 255
+    ignored), on `device`."""
 
     crop_size: tuple[int, int]  # [width, height]
     pad_value: int
@@ -124,7 +123,7 @@ class TrainTransform:
             # The crop window may reach past the scaled image (the padding): copy only the part the image covers.
             rows, cols = max(0, min(crop_h, height - top)), max(0, min(crop_w, width - left))
             images[i, :, :rows, :cols] = image[0, :, top : top + rows, left : left + cols]
-            labels[i, :rows, :cols] = label[0, 0, top : top + rows, left : left + cols]
+            labels[i, :rows, :cols] = train_ids_of(label[0, 0, top : top + rows, left : left + cols])
         images.sub_(_channel_stats(self.mean, device)).div_(_channel_stats(self.std, device))
         if channels_last(self.channels_last, device):
             images = images.contiguous(memory_format=torch.channels_last)

@@ -21,14 +21,8 @@ from PIL import Image
 from tabulate import tabulate
 
 from harness.config.benchmark import FRAME_SIZE, OFFICIAL_CITIES, OFFICIAL_SPLIT_IMAGES
-from harness.data.cityscapes import (
-    IGNORE_INDEX,
-    IMAGE_SUFFIX,
-    LABEL_MODES,
-    LABEL_SUFFIX,
-    LABEL_TO_TRAIN,
-    MAX_PIXELS,
-)
+from harness.data.cityscapes import IMAGE_SUFFIX, LABEL_MODES, LABEL_SUFFIX, MAX_PIXELS
+from harness.data.labels import IGNORE_INDEX, LABEL_TO_TRAIN
 from harness.data.source import cityscapes_root
 from harness.data.synthetic import read_manifest
 

@@ -1,4 +1,4 @@
-"""Cityscapes in its official layout, with the official labelId -> trainId mapping.
+"""Cityscapes in its official layout (its labelId -> trainId mapping: harness.data.labels).
 
     <root>/leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png
     <root>/gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png
@@ -18,9 +18,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from harness.data.augment import IGNORE_INDEX, draw_augmentation
+from harness.data.augment import draw_augmentation
 from harness.data.frame_slots import Frame, FrameSlots
-from harness.data.png import decode_png, plain_mode
+from harness.data.labels import label_ids_to_train_ids
+from harness.data.png import PngHeader, decode_png, plain_header
 from harness.data.roots import check_root
 from harness.errors import BenchError
 
@@ -31,17 +32,11 @@ CLASS_NAMES = (
     "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
     "motorcycle", "bicycle",
 )
-# labelId of each trainId (cityscapesscripts' labels.py).
-TRAIN_ID_TO_LABEL_ID = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
 PALETTE = (
     (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
     (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
     (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
 )
-
-LABEL_TO_TRAIN = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-for _train_id, _label_id in enumerate(TRAIN_ID_TO_LABEL_ID):
-    LABEL_TO_TRAIN[_label_id] = _train_id
 
 # ImageNet statistics on 0-255 RGB (UP's `normalize`); specs carry them as data.mean / data.std.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -49,28 +44,6 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
-
-
-# LABEL_TO_TRAIN for two labelIds at once: entry (second << 8 | first) holds both trainIds, little-endian as a
-# uint16 view of the label's bytes reads them.
-_FIRST, _SECOND = np.arange(1 << 16) & 0xFF, np.arange(1 << 16) >> 8
-LABEL_PAIR_TO_TRAIN = (LABEL_TO_TRAIN[_SECOND].astype("<u2") << 8 | LABEL_TO_TRAIN[_FIRST]).astype("<u2")
-
-
-def label_ids_to_train_ids(label_ids: np.ndarray) -> np.ndarray:
-    """The same values as LABEL_TO_TRAIN[label_ids]; two labels per lookup where the pixels allow it (half the
-    time of `take` on a 2048x1024 label, which costs 0.8 ns a pixel)."""
-    if label_ids.dtype != np.uint8 or label_ids.size % 2 or not label_ids.flags.c_contiguous:
-        return LABEL_TO_TRAIN.take(label_ids)
-    train_ids = np.empty_like(label_ids)
-    np.take(LABEL_PAIR_TO_TRAIN, label_ids.reshape(-1).view("<u2"), out=train_ids.reshape(-1).view("<u2"))
-    return train_ids
-
-
-def train_ids_to_label_ids(train_ids: np.ndarray) -> np.ndarray:
-    lut = np.zeros(256, dtype=np.uint8)
-    lut[: len(TRAIN_ID_TO_LABEL_ID)] = TRAIN_ID_TO_LABEL_ID
-    return lut[train_ids]
 
 
 @dataclass(frozen=True)
@@ -130,13 +103,6 @@ MAX_PIXELS = 64_000_000
 LABEL_MODES = ("L", "P")
 
 
-@dataclass(frozen=True)
-class PngHeader:
-    width: int
-    height: int
-    mode: str
-
-
 def read_header(path: Path) -> PngHeader:
     """Size and mode from the file's header, without decoding its pixels."""
     try:
@@ -182,14 +148,19 @@ def check_pairs(samples: Sequence[Sample], threads: int = 8) -> None:
 
 
 def _read_png(path: Path, mode: str) -> np.ndarray:
-    header = read_header(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BenchError(f"cannot read image {path}: {exc}") from None
+    # A plain PNG's header comes from the bytes just read; only the files Pillow converts are opened again.
+    plain = plain_header(data)
+    header = plain or read_header(path)
     check_image_header(path, header)
     if mode == "L" and header.mode not in LABEL_MODES:
         raise BenchError(f"label {path} is a {header.mode} image, not an 8-bit single-channel labelIds PNG; "
                          f"use the *{LABEL_SUFFIX} files")
     try:
-        data = path.read_bytes()
-        if plain_mode(data) == mode:  # 8-bit RGB or grey as stored: the fastest decoder installed
+        if plain is not None and plain.mode == mode:  # 8-bit RGB or grey as stored: the fastest decoder installed
             return decode_png(data)
         with Image.open(io.BytesIO(data)) as img:
             if mode == "L" and img.mode in LABEL_MODES:
@@ -221,17 +192,18 @@ def load_train_ids(path: Path) -> torch.Tensor:
 
 
 def decode_pair_arrays(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 HxWx3 image, uint8 HxW trainIds) as arrays; an empty label for a sample without ground truth."""
+    """(uint8 HxWx3 image, uint8 HxW labelIds as stored) as arrays; an empty label for a sample without ground truth.
+    The training device maps the labelIds to trainIds (harness.data.labels.train_ids_of)."""
     image = _read_png(sample.image, "RGB")
     if sample.label is None:
         return image, np.empty(0, dtype=np.uint8)
-    label = label_ids_to_train_ids(_read_png(sample.label, "L"))
+    label = _read_png(sample.label, "L")
     _same_size(label.shape, image.shape[:2], sample.label)
     return image, label
 
 
 def decode_pair(sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 HxWx3 image, uint8 HxW trainIds); an empty label for a sample without ground truth."""
+    """(uint8 HxWx3 image, uint8 HxW labelIds); an empty label for a sample without ground truth."""
     image, label = decode_pair_arrays(sample)
     return torch.from_numpy(image), torch.from_numpy(label)
 
@@ -250,7 +222,7 @@ def _handed_over(slots: Optional[FrameSlots], image: np.ndarray, label: np.ndarr
 
 
 def frame_bytes(samples: Sequence[Sample]) -> int:
-    """The bytes of the first sample's image and trainIds, as a worker hands them over (0 without samples)."""
+    """The bytes of the first sample's image and label, as a worker hands them over (0 without samples)."""
     if not samples:
         return 0
     header = read_header(samples[0].image)
@@ -258,7 +230,7 @@ def frame_bytes(samples: Sequence[Sample]) -> int:
 
 
 class DecodedSource(Protocol):
-    """Frames decoded beforehand (harness.data.decoded.DecodedFrames): the image and trainIds of a sample index."""
+    """Frames decoded beforehand (harness.data.decoded.DecodedFrames): the image and labelIds of a sample index."""
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -289,9 +261,9 @@ class CityscapesTrain(Dataset):
 
 
 class CityscapesEval(Dataset):
-    """Whole images and their full-resolution labels, decoded, with the sample's position in the split; the
-    resize to the test size and the normalisation run on the device (augment.EvalTransform), and predictions
-    are scored at the ground truth's size, as the official evaluator scores."""
+    """Whole images and their full-resolution labelIds, decoded, with the sample's position in the split; the
+    resize to the test size and the normalisation run on the device (augment.EvalTransform), the labels are mapped
+    to trainIds there, and predictions are scored at the ground truth's size, as the official evaluator scores."""
 
     def __init__(self, samples: list[Sample], decoded: Optional[DecodedSource] = None):
         self.samples = samples

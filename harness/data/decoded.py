@@ -1,4 +1,4 @@
-"""A cache of decoded frames: every image and trainId label of a split, uint8, in one memory-mapped file.
+"""A cache of decoded frames: every image and labelIds label of a split, uint8, in one memory-mapped file.
 
 Decoding a Cityscapes pair (a 2048x1024 RGB PNG and its labelIds PNG) costs a core 50-70 ms, so one loader worker
 delivers 14-20 samples/s. A light row on a fast GPU trains at 200+ img/s, more than the cores beside one GPU can
@@ -34,7 +34,7 @@ from harness.data.cityscapes import Sample, decode_pair, read_header
 from harness.errors import BenchError
 from harness.files import atomic_write_text, format_bytes, new_temporary_file
 
-FORMAT = 1
+FORMAT = 2  # 2: labels hold labelIds as stored (1 held trainIds, mapped by the workers)
 
 
 class CacheUnusable(BenchError):
@@ -64,7 +64,7 @@ def frame_bytes(height: int, width: int) -> int:
 
 @dataclass
 class DecodedFrames:
-    """Indexable like the samples it was built from: (uint8 HxWx3 image, uint8 HxW trainIds). The file is mapped
+    """Indexable like the samples it was built from: (uint8 HxWx3 image, uint8 HxW labelIds). The file is mapped
     lazily in each process that reads it (loader workers included), never pickled."""
 
     frames_path: Path
@@ -113,8 +113,11 @@ def open_cache(cache_dir: Path, root: Path, split: str, samples: Sequence[Sample
         info = json.loads(index.read_text())
     except (OSError, ValueError) as exc:
         raise CacheUnusable(f"decoded cache index {index} is unreadable ({exc})", rebuild) from None
+    found = info.get("format") if isinstance(info, dict) else None
+    if found != FORMAT:
+        raise CacheUnusable(f"decoded cache {index} is in format {found}, this version reads format {FORMAT}", rebuild)
     entries = info.get("samples", [])
-    if info.get("format") != FORMAT or len(entries) != len(samples):
+    if len(entries) != len(samples):
         raise CacheUnusable(f"decoded cache {index} holds {len(entries)} {split} frames, the dataset {len(samples)}",
                             rebuild)
     for entry, sample in zip(entries, samples):

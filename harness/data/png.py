@@ -11,6 +11,7 @@ import io
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -97,14 +98,24 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLAIN_COLOUR_TYPES = {0: "L", 2: "RGB"}  # the IHDR colour types that every decoder returns alike at 8 bits
 
 
-def plain_mode(data: bytes) -> str | None:
-    """"L" or "RGB" for a PNG of 8-bit grey or RGB pixels (from its IHDR chunk), which every decoder returns as the
-    same array; None for anything else (palette, 16-bit, fewer bits, alpha), which Pillow alone converts."""
+@dataclass(frozen=True)
+class PngHeader:
+    width: int
+    height: int
+    mode: str  # Pillow's name for the pixels: "L", "RGB", "P", ...
+
+
+def plain_header(data: bytes) -> PngHeader | None:
+    """The size and mode ("L" or "RGB") of a PNG of 8-bit grey or RGB pixels, read from the IHDR chunk of its bytes;
+    None for anything else (palette, 16-bit, fewer bits, alpha), which Pillow alone converts."""
     if len(data) < 26 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR" or data[24] != 8:
         return None
-    return PLAIN_COLOUR_TYPES.get(data[25])
+    mode = PLAIN_COLOUR_TYPES.get(data[25])
+    if mode is None:
+        return None
+    return PngHeader(int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"), mode)
 
 
 def decode_png(data: bytes, decoder: str | None = None) -> np.ndarray:
-    """Writable uint8 pixels of a PNG whose `plain_mode` is not None, HxW (grey) or HxWx3 (RGB)."""
+    """Writable uint8 pixels of a PNG whose `plain_header` is not None, HxW (grey) or HxWx3 (RGB)."""
     return DECODERS[decoder or loader_decoder()][1](data)

@@ -31,6 +31,7 @@ from harness.config.plan import TrainPlan
 from harness.config.precision import autocast_dtype
 from harness.data.augment import EvalTransform
 from harness.data.cityscapes import NUM_CLASSES, Sample
+from harness.data.labels import train_ids_of
 from harness.data.loaders import batches
 from harness.engine.metrics import ConfusionMatrix, SegMetrics
 from harness.errors import BenchError
@@ -248,10 +249,10 @@ def evaluate(models: Mapping[str, nn.Module], loader: DataLoader, device: torch.
         for image, label, index in tqdm(batches(loader), desc=desc, total=len(loader), disable=not shown, leave=False,
                                         dynamic_ncols=True):
             inputs = transform(image, device)
-            label = label.to(device, non_blocking=True)
-            out_size = tuple(label.shape) if label.numel() else tuple(image.shape[:2])
+            label = train_ids_of(label.to(device, non_blocking=True))  # the loader's labelIds
+            height, width = label.shape if label.numel() else image.shape[:2]
             for name, model in models.items():
-                prediction = infer_logits(model, inputs, out_size, mode, precision).argmax(1)[0]
+                prediction = infer_logits(model, inputs, (height, width), mode, precision).argmax(1)[0]
                 if score:
                     matrices[name].update(prediction, label)
                 for sink in sinks:

@@ -29,7 +29,8 @@ from PIL import Image
 from harness.config.plan import TrainPlan, size_pair
 from harness.cores import loader_workers
 from harness.data.augment import EvalTransform
-from harness.data.cityscapes import LABEL_TO_TRAIN, NUM_CLASSES, Sample, load_train_ids, train_ids_to_label_ids
+from harness.data.cityscapes import NUM_CLASSES, Sample, load_train_ids
+from harness.data.labels import LABEL_TO_TRAIN, train_ids_to_label_ids
 from harness.data.loaders import eval_loader
 from harness.engine.evaluate import Reduce, Scored, Sink, TestMode, evaluate
 from harness.engine.metrics import ConfusionMatrix, SegMetrics
