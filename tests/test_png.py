@@ -85,3 +85,23 @@ def test_photo_like_frames_compress_as_cityscapes_photos(tmp_path: Path):
     size = next(photo.rglob("*leftImg8bit.png")).stat().st_size
     assert 100_000 < size < 190_000, size
     assert next(grainy.rglob("*leftImg8bit.png")).stat().st_size > 1.5 * size
+
+
+def test_the_floors_time_every_installed_decoder_on_the_image_and_its_label(frames: list[Path], monkeypatch):
+    from harness.data.cityscapes import find_samples
+    from harness.engine.benchmark import measure_decode_floors
+
+    sample = find_samples(frames[0].parents[3], "train")[0]
+    calls: list[tuple[str, int]] = []
+    real = png.decode_png
+
+    def counted(data: bytes, decoder: str | None = None):
+        calls.append((decoder or "", len(data)))
+        return real(data, decoder)
+
+    monkeypatch.setattr(png, "decode_png", counted)  # measure_decode_floors imports it when it runs
+    floors = measure_decode_floors(sample, repeats=3)
+    assert set(floors) == set(INSTALLED) and all(rate > 0 for rate in floors.values())
+    sizes = [sample.image.stat().st_size, sample.label.stat().st_size]
+    for name in INSTALLED:  # one warm-up and three timed decodes of each file
+        assert sorted(size for decoder, size in calls if decoder == name) == sorted(sizes * 4)

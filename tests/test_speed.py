@@ -134,15 +134,20 @@ def test_device_name_is_folder_safe():
     assert name and all(c.isalnum() or c == "-" for c in name)
 
 
-def test_data_mode_reads_a_given_dataset_with_workers(tmp_path, one_thread):
+def test_data_mode_reads_a_given_dataset_with_workers(tmp_path, one_thread, monkeypatch):
     from harness.data.synthetic import write_synthetic
 
     root = write_synthetic(tmp_path / "tree", train_images=3, val_images=0, size=(64, 32), progress=False)
+    # The floors are measured before and after the loader; a slow moment of the host must not lower either.
+    measured = iter([{name: 100.0 + i for i, name in enumerate(installed_decoders())},
+                     {name: 110.0 - i for i, name in enumerate(installed_decoders())}])
+    monkeypatch.setattr(benchmark, "measure_decode_floors", lambda sample: next(measured))
     record = speed.speed(benchmark.SpeedOptions(row="sf_seg_v2", mode="data", batch=2, device="cpu", data_root=str(root),
                                             workers=1, warmup=0, repeats=2, steps=1))
     data = record.modes["data"]
     assert set(record.modes) - {"data pillow"} == {"data", "data cached", "augment"} and str(root) in data["images"]
-    assert set(data["decode_floors"]) == set(installed_decoders()) and data["decoder"] == loader_decoder()
+    assert data["decode_floors"] == {name: max(100.0 + i, 110.0 - i) for i, name in enumerate(installed_decoders())}
+    assert data["decoder"] == loader_decoder()
     assert data["fraction_of_floor"] == pytest.approx(data["images_per_s_per_worker"] / data["decode_floor_images_per_s"])
     assert record.matmul_peak_tflops is None and data["workers"] == 1 and len(data["step_s_repeats"]) == 2
     assert data["images_per_s_per_worker"] == pytest.approx(data["images_per_s"])
