@@ -16,7 +16,7 @@ from harness.data.augment import RawBatch
 from harness.data.cityscapes import CityscapesTrain, decode_pair, find_samples
 from harness.data.frame_slots import FrameSlots
 from harness.data.labels import IGNORE_INDEX, TRAIN_ID_TO_LABEL_ID, label_ids_to_train_ids, train_ids_of
-from harness.data.loaders import batches, eval_loader, train_loader
+from harness.data.loaders import PREFETCH_BATCHES, batches, batches_to_steady_rate, eval_loader, train_loader
 from harness.data.synthetic import write_synthetic
 
 
@@ -137,3 +137,20 @@ def test_the_slot_count_follows_the_batch_and_stays_within_shared_memory_and_ope
     assert frame_slots.slots_for(16, 8, 2, eight_mib) == (16, 1024 // 4 // 16)  # a quarter of the open files
     monkeypatch.setattr(frame_slots.os, "statvfs", lambda _: SimpleNamespace(f_bavail=8 << 10, f_frsize=4096))
     assert frame_slots.slots_for(2, 8, 2, eight_mib) is None  # 32 MiB of /dev/shm: not a slot a worker
+
+
+def test_every_slot_has_been_written_once_when_the_loader_reaches_its_steady_rate(frames):
+    """bench speed warms up for `batches_to_steady_rate` batches: by then each worker has filled each of its slots
+    (a slot's first write is slower: its pages are mapped into the worker then), and not one batch earlier."""
+    dataset = CityscapesTrain(frames[:6] * 8, [32, 32], [0.5, 2.0])
+    loader = train_loader(dataset, [(i, i) for i in range(len(dataset))], 2, 2, torch.device("cpu"), seed=0)
+    steady = batches_to_steady_rate(2, PREFETCH_BATCHES)
+    used: list[set[int]] = []
+    for batch in loader:  # the batches as the workers sent them: which slot each frame came through
+        used.append({ref.slot for ref in [*batch.images, *batch.labels]})
+        frame_slots.resolved(batch)  # viewed and dropped: the slots go back
+        if len(used) == steady:
+            break
+    assert dataset.slots is not None
+    assert set().union(*used) == set(range(len(dataset.slots.slots)))
+    assert set().union(*used[:-1]) != set(range(len(dataset.slots.slots)))

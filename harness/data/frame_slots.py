@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 SHM = Path("/dev/shm")
 SHM_SHARE = 4  # the slots take at most this fraction of /dev/shm's free space (the batches in flight need the rest)
 FD_SHARE = 4  # and at most this fraction of the open-file limit
+HELD_BATCHES = 2  # batches whose slots the main process still holds: the one in use and the one before it
 
 _POOLS: weakref.WeakValueDictionary[str, FrameSlots] = weakref.WeakValueDictionary()  # the main process's pools
 
@@ -144,7 +145,7 @@ def slots_for(workers: int, samples_per_batch: int, prefetch: int, frame_bytes: 
     before it (handed back when the next is viewed); fewer where /dev/shm is short, none without workers."""
     if workers <= 0 or frame_bytes <= 0:
         return None
-    per_worker = samples_per_batch * (prefetch + 2)
+    per_worker = samples_per_batch * (prefetch + HELD_BATCHES)
     try:
         stats = os.statvfs(SHM)
         per_worker = min(per_worker, stats.f_bavail * stats.f_frsize // SHM_SHARE // (frame_bytes * workers))

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Sampler
 from harness.data.augment import collate_raw
 from harness.data.cityscapes import CityscapesEval, CityscapesTrain, Sample, frame_bytes
 from harness.data.decoded import DecodedFrames
-from harness.data.frame_slots import FrameSlots, resolved, slots_for
+from harness.data.frame_slots import HELD_BATCHES, FrameSlots, resolved, slots_for
 
 # Batches each worker keeps ready. A batch of full frames is 8 MiB an image in shared memory, so this stays small:
 # with a worker per core the queue already spans more batches than a step's worth of decoding.
@@ -45,6 +45,13 @@ class EpochSampler(Protocol):
     batches_per_epoch: int
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None: ...
+
+
+def batches_to_steady_rate(workers: int, prefetch: int) -> int:
+    """Batches a loader delivers before its steady rate: until the queue the workers filled while the first one was
+    awaited has drained (until then batches come at no cost), and each worker has written every one of its slots
+    once (a first write maps the slot's pages into the worker, some 2,000 faults for a 2048x1024 frame)."""
+    return workers * (prefetch + HELD_BATCHES)
 
 
 def _slots(samples: Sequence[Sample], workers: int, per_batch: int, prefetch: int) -> Optional[FrameSlots]:

@@ -264,12 +264,11 @@ def measure_data(plan, device: torch.device, batch: int, size: tuple[int, int], 
     from harness.data.augment import TrainTransform
     from harness.data.cityscapes import CityscapesTrain
     from harness.data.decoded import DecodedFrames, build_cache
-    from harness.data.loaders import PREFETCH_BATCHES
+    from harness.data.loaders import PREFETCH_BATCHES, batches_to_steady_rate
     from harness.data.png import loader_decoder, using_decoder
 
-    # The workers fill a queue of workers x prefetch batches while the first one is awaited; until it drains,
-    # batches come at no cost. Warm up past it and time at least one batch per worker per repeat.
-    warmup, steps = max(warmup, workers * PREFETCH_BATCHES) + 1, max(steps, workers)
+    # Warm up to the loader's steady rate and time at least one batch per worker per repeat.
+    warmup, steps = max(warmup, batches_to_steady_rate(workers, PREFETCH_BATCHES)) + 1, max(steps, workers)
     needed = batch * (warmup + repeats * steps + 1)  # and one batch for the device-side augmentation
     with timing_frames("train", size, needed, data_root) as (samples, root, source):
         crop = [min(plan.crop_size[0], size[0]), min(plan.crop_size[1], size[1])] if not data_root else plan.crop_size
@@ -312,10 +311,10 @@ def measure_eval(spec: Spec, plan: TrainPlan, device: torch.device, config: Step
     normalisation, the row's test mode, scoring on the device) over whole frames of `size` evaluated at `size`,
     one image at a time; the time between consecutive scored images, after a warm-up past the loader's queue."""
     from harness.data.augment import EvalTransform
-    from harness.data.loaders import EVAL_PREFETCH, eval_loader
+    from harness.data.loaders import EVAL_PREFETCH, batches_to_steady_rate, eval_loader
     from harness.engine.evaluate import TestMode, evaluate
 
-    warmup = max(warmup, workers * EVAL_PREFETCH) + 1  # past the images eval_loader queues
+    warmup = max(warmup, batches_to_steady_rate(workers, EVAL_PREFETCH)) + 1  # past the images eval_loader queues
     needed = warmup + repeats * steps
     model, forward = build_for_timing(spec, device, config)
     crop_test, crop_stride = scaled_test_crop(spec, list(size))
