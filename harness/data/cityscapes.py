@@ -103,10 +103,11 @@ MAX_PIXELS = 64_000_000
 LABEL_MODES = ("L", "P")
 
 
-def read_header(path: Path) -> PngHeader:
-    """Size and mode from the file's header, without decoding its pixels."""
+def read_header(path: Path, data: Optional[bytes] = None) -> PngHeader:
+    """Size and mode from the file's header (from `data`, its bytes, where they were read already), without
+    decoding its pixels."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path if data is None else io.BytesIO(data)) as img:
             return PngHeader(img.width, img.height, img.mode)
     except Image.DecompressionBombError:
         raise BenchError(f"image {path} is too large to be a Cityscapes frame (beyond PIL's decompression limit); "
@@ -152,9 +153,9 @@ def _read_png(path: Path, mode: str) -> np.ndarray:
         data = path.read_bytes()
     except OSError as exc:
         raise BenchError(f"cannot read image {path}: {exc}") from None
-    # A plain PNG's header comes from the bytes just read; only the files Pillow converts are opened again.
+    # The header comes from the bytes just read: the IHDR of a plain PNG, else Pillow's reading of them.
     plain = plain_header(data)
-    header = plain or read_header(path)
+    header = plain or read_header(path, data)
     check_image_header(path, header)
     if mode == "L" and header.mode not in LABEL_MODES:
         raise BenchError(f"label {path} is a {header.mode} image, not an 8-bit single-channel labelIds PNG; "
